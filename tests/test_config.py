@@ -1,0 +1,74 @@
+"""Every option of every group composes and validates; bad overrides fail with one line, no traceback."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import vqx.plugins  # noqa: F401
+from vqx.config.schema import GROUPS
+from vqx.config.validate import validate
+from vqx.errors import UserError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_validates(group, option):
+    overrides = [f"{group}={option}"]
+    cfg = _compose(overrides)
+    if cfg.model.source == "diffusers":
+        with pytest.raises(UserError, match="model.path"):
+            validate(cfg)
+        cfg = _compose(overrides + ["model.path=/data/wan"])
+    validate(cfg)
+    assert cfg[group].name == option or group == "algorithm"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.sampler.guidance=-1", "model.sampler.guidance=-1.0 is out of range; it must be >= 0.0"),
+    ("model.sampler.height=40", "model.sampler.height=40 must be a multiple of 16"),
+    ("model.sampler.num_frames=6", "must be 4k+1"),
+    ("model.task=t2i", "model.task='t2i' is not valid; valid choices: t2v, i2v"),
+    ("+format.bits=4", "unknown key 'format.bits'; valid keys of format: name, skip_first_blocks"),
+    ("format.skip_first_blocks=-1", "format.skip_first_blocks=-1 is out of range; it must be >= 0"),
+    ("format.name=int4", "format.name='int4' is unknown; valid: none, w8a8, fp8"),
+    ("algorithm.steps=[magic]", "algorithm step 'magic' is unknown; valid steps: rtn"),
+])
+def test_validation_messages(override, message):
+    with pytest.raises(UserError) as e:
+        validate(_compose([override]))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+BAD_CLI = [
+    (["format=int3"], "format=int3 is not an option of 'format'; valid: fp8, fp8_w, fp_e2m5, fp_e3m4, none, w8a16, w8a8"),
+    (["model=wan_giant"], "model=wan_giant is not an option of 'model'; valid: wan2.1_i2v_14b_480p"),
+    (["+unknown_key=1"], "unknown key 'unknown_key'; valid top-level keys: model, algorithm"),
+    (["format.nope=1"], "Key 'nope' not in 'FormatSchema'"),
+    (["model.sampler.steps=abc"], "'abc' of type 'str' could not be converted to Integer"),
+    (["model.sampler.steps=0"], "model.sampler.steps=0 is out of range; it must be >= 1"),
+    (["model.dtype=int4"], "model.dtype='int4' is not valid; valid choices: bfloat16, float16, float32"),
+    (["model=wan2.1_t2v_1.3b"], "needs model.path="),
+    (["model=wan2.1_t2v_1.3b", "model.path=/nonexistent/wan"], "model.path=/nonexistent/wan is not a folder; expected a local diffusers-format folder"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_CLI, ids=[" ".join(a) for a, _ in BAD_CLI])
+def test_bad_overrides_fail_with_one_line(vqx_run, tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    r = vqx_run([*args, f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("vqx: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (run_dir / "metrics.json").exists()

@@ -1,0 +1,46 @@
+"""`python run.py` end to end, as a user runs it."""
+
+import json
+
+import pytest
+
+from vqx.models.wan import BLOCK_LINEARS_I2V_EXTRA, BLOCK_LINEARS_T2V
+
+
+@pytest.mark.parametrize("model,fmt,per_block", [
+    ("wan_tiny", "w8a8", len(BLOCK_LINEARS_T2V)),
+    ("wan_tiny", "fp8", len(BLOCK_LINEARS_T2V)),
+    ("wan_tiny_i2v", "w8a8", len(BLOCK_LINEARS_T2V) + len(BLOCK_LINEARS_I2V_EXTRA)),
+])
+def test_run_writes_metrics(vqx_run, tmp_path, model, fmt, per_block):
+    r = vqx_run([f"model={model}", f"format={fmt}", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["format"] == fmt and m["model"] == model
+    assert m["quantized_layers"] == 2 * per_block == len(m["layers"])
+    for layer in m["layers"]:
+        assert 0 < layer["output_error"] < 0.2, layer
+    assert m["timings"]["total_s"] > 0
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "run.log").is_file()
+
+
+def test_format_none_quantizes_nothing(vqx_run, tmp_path):
+    r = vqx_run(["format=none", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["quantized_layers"] == 0
+
+
+def test_skip_blocks_and_patterns(vqx_run, tmp_path):
+    r = vqx_run(["format.skip_first_blocks=1", "format.skip_patterns=[*.ffn.*]", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr
+    names = [e["name"] for e in json.loads((tmp_path / "metrics.json").read_text())["layers"]]
+    assert names and all(n.startswith("blocks.1.") and ".ffn." not in n for n in names)
+    assert len(names) == 8
+
+
+def test_multirun_makes_one_dir_per_job(vqx_run, tmp_path):
+    r = vqx_run(["-m", "format=w8a8,fp8", f"hydra.sweep.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr
+    formats = sorted(json.loads((tmp_path / str(i) / "metrics.json").read_text())["format"] for i in (0, 1))
+    assert formats == ["fp8", "w8a8"]

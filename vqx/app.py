@@ -1,0 +1,67 @@
+"""The Hydra entry's error handling: every failure reaches the user as one line with a meaningful exit code."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from .errors import UserError, one_line, report_and_exit
+
+log = logging.getLogger("vqx")
+
+
+@contextmanager
+def one_line_hydra_errors():
+    """Reword Hydra's composition errors (unknown option, bad type, unknown key) as one line, exit 2.
+
+    Hydra 1.3 prints them over several lines from ``hydra._internal.utils.run_and_report`` and exits 1;
+    we wrap that function (the version is pinned to 1.3.x in pyproject.toml).
+    """
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import CompactHydraException, HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config.validate import reword_hydra_error
+
+    original = hydra_utils.run_and_report
+
+    def run_and_report(func):
+        try:
+            return func()
+        except (CompactHydraException, HydraException, OmegaConfBaseException) as e:
+            text = str(e)
+            if e.__cause__ is not None and str(e.__cause__) not in text:
+                text += "\n" + str(e.__cause__)
+            report_and_exit(UserError(reword_hydra_error(text)))
+        except Exception as e:  # noqa: BLE001  (anything else: one line, exit 1)
+            report_and_exit(e)
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = original
+
+
+def run_job(cfg: DictConfig) -> dict | None:
+    """Hydra task body. A single run exits non-zero on failure; in a multirun the failure is logged and
+    the sweep goes on to its next job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from . import experiment
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        return experiment.run(cfg, run_dir)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+        if hc.mode == RunMode.MULTIRUN and not isinstance(e, KeyboardInterrupt):
+            log.error("job %s failed: %s", hc.job.num, one_line(str(e)))
+            sys.stderr.write(f"vqx: job {hc.job.num} ({run_dir}) failed: {one_line(str(e))}\n")
+            return None
+        report_and_exit(e)

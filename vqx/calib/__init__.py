@@ -1,0 +1,1 @@
+"""Calibration data: what each target linear sees."""

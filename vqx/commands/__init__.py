@@ -1,0 +1,1 @@
+"""Small `vqx` subcommands that belong to no stage."""

@@ -1,0 +1,116 @@
+"""Structured config schemas, one per config group, registered in Hydra's ConfigStore.
+
+Every group option file starts with ``defaults: [/schema/<group>/<kind>@_here_, _self_]`` so Hydra
+type-checks overrides and rejects unknown keys while composing. Ranges and choices, which Hydra does
+not check, are declared here as field metadata and enforced by `validate.py` before anything runs.
+
+A new algorithm, exporter, evaluator or logger registers its schema with `register_schema` next to its
+code and ships one yaml file; nothing here changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def choice(*values: str, default: Any = None) -> Any:
+    return field(default=default if default is not None else values[0], metadata={"choices": values})
+
+
+def bounded(default: Any, lo: float | None = None, hi: float | None = None, **meta: Any) -> Any:
+    return field(default=default, metadata={"range": (lo, hi), **meta})
+
+
+@dataclass
+class SamplerSchema:
+    """The denoising sampler a model is run with (Wan's recommendation per model)."""
+
+    height: int = bounded(480, 16, None, multiple_of=16)
+    width: int = bounded(832, 16, None, multiple_of=16)
+    num_frames: int = bounded(81, 1, None, frames=True)
+    steps: int = bounded(50, 1, None)
+    guidance: float = bounded(5.0, 0.0, None)
+    shift: float = bounded(3.0, 0.0, None, exclusive_low=True)
+    negative_prompt: str = ""
+
+
+@dataclass
+class ModelSchema:
+    name: str = "wan_tiny"
+    task: str = choice("t2v", "i2v")
+    source: str = choice("tiny", "diffusers")
+    path: Optional[str] = None  # local diffusers folder (source=diffusers)
+    dtype: str = choice(*DTYPES)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # weights seed of built-in tiny models
+    sampler: SamplerSchema = field(default_factory=SamplerSchema)
+
+
+@dataclass
+class FormatSchema:
+    name: str = "w8a8"
+    skip_first_blocks: int = bounded(0, 0, None)
+    skip_last_blocks: int = bounded(0, 0, None)
+    skip_patterns: list[str] = field(default_factory=list)  # fnmatch on names like "blocks.0.ffn.*"
+
+
+@dataclass
+class AlgorithmSchema:
+    name: str = "rtn"
+    steps: list[str] = field(default_factory=lambda: ["rtn"])
+
+
+@dataclass
+class CalibSchema:
+    name: str = "default"
+    probe_tokens: int = bounded(256, 1, None)  # rows of the fixed probe batch for layer errors
+    seed: int = 0
+
+
+@dataclass
+class ExportSchema:
+    name: str = "none"
+
+
+@dataclass
+class EvalSchema:
+    name: str = "none"
+
+
+@dataclass
+class LoggerSchema:
+    name: str = "none"
+
+
+GROUPS = ("model", "algorithm", "format", "calib", "export", "eval", "logger")
+
+_registered: dict[tuple[str, str], type] = {}
+
+
+def register_schema(group: str, kind: str, schema: type) -> None:
+    """Make ``/schema/<group>/<kind>`` available to option files of ``group``."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown config group {group!r}; valid: {', '.join(GROUPS)}")
+    _registered[(group, kind)] = schema
+    ConfigStore.instance().store(group=f"schema/{group}", name=kind, node=schema)
+
+
+def schema_for(group: str, kind: str) -> type | None:
+    return _registered.get((group, kind))
+
+
+for _group, _schema in {
+    "model": ModelSchema,
+    "format": FormatSchema,
+    "algorithm": AlgorithmSchema,
+    "calib": CalibSchema,
+    "export": ExportSchema,
+    "eval": EvalSchema,
+    "logger": LoggerSchema,
+}.items():
+    register_schema(_group, "base", _schema)

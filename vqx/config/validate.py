@@ -1,0 +1,117 @@
+"""Checks Hydra cannot do (ranges, choices, unknown keys added with '+', cross-group rules), and the
+one-line rewording of Hydra's own composition errors. Runs before any model is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ..errors import UserError
+from .schema import GROUPS, _registered
+
+TOP_LEVEL_KEYS = (*GROUPS, "seed")
+
+
+def _fields(schema: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(schema)}
+
+
+def _check_value(key: str, value: Any, meta: dict) -> None:
+    if "choices" in meta and value not in meta["choices"]:
+        raise UserError(f"{key}={value!r} is not valid; valid choices: {', '.join(map(str, meta['choices']))}")
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    lo, hi = meta.get("range", (None, None))
+    low_bad = lo is not None and (value <= lo if meta.get("exclusive_low") else value < lo)
+    if low_bad or (hi is not None and value > hi):
+        op = ">" if meta.get("exclusive_low") else ">="
+        bounds = " and ".join(s for s in (f"{op} {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "") if s)
+        raise UserError(f"{key}={value} is out of range; it must be {bounds}")
+    if meta.get("multiple_of") and value % meta["multiple_of"]:
+        m = meta["multiple_of"]
+        raise UserError(f"{key}={value} must be a multiple of {m} (e.g. {max(m, value // m * m)})")
+    if meta.get("frames") and value % 4 != 1:
+        raise UserError(f"{key}={value} must be 4k+1 (Wan's VAE packs 4 frames per latent after the first), e.g. {value // 4 * 4 + 1}")
+
+
+def check_node(node: DictConfig, schema: type, prefix: str) -> None:
+    fields = _fields(schema)
+    for key in node.keys():
+        full = f"{prefix}.{key}"
+        if key not in fields:
+            raise UserError(f"unknown key '{full}'; valid keys of {prefix}: {', '.join(fields)}")
+        value = node._get_node(key)
+        nested = OmegaConf.get_type(node, key) if isinstance(value, DictConfig) else None
+        if nested is not None and dataclasses.is_dataclass(nested):
+            check_node(value, nested, full)
+        elif not isinstance(value, (DictConfig, ListConfig)):
+            _check_value(full, node[key], dict(fields[key].metadata))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise UserError (one line) on the first problem in a composed run config."""
+    for key in cfg.keys():
+        if key not in TOP_LEVEL_KEYS:
+            raise UserError(f"unknown key '{key}'; valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}")
+    for group in GROUPS:
+        if group not in cfg:
+            raise UserError(f"config group '{group}' is missing; pick one with {group}=<option>")
+        schema = OmegaConf.get_type(cfg, group)
+        if not dataclasses.is_dataclass(schema):
+            raise UserError(f"{group} option does not declare a schema (add '/schema/{group}/<kind>@_here_' to its defaults)")
+        check_node(cfg[group], schema, group)
+    _check_rules(cfg)
+
+
+def _check_rules(cfg: DictConfig) -> None:
+    from ..quant.formats import FORMATS
+    from ..algorithms.registry import STEPS
+
+    if cfg.format.name not in FORMATS:
+        raise UserError(f"format.name={cfg.format.name!r} is unknown; valid: {', '.join(FORMATS)}")
+    for step in cfg.algorithm.steps:
+        if step not in STEPS:
+            raise UserError(f"algorithm step {step!r} is unknown; valid steps: {', '.join(STEPS)}")
+    if cfg.model.source == "diffusers" and not cfg.model.path:
+        raise UserError(f"model={cfg.model.name} needs model.path=/path/to/a local diffusers folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
+
+
+# ---- Hydra's composition errors, reworded as one line -------------------------------------------
+
+_NOT_FOUND = re.compile(r"Could not find '([^/']+)/([^']+)'")
+_OPTIONS = re.compile(r"Available options in '([^']+)':\s*\n((?:\t.*\n?)*)")
+
+
+def _schema_keys(object_type: str) -> list[str] | None:
+    for schema in _registered.values():
+        if schema.__name__ == object_type:
+            return list(_fields(schema))
+    return None
+
+
+def reword_hydra_error(text: str) -> str:
+    """Turn Hydra's multi-line composition error into one line that names the bad value and the choices."""
+    m = _NOT_FOUND.search(text)
+    if m:
+        group, option = m.groups()
+        opts = _OPTIONS.search(text)
+        valid = [o.strip() for o in opts.group(2).splitlines() if o.strip()] if opts else []
+        return f"{group}={option} is not an option of '{group}'; valid: {', '.join(valid) or '(none)'}"
+    lines = []
+    for line in text.splitlines():
+        s = line.strip()
+        if not s or s.startswith(("Config search path", "provider=", "Set the environment", "object_type=", "reference_type=", "To append")):
+            if s.startswith("Config search path"):
+                break
+            continue
+        lines.append(s)
+    out = "; ".join(lines)
+    typ = re.search(r"object_type=(\w+)", text)
+    if typ and "not in" in out:
+        keys = _schema_keys(typ.group(1))
+        if keys:
+            out += f"; valid keys: {', '.join(keys)}"
+    return out

@@ -1,0 +1,1 @@
+"""Wan2.1 models: the layer table (adapter), tiny builders and loading."""

@@ -1,0 +1,181 @@
+"""The Wan2.1 layer table: one source of truth for blocks, linears, input groups and native names.
+
+The quantizer, the algorithms, the exporter and the verifier all read these tables; nothing else
+hard-codes a Wan layer name. Names are relative to `transformer.blocks[i]` in diffusers'
+`WanTransformer3DModel`; native names are the original Wan2.1 ones that lightx2v reads.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+# diffusers block-relative linear name -> native (lightx2v) block-relative name
+BLOCK_LINEARS_T2V: dict[str, str] = {
+    "attn1.to_q": "self_attn.q",
+    "attn1.to_k": "self_attn.k",
+    "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o",
+    "attn2.to_q": "cross_attn.q",
+    "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o",
+    "ffn.net.0.proj": "ffn.0",
+    "ffn.net.2": "ffn.2",
+}
+BLOCK_LINEARS_I2V_EXTRA: dict[str, str] = {
+    "attn2.add_k_proj": "cross_attn.k_img",
+    "attn2.add_v_proj": "cross_attn.v_img",
+}
+
+# Float (never quantized) block tensors: diffusers -> native.
+BLOCK_FLOAT_TENSORS: dict[str, str] = {
+    "scale_shift_table": "modulation",
+    "attn1.norm_q.weight": "self_attn.norm_q.weight",
+    "attn1.norm_k.weight": "self_attn.norm_k.weight",
+    "attn2.norm_q.weight": "cross_attn.norm_q.weight",
+    "attn2.norm_k.weight": "cross_attn.norm_k.weight",
+    "attn2.norm_added_k.weight": "cross_attn.norm_k_img.weight",
+    "norm2.weight": "norm3.weight",  # the swap: diffusers norm2 (affine) is native norm3
+    "norm2.bias": "norm3.bias",
+}
+
+# Non-block tensors, by module prefix: diffusers -> native.
+NON_BLOCK_PREFIXES: dict[str, str] = {
+    "patch_embedding": "patch_embedding",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "proj_out": "head.head",
+    "scale_shift_table": "head.modulation",
+    "condition_embedder.image_embedder.norm1": "img_emb.proj.0",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+    "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
+}
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """Linears of one block that read the same input, so one smoothing factor serves them all.
+
+    ``fold``: where a smoothing factor s (input divided by s) can be absorbed:
+      "affine_norm1"/"affine_norm3": lightx2v's per-block smoothing vectors (advanced_ptq);
+      "norm2": the affine cross-attention LayerNorm (exact);
+      "v_rows": the rows of the value projection(s) feeding this attention output (exact);
+      None: no place to put it (weights are quantized as they are).
+    """
+
+    name: str
+    linears: tuple[str, ...]
+    fold: str | None
+    fold_sources: tuple[str, ...] = ()  # for "v_rows": the value projections whose rows absorb s
+
+
+def block_linears(i2v: bool) -> dict[str, str]:
+    return {**BLOCK_LINEARS_T2V, **(BLOCK_LINEARS_I2V_EXTRA if i2v else {})}
+
+
+def input_groups(i2v: bool) -> list[InputGroup]:
+    groups = [
+        InputGroup("self_attn_in", ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "affine_norm1"),
+        InputGroup("self_attn_out", ("attn1.to_out.0",), "v_rows", ("attn1.to_v",)),
+        InputGroup("cross_attn_q", ("attn2.to_q",), "norm2"),
+        InputGroup("cross_attn_text", ("attn2.to_k", "attn2.to_v"), None),
+    ]
+    if i2v:
+        groups.append(InputGroup("cross_attn_image", ("attn2.add_k_proj", "attn2.add_v_proj"), None))
+    groups += [
+        InputGroup(
+            "cross_attn_out", ("attn2.to_out.0",), "v_rows",
+            ("attn2.to_v", "attn2.add_v_proj") if i2v else ("attn2.to_v",),
+        ),
+        InputGroup("ffn_in", ("ffn.net.0.proj",), "affine_norm3"),
+        InputGroup("ffn_out", ("ffn.net.2",), None),
+    ]
+    return groups
+
+
+def is_i2v(transformer: nn.Module) -> bool:
+    return getattr(transformer.blocks[0].attn2, "add_k_proj", None) is not None
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which block linears get quantized."""
+
+    skip_first_blocks: int = 0
+    skip_last_blocks: int = 0
+    skip_patterns: tuple[str, ...] = ()  # fnmatch patterns on full diffusers names, e.g. "blocks.0.ffn.*"
+
+    def selects(self, block_index: int, num_blocks: int, full_name: str) -> bool:
+        if block_index < self.skip_first_blocks or block_index >= num_blocks - self.skip_last_blocks:
+            return False
+        return not any(fnmatch.fnmatchcase(full_name, p) for p in self.skip_patterns)
+
+
+@dataclass(frozen=True)
+class QuantTarget:
+    block: int
+    local_name: str  # block-relative diffusers name
+    module: nn.Linear
+
+    @property
+    def name(self) -> str:
+        return f"blocks.{self.block}.{self.local_name}"
+
+    @property
+    def native_name(self) -> str:
+        return f"blocks.{self.block}.{native_linear_name(self.local_name)}"
+
+
+def native_linear_name(local_name: str) -> str:
+    return {**BLOCK_LINEARS_T2V, **BLOCK_LINEARS_I2V_EXTRA}[local_name]
+
+
+def get_submodule(block: nn.Module, local_name: str) -> nn.Module:
+    return block.get_submodule(local_name)
+
+
+def set_submodule(block: nn.Module, local_name: str, new: nn.Module) -> None:
+    parent_name, _, child = local_name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    setattr(parent, child, new)
+
+
+def quant_targets(transformer: nn.Module, selection: LayerSelection) -> list[QuantTarget]:
+    blocks = transformer.blocks
+    linears = block_linears(is_i2v(transformer))
+    out = []
+    for i, block in enumerate(blocks):
+        for local in linears:
+            t = QuantTarget(i, local, get_submodule(block, local))
+            if selection.selects(i, len(blocks), t.name):
+                out.append(t)
+    return out
+
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def native_key(diffusers_key: str) -> str:
+    """Map a diffusers transformer state-dict key to its native Wan2.1 name (raises on unknown keys)."""
+    m = _BLOCK_RE.match(diffusers_key)
+    if m:
+        idx, rest = m.groups()
+        for table in (BLOCK_LINEARS_T2V, BLOCK_LINEARS_I2V_EXTRA):
+            for d, n in table.items():
+                if rest.startswith(d + "."):
+                    return f"blocks.{idx}.{n}{rest[len(d):]}"
+        if rest in BLOCK_FLOAT_TENSORS:
+            return f"blocks.{idx}.{BLOCK_FLOAT_TENSORS[rest]}"
+        raise KeyError(f"no native name for block tensor {diffusers_key!r}")
+    for d, n in NON_BLOCK_PREFIXES.items():
+        if diffusers_key == d or diffusers_key.startswith(d + "."):
+            return n + diffusers_key[len(d):]
+    raise KeyError(f"no native name for tensor {diffusers_key!r}")

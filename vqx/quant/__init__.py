@@ -1,0 +1,1 @@
+"""Number formats, the quantizer math and quantized linear modules."""

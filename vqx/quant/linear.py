@@ -1,0 +1,71 @@
+"""Fake-quantized linear: weights quantized once, activations quantized per token on every call.
+
+The forward is exactly "dequantize, then matmul" in the model's dtype:
+``F.linear(dequant(x).to(dtype), dequant(W).to(dtype), bias)`` with all quantizer math in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import QuantFormat
+from .numbers import NumberGrid, check_finite, quantize
+
+
+def quantize_weight(weight: torch.Tensor, grid: NumberGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric codes (fp32) and scale [out, 1] (fp32, bf16-representable)."""
+    check_finite(weight, "weight")
+    return quantize(weight, grid, dim=1, round_scale_to_bf16=True)
+
+
+def fake_quantize_tokens(x: torch.Tensor, grid: NumberGrid) -> torch.Tensor:
+    """Per-token (last dim) dynamic symmetric quantize-dequantize; fp32 math, result in ``x.dtype``."""
+    codes, scale = quantize(x, grid, dim=-1)
+    return (codes * scale).to(x.dtype)
+
+
+class QuantLinear(nn.Module):
+    """Drop-in replacement for a block ``nn.Linear`` under a quantization format."""
+
+    def __init__(self, linear: nn.Linear, fmt: QuantFormat,
+                 codes: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                 input_smooth: torch.Tensor | None = None):
+        """``codes``/``scale``: weight codes an algorithm chose (else round to nearest).
+        ``input_smooth``: per-input-channel s of a smoothing that no float tensor can absorb; the input is
+        multiplied by 1/s before quantization, as lightx2v's affine_norm vectors do (the weight columns
+        were already multiplied by s)."""
+        super().__init__()
+        grid = fmt.weight_grid
+        if grid is None:
+            raise ValueError(f"format {fmt.name} quantizes no weights")
+        self.format = fmt
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if codes is None:
+            codes, scale = quantize_weight(linear.weight.data, grid)
+        storage = grid.storage_dtype or torch.bfloat16  # research grids are exact in bf16
+        self.register_buffer("weight_codes", codes.to(storage).contiguous())
+        self.register_buffer("weight_scale", scale.float().contiguous())
+        dtype = linear.weight.dtype
+        # Quantized once: the dequantized weight the forward uses, in the model's dtype.
+        self.register_buffer("weight", (codes.float() * scale.float()).to(dtype), persistent=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        self.act_grid = fmt.activation_grid
+        if input_smooth is not None:
+            self.register_buffer("input_smooth_inv", (1.0 / input_smooth.float()).contiguous())
+        else:
+            self.input_smooth_inv = None
+
+    def dequantized_weight_fp32(self) -> torch.Tensor:
+        return self.weight_codes.float() * self.weight_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_smooth_inv is not None:
+            x = (x.float() * self.input_smooth_inv).to(x.dtype)
+        if self.act_grid is not None:
+            x = fake_quantize_tokens(x, self.act_grid)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, format={self.format.name}"

@@ -1,0 +1,52 @@
+"""Swap target linears for quantized ones, and measure what that did to each layer's output."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..models.wan import QuantTarget, input_groups, set_submodule
+from .formats import QuantFormat
+from .linear import QuantLinear
+
+# Groups whose smoothing factor lives in lightx2v's per-block affine_norm vectors (applied at run time).
+RUNTIME_SMOOTHED_GROUPS = [g for g in input_groups(i2v=False) if g.fold in ("affine_norm1", "affine_norm3")]
+
+
+def materialize(transformer: torch.nn.Module, targets: list[QuantTarget], fmt: QuantFormat,
+                chosen_codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                runtime_smoothing: dict[int, dict[str, torch.Tensor]] | None = None) -> dict[str, QuantLinear]:
+    """Replace each target ``nn.Linear`` in place; returns name -> QuantLinear.
+
+    A linear whose input group carries a runtime smoothing vector (affine_norm1/3) scales its input by 1/s.
+    """
+    out = {}
+    if not fmt.quantizes:
+        return out
+    for t in tqdm(targets, desc="quantize", unit="linear", leave=False):
+        codes, scale = chosen_codes.get(t.name, (None, None))
+        smooth = runtime_smoothing_for(t, runtime_smoothing or {})
+        try:
+            q = QuantLinear(t.module, fmt, codes, scale, smooth)
+        except ValueError as e:
+            raise UserError(f"cannot quantize {t.name}: {e}; the checkpoint's weights are corrupt (reconvert or redownload it)") from None
+        set_submodule(transformer.blocks[t.block], t.local_name, q)
+        out[t.name] = q
+    return out
+
+
+def runtime_smoothing_for(target: QuantTarget, runtime_smoothing: dict[int, dict[str, torch.Tensor]]):
+    for group in RUNTIME_SMOOTHED_GROUPS:
+        if target.local_name in group.linears:
+            return runtime_smoothing.get(target.block, {}).get(group.fold)
+    return None
+
+
+@torch.no_grad()
+def relative_output_error(float_linear: torch.nn.Module, quant_linear: torch.nn.Module, x: torch.Tensor) -> float:
+    """||q(x) - f(x)|| / ||f(x)|| in fp32 over a batch of inputs [tokens, in]."""
+    ref = float_linear(x).float()
+    err = (quant_linear(x).float() - ref).norm()
+    denom = ref.norm()
+    return float(err / denom) if denom > 0 else float(err)

@@ -1,0 +1,76 @@
+"""The registries of the run's pluggable stages after quantization, and the state they share.
+
+An exporter, evaluator or logger is registered under the ``name`` its config option declares; the
+experiment looks it up by that name. New ones arrive as a module + a yaml file, nothing else changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+
+from .models.wan import QuantTarget
+from .quant.formats import QuantFormat
+from .registry import Registry
+
+
+@dataclass
+class RunState:
+    """What the stages after quantization read; they add their results to ``metrics``."""
+
+    cfg: DictConfig
+    run_dir: Path
+    pipe: Any  # the diffusers pipeline, its transformer now quantized
+    format: QuantFormat
+    targets: list[QuantTarget]
+    quantized: dict[str, torch.nn.Module]  # name -> QuantLinear
+    runtime_smoothing: dict[int, dict[str, torch.Tensor]]  # see QuantContext.runtime_smoothing
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# An exporter checks in `check` (called before any model is built) that it can write the run's
+# format, then `export(state)` writes and returns a summary for metrics.json.
+@dataclass(frozen=True)
+class Exporter:
+    check: Callable[[DictConfig], None]
+    export: Callable[[RunState], dict]
+
+
+class Evaluator:
+    """Scores the quantized model. ``before_quantization`` sees the float pipeline (e.g. to generate or
+    load cached 16-bit references); ``evaluate`` runs after quantization and returns metrics."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+
+    def check(self) -> None:
+        """Validate settings before any model is built (raise UserError)."""
+
+    def before_quantization(self, pipe: Any) -> None: ...
+
+    def evaluate(self, state: RunState) -> dict:
+        return {}
+
+
+class Logger:
+    """Experiment tracking: ``start`` before the work, ``finish`` always (also on failure)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+
+    def start(self) -> None: ...
+
+    def finish(self, metrics: dict | None, error: str | None) -> None: ...
+
+
+EXPORTERS: Registry[Exporter] = Registry("exporter")
+EVALUATORS: Registry[type[Evaluator]] = Registry("evaluator")
+LOGGERS: Registry[type[Logger]] = Registry("logger")
+
+EXPORTERS.register("none")(Exporter(check=lambda cfg: None, export=lambda state: {}))
+EVALUATORS.register("none")(Evaluator)
+LOGGERS.register("none")(Logger)
