@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ..errors import UserError
 from .schema import GROUPS, _registered
 
-TOP_LEVEL_KEYS = (*GROUPS, "seed")
+TOP_LEVEL_KEYS = (*GROUPS, "seed", "cache_dir")
 
 
 def _fields(schema: type) -> dict[str, dataclasses.Field]:
