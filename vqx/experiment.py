@@ -3,7 +3,6 @@ evaluation -> logging. This module owns the order and the run directory; stages 
 
 from __future__ import annotations
 
-import copy
 import logging
 import statistics
 import time
@@ -14,14 +13,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
-from .algorithms import registry as algo_registry
-from .calib.probe import ProbeInputs
+from .algorithms.runner import quantize_blockwise
+from .cache import DiskCache
+from .calib.capture import load_or_capture
 from .config.validate import validate
 from .io import write_json_atomic, write_text_atomic
+from .models.fingerprint import model_fingerprint
 from .models.loading import load_pipeline
 from .models.wan import LayerSelection, quant_targets
 from .quant.formats import get_format
-from .quant.materialize import materialize, relative_output_error
 from .stages import EVALUATORS, EXPORTERS, LOGGERS, Evaluator, Exporter, RunState
 
 log = logging.getLogger("vqx")
@@ -79,23 +79,15 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
     with timings("reference"):
         evaluator.before_quantization(pipe)
     with timings("calibrate"):
-        inputs = ProbeInputs(cfg.calib.probe_tokens, cfg.calib.seed)
-    float_layers = {t.name: copy.deepcopy(t.module) for t in targets}
-
+        model_identity = {"name": cfg.model.name, "dtype": cfg.model.dtype,
+                          "weights": model_fingerprint(cfg.model, transformer)}
+        capture = load_or_capture(pipe, cfg.calib, cfg.model.task, model_identity, DiskCache(cfg.cache_dir))
     with timings("quantize"):
-        ctx = algo_registry.QuantContext(transformer, targets, fmt, cfg.algorithm, inputs)
-        algo_registry.run_steps(ctx, list(cfg.algorithm.steps))
-        quantized = materialize(transformer, targets, fmt, ctx.chosen_codes, ctx.runtime_smoothing)
+        result = quantize_blockwise(transformer, capture, targets, fmt, cfg.algorithm, cfg.calib)
+    layers = result.layers
+    errors = [e["output_error"] for e in layers]
 
-    layers = []
-    for t in targets:
-        entry = {"name": t.name, "native_name": t.native_name, **ctx.choices.get(t.name, {})}
-        if t.name in quantized:
-            entry["output_error"] = relative_output_error(float_layers[t.name], quantized[t.name], inputs(t))
-        layers.append(entry)
-    errors = [e["output_error"] for e in layers if "output_error" in e]
-
-    state = RunState(cfg, run_dir, pipe, fmt, targets, quantized, ctx.runtime_smoothing)
+    state = RunState(cfg, run_dir, pipe, fmt, targets, result.quantized, result.runtime_smoothing)
     state.metrics.update({
         "status": "complete",
         "vqx_version": __version__,
@@ -103,8 +95,12 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
         "task": cfg.model.task,
         "format": fmt.name,
         "algorithm": cfg.algorithm.name,
-        "quantized_layers": len(quantized),
+        "quantized_layers": len(result.quantized),
+        "calibration": {"calls": len(capture.calls), "prompts": cfg.calib.num_prompts, "steps": cfg.calib.steps,
+                        "cache_hit": capture.cache_hit},
         "layer_error": _summary(errors),
+        "layer_error_rtn": _summary([e["output_error_rtn"] for e in layers if "output_error_rtn" in e]),
+        "groups": result.groups,
         "layers": layers,
     })
     with timings("export"):

@@ -1,3 +1,3 @@
 """Quantization algorithms as registered steps composed into recipes (conf/algorithm/*.yaml)."""
 
-from . import rtn  # noqa: F401  (registers its step)
+from . import awq, gptq, recipes, rtn, smoothquant  # noqa: F401  (register steps and schemas)

@@ -1,50 +1,57 @@
-"""The step registry and the context steps work on.
+"""The step registry and the per-block context steps work on.
 
-A recipe (``algorithm.steps``) lists steps by name; each step transforms float weights (smoothing) or
-chooses weight codes (GPTQ), recording what it chose. After the last step, `quantize.materialize` turns
-every target linear into a `QuantLinear`, using the codes a step chose or rounding to nearest.
-A new algorithm is one module that calls `register_step` plus one yaml file.
+A recipe (``algorithm.steps``) lists steps by name. Blocks are processed in order (`runner.py`); for
+each block every step gets a `BlockContext`: it may transform float weights (smoothing, through
+`smoothing.apply_smoothing`) or choose weight codes (GPTQ), and records what it chose. After the last
+step the block's targets become `QuantLinear`s, using chosen codes or rounding to nearest.
+A new algorithm is one module that calls `register_step` (and registers its config schema) plus one yaml.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
 
-from ..models.wan import QuantTarget
-from ..registry import Registry
+from ..calib.stats import GroupStats
+from ..models.wan import InputGroup, QuantTarget
 from ..quant.formats import QuantFormat
-
-
-class LayerInputs(Protocol):
-    """Gives a target linear's calibration (or probe) inputs as [tokens, in_features]."""
-
-    def __call__(self, target: QuantTarget) -> torch.Tensor: ...
+from ..registry import Registry
 
 
 @dataclass
-class QuantContext:
-    transformer: torch.nn.Module
-    targets: list[QuantTarget]
-    format: QuantFormat
-    params: DictConfig  # the algorithm config node (all steps read their keys from it)
-    inputs: LayerInputs
-    chosen_codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (codes, scale)
-    # Smoothing factors that must be applied at run time (lightx2v's affine_norm1/affine_norm3 vectors):
-    # block index -> {"affine_norm1" | "affine_norm3": s [in_features]}; the linears reading that input
-    # already had their weight columns multiplied by s.
-    runtime_smoothing: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    choices: dict[str, Any] = field(default_factory=dict)  # what steps chose (alpha, ratio, ...) by name
+class BlockContext:
+    index: int
+    block: torch.nn.Module
+    groups: list[InputGroup]  # the block's input groups that hold at least one target
+    targets: dict[str, QuantTarget]  # block-relative linear name -> target
+    stats: dict[str, GroupStats]  # group name -> statistics of its (current) input
+    format: QuantFormat  # what the block is quantized to
+    search_format: QuantFormat  # grids used by search losses (a quantizing proxy when `format` has none)
+    params: DictConfig  # the algorithm config (steps read their keys from it)
+    chosen_codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # full name -> (codes, scale)
+    # fold ("affine_norm1" | "affine_norm3") -> s, applied at run time by the QuantLinears (lightx2v vectors)
+    runtime_smoothing: dict[str, torch.Tensor] = field(default_factory=dict)
+    # linear -> s its input is now divided by through an exact fold upstream (norm2, v rows)
+    input_scale: dict[str, torch.Tensor] = field(default_factory=dict)
+    # linear -> s its output rows were divided by (value projections under a v->o fold)
+    output_scale: dict[str, torch.Tensor] = field(default_factory=dict)
+    choices: dict[str, dict[str, Any]] = field(default_factory=dict)  # group or linear -> what steps chose
+
+    def group_linears(self, group: InputGroup) -> list[torch.nn.Linear]:
+        return [self.block.get_submodule(n) for n in group.linears]
+
+    def full_name(self, local: str) -> str:
+        return f"blocks.{self.index}.{local}"
 
 
-StepFn = Callable[[QuantContext], None]
+StepFn = Callable[[BlockContext], None]
 STEPS: Registry[StepFn] = Registry("algorithm step")
 register_step = STEPS.register
 
 
-def run_steps(ctx: QuantContext, steps: list[str]) -> None:
+def run_steps(ctx: BlockContext, steps: list[str]) -> None:
     for name in steps:
         STEPS.lookup(name)(ctx)

@@ -1,12 +1,11 @@
-"""Round to nearest: every target keeps its weights and is rounded per output channel at materialization."""
+"""Round to nearest: no transform and no search; materialization rounds each weight per output channel."""
 
 from __future__ import annotations
 
-from .registry import QuantContext, register_step
+from .registry import BlockContext, register_step
 
 
 @register_step("rtn")
-def rtn(ctx: QuantContext) -> None:
-    # Nothing to transform or search: materialization rounds whatever no earlier step chose codes for.
-    for target in ctx.targets:
-        ctx.choices.setdefault(target.name, {})["method"] = "rtn"
+def rtn(ctx: BlockContext) -> None:
+    for local in ctx.targets:
+        ctx.choices.setdefault(local, {}).setdefault("method", "rtn")

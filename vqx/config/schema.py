@@ -48,6 +48,7 @@ class ModelSchema:
     dtype: str = choice(*DTYPES)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # weights seed of built-in tiny models
+    calib_prompts: int = bounded(8, 1, None)  # calibration prompts recommended for this size
     sampler: SamplerSchema = field(default_factory=SamplerSchema)
 
 
@@ -67,8 +68,23 @@ class AlgorithmSchema:
 
 @dataclass
 class CalibSchema:
+    """Capture settings. The sampler (size, frames, guidance, shift, negative prompt) defaults to the
+    model's, i.e. evaluation's; only the number of denoising steps is the capture's own."""
+
     name: str = "default"
-    probe_tokens: int = bounded(256, 1, None)  # rows of the fixed probe batch for layer errors
+    path: Optional[str] = None  # prompts json (assets/README.md); null: assets/wan_<task>/calib/prompts.json
+    num_prompts: int = bounded(8, 1, None)
+    steps: int = bounded(10, 1, None)  # denoising steps of the capture trajectory (same noise range as eval)
+    capture_steps: Optional[int] = bounded(None, 1, None)  # steps recorded, evenly spaced; null: all
+    height: int = bounded(480, 16, None, multiple_of=16)
+    width: int = bounded(832, 16, None, multiple_of=16)
+    num_frames: int = bounded(81, 1, None, frames=True)
+    guidance: float = bounded(5.0, 0.0, None)
+    shift: float = bounded(3.0, 0.0, None, exclusive_low=True)
+    negative_prompt: str = ""
+    loss_tokens: int = bounded(256, 1, None)  # tokens sampled per call for search losses and layer errors
+    hessian_tokens: Optional[int] = bounded(4096, 1, None)  # tokens per call in GPTQ Hessians; null: all
+    propagate: str = choice("fp", "quant")  # block i+1 sees block i's float or quantized outputs
     seed: int = 0
 
 

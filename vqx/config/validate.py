@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ..errors import UserError
 from .schema import GROUPS, _registered
 
-TOP_LEVEL_KEYS = (*GROUPS, "seed", "cache_dir")
+TOP_LEVEL_KEYS = (*GROUPS, "seed", "cache_dir", "resume", "objective")
 
 
 def _fields(schema: type) -> dict[str, dataclasses.Field]:
@@ -22,6 +22,12 @@ def _fields(schema: type) -> dict[str, dataclasses.Field]:
 def _check_value(key: str, value: Any, meta: dict) -> None:
     if "choices" in meta and value not in meta["choices"]:
         raise UserError(f"{key}={value!r} is not valid; valid choices: {', '.join(map(str, meta['choices']))}")
+    if meta.get("or_auto"):
+        if value == "auto":
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            lo, hi = meta.get("range", (None, None))
+            raise UserError(f"{key}={value!r} is not valid; use a number in [{lo}, {hi}] or 'auto'")
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     lo, hi = meta.get("range", (None, None))

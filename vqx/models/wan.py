@@ -179,3 +179,23 @@ def native_key(diffusers_key: str) -> str:
         if diffusers_key == d or diffusers_key.startswith(d + "."):
             return n + diffusers_key[len(d):]
     raise KeyError(f"no native name for tensor {diffusers_key!r}")
+
+
+def diffusers_key(native: str) -> str:
+    """Inverse of `native_key`, from the same tables (raises on names diffusers has no tensor for, such as
+    lightx2v's ``affine_norm*`` smoothing vectors)."""
+    m = _BLOCK_RE.match(native)
+    if m:
+        idx, rest = m.groups()
+        for table in (BLOCK_LINEARS_T2V, BLOCK_LINEARS_I2V_EXTRA):
+            for d, n in table.items():
+                if rest.startswith(n + "."):
+                    return f"blocks.{idx}.{d}{rest[len(n):]}"
+        for d, n in BLOCK_FLOAT_TENSORS.items():
+            if rest == n:
+                return f"blocks.{idx}.{d}"
+        raise KeyError(f"no diffusers name for block tensor {native!r}")
+    for d, n in NON_BLOCK_PREFIXES.items():
+        if native == n or native.startswith(n + "."):
+            return d + native[len(n):]
+    raise KeyError(f"no diffusers name for tensor {native!r}")

@@ -31,11 +31,11 @@ class QuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, fmt: QuantFormat,
                  codes: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                 input_smooth: torch.Tensor | None = None):
+                 input_smooth: torch.Tensor | None = None, dtype: torch.dtype | None = None):
         """``codes``/``scale``: weight codes an algorithm chose (else round to nearest).
         ``input_smooth``: per-input-channel s of a smoothing that no float tensor can absorb; the input is
         multiplied by 1/s before quantization, as lightx2v's affine_norm vectors do (the weight columns
-        were already multiplied by s)."""
+        were already multiplied by s). ``dtype``: the compute dtype (default: the float weight's)."""
         super().__init__()
         grid = fmt.weight_grid
         if grid is None:
@@ -47,10 +47,10 @@ class QuantLinear(nn.Module):
         storage = grid.storage_dtype or torch.bfloat16  # research grids are exact in bf16
         self.register_buffer("weight_codes", codes.to(storage).contiguous())
         self.register_buffer("weight_scale", scale.float().contiguous())
-        dtype = linear.weight.dtype
+        dtype = dtype or linear.weight.dtype
         # Quantized once: the dequantized weight the forward uses, in the model's dtype.
         self.register_buffer("weight", (codes.float() * scale.float()).to(dtype), persistent=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.to(dtype).clone(), requires_grad=False)
         self.act_grid = fmt.activation_grid
         if input_smooth is not None:
             self.register_buffer("input_smooth_inv", (1.0 / input_smooth.float()).contiguous())
@@ -69,3 +69,16 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, format={self.format.name}"
+
+
+class SmoothedLinear(nn.Module):
+    """A float linear whose weight columns were multiplied by s and whose input is divided by s at run
+    time (format=none with a smoothing that only lightx2v's affine_norm vectors can hold)."""
+
+    def __init__(self, linear: nn.Linear, input_smooth: torch.Tensor):
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("input_smooth_inv", (1.0 / input_smooth.float()).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear((x.float() * self.input_smooth_inv).to(x.dtype))

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..models.wan import QuantTarget, input_groups, set_submodule
 from .formats import QuantFormat
-from .linear import QuantLinear
+from .linear import QuantLinear, SmoothedLinear
 
 # Groups whose smoothing factor lives in lightx2v's per-block affine_norm vectors (applied at run time).
 RUNTIME_SMOOTHED_GROUPS = [g for g in input_groups(i2v=False) if g.fold in ("affine_norm1", "affine_norm3")]
@@ -16,19 +16,24 @@ RUNTIME_SMOOTHED_GROUPS = [g for g in input_groups(i2v=False) if g.fold in ("aff
 
 def materialize(transformer: torch.nn.Module, targets: list[QuantTarget], fmt: QuantFormat,
                 chosen_codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                runtime_smoothing: dict[int, dict[str, torch.Tensor]] | None = None) -> dict[str, QuantLinear]:
+                runtime_smoothing: dict[int, dict[str, torch.Tensor]] | None = None,
+                compute_dtype: dict[str, torch.dtype] | None = None) -> dict[str, QuantLinear]:
     """Replace each target ``nn.Linear`` in place; returns name -> QuantLinear.
 
     A linear whose input group carries a runtime smoothing vector (affine_norm1/3) scales its input by 1/s.
+    ``compute_dtype``: block-relative name -> dtype the quantized layer computes in (default: its weight's).
     """
     out = {}
-    if not fmt.quantizes:
-        return out
-    for t in tqdm(targets, desc="quantize", unit="linear", leave=False):
+    for t in tqdm(targets, desc="quantize", unit="linear", leave=False, disable=len(targets) < 50):
         codes, scale = chosen_codes.get(t.name, (None, None))
         smooth = runtime_smoothing_for(t, runtime_smoothing or {})
+        if not fmt.quantizes:
+            if smooth is not None:  # transforms without quantization (format=none) still need 1/s at run time
+                set_submodule(transformer.blocks[t.block], t.local_name, SmoothedLinear(t.module, smooth))
+            continue
         try:
-            q = QuantLinear(t.module, fmt, codes, scale, smooth)
+            dtype = (compute_dtype or {}).get(t.local_name)
+            q = QuantLinear(t.module, fmt, codes, scale, smooth, dtype=dtype)
         except ValueError as e:
             raise UserError(f"cannot quantize {t.name}: {e}; the checkpoint's weights are corrupt (reconvert or redownload it)") from None
         set_submodule(transformer.blocks[t.block], t.local_name, q)
@@ -41,12 +46,3 @@ def runtime_smoothing_for(target: QuantTarget, runtime_smoothing: dict[int, dict
         if target.local_name in group.linears:
             return runtime_smoothing.get(target.block, {}).get(group.fold)
     return None
-
-
-@torch.no_grad()
-def relative_output_error(float_linear: torch.nn.Module, quant_linear: torch.nn.Module, x: torch.Tensor) -> float:
-    """||q(x) - f(x)|| / ||f(x)|| in fp32 over a batch of inputs [tokens, in]."""
-    ref = float_linear(x).float()
-    err = (quant_linear(x).float() - ref).norm()
-    denom = ref.norm()
-    return float(err / denom) if denom > 0 else float(err)

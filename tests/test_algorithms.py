@@ -1,0 +1,105 @@
+"""SmoothQuant, AWQ and GPTQ: what each promises, on synthetic layers and on tiny Wan end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import vqx.plugins  # noqa: F401
+from vqx import experiment
+from vqx.algorithms.awq import awq_scale
+from vqx.algorithms.gptq import gptq_quantize
+from vqx.algorithms.losses import group_quant_loss
+from vqx.algorithms.smoothquant import smoothquant_scale
+from vqx.quant.formats import FORMATS
+from vqx.quant.linear import quantize_weight
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_run(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _outlier_layer(seed=0, n=2048, d_in=256, d_out=128, outlier_channels=(3, 77, 150), outlier_scale=60.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    x[:, list(outlier_channels)] *= outlier_scale
+    w = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+    return x, w
+
+
+@pytest.mark.parametrize("fmt", ["w8a8", "fp8"])
+def test_smoothquant_beats_rtn_on_outlier_channels(fmt):
+    x, w = _outlier_layer()
+    f = FORMATS[fmt]
+    rtn = group_quant_loss(x, [w], f)
+    s = smoothquant_scale(x.abs().amax(0), w.abs().amax(0), alpha=0.5)
+    sq = group_quant_loss(x, [w], f, s)
+    # int8 per-token activations lose the small channels next to 60x outliers; smoothing recovers them
+    assert sq < 0.5 * rtn, (sq, rtn)
+
+
+def test_awq_scale_ratio_zero_is_identity():
+    m = torch.rand(64) * 10
+    assert torch.allclose(awq_scale(m, 0.0), torch.ones(64))
+
+
+def test_gptq_reconstruction_beats_rtn_on_calibration_inputs():
+    g = torch.Generator().manual_seed(1)
+    # correlated inputs: GPTQ's error feedback exploits the Hessian's off-diagonal structure
+    base = torch.randn(4096, 32, generator=g)
+    x = base @ torch.randn(32, 192, generator=g) + 0.1 * torch.randn(4096, 192, generator=g)
+    w = torch.randn(96, 192, generator=g)
+    for name in ("int8", "fp8_e4m3"):
+        from vqx.quant.numbers import get_grid
+
+        grid = get_grid(name)
+        codes, scale = gptq_quantize(w, x.T @ x / x.shape[0], grid, damp=0.01, block_size=32)
+        rtn_codes, rtn_scale = quantize_weight(w, grid)
+        assert torch.equal(scale, rtn_scale)  # same per-channel scales; only the codes differ
+        err_gptq = (x @ (codes * scale - w).T).norm()
+        err_rtn = (x @ (rtn_codes * rtn_scale - w).T).norm()
+        assert err_gptq < 0.8 * err_rtn, (name, err_gptq, err_rtn)
+        assert torch.equal(grid.round_to_grid(codes), codes)  # every code lies on the grid (int8 includes -128)
+
+
+def test_gptq_act_order_gives_valid_codes():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 64, generator=g) * torch.linspace(0.1, 5, 64)
+    w = torch.randn(16, 64, generator=g)
+    from vqx.quant.numbers import get_grid
+
+    codes, scale = gptq_quantize(w, x.T @ x / 512, get_grid("int8"), act_order=True, block_size=8)
+    assert torch.equal(codes, codes.round()) and codes.min() >= -128 and codes.max() <= 127
+    assert (x @ (codes * scale - w).T).norm() < (x @ (quantize_weight(w, get_grid("int8"))[0] * scale - w).T).norm()
+
+
+@pytest.mark.parametrize("model", ["wan_tiny", "wan_tiny_i2v"])
+@pytest.mark.parametrize("algorithm", ["smoothquant", "awq", "gptq", "smoothquant_gptq"])
+@pytest.mark.parametrize("fmt", ["w8a8", "fp8"])
+def test_algorithm_end_to_end(tmp_path, model, algorithm, fmt, shared_cache):
+    cfg = compose_run([f"model={model}", f"algorithm={algorithm}", f"format={fmt}", f"cache_dir={shared_cache}",
+                       "calib.num_prompts=2", "calib.steps=4"])
+    m = experiment.run(cfg, tmp_path)
+    per_block = 12 if model.endswith("i2v") else 10
+    assert m["quantized_layers"] == 2 * per_block
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "complete"
+    for layer in m["layers"]:
+        assert 0 < layer["output_error"] < 0.2 and 0 < layer["output_error_rtn"] < 0.2
+    if algorithm == "awq":
+        groups = [g for g in m["groups"] if "ratio" in g]
+        assert len(groups) == 2 * 5  # per block: self_attn_in, self_attn_out, cross_attn_q, cross_attn_out, ffn_in
+        for g in groups:
+            assert g["loss"] <= g["loss_ratio0"]  # ratio 0 is RTN: the search never loses to it
+    if "gptq" in algorithm:
+        assert all(layer["method"] == "gptq" for layer in m["layers"])
+        assert m["layer_error"]["mean"] < m["layer_error_rtn"]["mean"]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")

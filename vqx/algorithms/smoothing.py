@@ -1,0 +1,74 @@
+"""Placing a smoothing factor s of an input group (shared by SmoothQuant and AWQ).
+
+The group's input is divided by s and the weight columns of its linears are multiplied by s, so the
+float model is unchanged. Where 1/s goes depends on the group (see `models.wan.InputGroup.fold`):
+- affine_norm1 / affine_norm3: lightx2v's per-block smoothing vectors (run time; advanced_ptq);
+- norm2: the affine cross-attention LayerNorm's weight and bias (exact fold);
+- v_rows: the rows (and bias) of the value projection(s) whose attention output feeds the group (exact:
+  attention mixes value rows linearly and Wan normalizes only q and k).
+All arithmetic in fp32, written back in each tensor's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.wan import InputGroup
+from .registry import BlockContext
+
+
+def smoothable(group: InputGroup) -> bool:
+    return group.fold is not None
+
+
+@torch.no_grad()
+def _scale_(t: torch.Tensor, factor: torch.Tensor) -> None:
+    t.copy_((t.float() * factor).to(t.dtype))
+
+
+@torch.no_grad()
+def apply_smoothing(ctx: BlockContext, group: InputGroup, s: torch.Tensor) -> None:
+    """Divide ``group``'s input by ``s`` (per input channel) and fold the factor where the group allows."""
+    if group.fold is None:
+        raise ValueError(f"group {group.name} has no place for a smoothing factor")
+    s = s.float()
+    for lin in ctx.group_linears(group):
+        _scale_(lin.weight, s.to(lin.weight.device)[None, :])
+    if group.fold in ("affine_norm1", "affine_norm3"):
+        prev = ctx.runtime_smoothing.get(group.fold)
+        ctx.runtime_smoothing[group.fold] = s if prev is None else prev * s
+    elif group.fold == "norm2":
+        norm = ctx.block.norm2
+        if getattr(norm, "weight", None) is None:
+            raise ValueError(f"block {ctx.index}: norm2 is not affine (cross_attn_norm=False); cannot fold")
+        _scale_(norm.weight, 1.0 / s.to(norm.weight.device))
+        _scale_(norm.bias, 1.0 / s.to(norm.bias.device))
+        _record_input_scale(ctx, group, s)
+    elif group.fold == "v_rows":
+        for src in group.fold_sources:
+            lin = ctx.block.get_submodule(src)
+            _scale_(lin.weight, 1.0 / s.to(lin.weight.device)[:, None])
+            if lin.bias is not None:
+                _scale_(lin.bias, 1.0 / s.to(lin.bias.device))
+            ctx.output_scale[src] = ctx.output_scale.get(src, torch.ones_like(s)) * s
+        _record_input_scale(ctx, group, s)
+    else:
+        raise ValueError(f"unknown fold {group.fold!r}")
+    if group.name in ctx.stats:
+        ctx.stats[group.name].scale_inputs(s)
+
+
+def _record_input_scale(ctx: BlockContext, group: InputGroup, s: torch.Tensor) -> None:
+    for name in group.linears:
+        ctx.input_scale[name] = ctx.input_scale.get(name, torch.ones_like(s)) * s
+
+
+def group_weight_absmax(ctx: BlockContext, group: InputGroup) -> torch.Tensor:
+    """max over the group's linears and output rows of |W[:, j]|, per input channel j (fp32)."""
+    return torch.stack([lin.weight.detach().float().abs().amax(dim=0) for lin in ctx.group_linears(group)]).amax(dim=0)
+
+
+def clamp_scale(s: torch.Tensor) -> torch.Tensor:
+    """Keep factors finite and positive (channels that never activate, or zero weight columns)."""
+    s = torch.nan_to_num(s, nan=1.0, posinf=1.0, neginf=1.0)
+    return s.clamp(min=1e-5, max=1e5)
