@@ -39,7 +39,7 @@ def test_every_option_composes_and_validates(group, option):
     ("+format.bits=4", "unknown key 'format.bits'; valid keys of format: name, skip_first_blocks"),
     ("format.skip_first_blocks=-1", "format.skip_first_blocks=-1 is out of range; it must be >= 0"),
     ("format.name=int4", "format.name='int4' is unknown; valid: none, w8a8, fp8"),
-    ("algorithm.steps=[magic]", "algorithm step 'magic' is unknown; valid steps: rtn"),
+    ("algorithm.steps=[magic]", "algorithm step 'magic' is unknown; valid steps: awq, gptq, rtn, smoothquant"),
 ])
 def test_validation_messages(override, message):
     with pytest.raises(UserError) as e:

@@ -13,9 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
-from .algorithms.runner import quantize_blockwise
+from .algorithms.runner import QuantResult, quantize_blockwise
 from .cache import DiskCache
 from .calib.capture import load_or_capture
+from .calib.prompts import load_prompt_set
 from .config.validate import validate
 from .io import write_json_atomic, write_text_atomic
 from .models.fingerprint import model_fingerprint
@@ -37,6 +38,10 @@ class Timings(dict):
             self[f"{stage}_s"] = round(time.perf_counter() - t0, 3)
 
 
+def needs_calibration(cfg: DictConfig, fmt) -> bool:
+    return fmt.quantizes or any(step != "rtn" for step in cfg.algorithm.steps)
+
+
 def layer_selection(fmt_cfg: DictConfig) -> LayerSelection:
     return LayerSelection(fmt_cfg.skip_first_blocks, fmt_cfg.skip_last_blocks, tuple(fmt_cfg.skip_patterns))
 
@@ -44,6 +49,9 @@ def layer_selection(fmt_cfg: DictConfig) -> LayerSelection:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run every stage; write ``config.yaml`` first and ``metrics.json`` last (only when all succeeded)."""
     validate(cfg)
+    fmt = get_format(cfg.format.name)
+    if needs_calibration(cfg, fmt):  # a bad prompt file fails now, not after the model is loaded
+        load_prompt_set(cfg.calib.path, cfg.model.task, "calib", limit=cfg.calib.num_prompts)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
@@ -78,12 +86,16 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
 
     with timings("reference"):
         evaluator.before_quantization(pipe)
-    with timings("calibrate"):
-        model_identity = {"name": cfg.model.name, "dtype": cfg.model.dtype,
-                          "weights": model_fingerprint(cfg.model, transformer)}
-        capture = load_or_capture(pipe, cfg.calib, cfg.model.task, model_identity, DiskCache(cfg.cache_dir))
-    with timings("quantize"):
-        result = quantize_blockwise(transformer, capture, targets, fmt, cfg.algorithm, cfg.calib)
+    capture = None
+    if needs_calibration(cfg, fmt):
+        with timings("calibrate"):
+            model_identity = {"name": cfg.model.name, "dtype": cfg.model.dtype,
+                              "weights": model_fingerprint(cfg.model, transformer)}
+            capture = load_or_capture(pipe, cfg.calib, cfg.model.task, model_identity, DiskCache(cfg.cache_dir))
+        with timings("quantize"):
+            result = quantize_blockwise(transformer, capture, targets, fmt, cfg.algorithm, cfg.calib)
+    else:
+        result = QuantResult()  # format=none with plain rounding: nothing to calibrate or change
     layers = result.layers
     errors = [e["output_error"] for e in layers]
 
@@ -96,8 +108,9 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
         "format": fmt.name,
         "algorithm": cfg.algorithm.name,
         "quantized_layers": len(result.quantized),
-        "calibration": {"calls": len(capture.calls), "prompts": cfg.calib.num_prompts, "steps": cfg.calib.steps,
-                        "cache_hit": capture.cache_hit},
+        "calibration": None if capture is None else {
+            "calls": len(capture.calls), "prompts": cfg.calib.num_prompts, "steps": cfg.calib.steps,
+            "cache_hit": capture.cache_hit},
         "layer_error": _summary(errors),
         "layer_error_rtn": _summary([e["output_error_rtn"] for e in layers if "output_error_rtn" in e]),
         "groups": result.groups,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -44,14 +45,39 @@ def search_format(fmt: QuantFormat) -> QuantFormat:
     return fmt if fmt.activation_grid is not None else FORMATS["w8a8"]
 
 
-def _block_inputs(transformer, capture: Capture, device) -> list[BlockInputs]:
+def _residency(transformer, capture: Capture, device: torch.device) -> torch.device:
+    """Where block inputs live between blocks: on the GPU when all of them fit in half of its free memory
+    (no transfers), else in pinned host memory (bounded GPU use, e.g. 14B at high resolution)."""
+    if device.type != "cuda":
+        return device
+    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    p = transformer.config.patch_size
+    tokens = [c["hidden_states"][0, 0].numel() // (p[0] * p[1] * p[2]) for c in capture.calls]
+    need = sum(tokens) * hidden * next(transformer.parameters()).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch, reusable
+    return device if need < 0.5 * free else torch.device("cpu")
+
+
+def _block_inputs(transformer, capture: Capture, device, home: torch.device) -> list[BlockInputs]:
     inputs, rotary_by_shape = [], {}
+    pin = home.type == "cpu" and device.type == "cuda"
     for call in tqdm(capture.calls, desc="block inputs", unit="call", leave=False):
         inp = first_block_inputs(transformer, {k: v.to(device) for k, v in call.items()})
         key = tuple(call["hidden_states"].shape)
         rotary = rotary_by_shape.setdefault(key, inp.rotary)  # identical for every call of one shape
-        inputs.append(BlockInputs(inp.hidden.cpu(), inp.encoder.cpu(), inp.temb.cpu(), rotary))
+        hidden = inp.hidden.to(home)
+        inputs.append(BlockInputs(hidden.pin_memory() if pin else hidden, inp.encoder, inp.temb, rotary))
     return inputs
+
+
+def _with_hidden(inp: BlockInputs, out: torch.Tensor) -> BlockInputs:
+    """``inp`` with its hidden states replaced by ``out``, kept where ``inp.hidden`` lives. A host copy
+    reuses the call's pinned buffer (allocating pinned memory per call and block is slow)."""
+    if inp.hidden.device == out.device:
+        return BlockInputs(out, inp.encoder, inp.temb, inp.rotary)
+    inp.hidden.copy_(out)
+    return inp
 
 
 @torch.no_grad()
@@ -70,7 +96,10 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
         by_block[t.block][t.local_name] = t
     groups_all = input_groups(is_i2v(transformer))
     result = QuantResult()
-    inputs = _block_inputs(transformer, capture, device)
+    home = _residency(transformer, capture, device)
+    inputs = _block_inputs(transformer, capture, device, home)
+    log.info("block inputs of %d calls kept on %s", len(inputs), home)
+    t_start = time.perf_counter()
     last = max(by_block) if by_block else -1
 
     for i, block in enumerate(tqdm(transformer.blocks, desc=f"quantize ({'+'.join(steps)})", unit="block")):
@@ -83,14 +112,14 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
                  for g in groups}
         hooks = [block.get_submodule(g.linears[0]).register_forward_pre_hook(
             lambda m, args, st=stats[g.name]: st.update(args[0])) for g in groups]
-        outputs = []
         try:
             for c, inp in enumerate(inputs):
-                out = run_block(block, inp.to(device))
+                out = run_block(block, inp.to(device, non_blocking=True))
                 if not torch.isfinite(out).all():
                     raise Fault(f"non-finite activations in block {i} (float model) for calibration call {c} "
                                 f"({capture.meta[c]}): the float model overflows; try model.dtype=float32")
-                outputs.append(out.cpu())
+                if calib.propagate == "fp":  # the input is no longer needed: overwrite it (halves host memory)
+                    inputs[c] = _with_hidden(inp, out)
         except FloatingPointError:
             raise Fault(f"non-finite inputs to a linear of block {i} during calibration; check the weights and model.dtype") from None
         finally:
@@ -118,8 +147,8 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
         result.groups += [{"block": i, "group": g.name, **ctx.choices.get(g.name, {})} for g in groups if g.name in ctx.choices]
 
         if calib.propagate == "quant":
-            outputs = [run_block(block, inp.to(device)).cpu() for inp in inputs]
-        inputs = [BlockInputs(o, inp.encoder, inp.temb, inp.rotary) for o, inp in zip(outputs, inputs)]
+            inputs = [_with_hidden(inp, run_block(block, inp.to(device, non_blocking=True))) for inp in inputs]
+        log.info("block %d/%d quantized (%.1f s elapsed)", i + 1, last + 1, time.perf_counter() - t_start)
     return result
 
 

@@ -19,9 +19,13 @@ class BlockInputs:
     temb: torch.Tensor  # timestep projection [1, 6, D]
     rotary: object  # rotary embedding (tensor or tuple), shared by calls of the same shape
 
-    def to(self, device: torch.device) -> "BlockInputs":
-        mv = lambda t: t.to(device) if isinstance(t, torch.Tensor) else tuple(x.to(device) for x in t)  # noqa: E731
-        return BlockInputs(self.hidden.to(device), self.encoder.to(device), self.temb.to(device), mv(self.rotary))
+    def to(self, device: torch.device, non_blocking: bool = False) -> "BlockInputs":
+        def mv(t):
+            if isinstance(t, torch.Tensor):
+                return t.to(device, non_blocking=non_blocking)
+            return tuple(x.to(device, non_blocking=non_blocking) for x in t)
+
+        return BlockInputs(mv(self.hidden), mv(self.encoder), mv(self.temb), mv(self.rotary))
 
 
 class _Stop(Exception):

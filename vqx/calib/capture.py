@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -71,11 +72,13 @@ def record_calls(pipe, samples: list[PromptSample], settings: SamplerSettings, s
 
     handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
+        t0 = time.perf_counter()
         for p, sample in enumerate(tqdm(samples, desc="calibration capture", unit="prompt")):
             state.update(step=0, in_step=0, prompt=p)
             image = sample.load_image() if sample.image_path else None
             sampler = settings if sample.negative_prompt is None else replace(settings, negative_prompt=sample.negative_prompt)
             generate(pipe, sample.prompt, sampler, sample.seed, image=image, on_step=on_step, output_type="latent")
+            log.info("captured prompt %d/%d (%.1f s elapsed)", p + 1, len(samples), time.perf_counter() - t0)
     finally:
         handle.remove()
     return Capture(calls, meta)

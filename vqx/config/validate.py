@@ -80,7 +80,7 @@ def _check_rules(cfg: DictConfig) -> None:
         raise UserError(f"format.name={cfg.format.name!r} is unknown; valid: {', '.join(FORMATS)}")
     for step in cfg.algorithm.steps:
         if step not in STEPS:
-            raise UserError(f"algorithm step {step!r} is unknown; valid steps: {', '.join(STEPS)}")
+            raise UserError(f"algorithm step {step!r} is unknown; valid steps: {', '.join(sorted(STEPS))}")
     if cfg.model.source == "diffusers" and not cfg.model.path:
         raise UserError(f"model={cfg.model.name} needs model.path=/path/to/a local diffusers folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
 

@@ -60,8 +60,8 @@ def cast_transformer(transformer, dtype: torch.dtype):
     """Cast like diffusers' from_pretrained(torch_dtype=...): tensors Wan keeps in fp32 stay fp32."""
     keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or [])
     for name, tensor in [*transformer.named_parameters(), *transformer.named_buffers()]:
-        if tensor.is_floating_point() and not keep.intersection(name.split(".")):
-            tensor.data = tensor.data.to(dtype)
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if keep.intersection(name.split(".")) else dtype)
     return transformer
 
 
