@@ -8,8 +8,8 @@ from vqx.app import one_line_hydra_errors, run_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    run_job(cfg)
+def main(cfg: DictConfig):
+    return run_job(cfg)  # the Optuna sweeper reads the objective from the return value
 
 
 if __name__ == "__main__":

@@ -47,21 +47,38 @@ def one_line_hydra_errors():
         hydra_utils.run_and_report = original
 
 
-def run_job(cfg: DictConfig) -> dict | None:
+def run_job(cfg: DictConfig) -> dict | float | None:
     """Hydra task body. A single run exits non-zero on failure; in a multirun the failure is logged and
-    the sweep goes on to its next job."""
+    the sweep goes on to its next job. Either way the job's run dir gets ``error.json`` saying why.
+
+    In a multirun a job whose run dir already holds a complete run of the same config is skipped
+    (``resume=false`` reruns it). Under the Optuna sweeper the job returns the number named by
+    ``objective`` (inf when the job failed, so the study goes on and avoids that region).
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from . import experiment
+    from .track import runs
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    optuna = multirun and "optuna" in str(hc.sweeper.get("_target_", "")).lower()
     try:
-        return experiment.run(cfg, run_dir)
+        metrics = runs.completed_metrics(run_dir, cfg) if runs.resume_enabled(cfg) and multirun else None
+        if metrics is not None:
+            log.info("skipping completed job %s: %s holds a complete run of this config (resume=false reruns it)",
+                     hc.job.num, run_dir)
+        else:
+            metrics = experiment.run(cfg, run_dir)
+        runs.clear_error(run_dir)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
-        if hc.mode == RunMode.MULTIRUN and not isinstance(e, KeyboardInterrupt):
+        runs.write_error(run_dir, e)
+        if multirun and not isinstance(e, KeyboardInterrupt):
             log.error("job %s failed: %s", hc.job.num, one_line(str(e)))
             sys.stderr.write(f"vqx: job {hc.job.num} ({run_dir}) failed: {one_line(str(e))}\n")
-            return None
+            return float("inf") if optuna else None
         report_and_exit(e)
+    # outside the try: a missing objective is a sweep setting error, so Optuna stops with it
+    return runs.objective_value(metrics, cfg.get("objective", "lpips")) if optuna else metrics

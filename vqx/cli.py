@@ -14,6 +14,9 @@ from .errors import report_and_exit
 
 SUBCOMMANDS = {
     "list": "vqx.commands.list_options",
+    "score": "vqx.eval.score",
+    "compare": "vqx.track.compare",
+    "verify-export": "vqx.export.verify_cmd",
 }
 
 

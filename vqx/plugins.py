@@ -2,3 +2,6 @@
 
 from . import algorithms, stages  # noqa: F401
 from .config import schema  # noqa: F401
+from .track import wandb_logger  # noqa: F401  (imports wandb only when a run starts)
+from .eval import video  # noqa: F401  (eval=video)
+from . import export  # noqa: F401  (export=lightx2v, export=fake)

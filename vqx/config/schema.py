@@ -49,6 +49,7 @@ class ModelSchema:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # weights seed of built-in tiny models
     calib_prompts: int = bounded(8, 1, None)  # calibration prompts recommended for this size
+    eval_samples: Optional[int] = bounded(None, 1, None)  # evaluation prompts by default; null: all
     sampler: SamplerSchema = field(default_factory=SamplerSchema)
 
 

@@ -1,0 +1,130 @@
+"""`vqx compare`: one report of every job of a multirun, from the run dirs alone (hand-made dirs: no model runs)."""
+
+import json
+import re
+
+import pytest
+import yaml
+
+from vqx.cli import main as vqx_main
+from test_wandb import report_tables
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def make_job(root, name, overrides, config=None, metrics=None, metrics_text=None, error=None):
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if config is not None:
+        (job / "config.yaml").write_text(yaml.safe_dump(config))
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    if metrics_text is not None:
+        (job / "metrics.json").write_text(metrics_text)
+    if error is not None:
+        (job / "error.json").write_text(json.dumps(error))
+    return job
+
+
+def sq_job(root, name, fmt, alpha, lpips=None, psnr=None, err=0.01, algorithm="smoothquant"):
+    metrics = {"status": "complete", "format": fmt, "algorithm": algorithm, "quantized_layers": 20,
+               "layer_error": {"mean": err, "max": 2 * err}, "timings": {"total_s": 12.5}}
+    if lpips is not None:
+        metrics.update(lpips=lpips, psnr=psnr)
+    config = {"format": {"name": fmt}, "algorithm": {"name": algorithm, "alpha": alpha}}
+    return make_job(root, name, [f"algorithm={algorithm}", f"format={fmt}", f"algorithm.alpha={alpha}", "+sweep=alpha"],
+                    config, metrics)
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "multirun"
+    sq_job(root, "0", "w8a8", 0.5, lpips=0.20, psnr=30.0)
+    sq_job(root, "1", "w8a8", 0.75, lpips=0.10, psnr=32.0)  # best w8a8
+    sq_job(root, "2", "fp8", 0.5, lpips=0.05, psnr=35.0)  # best fp8
+    sq_job(root, "3", "fp8", 0.75, lpips=0.07, psnr=34.0)
+    make_job(root, "4", ["format=w8a8", "algorithm.alpha=0.9"], metrics_text='{"status": "complete", "lay')
+    make_job(root, "5", ["format=fp8", "algorithm.alpha=0.9"],
+             error={"error": "model.path=/x is not a folder", "type": "UserError"})
+    make_job(root, "6", ["format=fp8", "algorithm.alpha=0.3"], metrics={"status": "partial", "format": "fp8"})
+    make_job(root, "10", ["format=fp8", "algorithm.alpha=0.35"])  # started, never finished
+    return root
+
+
+def test_report_lists_jobs_best_per_format_and_failures(sweep, capsys):
+    assert vqx_main(["compare", str(sweep)]) == 0
+    assert "8 jobs, 4 complete, 4 failed or partial" in capsys.readouterr().out
+    report = sweep / "report.html"
+    tables = report_tables(report)
+
+    header, *rows = tables["jobs"]
+    assert [r[0] for r in rows] == ["0", "1", "2", "3", "4", "5", "6", "10"]  # natural order
+    by_job = {r[0]: dict(zip(header, r)) for r in rows}
+    assert by_job["1"]["LPIPS"] == "0.1000" and by_job["1"]["PSNR"] == "32.00" and by_job["1"]["algorithm.alpha"] == "0.75"
+    assert by_job["2"]["layer err mean"] == "1.000e-02" and by_job["2"]["quantized"] == "20" and by_job["2"]["time (s)"] == "12.5"
+    assert by_job["4"]["status"] == "failed" and by_job["4"]["LPIPS"] == ""
+
+    best = {r[0]: r for r in tables["best"][1:]}
+    assert best["w8a8"][1] == "1" and best["fp8"][1] == "2"
+    assert "lowest LPIPS" in best["w8a8"][2]
+    html = report.read_text()
+    assert len(re.findall(r"<tr class='best'>", html)) == 2
+
+    failed = {r[0]: r[1] for r in tables["failed"][1:]}
+    assert set(failed) == {"4", "5", "6", "10"}
+    assert "metrics.json is unreadable" in failed["4"]
+    assert failed["5"] == "failed: UserError: model.path=/x is not a folder"
+    assert "status 'partial'" in failed["6"]
+    assert "no metrics.json" in failed["10"]
+
+
+def test_report_is_offline_and_sortable_with_embedded_plots(sweep):
+    assert vqx_main(["compare", str(sweep)]) == 0
+    html = (sweep / "report.html").read_text()
+    assert "<script src" not in html and "<link" not in html and "http" not in html  # nothing to fetch
+    assert "function sortBy" in html and html.count('onclick="sortBy(this)"') >= 10
+    for name in ("lpips_vs_alpha", "psnr_vs_alpha", "algorithm_format_grid"):
+        png = sweep / f"report_{name}.png"
+        assert png.read_bytes()[:8] == PNG, name
+        assert f"title='report_{name}.png'" in html
+    assert html.count("src='data:image/png;base64,") == 3
+    assert not [p for p in sweep.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
+
+
+def test_without_lpips_ranks_by_layer_error_and_says_so(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    for i, (fmt, err) in enumerate([("w8a8", 0.03), ("w8a8", 0.01), ("fp_e3m4", 0.02)]):
+        make_job(root, str(i), [f"format={fmt}"], {"format": {"name": fmt}, "algorithm": {"name": "rtn"}},
+                 {"status": "complete", "format": fmt, "algorithm": "rtn", "layer_error": {"mean": err, "max": err}})
+    assert vqx_main(["compare", str(root)]) == 0
+    tables = report_tables(root / "report.html")
+    best = {r[0]: r for r in tables["best"][1:]}
+    assert best["w8a8"][1] == "1" and "lowest mean layer error (no LPIPS" in best["w8a8"][2]
+    assert "LPIPS" not in tables["jobs"][0]  # no empty metric columns
+    assert (root / "report_algorithm_format_grid.png").is_file()  # rtn x two formats
+    assert not (root / "report_layer_error_mean_vs_alpha.png").exists()  # no alpha in these jobs
+
+
+def test_several_dirs_make_one_report(sweep, tmp_path):
+    other = tmp_path / "other"
+    sq_job(other, "0", "w8a8", 0.6, lpips=0.01, psnr=40.0, algorithm="smoothquant_gptq")
+    out = tmp_path / "reports" / "all.html"
+    assert vqx_main(["compare", str(sweep), str(other), "--out", str(out)]) == 0
+    tables = report_tables(out)
+    names = [r[0] for r in tables["jobs"][1:]]
+    assert "other/0" in names and "multirun/1" in names and len(names) == 9
+    assert {r[0]: r[1] for r in tables["best"][1:]}["w8a8"] == "other/0"
+    assert (tmp_path / "reports" / "all_algorithm_format_grid.png").is_file()
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p / "missing", "is not a folder"),
+    (lambda p: p, "no jobs under"),
+])
+def test_bad_dir_is_a_one_line_error(tmp_path, capsys, make, message):
+    with pytest.raises(SystemExit) as e:
+        vqx_main(["compare", str(make(tmp_path))])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err

@@ -1,0 +1,217 @@
+"""eval=video: settings, paired generation, the shared reference cache, and runs end to end."""
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import vqx.plugins  # noqa: F401
+from conftest import ROOT
+from vqx.config.validate import validate
+from vqx.errors import UserError
+from vqx.eval.video import CACHE_KIND, VideoEvaluator
+from vqx.eval.videoio import read_video
+from vqx.models.loading import load_pipeline
+from vqx.models.sampling import SamplerSettings, generate
+from vqx.quant.formats import get_format
+from vqx.stages import RunState
+
+TINY = SamplerSettings(height=32, width=32, num_frames=5, steps=4, guidance=5.0, shift=3.0)
+PROMPTS = {"version": 1, "task": "t2v", "samples": [{"prompt": "a red ball bounces", "seed": 1},
+                                                     {"prompt": "a cat walks in the snow", "seed": 2}]}
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=["eval=video", *overrides])
+
+
+# ---- settings --------------------------------------------------------------------------------------
+
+def test_eval_sampler_defaults_to_the_models_recommendation():
+    tiny = _compose([])
+    assert (tiny.eval.height, tiny.eval.width, tiny.eval.num_frames, tiny.eval.steps) == (32, 32, 5, 4)
+    assert tiny.eval.num_samples == 2  # keeps `python run.py eval=video` short on tiny models
+    big = _compose(["model=wan2.1_i2v_14b_720p", "model.path=/data/wan"])
+    validate(big)
+    assert (big.eval.height, big.eval.width, big.eval.num_frames, big.eval.steps, big.eval.guidance, big.eval.shift) == \
+        (720, 1280, 81, 50, 5.0, 5.0)
+    assert big.eval.num_samples is None  # real models: the whole eval prompt set
+    assert _compose(["model.sampler.steps=7"]).eval.steps == 7
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval.num_frames=6", "eval.num_frames=6 must be 4k+1"),
+    ("eval.height=40", "eval.height=40 must be a multiple of 16"),
+    ("eval.width=8", "eval.width=8 is out of range; it must be >= 16"),
+    ("eval.steps=0", "eval.steps=0 is out of range; it must be >= 1"),
+    ("eval.num_samples=0", "eval.num_samples=0 is out of range; it must be >= 1"),
+    ("eval.lpips_net=squeeze", "eval.lpips_net='squeeze' is not valid; valid choices: alex, vgg"),
+    ("eval.noise_floor=magic", "eval.noise_floor='magic' is not valid; valid choices: auto, none, sdpa_math"),
+])
+def test_invalid_eval_settings_are_rejected(override, message):
+    with pytest.raises(UserError) as e:
+        validate(_compose([override]))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_invalid_eval_settings_stop_the_run_before_any_model(vqx_run, tmp_path):
+    r = vqx_run(["eval=video", "eval.num_frames=6", f"hydra.run.dir={tmp_path}"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "eval.num_frames=6 must be 4k+1" in lines[0], r.stderr
+    log = tmp_path / "run.log"
+    assert not (tmp_path / "metrics.json").exists()
+    assert not log.exists() or "model wan_tiny" not in log.read_text()  # failed before loading the model
+
+
+def test_cuda_only_noise_floor_refused_on_cpu(tmp_path):
+    cfg = _compose(["eval.noise_floor=sdpa_efficient", "model.device=cpu", f"cache_dir={tmp_path}"])
+    with pytest.raises(UserError, match="eval.noise_floor=sdpa_efficient needs a CUDA device"):
+        VideoEvaluator(cfg, tmp_path).check()
+
+
+# ---- paired generation and the reference cache -----------------------------------------------------
+
+def test_same_seed_generates_bitwise_equal_videos_on_cpu(tiny_t2v):
+    a = generate(tiny_t2v, "a red ball bounces", TINY, seed=5)
+    b = generate(tiny_t2v, "a red ball bounces", TINY, seed=5)
+    c = generate(tiny_t2v, "a red ball bounces", TINY, seed=6)
+    assert a.shape == (5, 32, 32, 3) and a.dtype == np.float32
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(PROMPTS))
+    return path
+
+
+def _evaluator(tmp_path, prompt_file, *overrides, run="run"):
+    cfg = _compose([f"eval.path={prompt_file}", f"cache_dir={tmp_path / 'cache'}", "model.device=cpu", *overrides])
+    validate(cfg)
+    ev = VideoEvaluator(cfg, tmp_path / run)
+    ev.check()
+    return cfg, ev
+
+
+def test_cache_key_covers_everything_that_determines_a_reference(tmp_path, prompt_file, tiny_t2v):
+    cfg, ev = _evaluator(tmp_path, prompt_file)
+    ev.prepare_identity(tiny_t2v)
+    base = ev.cache.entry_dir(CACHE_KIND, ev.identity(0, "reference"))
+    keys = {base, ev.cache.entry_dir(CACHE_KIND, ev.identity(1, "reference")),  # other prompt and seed
+            ev.cache.entry_dir(CACHE_KIND, ev.identity(0, "noise_floor/sdpa_math"))}
+    for override in ["eval.steps=3", "eval.guidance=4", "eval.shift=2", "eval.height=48", "eval.width=48",
+                     "eval.num_frames=9", "eval.negative_prompt=blurry", "model.dtype=float32", "model.name=other"]:
+        _, other = _evaluator(tmp_path, prompt_file, override)
+        other.prepare_identity(tiny_t2v)
+        keys.add(other.cache.entry_dir(CACHE_KIND, other.identity(0, "reference")))
+    assert len(keys) == 12
+    weights = ev.base_identity["model"]["weights"]
+    with torch.no_grad():
+        tiny_t2v.transformer.proj_out.bias.add_(1)  # other weights, same config
+    try:
+        ev.prepare_identity(tiny_t2v)
+        assert ev.base_identity["model"]["weights"] != weights
+    finally:
+        with torch.no_grad():
+            tiny_t2v.transformer.proj_out.bias.sub_(1)
+
+
+def test_references_cached_and_paired_with_the_same_noise(tmp_path, prompt_file):
+    cfg, first = _evaluator(tmp_path, prompt_file, "eval.noise_floor_samples=1")
+    pipe = load_pipeline(cfg.model)
+    first.before_quantization(pipe)
+    assert [r["cache_hit"] for r in first.refs + first.floors] == [False] * 3
+
+    _, second = _evaluator(tmp_path, prompt_file, "eval.noise_floor_samples=1", run="run2")
+    second.before_quantization(pipe)
+    assert [r["cache_hit"] for r in second.refs + second.floors] == [True] * 3
+    assert [r["path"] for r in second.refs] == [r["path"] for r in first.refs]
+    fresh = np.round(np.clip(generate(pipe, "a red ball bounces", TINY, seed=1), 0, 1) * 255).astype(np.uint8)
+    assert np.array_equal(np.load(second.refs[0]["path"]), fresh)  # the cache holds exactly the 8-bit frames
+
+    # An unquantized "quantized" model must reproduce its references exactly: same noise, same settings.
+    state = RunState(cfg=cfg, run_dir=tmp_path / "run2", pipe=pipe, format=get_format("none"), targets=[],
+                     quantized={}, runtime_smoothing={})
+    m = second.evaluate(state)
+    assert (m["lpips"], m["psnr"], m["lpips_std"]) == (0.0, 100.0, 0.0)
+    assert m["ssim"] == pytest.approx(1.0, abs=1e-9)
+    floor = m["noise_floor"]
+    assert floor["method"] == "sdpa_math" and "_native_math" in floor["description"]
+    assert floor["samples"] == 1 and floor["identical_videos"] == 0 and 0 < floor["lpips"] < 0.05 and 30 < floor["psnr"] < 100
+    assert [v["prompt"] for v in m["videos"]] == ["a red ball bounces", "a cat walks in the snow"]
+    assert len(m["per_frame"]["psnr"]) == 5
+    for v in m["videos"]:
+        for f in v["files"].values():
+            assert (tmp_path / "run2" / f).stat().st_size > 0
+    assert (tmp_path / "run2" / "per_frame.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _check_eval_outputs(run_dir: Path, samples: int, frames: int = 5):
+    m = _metrics(run_dir)
+    for key in ("lpips", "psnr", "ssim", "lpips_std", "psnr_std", "ssim_std"):
+        assert np.isfinite(m[key]), key
+    assert 0 <= m["lpips"] < 1 and 0 < m["psnr"] <= 100 and 0 < m["ssim"] <= 1
+    assert m["noise_floor"]["method"] == "sdpa_math" and np.isfinite(m["noise_floor"]["lpips"])
+    assert m["eval"]["samples"] == len(m["videos"]) == samples
+    for v in m["videos"]:
+        assert len(v["per_frame"]["lpips"]) == frames
+        for f in v["files"].values():
+            video = read_video(run_dir / f)
+            assert video.shape[0] == frames and video.shape[1] >= 128
+    assert (run_dir / "per_frame.png").is_file()
+    return m
+
+
+def _scores(m: dict) -> dict:
+    keys = ("lpips", "psnr", "ssim", "lpips_std", "psnr_std", "ssim_std", "per_frame")
+    return {"summary": {k: m[k] for k in keys}, "floor": {k: m["noise_floor"][k] for k in ("lpips", "psnr", "ssim")},
+            "videos": [{k: v[k] for k in ("prompt", "seed", "lpips", "psnr", "ssim", "per_frame")} for v in m["videos"]]}
+
+
+def test_eval_video_t2v_end_to_end_concurrent_runs_share_the_cache(vqx_run, tmp_path):
+    """`python run.py eval=video` twice at once on one cache: every reference is built exactly once, both
+    jobs read it whole, and their metrics are identical."""
+    results = {}
+
+    def job(name):
+        results[name] = vqx_run(["eval=video", "eval.num_samples=2", f"hydra.run.dir={tmp_path / name}"],
+                                env={"VQX_CACHE_DIR": str(tmp_path / "cache")}, timeout=900)
+
+    threads = [threading.Thread(target=job, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results.values():
+        assert r.returncode == 0, r.stderr
+    a, b = (_check_eval_outputs(tmp_path / n, samples=2) for n in ("a", "b"))
+    assert a["lpips"] > 0  # w8a8 changes the videos
+    assert a["eval"]["sampler"] == {"height": 32, "width": 32, "num_frames": 5, "steps": 4, "guidance": 5.0,
+                                    "shift": 3.0, "negative_prompt": ""}
+    built = a["eval"]["reference_cache"]["built"] + b["eval"]["reference_cache"]["built"]
+    hits = a["eval"]["reference_cache"]["hits"] + b["eval"]["reference_cache"]["hits"]
+    assert (built, hits) == (4, 4)  # 2 references + 2 noise-floor videos, each built by one job only
+    assert _scores(a) == _scores(b)
+    leftovers = [p for p in (tmp_path / "cache" / CACHE_KIND).rglob(".*") if p.is_dir()]
+    assert leftovers == []  # no half-built entries
+
+
+def test_eval_video_i2v_end_to_end(vqx_run, tmp_path):
+    r = vqx_run(["model=wan_tiny_i2v", "eval=video", f"hydra.run.dir={tmp_path}"],
+                env={"VQX_CACHE_DIR": str(tmp_path / "cache")}, timeout=900)
+    assert r.returncode == 0, r.stderr
+    m = _check_eval_outputs(tmp_path, samples=2)
+    assert all(Path(v["image"]).is_file() for v in m["videos"])

@@ -1,0 +1,83 @@
+"""``export=fake``: the fake-quantized weights, dequantized, as a diffusers ``transformer/`` folder.
+
+For tools that read no int8/fp8: ``WanTransformer3DModel.from_pretrained(<dir>/transformer)`` loads it. Each
+quantized linear's weight is exactly the ``.weight`` its QuantLinear multiplied with (codes x scale in the
+model's dtype); everything else is the transformer's own tensor. Activations are not quantized by a plain
+diffusers model, so this reproduces the weight error only.
+
+Runtime smoothing (lightx2v's affine_norm1/affine_norm3 vectors) cannot be expressed in diffusers' Wan block
+(its modulated LayerNorms have no per-block parameters), so such runs are refused; that is only known after
+the algorithm ran, and nothing is written then.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+
+from ..config.schema import register_schema
+from ..errors import UserError
+from ..stages import EXPORTERS, Exporter, RunState
+from .folder import ExportFolderSchema, check_target, hydra_run_dir, staged_folder, target_dir
+from .manifest import write_manifest
+
+log = logging.getLogger("vqx")
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class FakeExportSchema(ExportFolderSchema):
+    name: str = "fake"
+
+
+register_schema("export", "fake", FakeExportSchema)
+
+
+def check(cfg: DictConfig) -> None:
+    check_target(target_dir(cfg.export, hydra_run_dir()), bool(cfg.export.overwrite))
+
+
+def dequantized_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """diffusers names -> tensors, with every quantized linear as its dequantized ``.weight`` and bias."""
+    out = {}
+    modules = dict(transformer.named_modules())
+    quantized = {name for name, m in modules.items() if hasattr(m, "weight_codes")}
+    for key, t in transformer.state_dict().items():
+        prefix = key.rpartition(".")[0]
+        if prefix in quantized:
+            continue
+        out[key] = t
+    for name in quantized:
+        q = modules[name]
+        out[f"{name}.weight"] = q.weight
+        out[f"{name}.bias"] = q.bias
+    return {k: v.detach().cpu().contiguous() for k, v in sorted(out.items())}
+
+
+def export(state: RunState) -> dict:
+    transformer = state.pipe.transformer
+    smoothed = sorted(n for n, m in transformer.named_modules() if getattr(m, "input_smooth_inv", None) is not None)
+    if state.runtime_smoothing or smoothed:
+        raise UserError(f"export=fake cannot write this run: algorithm={state.cfg.algorithm.name} left runtime smoothing "
+                        f"vectors (affine_norm1/affine_norm3, e.g. on {smoothed[0] if smoothed else 'its blocks'}) that "
+                        f"diffusers' Wan block has no place for; use export=lightx2v, or an algorithm whose smoothing "
+                        f"folds exactly")
+    target = target_dir(state.cfg.export, state.run_dir)
+    with staged_folder(target, bool(state.cfg.export.overwrite)) as tmp, torch.no_grad():
+        (tmp / "transformer").mkdir()
+        tensors = dequantized_state_dict(transformer)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        transformer.save_config(str(tmp / "transformer"))
+        info = {"format": state.format.name, "algorithm": state.cfg.algorithm.name, "model": state.cfg.model.name,
+                "task": state.cfg.model.task, "dequantized_linears": len(state.quantized)}
+        manifest = write_manifest(tmp, "fake", {WEIGHTS: len(tensors)}, info, state.cfg)
+    log.info("dequantized diffusers transformer written to %s", target / "transformer")
+    return {"kind": "fake", "dir": str(target), "files": len(manifest["files"]), "tensors": manifest["tensors"],
+            "bytes": sum(f["bytes"] for f in manifest["files"].values())}
+
+
+EXPORTERS.register("fake")(Exporter(check=check, export=export))

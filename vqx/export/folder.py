@@ -1,0 +1,135 @@
+"""Where an export goes, and how it gets there atomically.
+
+An export is built in a hidden temporary folder beside its target (``.<name>.partial.<host>.<pid>.*``) and
+renamed into place only when every file, its manifest and (for lightx2v) its verification are done. So the
+target either does not exist or is complete: a run killed mid-export leaves at most a hidden partial folder
+(no ``manifest.json`` until the very end, and never at the target's name), which the next export beside it
+removes once its process is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from omegaconf import DictConfig
+
+from ..errors import UserError
+from ..io import fsync_dir
+
+MANIFEST = "manifest.json"
+DEFAULT_SUBDIR = "export"
+
+
+@dataclass
+class ExportFolderSchema:
+    """Settings every exporter that writes a folder shares."""
+
+    name: str = "none"
+    dir: Optional[str] = None  # null: <run_dir>/export
+    overwrite: bool = False  # replace an existing export at the target (only a folder vqx exported)
+
+
+def hydra_run_dir() -> Path | None:
+    """The run directory when called inside a Hydra job (``Exporter.check`` gets only the config)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # noqa: BLE001  (no Hydra context: the caller checks again at export time)
+        return None
+    return None
+
+
+def target_dir(export_cfg: DictConfig, run_dir: Path | None) -> Path | None:
+    if export_cfg.get("dir"):
+        return Path(str(export_cfg.dir)).expanduser().absolute()
+    return None if run_dir is None else (Path(run_dir) / DEFAULT_SUBDIR).absolute()
+
+
+def check_target(target: Path | None, overwrite: bool) -> None:
+    """Refuse, before any work, a target that exists unless it is a vqx export and overwrite is on."""
+    if target is None or not (target.exists() or target.is_symlink()):
+        return
+    if not overwrite:
+        raise UserError(f"export folder {target} already exists; pass export.overwrite=true to replace it "
+                        f"or export.dir=<another folder>")
+    if not target.is_dir() or not (target / MANIFEST).is_file():
+        raise UserError(f"export.overwrite=true would replace {target}, which is not a vqx export (no {MANIFEST}); "
+                        f"choose another export.dir")
+
+
+def _partial_prefix(target: Path) -> str:
+    return f".{target.name}.partial."
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Delete partial folders beside ``target`` left by killed exports on this host (their pid is gone)."""
+    removed = []
+    host = _host()
+    if not target.parent.is_dir():
+        return removed
+    for p in target.parent.glob(_partial_prefix(target) + "*"):
+        parts = p.name[len(_partial_prefix(target)):].split(".")
+        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        if not _pid_alive(int(parts[1])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextmanager
+def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``target``; on success rename it to ``target``.
+
+    On any exception (or interrupt) the temporary folder is removed and ``target`` is left as it was.
+    """
+    check_target(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(target)}{_host()}.{os.getpid()}.", dir=target.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _publish(tmp, target, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
+    check_target(target, overwrite)  # again: another job may have written it meanwhile
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.rmdir(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

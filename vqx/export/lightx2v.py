@@ -1,0 +1,269 @@
+"""``export=lightx2v``: the quantized transformer as a checkpoint lightx2v loads as is, checked before it lands.
+
+What is written (docs/lightx2v-contract.md), into ``export.dir`` (default ``<run_dir>/export``):
+- native Wan2.1 tensor names; every block linear as int8 / float8_e4m3fn codes [out, in], ``weight_scale``
+  fp32 [out, 1] (bf16-representable) and a float bias; every other tensor in ``export.dtype``;
+- with runtime smoothing, ``blocks.N.affine_norm1/3.{weight,bias}`` = the 1/s the fake-quant model applied
+  (fp32 [D], all ones for a block or group that was not smoothed, because lightx2v then reads them for
+  every block), and ``"quant_method": "advanced_ptq"`` in ``config.json``. The flag is written exactly when
+  the vectors are: without it lightx2v ignores them (wrong videos, no error); with it but without them it
+  looks up tensors that are not there;
+- ``config.json`` (Wan2.1's keys + model_type, merged by lightx2v), lightx2v run-config fragments for the
+  current and the pre-2025-10 API, ``LIGHTX2V.md``, and ``manifest.json`` last;
+- ``export.layout=single``: one ``diffusion_pytorch_model.safetensors``; ``blocks``: ``block_{i}.safetensors``
+  + ``non_block.safetensors`` + ``diffusion_pytorch_model.safetensors.index.json`` (disk offload, and the
+  index older lightx2v versions read).
+The codes and scales are the QuantLinear buffers themselves, so dequantizing them gives bit for bit the
+weights the fake-quant model used. Before the folder is renamed into place, `verify.verify_export` checks it
+and compares lightx2v's math on the files with the evaluated model's blocks (``export.verify``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..config.schema import bounded, choice, register_schema
+from ..errors import Fault, UserError
+from ..io import write_json_atomic, write_text_atomic
+from ..models.wan import block_linears, input_groups, is_i2v, native_key, native_linear_name
+from ..quant.formats import FORMATS, QuantFormat, get_format
+from ..quant.linear import QuantLinear
+from ..stages import EXPORTERS, Exporter, RunState
+from . import contract
+from .folder import ExportFolderSchema, check_target, hydra_run_dir, staged_folder, target_dir
+from .manifest import write_manifest
+from .verify import DEFAULT_TOLERANCE, verify_export
+
+log = logging.getLogger("vqx")
+
+SINGLE_FILE = "diffusion_pytorch_model.safetensors"
+INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+NON_BLOCK_FILE = "non_block.safetensors"
+
+
+@dataclass
+class LightX2VExportSchema(ExportFolderSchema):
+    name: str = "lightx2v"
+    layout: str = choice("single", "blocks")  # blocks: block_{i}.safetensors + non_block.safetensors + index
+    dtype: str = choice("bfloat16", "float32")  # every tensor that is not codes, scales or smoothing vectors
+    verify: bool = True  # check the folder (and lightx2v's math against the evaluated blocks) before it lands
+    verify_tolerance: float = bounded(DEFAULT_TOLERANCE, 0.0, None, exclusive_low=True)  # max relative error per block
+    verify_blocks: Optional[int] = bounded(None, 1, None)  # compare this many evenly spread blocks; null: all
+
+
+register_schema("export", "lightx2v", LightX2VExportSchema)
+
+
+def exportable_formats() -> list[str]:
+    return [f.name for f in FORMATS.values() if f.lightx2v_scheme is not None]
+
+
+def refusal(fmt: QuantFormat) -> str | None:
+    """Why lightx2v cannot load this format (None: it can)."""
+    if fmt.lightx2v_scheme is not None:
+        return None
+    if not fmt.quantizes:
+        why = "it quantizes nothing"
+    elif fmt.weight_grid.storage_dtype is None:
+        why = f"{fmt.weight} is a research grid with no storage dtype (fake-quant only)"
+    elif fmt.activation is None:
+        why = "it is weight-only and lightx2v has no 16-bit-activation scheme for this checkpoint"
+    else:
+        why = "lightx2v has no scheme for it"
+    return (f"export=lightx2v cannot write format={fmt.name}: {why}; formats lightx2v loads: "
+            f"{', '.join(exportable_formats())} (or use export=fake / export=none)")
+
+
+def check(cfg: DictConfig) -> None:
+    """Before any model is built: the format, the layer selection and the target folder."""
+    reason = refusal(get_format(cfg.format.name))
+    if reason:
+        raise UserError(reason)
+    f = cfg.format
+    skipped = [f"{k}={f[k]}" for k in ("skip_first_blocks", "skip_last_blocks") if f[k]]
+    if list(f.skip_patterns):
+        skipped.append(f"skip_patterns={list(f.skip_patterns)}")
+    if skipped:
+        raise UserError(f"export=lightx2v needs every block linear quantized (lightx2v's quantized mode reads codes "
+                        f"for all of them) but format.{', format.'.join(skipped)} keeps some float; "
+                        f"drop those settings or use export=fake")
+    check_target(target_dir(cfg.export, hydra_run_dir()), bool(cfg.export.overwrite))
+
+
+# ---- building the native tensors ----------------------------------------------------------------------
+
+def _quant_linears(block: torch.nn.Module, index: int, i2v: bool, fmt: QuantFormat) -> dict[str, QuantLinear]:
+    """Block-relative diffusers name -> QuantLinear, refusing a block linear that is not quantized."""
+    want = contract.CODE_DTYPES[fmt.lightx2v_scheme]
+    out = {}
+    for local in block_linears(i2v):
+        q = block.get_submodule(local)
+        if not isinstance(q, QuantLinear):
+            raise UserError(f"blocks.{index}.{local} is not quantized ({type(q).__name__}); lightx2v reads codes for "
+                            f"every block linear, so export=lightx2v needs them all quantized")
+        if q.weight_codes.dtype != want or q.bias is None:
+            raise Fault(f"blocks.{index}.{local} holds {q.weight_codes.dtype} codes (bias: {q.bias is not None}); "
+                        f"format {fmt.name} exports {want} codes with a bias")
+        out[local] = q
+    return out
+
+
+def smoothing_vectors(transformer: torch.nn.Module, runtime_smoothing: dict[int, dict[str, torch.Tensor]],
+                      ) -> dict[int, dict[str, torch.Tensor]]:
+    """Block -> {"affine_norm1"|"affine_norm3": 1/s fp32} as the QuantLinears applied it, or {} when the run
+    has no runtime smoothing. Unsmoothed groups get ones (lightx2v reads the vectors of every block)."""
+    i2v = is_i2v(transformer)
+    groups = [g for g in input_groups(i2v) if g.fold in contract.SMOOTH_VECTORS]
+    found: dict[int, dict[str, torch.Tensor | None]] = {}
+    for i, block in enumerate(transformer.blocks):
+        found[i] = {}
+        for g in groups:
+            invs = [getattr(block.get_submodule(n), "input_smooth_inv", None) for n in g.linears]
+            inv = invs[0]
+            if any((v is None) != (inv is None) or (v is not None and not torch.equal(v, inv)) for v in invs):
+                raise Fault(f"blocks.{i} {g.name}: its linears {', '.join(g.linears)} apply different smoothing "
+                            f"vectors, which one lightx2v {g.fold} vector cannot express")
+            s = runtime_smoothing.get(i, {}).get(g.fold)
+            if (s is None) != (inv is None):
+                raise Fault(f"blocks.{i} {g.fold}: the run's runtime smoothing and its quantized linears disagree")
+            found[i][g.fold] = None if inv is None else inv.detach().float().cpu()
+    if not any(v is not None for f in found.values() for v in f.values()):
+        return {}
+    dim = transformer.blocks[0].norm2.normalized_shape[0]
+    return {i: {fold: (v if v is not None else torch.ones(dim)).contiguous() for fold, v in f.items()}
+            for i, f in found.items()}
+
+
+def block_tensors(block: torch.nn.Module, index: int, i2v: bool, fmt: QuantFormat, dtype: torch.dtype,
+                  smoothing: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Native name -> tensor (CPU, contiguous) for one block."""
+    quant = _quant_linears(block, index, i2v, fmt)
+    out: dict[str, torch.Tensor] = {}
+    for local, q in quant.items():
+        p = f"blocks.{index}.{native_linear_name(local)}"
+        out[f"{p}.weight"] = q.weight_codes.detach().cpu().contiguous()
+        scale = q.weight_scale.detach().to(torch.float32).cpu().reshape(-1, 1).contiguous()
+        if not torch.equal(scale.to(torch.bfloat16).float(), scale):  # lightx2v reads scales through bf16
+            raise Fault(f"blocks.{index}.{local}: weight scales are not bf16-representable; the codes were chosen "
+                        f"for scales lightx2v cannot hold")
+        out[f"{p}.weight_scale"] = scale
+        out[f"{p}.bias"] = q.bias.detach().to(dtype).cpu().contiguous()
+    for key, t in block.state_dict().items():
+        if any(key.startswith(local + ".") for local in quant):
+            continue  # codes, scale, input_smooth_inv: written above or as affine_norm vectors
+        out[native_key(f"blocks.{index}.{key}")] = t.detach().to(dtype).cpu().contiguous()
+    for vec, inv in (smoothing or {}).items():
+        out[f"blocks.{index}.{vec}.weight"] = inv.clone()
+        out[f"blocks.{index}.{vec}.bias"] = inv.clone()  # h = LN(x)(1+scale)a + shift b: both 1/s
+    return out
+
+
+def non_block_tensors(transformer: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {native_key(k): t.detach().to(dtype).cpu().contiguous()
+            for k, t in transformer.state_dict().items() if not k.startswith("blocks.")}
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> int:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def write_checkpoint(transformer: torch.nn.Module, folder: Path, fmt: QuantFormat, layout: str, dtype: torch.dtype,
+                     smoothing: dict[int, dict[str, torch.Tensor]]) -> dict[str, int]:
+    """Write the tensor files into ``folder``; returns file name -> tensor count."""
+    i2v = is_i2v(transformer)
+    counts: dict[str, int] = {}
+    weight_map: dict[str, str] = {}
+    total = 0
+    pending: dict[str, torch.Tensor] = {}
+    blocks = transformer.blocks
+    for i in tqdm(range(len(blocks)), desc="export", unit="block", leave=False):
+        tensors = block_tensors(blocks[i], i, i2v, fmt, dtype, smoothing.get(i))
+        if layout == "blocks":
+            name = f"block_{i}.safetensors"
+            total += _save(tensors, folder / name)
+            counts[name] = len(tensors)
+            weight_map.update(dict.fromkeys(tensors, name))
+        else:
+            pending.update(tensors)
+    rest = non_block_tensors(transformer, dtype)
+    if layout == "blocks":
+        total += _save(rest, folder / NON_BLOCK_FILE)
+        counts[NON_BLOCK_FILE] = len(rest)
+        weight_map.update(dict.fromkeys(rest, NON_BLOCK_FILE))
+        write_json_atomic(folder / INDEX_FILE, {"metadata": {"total_size": total},
+                                                "weight_map": dict(sorted(weight_map.items()))})
+    else:
+        pending.update(rest)
+        _save(pending, folder / SINGLE_FILE)
+        counts[SINGLE_FILE] = len(pending)
+    return counts
+
+
+def usage_text(scheme: str, target: Path, smoothing: bool, task: str) -> str:
+    flag = ("\nThe checkpoint carries per-block smoothing vectors (affine_norm1/affine_norm3): `config.json` here sets\n"
+            "`\"quant_method\": \"advanced_ptq\"` and lightx2v merges it because `dit_quantized_ckpt` points at this folder.\n"
+            "Do not point it at a single file, or copy the flag into your run config (the fragments here carry it).\n"
+            if smoothing else "")
+    return (f"# lightx2v checkpoint (Wan2.1 {task}, {scheme} per-channel weights, per-token dynamic activations)\n\n"
+            f"Schemes that read this checkpoint: {', '.join(contract.SCHEMES[scheme])}.\n"
+            f"Before 2025-10 lightx2v named them by mm_type: `{contract.LEGACY_MM_TYPE[scheme]}`.\n\n"
+            f"Merge `lightx2v_config.json` (current API) or `lightx2v_config_pre2025-10.json` into a Wan2.1 {task}\n"
+            f"run config; `model_path` stays the original Wan2.1 folder (T5, VAE, CLIP, its config.json);\n"
+            f"`dit_quantized_ckpt` is this folder:\n\n    {target}\n{flag}\n"
+            f"Check it any time with `vqx verify-export {target}`.\n")
+
+
+# ---- the exporter -------------------------------------------------------------------------------------
+
+def export(state: RunState) -> dict:
+    cfg, ecfg, fmt = state.cfg, state.cfg.export, state.format
+    reason = refusal(fmt)
+    if reason:
+        raise UserError(reason)
+    transformer = state.pipe.transformer
+    i2v = is_i2v(transformer)
+    task = "i2v" if i2v else "t2v"
+    target = target_dir(ecfg, state.run_dir)
+    scheme = fmt.lightx2v_scheme
+    dtype = contract.EXPORT_DTYPES[ecfg.dtype]
+    smoothing = smoothing_vectors(transformer, state.runtime_smoothing or {})
+    wan_cfg = contract.wan_config(dict(transformer.config), task, bool(smoothing))
+    verify_report = None
+    with staged_folder(target, bool(ecfg.overwrite)) as tmp, torch.no_grad():
+        counts = write_checkpoint(transformer, tmp, fmt, ecfg.layout, dtype, smoothing)
+        write_json_atomic(tmp / "config.json", wan_cfg)
+        for name, body in contract.run_configs(scheme, str(target), bool(smoothing)).items():
+            write_json_atomic(tmp / name, body)
+        write_text_atomic(tmp / "LIGHTX2V.md", usage_text(scheme, target, bool(smoothing), task))
+        info = {"format": fmt.name, "algorithm": cfg.algorithm.name, "model": cfg.model.name, "task": task,
+                "layout": ecfg.layout, "dtype": ecfg.dtype, "scheme": scheme, "schemes": contract.SCHEMES[scheme],
+                "advanced_ptq": bool(smoothing), "num_layers": len(transformer.blocks)}
+        manifest = write_manifest(tmp, "lightx2v", counts, info, cfg)
+        if ecfg.verify:
+            verify_report = verify_export(tmp, tolerance=float(ecfg.verify_tolerance), reference=transformer,
+                                          max_blocks=ecfg.verify_blocks)
+            if not verify_report.ok:
+                raise Fault(f"the lightx2v export failed its own check, so nothing was written to {target}: "
+                            + "; ".join(verify_report.problems[:5]))
+    total_bytes = sum(f["bytes"] for f in manifest["files"].values())
+    log.info("lightx2v checkpoint (%s, %s layout, %s%s) written to %s", scheme, ecfg.layout, task,
+             ", advanced_ptq" if smoothing else "", target)
+    summary = {"kind": "lightx2v", "dir": str(target), "layout": ecfg.layout, "scheme": scheme,
+               "schemes": contract.SCHEMES[scheme], "advanced_ptq": bool(smoothing),
+               "files": len(manifest["files"]), "tensors": manifest["tensors"], "bytes": total_bytes}
+    if verify_report is not None:
+        summary["verify"] = verify_report.summary()
+    return summary
+
+
+EXPORTERS.register("lightx2v")(Exporter(check=check, export=export))

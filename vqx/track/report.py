@@ -1,0 +1,286 @@
+"""The HTML of `vqx compare`: one self-contained file (plain JS, PNGs embedded) that works offline."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_path, write_text_atomic
+from .compare import Job
+
+# (key, header, python format, one line of meaning); lower is better except psnr and ssim
+COLUMNS = [
+    ("lpips", "LPIPS", "{:.4f}", "perceptual distance to the 16-bit videos (lower is better)"),
+    ("psnr", "PSNR", "{:.2f}", "dB against the 16-bit videos (higher is better)"),
+    ("ssim", "SSIM", "{:.4f}", "structural similarity to the 16-bit videos (higher is better)"),
+    ("layer_error_mean", "layer err mean", "{:.3e}", "mean relative output error of the quantized linears"),
+    ("layer_error_max", "layer err max", "{:.3e}", "largest relative output error of one linear"),
+    ("quantized_layers", "quantized", "{:.0f}", "linears quantized"),
+    ("total_s", "time (s)", "{:.1f}", "job wall time"),
+]
+HEADERS = {key: header for key, header, _, _ in COLUMNS}
+FORMATS = {key: fmt for key, _, fmt, _ in COLUMNS}
+
+
+def ranking_metric(jobs: list[Job]) -> str:
+    """LPIPS when any of these jobs has it, else the mean layer error."""
+    return "lpips" if any(j.value("lpips") is not None for j in jobs) else "layer_error_mean"
+
+
+def best_per_format(complete: list[Job]) -> dict[str, tuple[Job, str]]:
+    by_format: dict[str, list[Job]] = defaultdict(list)
+    for job in complete:
+        by_format[job.format].append(job)
+    best = {}
+    for fmt, jobs in sorted(by_format.items()):
+        metric = ranking_metric(jobs)
+        scored = [j for j in jobs if j.value(metric) is not None]
+        if scored:
+            best[fmt] = (min(scored, key=lambda j: j.value(metric)), metric)
+    return best
+
+
+def _fmt(key: str, value: float | None) -> str:
+    return "" if value is None else FORMATS[key].format(value)
+
+
+# ---- plots ------------------------------------------------------------------------------------
+
+def _figure_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def alpha_plots(complete: list[Job]) -> dict[str, bytes]:
+    """LPIPS and PSNR (or, without them, the mean layer error) against alpha, one line per format."""
+    import matplotlib.pyplot as plt
+
+    with_alpha = [j for j in complete if j.alpha is not None]
+    if not with_alpha:
+        return {}
+    metrics = [m for m in ("lpips", "psnr") if any(j.value(m) is not None for j in with_alpha)] or ["layer_error_mean"]
+    several_algorithms = len({j.algorithm for j in with_alpha}) > 1
+    plots = {}
+    for metric in metrics:
+        lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for j in with_alpha:
+            if j.value(metric) is not None:
+                label = f"{j.algorithm} {j.format}" if several_algorithms else j.format
+                lines[label].append((j.alpha, j.value(metric)))
+        if not lines:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, points in sorted(lines.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xlabel("alpha (SmoothQuant migration strength)")
+        ax.set_ylabel(HEADERS[metric])
+        ax.set_title(f"{HEADERS[metric]} against alpha")
+        ax.grid(alpha=0.3)
+        ax.legend(title="algorithm format" if several_algorithms else "format")
+        plots[f"{metric}_vs_alpha"] = _figure_png(fig)
+    return plots
+
+
+def grid_plot(complete: list[Job]) -> dict[str, bytes]:
+    """Algorithm x format heatmap of the best (lowest) ranking metric per cell."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    algorithms = sorted({j.algorithm for j in complete})
+    formats = sorted({j.format for j in complete})
+    if len(algorithms) * len(formats) < 2:
+        return {}
+    metric = ranking_metric(complete)
+    grid = np.full((len(algorithms), len(formats)), np.nan)
+    for j in complete:
+        v = j.value(metric)
+        if v is not None:
+            r, c = algorithms.index(j.algorithm), formats.index(j.format)
+            grid[r, c] = v if math.isnan(grid[r, c]) else min(grid[r, c], v)
+    fig, ax = plt.subplots(figsize=(1.6 * len(formats) + 2.5, 0.6 * len(algorithms) + 2))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(formats)), formats)
+    ax.set_yticks(range(len(algorithms)), algorithms)
+    ax.set_xlabel("format")
+    ax.set_ylabel("algorithm")
+    ax.set_title(f"best {HEADERS[metric]} per algorithm and format")
+    for r in range(len(algorithms)):
+        for c in range(len(formats)):
+            text = "-" if math.isnan(grid[r, c]) else _fmt(metric, float(grid[r, c]))
+            ax.text(c, r, text, ha="center", va="center", color="white" if not math.isnan(grid[r, c]) else "gray", fontsize=8)
+    fig.colorbar(image, ax=ax, label=HEADERS[metric])
+    return {"algorithm_format_grid": _figure_png(fig)}
+
+
+def make_plots(complete: list[Job]) -> tuple[dict[str, bytes], str | None]:
+    """PNG bytes by name, or a note saying why there are none."""
+    if not complete:
+        return {}, "no complete jobs to plot"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: files only
+    except ImportError:
+        return {}, "plots need matplotlib (pip install -e '.[sweep]')"
+    return {**alpha_plots(complete), **grid_plot(complete)}, None
+
+
+# ---- HTML ---------------------------------------------------------------------------------------
+
+SCRIPT = """
+function cellKey(td) {
+  const v = td.dataset.v;
+  if (v === undefined) { const t = td.textContent.trim(); return t === '' ? null : t; }
+  if (v === '') return null;
+  const n = Number(v);
+  return isNaN(n) ? v : n;
+}
+function sortBy(th) {
+  const table = th.closest('table'), body = table.tBodies[0];
+  const idx = Array.prototype.indexOf.call(th.parentNode.children, th);
+  const asc = th.dataset.dir !== 'asc';
+  for (const h of th.parentNode.children) { h.dataset.dir = ''; h.classList.remove('asc', 'desc'); }
+  th.dataset.dir = asc ? 'asc' : 'desc';
+  th.classList.add(asc ? 'asc' : 'desc');
+  const rows = Array.from(body.rows);
+  rows.sort(function (a, b) {
+    const x = cellKey(a.cells[idx]), y = cellKey(b.cells[idx]);
+    if (x === null && y === null) return 0;
+    if (x === null) return 1;   // empty cells last either way
+    if (y === null) return -1;
+    const c = (typeof x === 'number' && typeof y === 'number') ? x - y
+      : String(x).localeCompare(String(y), undefined, {numeric: true});
+    return asc ? c : -c;
+  });
+  for (const r of rows) body.appendChild(r);
+}
+"""
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
+td.text, th.text { text-align: left; }
+th.sortable { cursor: pointer; background: #f0f0f0; user-select: none; }
+th.asc::after { content: ' \\25B2'; } th.desc::after { content: ' \\25BC'; }
+tr.best td { background: #d9f2d9; font-weight: 600; }
+tr.failed td { background: #fbe3e3; }
+code { background: #f4f4f4; padding: 0 3px; }
+img { max-width: 48%; margin: 0 1% 1em 0; border: 1px solid #ddd; }
+.note { color: #555; }
+"""
+
+
+def _cell(text: Any, value: Any = None, cls: str = "") -> str:
+    attrs = f' class="{cls}"' if cls else ""
+    if value is not None:
+        attrs += f' data-v="{html.escape(str(value))}"'
+    return f"<td{attrs}>{html.escape('' if text is None else str(text))}</td>"
+
+
+def _as_number(text: str | None) -> float | None:
+    """Overrides are text; numeric ones (alpha) sort as numbers."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _sortable_head(headers: list[tuple[str, str]]) -> str:
+    cells = "".join(f'<th class="sortable {cls}" onclick="sortBy(this)" title="click to sort">{html.escape(h)}</th>'
+                    for h, cls in headers)
+    return f"<thead><tr>{cells}</tr></thead>"
+
+
+def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str], note: str | None, title: str) -> str:
+    complete = [j for j in jobs if j.failure is None]
+    failed = [j for j in jobs if j.failure is not None]
+    best = best_per_format(complete)
+    best_dirs = {b.dir for b, _ in best.values()}
+    override_keys = sorted({k for j in jobs for k in j.overrides})
+    varying = [k for k in override_keys if len({j.overrides.get(k) for j in jobs}) > 1]
+    common = {k: jobs[0].overrides.get(k) for k in override_keys if k not in varying}
+    columns = [c for c in COLUMNS if any(j.value(c[0]) is not None for j in complete)]
+
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>vqx compare</title><style>{STYLE}</style>"
+           f"<script>{SCRIPT}</script></head><body>",
+           f"<h1>vqx compare</h1><p class='note'>{html.escape(title)}<br>{len(jobs)} jobs: {len(complete)} complete, "
+           f"{len(failed)} failed or partial; written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
+    if common:
+        out.append("<p>Overrides shared by every job: " + " ".join(
+            f"<code>{html.escape(f'{k}={v}' if v is not None else k)}</code>" for k, v in common.items()) + "</p>")
+
+    out.append("<h2>Best configuration per format</h2>")
+    if best:
+        out.append("<table id='best'><thead><tr><th class='text'>format</th><th class='text'>job</th>"
+                   "<th class='text'>ranked by</th><th>value</th><th class='text'>overrides</th></tr></thead><tbody>")
+        for fmt, (job, metric) in best.items():
+            why = "lowest LPIPS" if metric == "lpips" else "lowest mean layer error (no LPIPS in these jobs)"
+            out.append("<tr>" + _cell(fmt, cls="text") + _cell(job.name, cls="text") + _cell(why, cls="text")
+                       + _cell(_fmt(metric, job.value(metric)), job.value(metric))
+                       + _cell(" ".join(f"{k}={v}" for k, v in job.overrides.items()), cls="text") + "</tr>")
+        out.append("</tbody></table>")
+    else:
+        out.append("<p class='note'>No complete job has LPIPS or a layer error to rank by.</p>")
+
+    out.append("<h2>All jobs</h2><p class='note'>Click a header to sort. Highlighted: the best job of its format. "
+               + " ".join(f"<b>{html.escape(h)}</b>: {html.escape(d)}." for _, h, _, d in columns) + "</p>")
+    head = [("job", "text"), ("status", "text"), ("format", "text"), ("algorithm", "text")]
+    head += [(k, "text") for k in varying] + [(h, "") for _, h, _, _ in columns]
+    out.append("<table id='jobs'>" + _sortable_head(head) + "<tbody>")
+    for job in jobs:
+        cls = "best" if job.dir in best_dirs else ("failed" if job.failure else "")
+        row = [_cell(job.name, cls="text"), _cell("complete" if job.failure is None else "failed", cls="text"),
+               _cell(job.format, cls="text"), _cell(job.algorithm, cls="text")]
+        row += [_cell(job.overrides.get(k, ""), _as_number(job.overrides.get(k)), cls="text") for k in varying]
+        row += [_cell(_fmt(key, job.value(key)), job.value(key) if job.value(key) is not None else "") for key, *_ in columns]
+        out.append(f"<tr class='{cls}'>" + "".join(row) + "</tr>")
+    out.append("</tbody></table>")
+
+    if failed:
+        out.append("<h2>Failed or partial jobs</h2><table id='failed'><thead><tr><th class='text'>job</th>"
+                   "<th class='text'>reason</th><th class='text'>overrides</th></tr></thead><tbody>")
+        for job in failed:
+            out.append("<tr class='failed'>" + _cell(job.name, cls="text") + _cell(job.failure, cls="text")
+                       + _cell(" ".join(f"{k}={v}" for k, v in job.overrides.items()), cls="text") + "</tr>")
+        out.append("</tbody></table>")
+
+    out.append("<h2>Plots</h2>")
+    if note:
+        out.append(f"<p class='note'>{html.escape(note)}</p>")
+    elif not plots:
+        out.append("<p class='note'>No plot applies: alpha plots need jobs with algorithm.alpha; the grid needs "
+                   "more than one algorithm or format.</p>")
+    for name, png in plots.items():
+        b64 = base64.b64encode(png).decode()
+        out.append(f"<img alt='{html.escape(name)}' title='{html.escape(plot_files[name])}' "
+                   f"src='data:image/png;base64,{b64}'>")
+    out.append("</body></html>\n")
+    return "\n".join(out)
+
+
+def write_report(jobs: list[Job], out: Path, title: str) -> list[Path]:
+    """Write the PNGs next to ``out`` and then ``out`` itself, each atomically; returns the PNG paths."""
+    complete = [j for j in jobs if j.failure is None]
+    plots, note = make_plots(complete)
+    written, files = [], {}
+    for name, png in plots.items():
+        path = out.parent / f"{out.stem}_{name}.png"
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(png)
+        written.append(path)
+        files[name] = path.name
+    write_text_atomic(out, render(jobs, plots, files, note, title))
+    return written

@@ -1,0 +1,87 @@
+"""What a job leaves in its run dir besides its results: why it failed (``error.json``), whether it is
+already complete (resume), and the number an Optuna sweep minimizes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import UserError, one_line
+from ..io import write_json_atomic
+
+ERROR_FILE = "error.json"
+
+
+def write_error(run_dir: Path, exc: BaseException) -> None:
+    """Record why the job failed, for `vqx compare`; best effort (the job is failing already)."""
+    message = one_line(str(exc)) or ("interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
+    try:
+        write_json_atomic(run_dir / ERROR_FILE, {"error": message, "type": type(exc).__name__})
+    except OSError:
+        pass
+
+
+def clear_error(run_dir: Path) -> None:
+    """A job that now succeeded must not keep a previous attempt's error.json."""
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+
+
+def resume_enabled(cfg: DictConfig) -> bool:
+    value = cfg.get("resume", True)
+    if not isinstance(value, bool):
+        raise UserError(f"resume={value!r} is not valid; valid choices: true, false")
+    return value
+
+
+def completed_metrics(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The saved metrics when ``run_dir`` holds a complete run of exactly this resolved config, else None."""
+    metrics_file, config_file = run_dir / "metrics.json", run_dir / "config.yaml"
+    if not (metrics_file.is_file() and config_file.is_file()):
+        return None
+    try:
+        metrics = json.loads(metrics_file.read_text())
+        saved = yaml.safe_load(config_file.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None  # unreadable: run it again
+    if not isinstance(metrics, dict) or metrics.get("status") != "complete":
+        return None
+    # compare as data, not text: a yaml dump's layout is not part of the config
+    current = yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))
+    return metrics if saved == current else None
+
+
+def lookup(metrics: dict, path: str) -> Any:
+    """``metrics["a"]["b"]`` for path ``a.b``; None when absent."""
+    node: Any = metrics
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def objective_value(metrics: dict, path: str) -> float:
+    """The number an Optuna sweep minimizes; a config error (not a job failure) when missing."""
+    value = lookup(metrics, path)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        numeric = sorted(_numeric_paths(metrics))
+        raise UserError(f"objective={path} is not a number in this job's metrics.json (is the evaluator that "
+                        f"reports it enabled?); numeric entries: {', '.join(numeric) or '(none)'}")
+    return float(value)
+
+
+def _numeric_paths(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("layers", "groups", "videos"):
+                continue  # per-layer lists, not objectives
+            out += _numeric_paths(value, f"{prefix}{key}.")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        out.append(prefix[:-1])
+    return out
