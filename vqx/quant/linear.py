@@ -1,7 +1,13 @@
-"""Fake-quantized linear: weights quantized once, activations quantized per token on every call.
+"""Quantized linear: weights quantized once, activations quantized per token on every call.
 
-The forward is exactly "dequantize, then matmul" in the model's dtype:
-``F.linear(dequant(x).to(dtype), dequant(W).to(dtype), bias)`` with all quantizer math in fp32.
+With the default backend ``fake`` the forward is exactly "dequantize, then matmul" in the model's dtype:
+``F.linear(dequant(x).to(dtype), dequant(W).to(dtype), bias)`` with all quantizer math in fp32; with
+``kernel`` the same codes go through an 8-bit GEMM (backends.py). The activation quantization runs through
+fastpath.py (a Triton kernel on CUDA, the reference ops elsewhere; the same codes either way), and once per
+input group when the block was set up by fused.py.
+
+Why not ``F.linear(dequant(x), W_codes) * w_scale.T + bias`` for ``fake``: the GEMM costs the same, the
+extra epilogue pass costs more, and it changes the output rounding.
 """
 
 from __future__ import annotations
@@ -10,8 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fastpath
+from .fastpath import QuantSpec
 from .formats import QuantFormat
 from .numbers import NumberGrid, check_finite, quantize
+
+_CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
 def quantize_weight(weight: torch.Tensor, grid: NumberGrid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,19 +66,48 @@ class QuantLinear(nn.Module):
             self.register_buffer("input_smooth_inv", (1.0 / input_smooth.float()).contiguous())
         else:
             self.input_smooth_inv = None
+        self.backend = "fake"  # or "kernel": backends.set_backend
+        self._shared = None  # fused.SharedInput of this layer's input group, set by fused.install
+        self._smooth_key = None  # set by fused.install when the group's linears hold equal 1/s vectors
 
     def dequantized_weight_fp32(self) -> torch.Tensor:
         return self.weight_codes.float() * self.weight_scale
 
+    def quant_spec(self) -> QuantSpec:
+        return QuantSpec(self.act_grid, self.input_smooth_inv, "codes" if self.backend == "kernel" else "fake")
+
+    def quant_key(self) -> tuple:
+        """Everything this layer's input quantization depends on, besides the input."""
+        smooth = self.input_smooth_inv
+        if smooth is not None:
+            smooth = self._smooth_key if self._smooth_key is not None else id(smooth)
+        return (self.act_grid.name, "codes" if self.backend == "kernel" else "fake", smooth)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_smooth_inv is not None:
-            x = (x.float() * self.input_smooth_inv).to(x.dtype)
-        if self.act_grid is not None:
-            x = fake_quantize_tokens(x, self.act_grid)
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.act_grid is None:  # weight-only
+            if self.input_smooth_inv is not None:
+                x = (x.float() * self.input_smooth_inv).to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        spec = self.quant_spec()
+        shared = None if torch.compiler.is_compiling() else self._shared
+        act = None
+        if shared is not None:
+            key = self.quant_key()
+            act = shared.lookup(x, key)
+        if act is None:
+            if x.dtype in _CODE_DTYPES:
+                raise RuntimeError(f"QuantLinear got {x.dtype} codes it has no quantized input for (fused input lost)")
+            act = fastpath.quantize_act(x, spec)
+            if shared is not None:
+                shared.put(x, key, act, shared.quantized - 1)
+        if spec.mode == "codes":
+            from .backends import kernel_linear
+
+            return kernel_linear(self, act)
+        return F.linear(act, self.weight.to(act.dtype), None if self.bias is None else self.bias.to(act.dtype))
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, format={self.format.name}"
+        return f"in={self.in_features}, out={self.out_features}, format={self.format.name}, backend={self.backend}"
 
 
 class SmoothedLinear(nn.Module):

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..models.wan import QuantTarget, input_groups, set_submodule
 from .formats import QuantFormat
+from .fused import install as install_fused
 from .linear import QuantLinear, SmoothedLinear
 
 # Groups whose smoothing factor lives in lightx2v's per-block affine_norm vectors (applied at run time).
@@ -22,6 +23,8 @@ def materialize(transformer: torch.nn.Module, targets: list[QuantTarget], fmt: Q
 
     A linear whose input group carries a runtime smoothing vector (affine_norm1/3) scales its input by 1/s.
     ``compute_dtype``: block-relative name -> dtype the quantized layer computes in (default: its weight's).
+    Blocks that got quantized linears then quantize each input group once, fused with the op before it
+    (fused.install; same outputs bit for bit as quantizing per linear).
     """
     out = {}
     for t in tqdm(targets, desc="quantize", unit="linear", leave=False, disable=len(targets) < 50):
@@ -38,6 +41,8 @@ def materialize(transformer: torch.nn.Module, targets: list[QuantTarget], fmt: Q
             raise UserError(f"cannot quantize {t.name}: {e}; the checkpoint's weights are corrupt (reconvert or redownload it)") from None
         set_submodule(transformer.blocks[t.block], t.local_name, q)
         out[t.name] = q
+    if out:
+        install_fused(transformer, {t.block for t in targets if t.name in out})
     return out
 
 

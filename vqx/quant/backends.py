@@ -1,0 +1,105 @@
+"""How quantized linears compute: ``fake`` (default) or ``kernel`` (real 8-bit GEMMs).
+
+- ``fake``: the activation is quantized and dequantized per token (codes bit for bit those of the fp32
+  reference quantizer), then multiplied with the cached dequantized weight in the model dtype:
+  ``F.linear(dequant(x), dequant(W), bias)``, as `QuantLinear` always did.
+- ``kernel``: what lightx2v computes (docs/lightx2v-contract.md section 5): the same activation codes and
+  scales go into an 8-bit GEMM with the stored weight codes, accumulated in int32 / fp32, scaled per token
+  and per output channel, bias added, bf16 out (then cast to the model dtype):
+  fp8 ``torch._scaled_mm(xq, Wq.T, scale_a=sx [M,1], scale_b=ws.T [1,N], bias, out_dtype=bf16)``;
+  int8 ``torch._int_mm(xq, Wq.T)`` then ``(acc * sx * ws.T + bias).to(bf16)`` in one fused pass on CUDA.
+  On CPU int8 products are summed exactly in float64 (identical to ``_int_mm``, which is ~30x slower
+  there); where ``_scaled_mm`` cannot run (CPU builds without it, GPUs before sm89) the fp8 codes are
+  multiplied in fp32 with the same scaling.
+
+Outputs of the two backends differ by the bf16 rounding of the dequantized operands in the fake GEMM
+(tests/test_backends.py bounds it). Choose with `set_backend(model, "fake" | "kernel")`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from . import fastpath
+from .fastpath import QuantizedActivation
+
+BACKENDS = ("fake", "kernel")
+_KERNEL_GRIDS = ("int8", "fp8_e4m3")
+_scaled_mm_broken: set[str] = set()  # device types where _scaled_mm raised: use the emulation there
+_int_mm_broken: set[str] = set()
+
+
+def fallbacks() -> dict:
+    """Device types on which an 8-bit GEMM raised and its emulation runs instead (benchmarks record it)."""
+    return {"scaled_mm_emulated": sorted(_scaled_mm_broken), "int_mm_emulated": sorted(_int_mm_broken)}
+
+
+def set_backend(module: nn.Module, name: str) -> int:
+    """Switch every `QuantLinear` in ``module`` to backend ``name``; returns how many were switched."""
+    from .linear import QuantLinear
+
+    if name not in BACKENDS:
+        raise ValueError(f"unknown quantization backend {name!r}; valid: {', '.join(BACKENDS)}")
+    layers = [m for m in module.modules() if isinstance(m, QuantLinear)]
+    if name == "kernel":
+        for q in layers:
+            if not supports_kernel(q):
+                raise ValueError(f"backend 'kernel' needs int8 or fp8 weights and activations (formats w8a8, fp8); "
+                                 f"format {q.format.name} has no 8-bit GEMM (use backend 'fake')")
+    for q in layers:
+        q.backend = name
+    return len(layers)
+
+
+def supports_kernel(q) -> bool:
+    return (q.act_grid is not None and q.act_grid.name in _KERNEL_GRIDS
+            and q.format.weight_grid is not None and q.format.weight_grid.name == q.act_grid.name)
+
+
+def kernel_linear(q, act: QuantizedActivation) -> torch.Tensor:
+    """``q``'s output from activation codes through the 8-bit GEMM (see the module doc)."""
+    codes, sx = act.codes, act.scale
+    w = q.weight_codes
+    ws_row = q.weight_scale.reshape(1, -1)
+    if w.dtype == torch.float8_e4m3fn:
+        y = _fp8_mm(codes, w, sx, ws_row, q.bias)
+    else:
+        y = fastpath.int8_epilogue(_int8_mm(codes, w), sx, ws_row, q.bias)
+    return y.reshape(*act.shape[:-1], w.shape[0]).to(act.dtype)
+
+
+def _fp8_mm(codes, w, sx, ws_row, bias):
+    dev = codes.device.type
+    # cuBLASLt/CUTLASS fp8 GEMMs need K and N divisible by 16; other shapes (tiny test models) emulate.
+    if dev not in _scaled_mm_broken and (dev == "cpu" or (codes.shape[1] % 16 == 0 and w.shape[0] % 16 == 0)):
+        try:
+            return torch._scaled_mm(codes, w.t(), scale_a=sx, scale_b=ws_row,
+                                    bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+        except (RuntimeError, NotImplementedError) as e:
+            _scaled_mm_broken.add(dev)
+            warnings.warn(f"torch._scaled_mm failed on {dev} ({str(e).splitlines()[0][:200]}); fp8 GEMMs are emulated in fp32",
+                          stacklevel=3)
+    y = (codes.float() @ w.float().t()) * sx * ws_row
+    if bias is not None:
+        y = y + bias.to(torch.bfloat16).float()
+    return y.to(torch.bfloat16)
+
+
+def _int8_mm(codes: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """int32 ``codes @ w.T``, exact."""
+    if codes.is_cuda and codes.device.type not in _int_mm_broken and codes.shape[1] % 8 == 0 and w.shape[0] % 8 == 0:
+        m = codes.shape[0]
+        a = codes
+        if m <= 16:  # cuBLASLt's int8 GEMM needs more than 16 rows
+            a = torch.cat([codes, codes.new_zeros(17 - m, codes.shape[1])])
+        try:
+            return torch._int_mm(a, w.t())[:m]
+        except (RuntimeError, NotImplementedError) as e:
+            _int_mm_broken.add(codes.device.type)
+            warnings.warn(f"torch._int_mm failed ({str(e).splitlines()[0][:200]}); int8 GEMMs are summed in float64",
+                          stacklevel=3)
+    # Every partial sum is an integer below 2**53, so float64 sums them exactly.
+    return (codes.double() @ w.double().t()).to(torch.int32)

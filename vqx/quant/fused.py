@@ -1,0 +1,243 @@
+"""Quantize each input group of a Wan block once, fused into the op that produces it.
+
+`install` (run by `materialize` for every block it quantizes) gives the block:
+- one `SharedInput` per input group (vqx.models.wan.input_groups): linears that read the same tensor
+  (attn1 q/k/v, attn2 k/v, I2V add_k/add_v) quantize it once, not once each;
+- a forward that is diffusers' `WanTransformerBlock.forward`, op for op, except that the elementwise ops
+  before a quantized group run fused with the group's quantization: the modulated norms before attn1 and
+  the FFN (``(n * (1 + scale) + shift).to(dtype)``), the cast after the cross-attention norm, the FFN's
+  tanh-GELU, and the two gated residual updates. Each fused op runs as one Triton kernel on CUDA and as
+  its eager twin (the same PyTorch ops as diffusers) elsewhere (see fastpath.py), so the result is the
+  diffusers block with `QuantLinear`s, bit for bit, on either path.
+
+A fused group hands its linears the quantized input directly: the block passes a placeholder tensor (the
+dequantized activation for ``fake``, the codes for ``kernel``) down through the attention processor, and
+each linear of the group finds its input under that tensor in the group's `SharedInput`. That needs a
+processor that passes the block's tensor straight to the projections (diffusers' `WanAttnProcessor`) and
+no hooks on the linears (a hook must see the real input); otherwise the group's input is materialized and
+the linears quantize it themselves (still once per group). A group whose input is not consumed by all its
+linears raises rather than computing something else.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention import FeedForward
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+from torch import nn
+
+from ..models.wan import input_groups, is_i2v
+from . import fastpath
+from .fastpath import QuantizedActivation, QuantSpec
+
+
+def _version(x: torch.Tensor):
+    try:
+        return x._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return None
+
+
+class SharedInput:
+    """The quantized input of one input group of one block, kept until each of its linears has read it."""
+
+    def __init__(self, name: str, members: tuple[str, ...], quantized: int):
+        self.name = name
+        self.members = members
+        self.quantized = quantized  # how many of the members are QuantLinears (read it through here)
+        self.release()
+
+    def release(self) -> None:
+        self._x = self._key = self._value = None
+        self._left = 0
+
+    @property
+    def pending(self) -> int:
+        return self._left
+
+    def lookup(self, x: torch.Tensor, key: tuple):
+        if self._left > 0 and self._x is x and self._key == (key, _version(x)):
+            value = self._value
+            self._left -= 1
+            if self._left == 0:
+                self.release()
+            return value
+        return None
+
+    def put(self, x: torch.Tensor, key: tuple, value, uses: int) -> None:
+        """``value`` is the quantization of ``x`` for the next ``uses`` lookups with the same key."""
+        if uses <= 0:
+            self.release()
+            return
+        self._x, self._key, self._value, self._left = x, (key, _version(x)), value, uses
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as mod
+
+    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks)
+
+
+def _plain_processor(attn: nn.Module) -> bool:
+    return type(attn.processor).__name__ == "WanAttnProcessor" and not getattr(attn, "fused_projections", False)
+
+
+class FusedWanTransformerBlock(WanTransformerBlock):
+    """diffusers' WanTransformerBlock with group-shared, fused activation quantization (module doc)."""
+
+    _vqx_groups: dict[str, SharedInput]
+
+    def _group_spec(self, name: str, *consumers: nn.Module):
+        """(QuantSpec, key) that all linears of group ``name`` quantize their input with, if the block may hand
+        them a fused quantized input through ``consumers`` (hooks there would see the placeholder); else None."""
+        from .linear import QuantLinear
+
+        group = self._vqx_groups.get(name)
+        if group is None or _global_hooks() or any(_has_hooks(c) for c in consumers):
+            return None
+        spec = key = None
+        for local in group.members:
+            m = self.get_submodule(local)
+            if not isinstance(m, QuantLinear) or m._shared is not group or _has_hooks(m) or m.act_grid is None:
+                return None
+            if key is None:
+                spec, key = m.quant_spec(), m.quant_key()
+            elif m.quant_key() != key:
+                return None
+        return spec, key
+
+    def _hand_over(self, name: str, h: torch.Tensor | None, act, plan) -> tuple[torch.Tensor, bool]:
+        """(tensor to pass to the group's consumer, whether it is a placeholder): h, or a placeholder under which
+        the group's linears find ``act``."""
+        if act is None:
+            return h, False
+        group = self._vqx_groups[name]
+        token = act.codes if isinstance(act, QuantizedActivation) else act
+        group.put(token, plan[1], act, len(group.members))
+        return token, True
+
+    def _check_consumed(self, name: str, handed: bool) -> None:
+        group = self._vqx_groups[name]
+        if handed and group.pending:
+            group.release()
+            raise RuntimeError(f"vqx: the quantized input of {name} was not read by all of {group.members} "
+                               f"(an attention processor or FFN that does not pass it straight to them)")
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        if temb.ndim == 4 or not hasattr(self, "_vqx_groups"):  # Wan2.2 TI2V per-token modulation
+            return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        dtype = hidden_states.dtype
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
+            self.scale_shift_table + temb.float()
+        ).chunk(6, dim=1)
+
+        # 1. Self-attention
+        plan = self._group_spec("self_attn_in", self.attn1) if _plain_processor(self.attn1) else None
+        h, act = fastpath.modulate(self.norm1(hidden_states.float()), scale_msa, shift_msa, dtype, _spec(plan))
+        x_in, handed = self._hand_over("self_attn_in", h, act, plan)
+        attn_output = self.attn1(x_in, None, None, rotary_emb)
+        self._check_consumed("self_attn_in", handed)
+        hidden_states = fastpath.gated_residual(hidden_states, attn_output, gate_msa)
+
+        # 2. Cross-attention
+        plan = self._group_spec("cross_attn_q", self.attn2) if _plain_processor(self.attn2) else None
+        h, act = fastpath.cast(self.norm2(hidden_states.float()), dtype, _spec(plan))
+        x_in, handed = self._hand_over("cross_attn_q", h, act, plan)
+        attn_output = self.attn2(x_in, encoder_hidden_states, None, None)
+        self._check_consumed("cross_attn_q", handed)
+        hidden_states = hidden_states + attn_output
+
+        # 3. Feed-forward
+        plan = self._group_spec("ffn_in", self.ffn, self.ffn.net[0]) if isinstance(self.ffn, FeedForward) else None
+        h, act = fastpath.modulate(self.norm3(hidden_states.float()), c_scale_msa, c_shift_msa, dtype, _spec(plan))
+        x_in, handed = self._hand_over("ffn_in", h, act, plan)
+        ff_output = self.ffn(x_in)
+        self._check_consumed("ffn_in", handed)
+        for group in self._vqx_groups.values():  # nothing stays referenced between calls
+            group.release()
+        return fastpath.gated_residual(hidden_states, ff_output, c_gate_msa)
+
+
+def _spec(plan) -> QuantSpec | None:
+    return None if plan is None else plan[0]
+
+
+class FusedFeedForward(FeedForward):
+    """diffusers' FeedForward whose tanh-GELU is fused with the quantization of the output linear's input."""
+
+    _vqx_out_group: SharedInput | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        from diffusers.models.activations import GELU
+
+        from .linear import QuantLinear
+
+        group = self._vqx_out_group
+        net = self.net
+        ok = (group is not None and len(net) == 3 and type(net[0]) is GELU and net[0].approximate == "tanh"
+              and isinstance(net[1], nn.Dropout) and not self.training and not args and not kwargs
+              and not _has_hooks(net[0]) and not _has_hooks(net[1]) and not _global_hooks())
+        out = net[2] if ok else None
+        if not (isinstance(out, QuantLinear) and out._shared is group and not _has_hooks(out) and out.act_grid is not None):
+            return super().forward(hidden_states, *args, **kwargs)
+        y = net[0].proj(hidden_states)
+        spec = out.quant_spec()
+        act = fastpath.gelu_quantize(y, spec)
+        if act is None:
+            return out(net[1](net[0].gelu(y)))
+        token = act.codes if isinstance(act, QuantizedActivation) else act
+        group.put(token, out.quant_key(), act, 1)
+        result = out(net[1](token))
+        if group.pending:
+            group.release()
+            raise RuntimeError("vqx: the fused GELU output was not read by ffn.net.2")
+        return result
+
+
+# Keep diffusers' class names (its by-name machinery, compile_repeated_blocks and _no_split_modules, still finds
+# the blocks); __qualname__ stays, so pickle finds the classes.
+FusedWanTransformerBlock.__name__ = "WanTransformerBlock"
+FusedFeedForward.__name__ = "FeedForward"
+
+
+def install(transformer: nn.Module, blocks=None) -> int:
+    """Give blocks (all, or the indices in ``blocks``) shared group inputs and the fused forward; returns how
+    many blocks have it. Idempotent; blocks of other classes are left alone. Call again after replacing
+    linears (materialize does)."""
+    from .linear import QuantLinear
+
+    indices = range(len(transformer.blocks)) if blocks is None else sorted(set(blocks))
+    if not any(isinstance(transformer.blocks[i], WanTransformerBlock) for i in indices):
+        return 0
+    i2v = is_i2v(transformer)
+    done = 0
+    for i in indices:
+        block = transformer.blocks[i]
+        if type(block) is WanTransformerBlock:
+            block.__class__ = FusedWanTransformerBlock
+        if not isinstance(block, FusedWanTransformerBlock):
+            continue
+        if type(block.ffn) is FeedForward:
+            block.ffn.__class__ = FusedFeedForward
+        groups = {}
+        for g in input_groups(i2v):
+            layers = [m for m in (block.get_submodule(local) for local in g.linears) if isinstance(m, QuantLinear)]
+            shared = SharedInput(g.name, g.linears, len(layers))
+            groups[g.name] = shared
+            # Linears of a group smoothed by equal 1/s vectors (each holds its own copy) share one key.
+            same = object()
+            first = layers[0].input_smooth_inv if layers else None
+            for m in layers:
+                m._shared = shared
+                inv = m.input_smooth_inv
+                m._smooth_key = same if (inv is not None and first is not None and inv.shape == first.shape
+                                         and torch.equal(inv, first)) else None
+        block._vqx_groups = groups
+        if isinstance(block.ffn, FusedFeedForward):
+            block.ffn._vqx_out_group = groups["ffn_out"]
+        done += 1
+    return done
