@@ -215,3 +215,21 @@ def test_eval_video_i2v_end_to_end(vqx_run, tmp_path):
     assert r.returncode == 0, r.stderr
     m = _check_eval_outputs(tmp_path, samples=2)
     assert all(Path(v["image"]).is_file() for v in m["videos"])
+
+
+def test_eval_kernel_backend_scores_like_the_fake_backend(vqx_run, tmp_path):
+    """eval.backend=kernel (fp8 GEMMs as lightx2v runs them) gives nearly the fake backend's scores."""
+    scores = {}
+    for backend in ("fake", "kernel"):
+        r = vqx_run(["algorithm=rtn", "format=fp8", "export=none", "logger=none", "eval.noise_floor=none",
+                     "eval.num_samples=1", f"eval.backend={backend}", f"hydra.run.dir={tmp_path / backend}"],
+                    env={"VQX_CACHE_DIR": str(tmp_path / "cache")}, timeout=900)
+        assert r.returncode == 0, r.stderr
+        scores[backend] = json.loads((tmp_path / backend / "metrics.json").read_text())
+    assert scores["kernel"]["psnr"] > 20 and abs(scores["kernel"]["lpips"] - scores["fake"]["lpips"]) < 0.05
+
+
+def test_eval_kernel_backend_refuses_weight_only_formats(vqx_run, tmp_path):
+    r = vqx_run(["format=w8a16", "export=none", "logger=none", "eval.backend=kernel", f"hydra.run.dir={tmp_path}"])
+    assert r.returncode == 2 and "eval.backend=kernel needs 8-bit weights and activations" in r.stderr
+    assert not (tmp_path / "metrics.json").exists()

@@ -408,11 +408,18 @@ def test_existing_export_is_left_untouched(t2v_int8_smooth, tmp_path):
     out = tmp_path / "export"
     do_export(t2v_int8_smooth, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(UserError) as e:  # before any work ...
-        lx.check(run_cfg("t2v", "w8a8", out))
+    lx.check(run_cfg("t2v", "w8a8", out))  # the same run config (a rerun): its intact export is kept ...
+    assert do_export(t2v_int8_smooth, out)["kept"]  # ... not rewritten
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(UserError) as e:  # another config: refused before any work ...
+        lx.check(run_cfg("t2v", "w8a8", out, layout="blocks"))
     assert str(out) in str(e.value) and "export.overwrite=true" in str(e.value)
     with pytest.raises(UserError, match="export.overwrite=true"):  # ... and at export time
-        do_export(t2v_int8_smooth, out)
+        do_export(t2v_int8_smooth, out, layout="blocks")
+    (out / "config.json").write_text("{}")  # an export that no longer matches its manifest is never kept
+    with pytest.raises(UserError, match="export.overwrite=true"):
+        lx.check(run_cfg("t2v", "w8a8", out))
+    (out / "config.json").write_bytes(before["config.json"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     do_export(t2v_int8_smooth, out, overwrite=True, dtype="float32")
     assert json.loads((out / "manifest.json").read_text())["dtype"] == "float32"
@@ -489,3 +496,4 @@ def test_run_refuses_before_building_a_model(vqx_run, tmp_path):
     r = vqx_run(["export=lightx2v", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 2 and "export.overwrite=true" in r.stderr and str(tmp_path / "export") in r.stderr
     assert "model wan_tiny" not in r.stdout + r.stderr  # refused before the model was built
+

@@ -6,6 +6,8 @@ import pytest
 
 from vqx.models.wan import BLOCK_LINEARS_I2V_EXTRA, BLOCK_LINEARS_T2V
 
+SPINE_ONLY = ["algorithm=rtn", "export=none", "eval=none", "logger=none"]  # the quantization spine alone
+
 
 @pytest.mark.parametrize("model,fmt,per_block", [
     ("wan_tiny", "w8a8", len(BLOCK_LINEARS_T2V)),
@@ -13,7 +15,7 @@ from vqx.models.wan import BLOCK_LINEARS_I2V_EXTRA, BLOCK_LINEARS_T2V
     ("wan_tiny_i2v", "w8a8", len(BLOCK_LINEARS_T2V) + len(BLOCK_LINEARS_I2V_EXTRA)),
 ])
 def test_run_writes_metrics(vqx_run, tmp_path, model, fmt, per_block):
-    r = vqx_run([f"model={model}", f"format={fmt}", f"hydra.run.dir={tmp_path}"])
+    r = vqx_run([*SPINE_ONLY, f"model={model}", f"format={fmt}", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["status"] == "complete" and m["format"] == fmt and m["model"] == model
@@ -25,14 +27,14 @@ def test_run_writes_metrics(vqx_run, tmp_path, model, fmt, per_block):
 
 
 def test_format_none_quantizes_nothing(vqx_run, tmp_path):
-    r = vqx_run(["format=none", f"hydra.run.dir={tmp_path}"])
+    r = vqx_run([*SPINE_ONLY, "format=none", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["quantized_layers"] == 0
 
 
 def test_skip_blocks_and_patterns(vqx_run, tmp_path):
-    r = vqx_run(["format.skip_first_blocks=1", "format.skip_patterns=[*.ffn.*]", f"hydra.run.dir={tmp_path}"])
+    r = vqx_run([*SPINE_ONLY, "format.skip_first_blocks=1", "format.skip_patterns=[*.ffn.*]", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 0, r.stderr
     names = [e["name"] for e in json.loads((tmp_path / "metrics.json").read_text())["layers"]]
     assert names and all(n.startswith("blocks.1.") and ".ffn." not in n for n in names)
@@ -40,7 +42,22 @@ def test_skip_blocks_and_patterns(vqx_run, tmp_path):
 
 
 def test_multirun_makes_one_dir_per_job(vqx_run, tmp_path):
-    r = vqx_run(["-m", "format=w8a8,fp8", f"hydra.sweep.dir={tmp_path}"])
+    r = vqx_run(["-m", *SPINE_ONLY, "format=w8a8,fp8", f"hydra.sweep.dir={tmp_path}"])
     assert r.returncode == 0, r.stderr
     formats = sorted(json.loads((tmp_path / str(i) / "metrics.json").read_text())["format"] for i in (0, 1))
     assert formats == ["fp8", "w8a8"]
+
+
+def test_default_run_is_the_whole_job(vqx_run, tmp_path):
+    """No overrides: calibrate, SmoothQuant W8A8, verified lightx2v export, video scores, offline W&B."""
+    run_dir = tmp_path / "run"
+    r = vqx_run([f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"], env={"WANDB_API_KEY": ""})
+    assert r.returncode == 0, r.stderr
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["algorithm"] == "smoothquant" and m["format"] == "w8a8" and m["model"] == "wan_tiny"
+    assert m["calibration"]["calls"] > 0 and m["groups"]
+    for key in ("lpips", "psnr", "ssim"):
+        assert m[key] == m[key] and m["noise_floor"][key] == m["noise_floor"][key]  # present, not NaN
+    assert (run_dir / "export" / "manifest.json").is_file() and (run_dir / "export" / "config.json").is_file()
+    assert any((run_dir / "videos").glob("*side_by_side*.mp4"))
+    assert (run_dir / "wandb").is_dir()

@@ -126,7 +126,8 @@ def test_three_job_sweep_logs_offline_runs_inside_the_sweep_dir(vqx_run, tmp_pat
     assert sorted(row[0] for row in body) == ["0", "1", "2"]
     col = header.index("algorithm.alpha")
     assert sorted(float(row[col]) for row in body) == [0.5, 0.75, 0.9]
-    assert (sweep / "report_layer_error_mean_vs_alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the default run scores videos, so the report plots LPIPS (and PSNR) against alpha
+    assert (sweep / "report_lpips_vs_alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_failing_job_is_finished_with_exit_code_1_and_reported(vqx_run, tmp_path):

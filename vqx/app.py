@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .errors import UserError, one_line, report_and_exit
+from .errors import UserError, as_vqx_error, one_line, report_and_exit
 
 log = logging.getLogger("vqx")
 
@@ -73,7 +73,8 @@ def run_job(cfg: DictConfig) -> dict | float | None:
         else:
             metrics = experiment.run(cfg, run_dir)
         runs.clear_error(run_dir)
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        e = as_vqx_error(exc)  # out of memory, disk full: one line saying what to change, in error.json too
         runs.write_error(run_dir, e)
         if multirun and not isinstance(e, KeyboardInterrupt):
             log.error("job %s failed: %s", hc.job.num, one_line(str(e)))

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ..calib.blocks import BlockInputs, first_block_inputs, run_block
-from ..calib.capture import Capture
+from ..calib.capture import Capture, first_nonfinite_layer
 from ..calib.stats import GroupStats
 from ..errors import Fault
 from ..models.wan import QuantTarget, input_groups, is_i2v
@@ -112,19 +112,29 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
                  for g in groups}
         hooks = [block.get_submodule(g.linears[0]).register_forward_pre_hook(
             lambda m, args, st=stats[g.name]: st.update(args[0])) for g in groups]
+        bad = None  # (call index, its block input) of the first call whose block output is not finite
         try:
             for c, inp in enumerate(inputs):
-                out = run_block(block, inp.to(device, non_blocking=True))
-                if not torch.isfinite(out).all():
-                    raise Fault(f"non-finite activations in block {i} (float model) for calibration call {c} "
-                                f"({capture.meta[c]}): the float model overflows; try model.dtype=float32")
+                try:
+                    out = run_block(block, inp.to(device, non_blocking=True))
+                except FloatingPointError:  # a statistic saw NaN/Inf inputs of a linear
+                    out = None
+                if out is None or not torch.isfinite(out).all():
+                    bad = (c, inp)
+                    break
                 if calib.propagate == "fp":  # the input is no longer needed: overwrite it (halves host memory)
                     inputs[c] = _with_hidden(inp, out)
-        except FloatingPointError:
-            raise Fault(f"non-finite inputs to a linear of block {i} during calibration; check the weights and model.dtype") from None
         finally:
             for h in hooks:
                 h.remove()
+        if bad is not None:
+            c, inp = bad
+            m = capture.meta[c]
+            layer = first_nonfinite_layer(block, lambda: run_block(block, inp.to(device)), prefix=f"blocks.{i}.")
+            raise Fault(f"non-finite activations (NaN/Inf) in the float model during calibration: first in {layer}, "
+                        f"for calibration prompt {m['prompt']} at denoising step {m['step']} ({m['branch']} branch)"
+                        f"{'' if calib.propagate == 'fp' else ' with the earlier blocks quantized (calib.propagate=quant)'}"
+                        "; the block overflows in this dtype: try model.dtype=float32, or check that layer's weights")
 
         originals = {n: copy.deepcopy(t.module) for n, t in block_targets.items()}
         samples = {g.name: stats[g.name].sample_matrix() for g in groups}

@@ -26,11 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ..cache import DiskCache
+from ..calib.capture import nonfinite_guard
 from ..config.schema import SamplerSchema, bounded, choice, register_schema
 from ..errors import Fault, UserError
 from ..models.fingerprint import model_fingerprint, tensors_fingerprint
 from ..models.loading import resolve_device
 from ..models.sampling import SamplerSettings, generate
+from ..quant.backends import set_backend
+from ..quant.formats import get_format
 from ..stages import EVALUATORS, Evaluator, RunState
 from . import metrics as M
 from .lpips_weights import features_state_dict
@@ -59,6 +62,7 @@ class VideoEvalSchema(SamplerSchema):
     defaults them to the model's recommended sampler."""
 
     name: str = "video"
+    backend: str = choice("fake", "kernel")  # fake: dequantized bf16 GEMMs; kernel: int8/fp8 GEMMs as lightx2v runs them
     path: Optional[str] = None  # prompts json; null: assets/wan_<task>/eval/prompts.json
     num_samples: Optional[int] = bounded(None, 1, None)  # the first N prompts; null: all
     lpips_net: str = choice("alex", "vgg")
@@ -182,6 +186,10 @@ class VideoEvaluator(Evaluator):
             raise UserError(f"eval.height={e.height} eval.width={e.width}: LPIPS needs at least "
                             f"{M.LPIPS_MIN_SIDE} pixels per side; use eval.height/width >= {M.LPIPS_MIN_SIDE}")
         self.samples = load_prompt_set(e.path, model.task, "eval", limit=e.num_samples)
+        fmt = get_format(self.cfg.format.name)
+        if e.backend == "kernel" and not (fmt.lightx2v_scheme and fmt.weight == fmt.activation):
+            raise UserError(f"eval.backend=kernel needs 8-bit weights and activations (format=w8a8 or fp8), not "
+                            f"format={fmt.name}; use eval.backend=fake")
         check_noise_floor(e.noise_floor, self.device)
         self.floor_count = 0 if e.noise_floor == "none" else min(len(self.samples), e.noise_floor_samples or len(self.samples))
         if e.save_videos and video_backend() is None:
@@ -261,13 +269,25 @@ class VideoEvaluator(Evaluator):
     def _generate(self, pipe, i: int, desc: str) -> np.ndarray:
         s = self.samples[i]
         settings = self.settings(s)
-        with tqdm(total=settings.steps, desc=desc, unit="step", leave=False, disable=None) as bar:
-            return generate(pipe, s.prompt, settings, s.seed, image=self.image(i), on_step=lambda k, n: bar.update(1))
+        done = [0]  # denoising steps finished: the step a NaN appears in is named in the error
+
+        def on_step(k, n):
+            done[0] = k + 1
+            bar.update(1)
+
+        quantized = desc.startswith("quantized")
+        where = lambda: f"while generating eval sample {i} ({desc.rsplit(' ', 1)[0]} model) at denoising step {done[0]}"  # noqa: E731
+        fix = ("the format or algorithm breaks this layer: try another algorithm/format or format.skip_patterns for it"
+               if quantized else "the float model itself overflows: try model.dtype=float32 or check the checkpoint")
+        with tqdm(total=settings.steps, desc=desc, unit="step", leave=False, disable=None) as bar, \
+                nonfinite_guard(pipe.transformer, where, fix):
+            return generate(pipe, s.prompt, settings, s.seed, image=self.image(i), on_step=on_step)
 
     # ---- after quantization: generate, score, write -----------------------------------------------
 
     def evaluate(self, state: RunState) -> dict:
         e = self.cfg.eval
+        set_backend(state.pipe.transformer, e.backend)
         dev = str(self.device)
         t_gen = t_score = 0.0
         videos, floors = [], []

@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from ..config.schema import register_schema
 from ..errors import UserError
 from ..stages import EXPORTERS, Exporter, RunState
-from .folder import ExportFolderSchema, check_target, hydra_run_dir, staged_folder, target_dir
+from .folder import (ExportFolderSchema, check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder,
+                     target_dir)
 from .manifest import write_manifest
 
 log = logging.getLogger("vqx")
@@ -38,7 +39,7 @@ register_schema("export", "fake", FakeExportSchema)
 
 
 def check(cfg: DictConfig) -> None:
-    check_target(target_dir(cfg.export, hydra_run_dir()), bool(cfg.export.overwrite))
+    check_target(target_dir(cfg.export, hydra_run_dir()), bool(cfg.export.overwrite), cfg)
 
 
 def dequantized_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -67,6 +68,9 @@ def export(state: RunState) -> dict:
                         f"diffusers' Wan block has no place for; use export=lightx2v, or an algorithm whose smoothing "
                         f"folds exactly")
     target = target_dir(state.cfg.export, state.run_dir)
+    kept = None if state.cfg.export.overwrite else same_config_export(target, state.cfg)
+    if kept is not None:
+        return kept_summary(target, kept)
     with staged_folder(target, bool(state.cfg.export.overwrite)) as tmp, torch.no_grad():
         (tmp / "transformer").mkdir()
         tensors = dequantized_state_dict(transformer)

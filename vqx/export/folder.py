@@ -9,6 +9,7 @@ removes once its process is gone.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -23,6 +24,7 @@ from omegaconf import DictConfig
 from ..errors import UserError
 from ..io import fsync_dir
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 DEFAULT_SUBDIR = "export"
 
@@ -54,9 +56,32 @@ def target_dir(export_cfg: DictConfig, run_dir: Path | None) -> Path | None:
     return None if run_dir is None else (Path(run_dir) / DEFAULT_SUBDIR).absolute()
 
 
-def check_target(target: Path | None, overwrite: bool) -> None:
-    """Refuse, before any work, a target that exists unless it is a vqx export and overwrite is on."""
+def same_config_export(target: Path | None, cfg: DictConfig | None) -> dict | None:
+    """The manifest of an intact export at ``target`` made by this very run config, else None. A rerun of
+    a killed job keeps such an export as it is (quantization is deterministic: it is what this run would
+    write) instead of refusing or rewriting it."""
+    from .manifest import check_files, read_manifest, resolved_config
+
+    if target is None or cfg is None or not (target / MANIFEST).is_file():
+        return None
+    manifest, problems = read_manifest(target)
+    if problems or manifest.get("run_config") != resolved_config(cfg) or check_files(target, manifest):
+        return None
+    return manifest
+
+
+def kept_summary(target: Path, manifest: dict) -> dict:
+    log.info("%s already holds this run config's intact export (a rerun of an unfinished job): kept as is", target)
+    return {"kind": manifest.get("kind"), "dir": str(target), "kept": True, "files": len(manifest["files"]),
+            "tensors": manifest.get("tensors"), "bytes": sum(f["bytes"] for f in manifest["files"].values())}
+
+
+def check_target(target: Path | None, overwrite: bool, cfg: DictConfig | None = None) -> None:
+    """Refuse, before any work, a target that exists unless it is a vqx export and overwrite is on, or it
+    is the intact export of this same run config (see `same_config_export`)."""
     if target is None or not (target.exists() or target.is_symlink()):
+        return
+    if not overwrite and same_config_export(target, cfg) is not None:
         return
     if not overwrite:
         raise UserError(f"export folder {target} already exists; pass export.overwrite=true to replace it "

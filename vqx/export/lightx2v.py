@@ -39,7 +39,8 @@ from ..quant.formats import FORMATS, QuantFormat, get_format
 from ..quant.linear import QuantLinear
 from ..stages import EXPORTERS, Exporter, RunState
 from . import contract
-from .folder import ExportFolderSchema, check_target, hydra_run_dir, staged_folder, target_dir
+from .folder import (ExportFolderSchema, check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder,
+                     target_dir)
 from .manifest import write_manifest
 from .verify import DEFAULT_TOLERANCE, verify_export
 
@@ -96,7 +97,7 @@ def check(cfg: DictConfig) -> None:
         raise UserError(f"export=lightx2v needs every block linear quantized (lightx2v's quantized mode reads codes "
                         f"for all of them) but format.{', format.'.join(skipped)} keeps some float; "
                         f"drop those settings or use export=fake")
-    check_target(target_dir(cfg.export, hydra_run_dir()), bool(cfg.export.overwrite))
+    check_target(target_dir(cfg.export, hydra_run_dir()), bool(cfg.export.overwrite), cfg)
 
 
 # ---- building the native tensors ----------------------------------------------------------------------
@@ -238,6 +239,9 @@ def export(state: RunState) -> dict:
     dtype = contract.EXPORT_DTYPES[ecfg.dtype]
     smoothing = smoothing_vectors(transformer, state.runtime_smoothing or {})
     wan_cfg = contract.wan_config(dict(transformer.config), task, bool(smoothing))
+    kept = None if ecfg.overwrite else same_config_export(target, cfg)
+    if kept is not None:  # verified when it was written; its files were just checked against their hashes
+        return {**kept_summary(target, kept), "verify": {"ok": True, "kept": True}}
     verify_report = None
     with staged_folder(target, bool(ecfg.overwrite)) as tmp, torch.no_grad():
         counts = write_checkpoint(transformer, tmp, fmt, ecfg.layout, dtype, smoothing)

@@ -163,39 +163,33 @@ def quant_targets(transformer: nn.Module, selection: LayerSelection) -> list[Qua
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-def native_key(diffusers_key: str) -> str:
-    """Map a diffusers transformer state-dict key to its native Wan2.1 name (raises on unknown keys)."""
-    m = _BLOCK_RE.match(diffusers_key)
+def _translate(key: str, to_native: bool) -> str:
+    """Rename a transformer state-dict key between diffusers and native names, from the tables above."""
+    def pairs(table: dict[str, str]):
+        return table.items() if to_native else ((n, d) for d, n in table.items())
+
+    m = _BLOCK_RE.match(key)
     if m:
         idx, rest = m.groups()
-        for table in (BLOCK_LINEARS_T2V, BLOCK_LINEARS_I2V_EXTRA):
-            for d, n in table.items():
-                if rest.startswith(d + "."):
-                    return f"blocks.{idx}.{n}{rest[len(d):]}"
-        if rest in BLOCK_FLOAT_TENSORS:
-            return f"blocks.{idx}.{BLOCK_FLOAT_TENSORS[rest]}"
-        raise KeyError(f"no native name for block tensor {diffusers_key!r}")
-    for d, n in NON_BLOCK_PREFIXES.items():
-        if diffusers_key == d or diffusers_key.startswith(d + "."):
-            return n + diffusers_key[len(d):]
-    raise KeyError(f"no native name for tensor {diffusers_key!r}")
+        for src, dst in pairs({**BLOCK_LINEARS_T2V, **BLOCK_LINEARS_I2V_EXTRA}):
+            if rest.startswith(src + "."):
+                return f"blocks.{idx}.{dst}{rest[len(src):]}"
+        for src, dst in pairs(BLOCK_FLOAT_TENSORS):
+            if rest == src:
+                return f"blocks.{idx}.{dst}"
+    else:
+        for src, dst in pairs(NON_BLOCK_PREFIXES):
+            if key == src or key.startswith(src + "."):
+                return dst + key[len(src):]
+    raise KeyError(f"no {'native' if to_native else 'diffusers'} name for tensor {key!r}")
+
+
+def native_key(diffusers_key: str) -> str:
+    """Map a diffusers transformer state-dict key to its native Wan2.1 name (raises on unknown keys)."""
+    return _translate(diffusers_key, to_native=True)
 
 
 def diffusers_key(native: str) -> str:
-    """Inverse of `native_key`, from the same tables (raises on names diffusers has no tensor for, such as
-    lightx2v's ``affine_norm*`` smoothing vectors)."""
-    m = _BLOCK_RE.match(native)
-    if m:
-        idx, rest = m.groups()
-        for table in (BLOCK_LINEARS_T2V, BLOCK_LINEARS_I2V_EXTRA):
-            for d, n in table.items():
-                if rest.startswith(n + "."):
-                    return f"blocks.{idx}.{d}{rest[len(n):]}"
-        for d, n in BLOCK_FLOAT_TENSORS.items():
-            if rest == n:
-                return f"blocks.{idx}.{d}"
-        raise KeyError(f"no diffusers name for block tensor {native!r}")
-    for d, n in NON_BLOCK_PREFIXES.items():
-        if native == n or native.startswith(n + "."):
-            return d + native[len(n):]
-    raise KeyError(f"no diffusers name for tensor {native!r}")
+    """Inverse of `native_key` (raises on names diffusers has no tensor for, such as lightx2v's
+    ``affine_norm*`` smoothing vectors)."""
+    return _translate(native, to_native=False)

@@ -1,0 +1,114 @@
+"""A run killed with SIGKILL at any point leaves nothing that is later read half-written, and rerunning the same
+command finishes with the same results as a run that was never killed.
+
+The kill points are found from outside (no hooks in the product code): the test polls the cache and run dir
+and kills the process group when a stage's temporary folder appears.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT
+from vqx.cache import MANIFEST, DiskCache
+
+# every group named: the test does not depend on conf/config.yaml's defaults
+ARGS = ["algorithm=rtn", "format=w8a8", "logger=none", "export=lightx2v", "eval=video", "eval.num_samples=1",
+        "eval.noise_floor=none", "calib.num_prompts=2", "calib.steps=4"]  # stages long enough to be caught mid-way
+
+
+def _env(cache: Path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "VQX_CACHE_DIR": str(cache)}
+    env.pop("VQX_DEBUG", None)
+    return env
+
+
+def run(args, cache: Path, log: Path, kill_when=None, timeout=600) -> str:
+    """Run `python run.py ARGS`; with ``kill_when``, SIGKILL its process group as soon as kill_when() is true.
+    Returns "killed" or "exit <code>"."""
+    with open(log, "w") as out:
+        p = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=_env(cache), stdout=out,
+                             stderr=subprocess.STDOUT, start_new_session=True)  # its own group: ffmpeg children die too
+        deadline = time.monotonic() + timeout
+        while p.poll() is None and time.monotonic() < deadline:
+            if kill_when is not None and kill_when():
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                return "killed"
+            time.sleep(0.002)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            raise AssertionError(f"timed out: {log.read_text()[-2000:]}")
+    return f"exit {p.returncode}"
+
+
+def tmp_dirs(cache: Path, kind: str) -> list[Path]:
+    """A cache entry being built: a hidden folder beside where the entry will land."""
+    return [p for p in (cache / kind).glob("*/.*") if p.is_dir()]
+
+
+def assert_nothing_half_done(run_dir: Path, cache: Path, export_allowed=False):
+    assert not (run_dir / "metrics.json").exists()  # a killed run never looks complete
+    if not export_allowed:
+        assert not (run_dir / "export").exists()  # only a complete, verified export is ever renamed into place
+    dc = DiskCache(cache)
+    for manifest in cache.rglob(MANIFEST):
+        entry = manifest.parent
+        assert not entry.name.startswith("."), entry  # a temporary folder never holds a manifest's final name ...
+        assert dc.is_complete(entry), entry  # ... and every published entry matches its hashes
+
+
+def essence(run_dir: Path) -> dict:
+    """What must not depend on kills, reruns or cache hits: the numbers and the exported bytes."""
+    m = json.loads((run_dir / "metrics.json").read_text())
+    manifest = json.loads((Path(m["export"]["dir"]) / "manifest.json").read_text())
+    return {"layers": [(r["name"], r["output_error"], r.get("output_error_rtn")) for r in m["layers"]],
+            "scores": [m["lpips"], m["psnr"], m["ssim"]],
+            # weights and model config; the lightx2v run-config fragments name the folder, so they differ by path
+            "export": {name: f["sha256"] for name, f in manifest["files"].items()
+                       if name.endswith(".safetensors") or name == "config.json"},
+            "verify_ok": m["export"]["verify"]["ok"]}
+
+
+def test_kill_at_each_stage_then_rerun_gives_the_unkilled_result(tmp_path):
+    base_dir = tmp_path / "baseline"
+    assert run([*ARGS, f"hydra.run.dir={base_dir}"], tmp_path / "cache0", tmp_path / "baseline.log") == "exit 0", \
+        (tmp_path / "baseline.log").read_text()[-3000:]
+    expected = essence(base_dir)
+
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    cmd = [*ARGS, f"hydra.run.dir={run_dir}"]
+    kill_points = [
+        ("16-bit reference generation", lambda: bool(tmp_dirs(cache, "eval_video"))),
+        ("calibration capture", lambda: bool(tmp_dirs(cache, "calib_capture"))),
+        ("export (building or verifying)", lambda: bool(list(run_dir.glob(".export.partial.*")))),
+    ]
+    for i, (stage, trigger) in enumerate(kill_points):
+        log = tmp_path / f"kill{i}.log"
+        assert run(cmd, cache, log, kill_when=trigger) == "killed", f"{stage}: {log.read_text()[-3000:]}"
+        assert_nothing_half_done(run_dir, cache)
+    # each kill left its own stage's temporary folder behind: none of them is ever read
+    assert tmp_dirs(cache, "eval_video") and tmp_dirs(cache, "calib_capture")
+    assert list(run_dir.glob(".export.partial.*"))
+
+    # evaluation of the quantized model: the export is already in place (complete and verified), metrics are not
+    log = tmp_path / "kill3.log"
+    assert run(cmd, cache, log, kill_when=lambda: (run_dir / "videos").exists()) == "killed", log.read_text()[-3000:]
+    assert_nothing_half_done(run_dir, cache, export_allowed=True)
+    assert (run_dir / "export" / "manifest.json").is_file()
+    assert not list(run_dir.glob(".export.partial.*"))  # that export cleaned the killed one's leftovers
+
+    # the very same command again: the intact export this config already made is kept, the rest is finished
+    log = tmp_path / "final.log"
+    assert run(cmd, cache, log) == "exit 0", log.read_text()[-3000:]
+    assert essence(run_dir) == expected
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["calibration"]["cache_hit"] and m["videos"][0]["reference_cache_hit"]  # work of killed runs reused
+    assert not (run_dir / "error.json").exists()  # a success clears the killed attempts' error record
+    assert len([p for p in (cache / "calib_capture").rglob(MANIFEST)]) == 1
+    assert len([p for p in (cache / "eval_video").rglob(MANIFEST)]) == 1
