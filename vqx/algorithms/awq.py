@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.schema import AlgorithmSchema, bounded, register_schema
+from ..quant.numbers import div_exact
 from .losses import group_quant_loss
 from .registry import BlockContext, register_step
 from .smoothing import apply_smoothing, clamp_scale, smoothable
@@ -70,7 +71,7 @@ def search_clipping(ctx: BlockContext) -> None:
             scale_best = torch.ones_like(absmax)
             ratio_best = torch.ones(w.shape[0], device=w.device)
             for r in ratios:
-                scale = (absmax * r / grid.qmax).to(torch.bfloat16).float()
+                scale = div_exact(absmax * r, grid.qmax).to(torch.bfloat16).float()
                 scale = torch.where(absmax == 0, torch.ones_like(scale), scale)
                 codes = grid.codes(w, scale)
                 err = ((xs @ (codes * scale).T) - ref).pow(2).sum(dim=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..quant.numbers import div_exact
 from . import contract
 
 BF16 = torch.bfloat16
@@ -41,7 +42,7 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     xf = x.reshape(-1, shape[-1]).float()
     qmax = contract.CODE_QMAX[scheme]
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    sx = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    sx = torch.where(amax > 0, div_exact(amax, qmax), torch.ones_like(amax))
     if scheme == "int8":
         xq = torch.clamp(torch.round(xf / sx), -128, 127).to(torch.int8)
         acc = torch._int_mm(xq, weight.t())

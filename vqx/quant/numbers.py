@@ -103,6 +103,12 @@ def get_grid(name: str) -> NumberGrid:
         raise ValueError(f"unknown number grid {name!r}; valid: {', '.join(GRIDS)}") from None
 
 
+def div_exact(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x / divisor`` correctly rounded on every device. PyTorch's CUDA division by a Python number
+    multiplies by its reciprocal (off by one ulp for some x; CPU divides), so divide by a tensor."""
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
+
+
 def absmax_scale(x: torch.Tensor, dim: int, qmax: float, round_to_bf16: bool = False) -> torch.Tensor:
     """Symmetric scale ``absmax / qmax`` along ``dim`` (kept), fp32. All-zero slices get 1.0.
 
@@ -110,7 +116,7 @@ def absmax_scale(x: torch.Tensor, dim: int, qmax: float, round_to_bf16: bool = F
     bf16, so an exported scale must already be bf16-representable; quantize with the rounded scale).
     """
     amax = x.detach().float().abs().amax(dim=dim, keepdim=True)
-    scale = amax / qmax
+    scale = div_exact(amax, qmax)
     if round_to_bf16:
         scale = scale.to(torch.bfloat16).float()
     # Only exact zeros are replaced; NaN/Inf propagate (see module doc).
