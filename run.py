@@ -4,6 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 import vqx.plugins  # noqa: F401  (registers schemas, algorithms, exporters, evaluators, loggers)
+from vqx import distributed, torchrun
 from vqx.app import one_line_hydra_errors, run_job
 
 
@@ -14,4 +15,6 @@ def main(cfg: DictConfig):
 
 if __name__ == "__main__":
     with one_line_hydra_errors():
+        torchrun.prepare()  # under torchrun: join the ranks, agree on the run dir
         main()
+    distributed.destroy()

@@ -29,11 +29,23 @@ def compose(overrides):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
+def _missing_blocks_ballast(transformer, arch: str, device: str):
+    """With --num-layers, hold the GPU memory the left-out blocks would take, so that where block inputs
+    live (GPU or pinned host, chosen from free memory) and the peak match the whole model."""
+    from vqx.models.synthetic import WAN_ARCHS
+
+    missing = WAN_ARCHS[arch]["num_layers"] - len(transformer.blocks)
+    if device != "cuda" or missing <= 0:
+        return None
+    block_bytes = sum(p.numel() * p.element_size() for p in transformer.blocks[0].parameters())
+    return torch.empty(missing * block_bytes, dtype=torch.uint8, device=device)
+
+
 def measure(arch: str, algorithms: list[str], smoke: bool, num_layers: int | None) -> list[dict]:
-    from vqx.algorithms.runner import quantize_blockwise
+    from vqx.algorithms.runner import _residency, quantize_blockwise
     from vqx.cache import DiskCache
     from vqx.calib.capture import load_or_capture
-    from vqx.models.synthetic import build_synthetic_pipeline
+    from vqx.models.synthetic import WAN_ARCHS, build_synthetic_pipeline
     from vqx.models.wan import LayerSelection, quant_targets
     from vqx.quant.formats import FORMATS
 
@@ -46,24 +58,30 @@ def measure(arch: str, algorithms: list[str], smoke: bool, num_layers: int | Non
             cfg = compose([f"model={MODEL_OPTION[arch]}", "model.path=/unused", f"algorithm={algorithm}", *extra])
             with Stopwatch() as build:
                 pipe = build_synthetic_pipeline(arch, torch.bfloat16, device, num_layers=num_layers)
+            ballast = _missing_blocks_ballast(pipe.transformer, arch, device)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             with Stopwatch() as capture_time:
                 capture = load_or_capture(pipe, cfg.calib, "t2v", {"synthetic": arch, "layers": num_layers}, cache)
             targets = quant_targets(pipe.transformer, LayerSelection())
+            home = str(_residency(pipe.transformer, capture, torch.device(device)))
             with Stopwatch() as algo_time:
                 quantize_blockwise(pipe.transformer, capture, targets, FORMATS[cfg.format.name], cfg.algorithm, cfg.calib)
             rows.append({
                 "arch": arch, "blocks": len(pipe.transformer.blocks), "algorithm": algorithm, "format": cfg.format.name,
                 "prompts": cfg.calib.num_prompts, "capture_steps": cfg.calib.steps,
                 "resolution": f"{cfg.calib.width}x{cfg.calib.height}x{cfg.calib.num_frames}",
+                "full_blocks": WAN_ARCHS[arch]["num_layers"], "block_inputs_on": home,
                 "calls": len(capture.calls), "capture_cached": capture.cache_hit,
                 "capture_s": capture_time.seconds, "algorithm_s": algo_time.seconds,
                 "total_s": capture_time.seconds + algo_time.seconds,
                 "peak_gpu_gib": peak_gpu_gib(), "peak_host_rss_gib": peak_host_rss_gib(), "build_s": build.seconds,
             })
+            scale = WAN_ARCHS[arch]["num_layers"] / len(pipe.transformer.blocks)
+            if scale != 1:  # every block costs the same: time scales with the block count
+                rows[-1]["est_full_total_s"] = round(rows[-1]["total_s"] * scale, 1)
             print_table(rows[-1:], list(rows[-1]))
-            del pipe, capture
+            del pipe, capture, ballast
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return rows

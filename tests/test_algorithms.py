@@ -103,3 +103,34 @@ def test_algorithm_end_to_end(tmp_path, model, algorithm, fmt, shared_cache):
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
+
+
+def test_sweep_points_share_the_float_model_statistics(tmp_path, caplog):
+    """SmoothQuant at a fixed alpha reads only float-model statistics: a second alpha reuses the cached
+    float pass, and the result is bit for bit what computing the float pass itself gives."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    base = ["algorithm=smoothquant", "eval=none", "logger=none", "export=lightx2v", f"cache_dir={tmp_path / 'cache'}",
+            "calib.num_prompts=2", "calib.steps=4"]
+    runs = {}
+    for name, extra in (("a", ["algorithm.alpha=0.5"]), ("b", ["algorithm.alpha=0.8"]),
+                        ("b_own", ["algorithm.alpha=0.8", "calib.share_stats=false"])):
+        with caplog.at_level(logging.INFO, logger="vqx.algorithms.runner"):
+            caplog.clear()
+            runs[name] = experiment.run(compose_run(base + extra), tmp_path / name)
+            runs[name]["log"] = caplog.text
+    assert "computed and cached" in runs["a"]["log"]
+    assert "from the cache" in runs["b"]["log"]
+    assert "float-model block statistics" not in runs["b_own"]["log"]  # computed in the run, block by block
+    assert runs["b"]["layers"] == runs["b_own"]["layers"] and runs["b"]["groups"] == runs["b_own"]["groups"]
+    assert runs["a"]["groups"] != runs["b"]["groups"]  # the alphas differ, the statistics are shared
+    wa, wb = (load_file(str(next((tmp_path / n / "export").rglob("*.safetensors")))) for n in ("b", "b_own"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # Search steps (AWQ) and GPTQ's Hessians are not in the shared statistics: they compute their own.
+    cfg = compose_run(base + ["algorithm=awq"])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vqx.algorithms.runner"):
+        experiment.run(cfg, tmp_path / "awq")
+    assert "float-model block statistics" not in caplog.text

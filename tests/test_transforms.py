@@ -27,8 +27,8 @@ SETTINGS = SamplerSettings(32, 32, 5, 4, 5.0, 3.0)
 
 def _calib(**kw):
     base = dict(path=None, num_prompts=2, steps=4, capture_steps=None, height=32, width=32, num_frames=5,
-                guidance=5.0, shift=3.0, negative_prompt="", loss_tokens=64, hessian_tokens=None,
-                propagate="fp", seed=0)
+                guidance=5.0, shift=3.0, negative_prompt="", loss_tokens=64, report_tokens=2048, share_stats=True,
+                hessian_tokens=None, propagate="fp", seed=0)
     return OmegaConf.create({**base, **kw})
 
 

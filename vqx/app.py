@@ -58,25 +58,30 @@ def run_job(cfg: DictConfig) -> dict | float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from . import experiment
+    from . import distributed, experiment, torchrun
     from .track import runs
 
     hc = HydraConfig.get()
+    torchrun.check_job(hc)
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     optuna = multirun and "optuna" in str(hc.sweeper.get("_target_", "")).lower()
+    # under torchrun a failed job stops every rank: the others cannot go on to the next job without it
+    go_on = multirun and not distributed.is_distributed()
     try:
         metrics = runs.completed_metrics(run_dir, cfg) if runs.resume_enabled(cfg) and multirun else None
+        metrics = distributed.broadcast_object(metrics)  # all ranks skip, or none
         if metrics is not None:
             log.info("skipping completed job %s: %s holds a complete run of this config (resume=false reruns it)",
                      hc.job.num, run_dir)
         else:
             metrics = experiment.run(cfg, run_dir)
-        runs.clear_error(run_dir)
+        if distributed.is_main():
+            runs.clear_error(run_dir)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
         e = as_vqx_error(exc)  # out of memory, disk full: one line saying what to change, in error.json too
-        runs.write_error(run_dir, e)
-        if multirun and not isinstance(e, KeyboardInterrupt):
+        runs.write_error(run_dir, e)  # by whichever rank failed: it knows why
+        if go_on and not isinstance(e, KeyboardInterrupt):
             log.error("job %s failed: %s", hc.job.num, one_line(str(e)))
             sys.stderr.write(f"vqx: job {hc.job.num} ({run_dir}) failed: {one_line(str(e))}\n")
             return float("inf") if optuna else None

@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__
+from . import __version__, distributed
 from .algorithms.runner import QuantResult, quantize_blockwise
 from .cache import DiskCache
 from .calib.capture import load_or_capture
 from .calib.prompts import load_prompt_set
 from .config.validate import validate
+from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
 from .models.fingerprint import model_fingerprint
 from .models.loading import load_pipeline
@@ -47,19 +48,25 @@ def layer_selection(fmt_cfg: DictConfig) -> LayerSelection:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run every stage; write ``config.yaml`` first and ``metrics.json`` last (only when all succeeded)."""
+    """Run every stage; write ``config.yaml`` first and ``metrics.json`` last (only when all succeeded).
+
+    Under torchrun every rank runs the stages on its share of the work (calibration prompts, eval samples) and
+    rank 0 alone writes the run dir: config, export, videos, W&B, metrics."""
     validate(cfg)
     fmt = get_format(cfg.format.name)
     if needs_calibration(cfg, fmt):  # a bad prompt file fails now, not after the model is loaded
         load_prompt_set(cfg.calib.path, cfg.model.task, "calib", limit=cfg.calib.num_prompts)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    main = distributed.is_main()
+    check_ranks(cfg)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(cfg.seed)
     exporter = EXPORTERS.lookup(cfg.export.name)
     exporter.check(cfg)
     evaluator = EVALUATORS.lookup(cfg.eval.name)(cfg, run_dir)
     evaluator.check()
-    logger = LOGGERS.lookup(cfg.logger.name)(cfg, run_dir)
+    logger = LOGGERS.lookup(cfg.logger.name if main else "none")(cfg, run_dir)
     logger.start()
     try:
         metrics = _run_stages(cfg, run_dir, exporter, evaluator)
@@ -67,9 +74,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         logger.finish(None, f"{type(e).__name__}: {e}")
         raise
     logger.finish(metrics, None)
-    write_json_atomic(run_dir / "metrics.json", metrics)
-    log.info("metrics written to %s", run_dir / "metrics.json")
+    if main:
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        log.info("metrics written to %s", run_dir / "metrics.json")
     return metrics
+
+
+def check_ranks(cfg: DictConfig) -> None:
+    """Under torchrun each rank takes its own GPU (cuda:LOCAL_RANK); a pinned cuda:N would put them all on one."""
+    device = str(cfg.model.device)
+    if distributed.is_distributed() and device.startswith("cuda:"):
+        raise UserError(f"model.device={device} pins every torchrun rank to one GPU; use model.device=auto or cuda "
+                        "(each rank then takes cuda:LOCAL_RANK)")
 
 
 def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: Evaluator) -> dict:
@@ -91,9 +107,10 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
         with timings("calibrate"):
             model_identity = {"name": cfg.model.name, "dtype": cfg.model.dtype,
                               "weights": model_fingerprint(cfg.model, transformer)}
-            capture = load_or_capture(pipe, cfg.calib, cfg.model.task, model_identity, DiskCache(cfg.cache_dir))
+            cache = DiskCache(cfg.cache_dir)
+            capture = load_or_capture(pipe, cfg.calib, cfg.model.task, model_identity, cache)
         with timings("quantize"):
-            result = quantize_blockwise(transformer, capture, targets, fmt, cfg.algorithm, cfg.calib)
+            result = quantize_blockwise(transformer, capture, targets, fmt, cfg.algorithm, cfg.calib, cache)
     else:
         result = QuantResult()  # format=none with plain rounding: nothing to calibrate or change
     layers = result.layers
@@ -109,19 +126,20 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
         "algorithm": cfg.algorithm.name,
         "quantized_layers": len(result.quantized),
         "calibration": None if capture is None else {
-            "calls": len(capture.calls), "prompts": cfg.calib.num_prompts, "steps": cfg.calib.steps,
+            "calls": capture.total_calls, "prompts": cfg.calib.num_prompts, "steps": cfg.calib.steps,
             "cache_hit": capture.cache_hit},
         "layer_error": _summary(errors),
         "layer_error_rtn": _summary([e["output_error_rtn"] for e in layers if "output_error_rtn" in e]),
         "groups": result.groups,
         "layers": layers,
     })
-    with timings("export"):
-        state.metrics["export"] = exporter.export(state)
+    with timings("export"):  # the quantized model is the same on every rank: rank 0 writes it once
+        state.metrics["export"] = exporter.export(state) if distributed.is_main() else {}
     with timings("eval"):
         state.metrics.update(evaluator.evaluate(state))
     timings["total_s"] = round(time.perf_counter() - t_start, 3)
     state.metrics["timings"] = dict(timings)
+    state.metrics["ranks"] = distributed.world_size()
     return state.metrics
 
 

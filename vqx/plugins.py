@@ -5,3 +5,4 @@ from .config import schema  # noqa: F401
 from .track import wandb_logger  # noqa: F401  (imports wandb only when a run starts)
 from .eval import video  # noqa: F401  (eval=video)
 from . import export  # noqa: F401  (export=lightx2v, export=fake)
+from . import gpus  # noqa: F401  (the ${vqx_gpu_count:} resolver of hydra/launcher=gpus)

@@ -5,20 +5,28 @@ input group; run the recipe's steps; swap the block's targets for quantized line
 linear's output error on calibration samples (round-to-nearest before, the algorithm after); then
 compute block i+1's inputs from the float (`calib.propagate=fp`) or quantized (`quant`) block.
 Only the current block's statistics live on the device; block inputs stay on the host between blocks.
+
+Under torchrun each rank runs its share of the calls (`Capture.share`) through the block, the statistics
+are reduced across ranks (`GroupStats.reduce`), and every rank then runs the recipe on the same statistics,
+so every rank ends up with the same quantized model (checked block by block) without sending weights.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from .. import distributed
+from ..cache import DiskCache
 from ..calib.blocks import BlockInputs, first_block_inputs, run_block
 from ..calib.capture import Capture, first_nonfinite_layer
 from ..calib.stats import GroupStats
@@ -27,7 +35,9 @@ from ..models.wan import QuantTarget, input_groups, is_i2v
 from ..quant.formats import FORMATS, QuantFormat
 from ..quant.linear import QuantLinear
 from ..quant.materialize import materialize
+from . import shared_stats
 from .registry import BlockContext, run_steps
+from .shared_stats import shareable
 
 log = logging.getLogger(__name__)
 
@@ -45,29 +55,50 @@ def search_format(fmt: QuantFormat) -> QuantFormat:
     return fmt if fmt.activation_grid is not None else FORMATS["w8a8"]
 
 
+def _block_dtype(transformer) -> torch.dtype:
+    """The blocks' dtype (the model's first parameters may be modules Wan keeps in fp32)."""
+    return transformer.blocks[0].attn1.to_q.weight.dtype
+
+
+def _block_tokens(transformer, capture: Capture) -> list[int]:
+    p = transformer.config.patch_size
+    return [c["hidden_states"][0, 0].numel() // (p[0] * p[1] * p[2]) for c in capture.calls]
+
+
 def _residency(transformer, capture: Capture, device: torch.device) -> torch.device:
     """Where block inputs live between blocks: on the GPU when all of them fit in half of its free memory
     (no transfers), else in pinned host memory (bounded GPU use, e.g. 14B at high resolution)."""
     if device.type != "cuda":
         return device
     hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    p = transformer.config.patch_size
-    tokens = [c["hidden_states"][0, 0].numel() // (p[0] * p[1] * p[2]) for c in capture.calls]
-    need = sum(tokens) * hidden * next(transformer.parameters()).element_size()
+    need = sum(_block_tokens(transformer, capture)) * hidden * _block_dtype(transformer).itemsize
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch, reusable
     return device if need < 0.5 * free else torch.device("cpu")
 
 
 def _block_inputs(transformer, capture: Capture, device, home: torch.device) -> list[BlockInputs]:
+    pinned, offsets = None, None
+    if home.type == "cpu" and device.type == "cuda":
+        # One pinned buffer for all calls: pinning per tensor rounds each up to a power of two (14B at
+        # 480p: 335 MB -> 512 MB per call) and goes through a pageable copy first.
+        hidden_dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        offsets = [0]
+        for n in _block_tokens(transformer, capture):
+            offsets.append(offsets[-1] + n * hidden_dim)
     inputs, rotary_by_shape = [], {}
-    pin = home.type == "cpu" and device.type == "cuda"
-    for call in tqdm(capture.calls, desc="block inputs", unit="call", leave=False):
+    for c, call in enumerate(tqdm(capture.calls, desc="block inputs", unit="call", leave=False)):
         inp = first_block_inputs(transformer, {k: v.to(device) for k, v in call.items()})
         key = tuple(call["hidden_states"].shape)
         rotary = rotary_by_shape.setdefault(key, inp.rotary)  # identical for every call of one shape
-        hidden = inp.hidden.to(home)
-        inputs.append(BlockInputs(hidden.pin_memory() if pin else hidden, inp.encoder, inp.temb, rotary))
+        if offsets is not None:
+            if pinned is None:  # in the blocks' dtype (some of Wan's parameters stay fp32)
+                pinned = torch.empty(offsets[-1], dtype=inp.hidden.dtype, pin_memory=True)
+            hidden = pinned[offsets[c]:offsets[c + 1]].view(inp.hidden.shape)
+            hidden.copy_(inp.hidden)
+        else:
+            hidden = inp.hidden.to(home)
+        inputs.append(BlockInputs(hidden, inp.encoder, inp.temb, rotary))
     return inputs
 
 
@@ -87,57 +118,51 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget], fmt: QuantFormat,
-                       algo: DictConfig, calib: DictConfig) -> QuantResult:
+                       algo: DictConfig, calib: DictConfig, cache: DiskCache | None = None) -> QuantResult:
+    """Quantize block by block. With ``cache`` and steps that need only shared statistics (see
+    `shared_stats`), the float pass comes from (or goes into) the cache instead of running here."""
     device = next(transformer.parameters()).device
+    dtype = _block_dtype(transformer)
     steps = list(algo.steps)
     want_hessian = "gptq" in steps
     by_block: dict[int, dict[str, QuantTarget]] = defaultdict(dict)
     for t in targets:
         by_block[t.block][t.local_name] = t
     groups_all = input_groups(is_i2v(transformer))
+    block_groups = {i: [g for g in groups_all if any(n in by_block[i] for n in g.linears)] for i in sorted(by_block)}
     result = QuantResult()
-    home = _residency(transformer, capture, device)
-    inputs = _block_inputs(transformer, capture, device, home)
-    log.info("block inputs of %d calls kept on %s", len(inputs), home)
-    t_start = time.perf_counter()
     last = max(by_block) if by_block else -1
+
+    shared = None
+    if cache is not None and capture.identity is not None and shareable(steps, algo, calib):
+        key = shared_stats.identity(capture.identity, {i: [g.name for g in gs] for i, gs in block_groups.items()},
+                                    calib, dtype, device)
+
+        def build(folder: Path) -> None:
+            inputs = _prepare_inputs(transformer, capture, device)
+            for i, block in enumerate(tqdm(transformer.blocks[:last + 1], desc="float pass", unit="block")):
+                stats = _float_pass(block, i, inputs, block_groups.get(i, []), capture, calib, False, device)
+                shared_stats.save_block(folder, i, stats, _report_samples(stats, calib, i), dtype)
+
+        shared, hit = cache.get_or_build("block_stats", key, build, lambda entry: entry)
+        log.info("float-model block statistics %s", "from the cache" if hit else "computed and cached")
+        inputs = None
+    else:
+        inputs = _prepare_inputs(transformer, capture, device)
+    t_start = time.perf_counter()
 
     for i, block in enumerate(tqdm(transformer.blocks, desc=f"quantize ({'+'.join(steps)})", unit="block")):
         if i > last:
             break
         block_targets = by_block.get(i, {})
-        groups = [g for g in groups_all if any(n in block_targets for n in g.linears)]
-        stats = {g.name: GroupStats(block.get_submodule(g.linears[0]).in_features, calib.loss_tokens,
-                                    calib.hessian_tokens, want_hessian, seed=calib.seed * 7919 + i, device=device)
-                 for g in groups}
-        hooks = [block.get_submodule(g.linears[0]).register_forward_pre_hook(
-            lambda m, args, st=stats[g.name]: st.update(args[0])) for g in groups]
-        bad = None  # (call index, its block input) of the first call whose block output is not finite
-        try:
-            for c, inp in enumerate(inputs):
-                try:
-                    out = run_block(block, inp.to(device, non_blocking=True))
-                except FloatingPointError:  # a statistic saw NaN/Inf inputs of a linear
-                    out = None
-                if out is None or not torch.isfinite(out).all():
-                    bad = (c, inp)
-                    break
-                if calib.propagate == "fp":  # the input is no longer needed: overwrite it (halves host memory)
-                    inputs[c] = _with_hidden(inp, out)
-        finally:
-            for h in hooks:
-                h.remove()
-        if bad is not None:
-            c, inp = bad
-            m = capture.meta[c]
-            layer = first_nonfinite_layer(block, lambda: run_block(block, inp.to(device)), prefix=f"blocks.{i}.")
-            raise Fault(f"non-finite activations (NaN/Inf) in the float model during calibration: first in {layer}, "
-                        f"for calibration prompt {m['prompt']} at denoising step {m['step']} ({m['branch']} branch)"
-                        f"{'' if calib.propagate == 'fp' else ' with the earlier blocks quantized (calib.propagate=quant)'}"
-                        "; the block overflows in this dtype: try model.dtype=float32, or check that layer's weights")
+        groups = block_groups.get(i, [])
+        if shared is not None:
+            stats, samples = shared_stats.load_block(shared, i, calib, device)
+        else:
+            stats = _float_pass(block, i, inputs, groups, capture, calib, want_hessian, device)
+            samples = _report_samples(stats, calib, i)
 
         originals = {n: copy.deepcopy(t.module) for n, t in block_targets.items()}
-        samples = {g.name: stats[g.name].sample_matrix() for g in groups}
         # Steps work on fp32 master weights, so a smoothed weight is rounded to the model dtype once,
         # by the quantizer, not first by the transform.
         model_dtype = {n: t.module.weight.dtype for n, t in block_targets.items()}
@@ -156,10 +181,83 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
         result.layers += _layer_report(ctx, block, originals, samples, groups, fmt)
         result.groups += [{"block": i, "group": g.name, **ctx.choices.get(g.name, {})} for g in groups if g.name in ctx.choices]
 
+        _check_same_on_all_ranks(block, ctx, i)
         if calib.propagate == "quant":
             inputs = [_with_hidden(inp, run_block(block, inp.to(device, non_blocking=True))) for inp in inputs]
         log.info("block %d/%d quantized (%.1f s elapsed)", i + 1, last + 1, time.perf_counter() - t_start)
     return result
+
+
+def _prepare_inputs(transformer, capture: Capture, device: torch.device) -> list[BlockInputs]:
+    home = _residency(transformer, capture, device)
+    inputs = _block_inputs(transformer, capture, device, home)
+    log.info("block inputs of %d calls kept on %s", len(inputs), home)
+    return inputs
+
+
+def _report_samples(stats: dict[str, GroupStats], calib: DictConfig, i: int) -> dict[str, torch.Tensor]:
+    return {name: shared_stats.report_sample(st, calib.report_tokens, calib.seed * 7919 + i) for name, st in stats.items()}
+
+
+def _float_pass(block, i: int, inputs: list[BlockInputs], groups, capture: Capture, calib: DictConfig,
+                want_hessian: bool, device: torch.device) -> dict[str, GroupStats]:
+    """Run every call through float block ``i``, streaming its input groups' statistics (reduced over
+    torchrun ranks). With propagate=fp each call's input is replaced by the block's output."""
+    stats = {g.name: GroupStats(block.get_submodule(g.linears[0]).in_features, calib.loss_tokens,
+                                calib.hessian_tokens, want_hessian, seed=calib.seed * 7919 + i, device=device)
+             for g in groups}
+    current = [0]  # the running call's index in the whole capture: it seeds the call's token sample
+    hooks = [block.get_submodule(g.linears[0]).register_forward_pre_hook(
+        lambda m, args, st=stats[g.name]: st.update(args[0], current[0])) for g in groups]
+    bad = None  # (call index, its block input) of the first call whose block output is not finite
+    try:
+        for c, inp in enumerate(inputs):
+            current[0] = capture.indices[c]
+            try:
+                out = run_block(block, inp.to(device, non_blocking=True))
+            except FloatingPointError:  # a statistic saw NaN/Inf inputs of a linear
+                out = None
+            if out is None or not torch.isfinite(out).all():
+                bad = (c, inp)
+                break
+            if calib.propagate == "fp":  # the input is no longer needed: overwrite it (halves host memory)
+                inputs[c] = _with_hidden(inp, out)
+    finally:
+        for h in hooks:
+            h.remove()
+    failure = None
+    if bad is not None:
+        c, inp = bad
+        m = capture.meta[c]
+        layer = first_nonfinite_layer(block, lambda: run_block(block, inp.to(device)), prefix=f"blocks.{i}.")
+        failure = (capture.indices[c], f"non-finite activations (NaN/Inf) in the float model during calibration: "
+                   f"first in {layer}, for calibration prompt {m['prompt']} at denoising step {m['step']} "
+                   f"({m['branch']} branch)"
+                   f"{'' if calib.propagate == 'fp' else ' with the earlier blocks quantized (calib.propagate=quant)'}"
+                   "; the block overflows in this dtype: try model.dtype=float32, or check that layer's weights")
+    failures = [f for f in distributed.all_gather_object(failure) if f is not None]
+    if failures:  # every rank stops, with the message of the earliest failing call
+        raise Fault(min(failures)[1])
+    for g in groups:
+        stats[g.name].reduce()
+    return stats
+
+
+def _check_same_on_all_ranks(block, ctx: BlockContext, i: int) -> None:
+    """Under torchrun: the ranks ran the recipe on the same statistics, so their quantized blocks must agree bit
+    for bit; a nondeterministic kernel would otherwise give ranks different models and wrong metrics silently."""
+    if not distributed.is_distributed():
+        return
+    h = hashlib.sha256()
+    tensors = [*block.state_dict().items(), *sorted(ctx.runtime_smoothing.items())]
+    for name, t in tensors:
+        t = t.detach().reshape(-1).contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{t.numel()}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    digests = distributed.all_gather_object(h.hexdigest())
+    if len(set(digests)) > 1:
+        raise Fault(f"the torchrun ranks quantized block {i} differently (a nondeterministic kernel, or unlike GPUs); "
+                    "calibrate on one GPU, then evaluate with torchrun (the capture is cached)")
 
 
 @torch.no_grad()

@@ -4,6 +4,9 @@ inputs at chosen denoising steps, both classifier-free-guidance branches.
 What is stored is small (noisy latents, timestep, text/image embeddings per call, the embeddings
 deduplicated per prompt and branch), so the capture is cached on disk and shared by runs and sweep
 points; the block inputs are recomputed from it (`blocks.first_block_inputs`).
+
+Under torchrun each rank records, and later streams statistics over, the calls of its own prompts
+(prompt p on rank p % world); the cache entry holds all of them in the single-process order.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..cache import DiskCache, file_sha256
 from ..errors import Fault, storage_error
 from ..models.sampling import SamplerSettings, generate
@@ -36,6 +40,21 @@ class Capture:
     calls: list[dict[str, torch.Tensor]]  # transformer kwargs per recorded call
     meta: list[dict]  # per call: prompt index, step, branch ("cond"/"uncond")
     cache_hit: bool = False
+    # Under torchrun a rank holds its prompts' calls only: their positions in the whole capture, and its size.
+    indices: list[int] | None = None
+    total_calls: int | None = None
+    identity: dict | None = None  # the cache identity it was captured under (keys what is derived from it)
+
+    def __post_init__(self):
+        if self.indices is None:
+            self.indices = list(range(len(self.calls)))
+        if self.total_calls is None:
+            self.total_calls = len(self.calls)
+
+    def share(self, rank: int, world: int) -> "Capture":
+        """The calls of prompts p with p % world == rank (this capture must be the whole one)."""
+        keep = [k for k, m in enumerate(self.meta) if m["prompt"] % world == rank]
+        return Capture([self.calls[k] for k in keep], [self.meta[k] for k in keep], self.cache_hit, keep, len(self.calls))
 
 
 def capture_step_indices(total_steps: int, capture_steps: int | None) -> list[int]:
@@ -106,8 +125,11 @@ def sampler_settings(calib: DictConfig) -> SamplerSettings:
 
 
 @torch.no_grad()
-def record_calls(pipe, samples: list[PromptSample], settings: SamplerSettings, steps: list[int]) -> Capture:
+def record_calls(pipe, samples: list[PromptSample], settings: SamplerSettings, steps: list[int],
+                 prompt_ids: list[int] | None = None) -> Capture:
+    """``prompt_ids``: the samples' indices in the whole prompt set (a rank records a share of it)."""
     wanted = set(steps)
+    prompt_ids = list(range(len(samples))) if prompt_ids is None else prompt_ids
     calls, meta = [], []
     state = {"step": 0, "in_step": 0, "prompt": 0}
 
@@ -133,12 +155,12 @@ def record_calls(pipe, samples: list[PromptSample], settings: SamplerSettings, s
     try:
         with nonfinite_guard(pipe.transformer, where, fix):
             t0 = time.perf_counter()
-            for p, sample in enumerate(tqdm(samples, desc="calibration capture", unit="prompt")):
+            for n, (p, sample) in enumerate(zip(prompt_ids, tqdm(samples, desc="calibration capture", unit="prompt"))):
                 state.update(step=0, in_step=0, prompt=p)
                 image = sample.load_image() if sample.image_path else None
                 sampler = settings if sample.negative_prompt is None else replace(settings, negative_prompt=sample.negative_prompt)
                 generate(pipe, sample.prompt, sampler, sample.seed, image=image, on_step=on_step, output_type="latent")
-                log.info("captured prompt %d/%d (%.1f s elapsed)", p + 1, len(samples), time.perf_counter() - t0)
+                log.info("captured prompt %d/%d (%.1f s elapsed)", n + 1, len(samples), time.perf_counter() - t0)
     finally:
         handle.remove()
     return Capture(calls, meta)
@@ -191,14 +213,50 @@ def load_or_capture(pipe, calib: DictConfig, task: str, model_identity: dict, ca
         "capture_steps": steps,
         "device": pipe.device.type,
     }
+    if distributed.is_distributed():
+        capture, hit = _load_or_capture_share(pipe, samples, settings, steps, identity, cache)
+    else:
+        capture, hit = cache.get_or_build("calib_capture", identity,
+                                          lambda folder: _save(record_calls(pipe, samples, settings, steps), folder), _load)
+    capture.cache_hit = hit
+    capture.identity = identity
+    log.info("calibration capture: %d transformer calls (%d prompts x %d steps x CFG branches)%s%s",
+             capture.total_calls, len(samples), len(steps), " [cache hit]" if hit else "",
+             f", {len(capture.calls)} of them on this rank" if distributed.is_distributed() else "")
+    return capture
+
+
+def _load_or_capture_share(pipe, samples, settings, steps, identity, cache: DiskCache) -> tuple[Capture, bool]:
+    """Under torchrun: this rank's share of the capture. Rank 0 owns the cache entry: on a miss every rank
+    records its prompts and rank 0 saves their union in the single-process order (bit for bit the entry a
+    single process writes); on a hit rank 0 hands each rank its share."""
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = distributed.shard(len(samples))
     holder = {}
 
-    def build(folder: Path) -> None:
-        holder["capture"] = record_calls(pipe, samples, settings, steps)
-        _save(holder["capture"], folder)
+    def record_share() -> Capture:
+        holder["mine"] = record_calls(pipe, [samples[p] for p in mine], settings, steps, prompt_ids=mine)
+        return holder["mine"]
 
-    capture, hit = cache.get_or_build("calib_capture", identity, build, _load)
-    capture.cache_hit = hit
-    log.info("calibration capture: %d transformer calls (%d prompts x %d steps x CFG branches)%s",
-             len(capture.calls), len(samples), len(steps), " [cache hit]" if hit else "")
-    return capture
+    def build(folder: Path) -> None:
+        distributed.broadcast_object("record")  # a miss: the other ranks record their prompts too
+        parts = distributed.gather_object(record_share())
+        order = sorted(((m["prompt"], r, k) for r, part in enumerate(parts) for k, m in enumerate(part.meta)))
+        _save(Capture([parts[r].calls[k] for _, r, k in order], [parts[r].meta[k] for _, r, k in order]), folder)
+
+    if rank == 0:
+        whole, hit = cache.get_or_build("calib_capture", identity, build, _load)
+        if hit:
+            distributed.broadcast_object("hit")
+        meta = distributed.broadcast_object(whole.meta)
+    else:
+        hit = distributed.broadcast_object(None) == "hit"
+        if not hit:
+            distributed.gather_object(record_share())
+        meta, whole = distributed.broadcast_object(None), None
+    if hit:  # rank 0 read the entry: hand out the shares (the cache_dir need not be visible to every node)
+        return distributed.scatter_object([whole.share(r, world) for r in range(world)] if rank == 0 else None), True
+    share = holder["mine"]  # recorded here, in the order of the whole capture
+    share.indices = [k for k, m in enumerate(meta) if m["prompt"] % world == rank]
+    share.total_calls = len(meta)
+    return share, False

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -40,16 +41,28 @@ class SamplerSchema:
 
 
 @dataclass
+class PromptSetsSchema:
+    """A model's own default prompt files; null: the shipped assets/wan_<task>/<split>/prompts.json.
+    calib.path and eval.path override them."""
+
+    calib: Optional[str] = None
+    eval: Optional[str] = None
+
+
+@dataclass
 class ModelSchema:
     name: str = "wan_tiny"
     task: str = choice("t2v", "i2v")
-    source: str = choice("tiny", "diffusers")
-    path: Optional[str] = None  # local diffusers folder (source=diffusers)
+    source: str = choice("tiny", "diffusers", "synthetic", "mini")  # mini: a folder trained by vqx.testbed.train
+    path: Optional[str] = None  # local diffusers folder (source=diffusers, mini)
+    arch: str = choice("1.3B", "14B")  # source=synthetic: full-size random transformer (benchmarks only)
+    num_layers: Optional[int] = bounded(None, 1, None)  # source=synthetic: fewer blocks; null: the real count
     dtype: str = choice(*DTYPES)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # weights seed of built-in tiny models
     calib_prompts: int = bounded(8, 1, None)  # calibration prompts recommended for this size
     eval_samples: Optional[int] = bounded(None, 1, None)  # evaluation prompts by default; null: all
+    prompts: PromptSetsSchema = field(default_factory=PromptSetsSchema)
     sampler: SamplerSchema = field(default_factory=SamplerSchema)
 
 
@@ -83,7 +96,12 @@ class CalibSchema:
     guidance: float = bounded(5.0, 0.0, None)
     shift: float = bounded(3.0, 0.0, None, exclusive_low=True)
     negative_prompt: str = ""
-    loss_tokens: int = bounded(256, 1, None)  # tokens sampled per call for search losses and layer errors
+    loss_tokens: int = bounded(256, 1, None)  # tokens sampled per call for search losses
+    report_tokens: int = bounded(2048, 1, None)  # tokens per input group (of those) for the layer-error report
+    # Reuse the float model's per-block statistics across runs (cached by capture): with propagate=fp they
+    # do not depend on the algorithm's parameters, so sweep points skip the block-by-block float pass.
+    # Used when the steps need no search over samples (rtn, smoothquant with a fixed alpha).
+    share_stats: bool = True
     hessian_tokens: Optional[int] = bounded(4096, 1, None)  # tokens per call in GPTQ Hessians; null: all
     propagate: str = choice("fp", "quant")  # block i+1 sees block i's float or quantized outputs
     seed: int = 0
@@ -103,6 +121,17 @@ class EvalSchema:
 class LoggerSchema:
     name: str = "none"
 
+
+def repo_path(relative: str) -> str:
+    """``${vqx_repo:assets/x}`` in a config: that path inside the vqx checkout, absolute (runs start anywhere)."""
+    from pathlib import Path
+
+    import vqx
+
+    return str(Path(vqx.__file__).resolve().parents[1] / relative)
+
+
+OmegaConf.register_new_resolver("vqx_repo", repo_path, replace=True)
 
 GROUPS = ("model", "algorithm", "format", "calib", "export", "eval", "logger")
 

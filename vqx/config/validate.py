@@ -83,6 +83,12 @@ def _check_rules(cfg: DictConfig) -> None:
             raise UserError(f"algorithm step {step!r} is unknown; valid steps: {', '.join(sorted(STEPS))}")
     if cfg.model.source == "diffusers" and not cfg.model.path:
         raise UserError(f"model={cfg.model.name} needs model.path=/path/to/a local diffusers folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
+    if cfg.model.source == "mini":  # before the prompt files inside it are read, so the message says how to train it
+        from pathlib import Path
+
+        from ..testbed.folder import check_mini_folder
+
+        check_mini_folder(Path(str(cfg.model.path)).expanduser())
 
 
 # ---- Hydra's composition errors, reworded as one line -------------------------------------------

@@ -5,6 +5,9 @@ eval prompt and, for the noise floor, a second 16-bit video through a different 
 path. After quantization the quantized pipeline generates from the same seed and settings (the initial
 noise comes from a seeded CPU generator, so it is identical), and each pair is scored.
 
+Under torchrun sample i is generated and scored by rank i % world, exactly as one process would (same seed,
+same model), and rank 0 gathers the results sample by sample, writes the videos and aggregates.
+
 All videos are scored as 8-bit frames (round(x * 255)), the pixels a PNG or lossless video of the output
 holds, as deepcompressor scores saved images; the cache stores exactly those frames.
 """
@@ -25,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..cache import DiskCache
 from ..calib.capture import nonfinite_guard
 from ..config.schema import SamplerSchema, bounded, choice, register_schema
@@ -153,7 +157,7 @@ def noise_floor_context(method: str):
 
 def pipeline_fingerprint(model_cfg: DictConfig, pipe: Any) -> str:
     """Every weight that shapes a video: a diffusers folder's files, or a tiny pipeline's tensors."""
-    if model_cfg.source == "diffusers":
+    if model_cfg.source in ("diffusers", "synthetic"):
         return model_fingerprint(model_cfg, pipe.transformer)
     h = hashlib.sha256()
     for name, part in sorted(pipe.components.items()):
@@ -196,7 +200,8 @@ class VideoEvaluator(Evaluator):
             raise UserError(NO_BACKEND + " (or eval.save_videos=false)")
         _, self.lpips_source = features_state_dict(e.lpips_net)  # no weights: fail now, not after generating
         self.images = {}
-        self.refs: list[dict] = []
+        self.refs: list[dict | None] = []  # per sample; None for the samples of other torchrun ranks
+        self.floors: list[dict | None] = []
 
     # ---- settings and identities -------------------------------------------------------------------
 
@@ -237,7 +242,8 @@ class VideoEvaluator(Evaluator):
     def before_quantization(self, pipe: Any) -> None:
         self.prepare_identity(pipe)
         self.timings = {"reference_generation_s": 0.0, "noise_floor_generation_s": 0.0}
-        self.refs = [self._cached(pipe, i, "reference", contextlib.nullcontext, "16-bit reference")
+        mine = set(distributed.shard(len(self.samples)))
+        self.refs = [self._cached(pipe, i, "reference", contextlib.nullcontext, "16-bit reference") if i in mine else None
                      for i in range(len(self.samples))]
         e = self.cfg.eval
         settings = SamplerSettings.from_config(e)
@@ -245,11 +251,15 @@ class VideoEvaluator(Evaluator):
         if e.noise_floor != "none":
             self.floor = choose_noise_floor(pipe.transformer, settings, self.device) if e.noise_floor == "auto" else e.noise_floor
         self.floor_default = default_sdpa_method(pipe.transformer, settings, self.device)
-        self.floors = [self._cached(pipe, i, f"noise_floor/{self.floor}", lambda: noise_floor_context(self.floor), "noise floor")
-                       for i in range(self.floor_count)]
-        hits = sum(r["cache_hit"] for r in self.refs + self.floors)
-        log.info("eval: %d reference and %d noise-floor videos (%d from the cache %s)", len(self.refs), len(self.floors),
-                 hits, self.cache.root)
+        self.floors = [self._cached(pipe, i, f"noise_floor/{self.floor}", lambda: noise_floor_context(self.floor),
+                                    "noise floor") if i in mine else None for i in range(self.floor_count)]
+        hits = sum(r["cache_hit"] for r in self._entries())
+        log.info("eval: %d reference and %d noise-floor videos (%d from the cache %s)", sum(map(bool, self.refs)),
+                 sum(map(bool, self.floors)), hits, self.cache.root)
+
+    def _entries(self) -> list[dict]:
+        """This rank's reference and noise-floor cache entries."""
+        return [r for r in self.refs + self.floors if r is not None]
 
     def _cached(self, pipe, i: int, variant: str, context, desc: str) -> dict:
         s = self.samples[i]
@@ -285,40 +295,61 @@ class VideoEvaluator(Evaluator):
 
     # ---- after quantization: generate, score, write -----------------------------------------------
 
+    def _score(self, pipe, i: int) -> tuple[dict, dict | None, tuple | None]:
+        """Generate sample i with the quantized model and score it: (entry, noise-floor scores, (reference,
+        quantized) frames for the video files or None), with the time spent generating and scoring."""
+        e, s, dev = self.cfg.eval, self.samples[i], str(self.device)
+        t0 = time.perf_counter()
+        quant = to_uint8(_finite(self._generate(pipe, i, f"quantized {i + 1}/{len(self.samples)}"), "quantized model",
+                                 i, s.prompt))
+        self.timings["quantized_generation_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ref = np.load(self.refs[i]["path"])
+        entry = {"index": i, "prompt": s.prompt, "seed": s.seed, "image": s.image_path,
+                 **M.video_summary(M.frame_metrics(to_float(ref), to_float(quant), e.lpips_net, dev)),
+                 "reference_cache_hit": self.refs[i]["cache_hit"]}
+        floor = None
+        if i < self.floor_count:
+            fl = np.load(self.floors[i]["path"])
+            floor = M.video_summary(M.frame_metrics(to_float(ref), to_float(fl), e.lpips_net, dev))
+            floor["identical"] = bool(np.array_equal(ref, fl))
+            entry["noise_floor"] = {k: floor[k] for k in ("lpips", "psnr", "ssim")}
+        self.timings["scoring_s"] += time.perf_counter() - t0
+        log.info("eval sample %d: LPIPS %.4f  PSNR %.2f dB  SSIM %.4f%s", i, entry["lpips"], entry["psnr"], entry["ssim"],
+                 f"  (noise floor LPIPS {entry['noise_floor']['lpips']:.4f})" if "noise_floor" in entry else "")
+        return entry, floor, ((ref, quant) if e.save_videos else None)
+
+    def _write_videos(self, i: int, ref: np.ndarray, quant: np.ndarray) -> dict:
+        e, stem = self.cfg.eval, f"{i:03d}"
+        files = {"reference": f"videos/{stem}_reference.mp4", "quantized": f"videos/{stem}_quantized.mp4",
+                 "side_by_side": f"videos/{stem}_side_by_side.mp4"}
+        write_mp4(self.run_dir / files["reference"], ref, e.fps)
+        write_mp4(self.run_dir / files["quantized"], quant, e.fps)
+        write_mp4(self.run_dir / files["side_by_side"], side_by_side(ref, quant, e.diff_gain), e.fps)
+        return files
+
     def evaluate(self, state: RunState) -> dict:
         e = self.cfg.eval
         set_backend(state.pipe.transformer, e.backend)
-        dev = str(self.device)
-        t_gen = t_score = 0.0
+        self.timings.update(quantized_generation_s=0.0, scoring_s=0.0)
         videos, floors = [], []
-        for i, s in enumerate(tqdm(self.samples, desc="quantized videos", unit="video", disable=None)):
-            t0 = time.perf_counter()
-            quant = to_uint8(_finite(self._generate(state.pipe, i, f"quantized {i + 1}/{len(self.samples)}"),
-                                     "quantized model", i, s.prompt))
-            t_gen += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ref = np.load(self.refs[i]["path"])
-            entry = {"index": i, "prompt": s.prompt, "seed": s.seed, "image": s.image_path,
-                     **M.video_summary(M.frame_metrics(to_float(ref), to_float(quant), e.lpips_net, dev)),
-                     "reference_cache_hit": self.refs[i]["cache_hit"]}
-            if i < len(self.floors):
-                fl = np.load(self.floors[i]["path"])
-                floor = M.video_summary(M.frame_metrics(to_float(ref), to_float(fl), e.lpips_net, dev))
-                floor["identical"] = bool(np.array_equal(ref, fl))
-                floors.append(floor)
-                entry["noise_floor"] = {k: floor[k] for k in ("lpips", "psnr", "ssim")}
-            t_score += time.perf_counter() - t0
-            if e.save_videos:
-                stem = f"{i:03d}"
-                files = {"reference": f"videos/{stem}_reference.mp4", "quantized": f"videos/{stem}_quantized.mp4",
-                         "side_by_side": f"videos/{stem}_side_by_side.mp4"}
-                write_mp4(self.run_dir / files["reference"], ref, e.fps)
-                write_mp4(self.run_dir / files["quantized"], quant, e.fps)
-                write_mp4(self.run_dir / files["side_by_side"], side_by_side(ref, quant, e.diff_gain), e.fps)
-                entry["files"] = files
-            log.info("eval sample %d: LPIPS %.4f  PSNR %.2f dB  SSIM %.4f%s", i, entry["lpips"], entry["psnr"], entry["ssim"],
-                     f"  (noise floor LPIPS {entry['noise_floor']['lpips']:.4f})" if "noise_floor" in entry else "")
-            videos.append(entry)
+        n, world = len(self.samples), distributed.world_size()
+        # One round per `world` samples, one sample per rank; rank 0 takes the round's results and writes them,
+        # so it never holds more than one round of videos.
+        for start in tqdm(range(0, n, world), desc="quantized videos", unit="round" if world > 1 else "video",
+                          disable=None):
+            i = start + distributed.rank()
+            results = distributed.gather_object(self._score(state.pipe, i) if i < n else None)
+            for entry, floor, frames in [r for r in results or [] if r is not None]:
+                if frames is not None:
+                    entry["files"] = self._write_videos(entry["index"], *frames)
+                if floor is not None:
+                    floors.append(floor)
+                videos.append(entry)
+        cache_use = distributed.gather_object([r["cache_hit"] for r in self._entries()])
+        if not distributed.is_main():
+            return {}
+        cache_use = [hit for rank in cache_use for hit in rank]
 
         out = M.aggregate(videos)
         out["noise_floor"] = self._floor_summary(floors)
@@ -340,12 +371,11 @@ class VideoEvaluator(Evaluator):
             "pixels": "8-bit frames (round(x*255)); PSNR on [0,1] averaged over frames, each frame capped at "
                       f"{M.PSNR_CAP_DB:g} dB; LPIPS v0.1 on [-1,1]; SSIM torchmetrics (11x11 Gaussian, sigma 1.5)",
             "std": "population std over videos",
-            "reference_cache": {"dir": str(self.cache.root), "hits": sum(r["cache_hit"] for r in self.refs + self.floors),
-                                "built": sum(not r["cache_hit"] for r in self.refs + self.floors)},
+            "reference_cache": {"dir": str(self.cache.root), "hits": sum(cache_use),
+                                "built": len(cache_use) - sum(cache_use)},
             "video_backend": video_backend() if e.save_videos else None,
             "plot": plot,
-            "timings": {**{k: round(v, 3) for k, v in self.timings.items()},
-                        "quantized_generation_s": round(t_gen, 3), "scoring_s": round(t_score, 3)},
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},  # under torchrun: rank 0's own
         }
         out["videos"] = videos
         return out

@@ -37,6 +37,16 @@ def folder_fingerprint(folder: Path, edge_bytes: int = 1 << 20) -> str:
 
 def model_fingerprint(model_cfg: DictConfig, transformer: torch.nn.Module) -> str:
     """Identity of the transformer weights as loaded (tiny: full tensor hash; folders: file fingerprint)."""
-    if model_cfg.source == "diffusers":
+    if model_cfg.source in ("diffusers", "mini"):
         return folder_fingerprint(Path(model_cfg.path).expanduser())
+    if model_cfg.source == "synthetic":
+        return synthetic_fingerprint(model_cfg, transformer)
     return tensors_fingerprint(transformer)
+
+
+def synthetic_fingerprint(model_cfg: DictConfig, transformer: torch.nn.Module) -> str:
+    """Random full-size weights are fixed by their recipe: hashing gigabytes would dominate a benchmark."""
+    p = next(transformer.parameters())
+    recipe = (f"synthetic|{model_cfg.arch}|{model_cfg.num_layers}|{model_cfg.seed}|{model_cfg.dtype}|"
+              f"{p.device.type}|{torch.__version__}")
+    return hashlib.sha256(recipe.encode()).hexdigest()

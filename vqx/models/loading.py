@@ -23,15 +23,16 @@ WHERE_TO_GET = ("a local diffusers-format folder such as Wan2.1-T2V-1.3B-Diffuse
                 "network: huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR, then copy DIR here)")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "model.device=") -> torch.device:
+    """``name`` (auto | cpu | cuda | cuda:N) as a device; ``option`` is how errors spell the setting."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"model.device={name} but no CUDA device is visible; use model.device=cpu or auto")
+        raise UserError(f"{option}{name} but no CUDA device is visible; use {option}cpu or auto")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(f"model.device={name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
+        raise UserError(f"{option}{name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
 
 
 def check_diffusers_folder(path: Path, task: str) -> None:
@@ -132,7 +133,16 @@ def load_pipeline(model: DictConfig):
         from .tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(model.task, seed=model.seed, dtype=dtype)
+    elif model.source == "synthetic":
+        from .synthetic import build_synthetic_pipeline
+
+        # built on the device: random init of 14B on a CPU takes minutes
+        return build_synthetic_pipeline(model.arch, dtype, device, model.num_layers, seed=model.seed)
     else:
+        if model.source == "mini":  # says how to train it; then the checks of any diffusers folder apply
+            from ..testbed.folder import check_mini_folder
+
+            check_mini_folder(Path(model.path).expanduser())
         pipe = _load_diffusers(Path(model.path).expanduser(), model.task, dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)

@@ -21,12 +21,15 @@ TINY_TEXT_DIM = 32
 TINY_IMAGE_DIM = 32
 
 
-def build_tokenizer():
+def build_tokenizer(extra_words: tuple[str, ...] = ()):
+    """Word-level tokenizer over the tiny vocabulary; ``extra_words`` are appended (after it, so the ids of
+    the tiny words never change)."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(_SPECIAL + _WORDS)}
+    words = _SPECIAL + _WORDS + [w for w in dict.fromkeys(extra_words) if w not in _WORDS and w not in _SPECIAL]
+    vocab = {tok: i for i, tok in enumerate(words)}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
