@@ -12,7 +12,8 @@ from vqx.testbed import data, score
 from vqx.testbed.folder import check_mini_folder, default_folder, missing_parts
 
 # Tiny sizes: a full train -> save -> load -> sample -> score run in seconds on a CPU.
-TINY = ["--device", "cpu", "--size", "32", "--frames", "5", "--vae-dim", "4", "--dim", "32", "--heads", "2",
+TINY = ["--device", "cpu", "--size", "32", "--frames", "5", "--vae-frames", "5", "--vae-dim", "4", "--dim", "32",
+        "--heads", "2",
         "--layers", "1", "--ffn", "64", "--text-dim", "16", "--vae-batch-size", "1", "--batch-size", "2",
         "--pool", "4", "--refresh", "2", "--refresh-every", "2", "--sample-steps", "2", "--score-samples", "1"]
 

@@ -144,7 +144,8 @@ def write_model_card(path: Path, info: dict) -> None:
                      f"{s['final_loss']:.4g} | {'yes' if s['stopped_early'] else 'no'} |")
     lines += [
         "",
-        f"VAE: weighted L1 + {a['kl_weight']:g} KL; reconstruction PSNR at the end {t['vae'].get('psnr', float('nan')):.1f} dB.",
+        f"VAE: {a['vae_frames']}-frame windows of the clips, L1 weighted towards the object + {a['kl_weight']:g} KL; "
+        f"reconstruction PSNR at the end {t['vae'].get('psnr', float('nan')):.1f} dB.",
         f"Transformer: flow matching as diffusers' UniPC `flow_prediction` sampler expects (x_t = (1-s) x0 + s noise, "
         f"target noise - x0, timestep 1000 s, s uniform then shifted by {a['shift']}), AdamW, EMA {a['ema']}, "
         f"{a['cfg_dropout']:.0%} empty prompts for classifier-free guidance.",

@@ -57,13 +57,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"wall seconds for both training stages (stage 1 gets {VAE_SHARE:.0%}); samples come after")
     p.add_argument("--size", type=int, default=64, help="frame height and width in pixels")
     p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--vae-frames", type=int, default=9,
+                   help="frames per VAE training clip (windows of --frames clips): 1 + 4k frames exercise every "
+                        "chunk path of the causal VAE at a fraction of the cost")
     p.add_argument("--vae-dim", type=int, default=16, help="AutoencoderKLWan base_dim")
     p.add_argument("--dim", type=int, default=256, help="transformer width")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--text-dim", type=int, default=128, help="UMT5 d_model (the transformer's text_dim)")
-    p.add_argument("--lr-vae", type=float, default=5e-4)
+    p.add_argument("--lr-vae", type=float, default=2e-4, help="Wan's RMS-normed VAE stalls at 5e-4 and above")
     p.add_argument("--lr", type=float, default=5e-4, help="transformer learning rate")
     p.add_argument("--kl-weight", type=float, default=1e-5)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved transformer weights")
@@ -84,9 +87,12 @@ def check_args(a: argparse.Namespace) -> None:
     if a.size < 32 or a.size % 16:
         raise UserError(f"--size {a.size} must be a multiple of 16 and >= 32 (the VAE halves it 3 times, "
                         "the transformer patches latents in 2x2, LPIPS needs 32 pixels)")
-    if a.frames < 1 or a.frames % 4 != 1:
-        raise UserError(f"--frames {a.frames} must be 4k+1 (Wan's VAE packs 4 frames per latent after the first), "
-                        f"e.g. {max(1, a.frames // 4 * 4 + 1)}")
+    for flag, frames in (("--frames", a.frames), ("--vae-frames", a.vae_frames)):
+        if frames < 1 or frames % 4 != 1:
+            raise UserError(f"{flag} {frames} must be 4k+1 (Wan's VAE packs 4 frames per latent after the first), "
+                            f"e.g. {max(1, frames // 4 * 4 + 1)}")
+    if a.vae_frames > a.frames:
+        raise UserError(f"--vae-frames {a.vae_frames} must be <= --frames {a.frames}")
     if a.heads < 1 or a.dim % a.heads or (a.dim // a.heads) % 2:
         raise UserError(f"--dim {a.dim} must split into --heads {a.heads} heads of an even size")
     if a.text_dim < 8 or a.text_dim % 4:
@@ -206,6 +212,8 @@ def train_vae(vae, a: argparse.Namespace, device: torch.device, budget_s: float)
         for g in opt.param_groups:
             g["lr"] = a.lr_vae * stage.lr_factor()
         x, alpha = data.render(data.sample_clips(a.vae_batch_size, gen), a.size, a.frames, device)
+        start = int(torch.randint(a.frames - a.vae_frames + 1, (1,), generator=gen))  # same motion per frame
+        x, alpha = x[:, :, start:start + a.vae_frames], alpha[:, :, start:start + a.vae_frames]
         with autocast(device):
             posterior = vae.encode(x).latent_dist
             rec = vae.decode(posterior.sample()).sample
