@@ -31,6 +31,7 @@ Results: ``{"environment", "checks", "kernel_checks", "notes", "rows": [{"device
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -59,6 +60,8 @@ def parse_args():
     p.add_argument("--budget-s", type=float, default=330.0,
                    help="stop starting new rows after this many seconds (default 330: the run stays under 6 min)")
     p.add_argument("--out", type=Path, default=None, help="results file name under bench/results/")
+    p.add_argument("--attention", default="default", choices=["default", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"],
+                   help="attention kernel of every row, bf16 baseline included (default: what diffusers' SDPA picks)")
     args = p.parse_args()
     if args.repeats is None:
         args.repeats = 1 if args.smoke else 5
@@ -148,6 +151,13 @@ def main() -> int:
 
     rows, checks, failures = [], {}, []
     names = ["tiny"] if args.smoke else (args.only or list(MODELS))
+    attention = contextlib.ExitStack()  # closed after the last model
+    if args.attention != "default":  # every row, the bf16 baseline too: the ratios compare like with like
+        from diffusers.models.attention_dispatch import attention_backend
+
+        from vqx.eval.video import SDPA_METHODS
+
+        attention.enter_context(attention_backend(SDPA_METHODS[args.attention][0]))
     for name in names:
         blocks = (f"{SMOKE['arch']['num_layers']} of {SMOKE['arch']['num_layers']}" if args.smoke
                   else f"{MODELS[name]['layers']} of {MODELS[name]['of']}")
@@ -165,7 +175,7 @@ def main() -> int:
 
         def add(backend, fmt, variant, ms, err=None):
             row = dict(device=dev_name, model=name, backend=backend, format=fmt, variant=variant, ms=ms,
-                       blocks=blocks, tokens=tokens)
+                       blocks=blocks, tokens=tokens, attention=args.attention)
             if err:
                 row["error"] = err
             rows.append(row)
@@ -244,6 +254,7 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    attention.close()
     kernel_checks = fastpath.report()
     bad_kernels = [r for r in kernel_checks if not r["bit_exact"] and r["kernel"] != "gelu"]
     failures += [f"kernel check failed: {r}" for r in bad_kernels]
@@ -259,7 +270,8 @@ def main() -> int:
     notes = ("1.3B: all 30 blocks; 14B: 8 of its 40 blocks (per-call ms of a block subset, as docs/anchors.md). "
              "ratio_vs_bf16: against diffusers' bf16 model; ratio_vs_bf16_fused: against the bf16 model with the same "
              "fused elementwise kernels. fused = vqx's default CUDA path (Triton); eager = VQX_QUANT_IMPL=eager. "
-             f"FFN GELU fused with its quantization: {gelu_fused}.")
+             f"FFN GELU fused with its quantization: {gelu_fused}. Attention kernel of every row: "
+             f"{'SDPA default choice' if args.attention == 'default' else args.attention}.")
     if args.smoke:
         notes = "SMOKE RUN (tiny model, CPU, Triton interpreter): no speed claims. " + notes
     out_name = str(args.out) if args.out else ("eval_speed_smoke.json" if args.smoke else "eval_speed.json")

@@ -79,6 +79,22 @@ def test_report_lists_jobs_best_per_format_and_failures(sweep, capsys):
     assert "no metrics.json" in failed["10"]
 
 
+def test_markdown_table_has_complete_jobs_with_noise_floor(sweep, capsys):
+    metrics_path = sweep / "1" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics_path.write_text(json.dumps({**metrics, "noise_floor": {"lpips": 0.001, "psnr": 60.5}}))
+    assert vqx_main(["compare", str(sweep)]) == 0
+    assert f"table: {sweep / 'report.md'}" in capsys.readouterr().out
+    lines = (sweep / "report.md").read_text().splitlines()
+    assert lines[0] == ("| format | algorithm | +sweep | algorithm.alpha | LPIPS | PSNR | LPIPS noise floor | "
+                        "PSNR noise floor | layer err mean |")
+    rows = [ln for ln in lines[2:] if ln.startswith("| ")]
+    assert rows[0] == "| fp8 | smoothquant | alpha | 0.5 | 0.0500 | 35.00 |  |  | 1.000e-02 |"
+    assert "| w8a8 | smoothquant | alpha | 0.75 | 0.1000 | 32.00 | 0.0010 | 60.50 | 1.000e-02 |" in rows
+    assert len(rows) == 4  # complete jobs only
+    assert lines[-1].startswith("Failed or partial: 4 (") and "10 (no metrics.json" in lines[-1]
+
+
 def test_report_is_offline_and_sortable_with_embedded_plots(sweep):
     assert vqx_main(["compare", str(sweep)]) == 0
     html = (sweep / "report.html").read_text()

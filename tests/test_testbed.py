@@ -62,6 +62,15 @@ def test_score_is_perfect_on_ground_truth_and_low_on_noise():
     assert flipped["color"] and flipped["shape"] and not flipped["direction"]
 
 
+def test_score_reads_no_object_from_scattered_pixels():
+    # saturated specks in the four corners: no blob around their median, so no object (an untrained model's frames)
+    video = np.zeros((5, 64, 64, 3), np.float32)
+    for y in (0, 61):
+        for x in (0, 61):
+            video[:, y:y + 3, x:x + 3] = (1.0, 0.0, 0.0)
+    assert score.read_video(video) == score.Reading(None, None, None, 0.0)
+
+
 def test_prompt_table_matches_the_pipeline_encoding():
     from diffusers import UniPCMultistepScheduler, WanPipeline
 

@@ -144,7 +144,8 @@ def sample_clips(n: int, generator: torch.Generator, labels: torch.Tensor | None
     bounce = motion == MOTIONS.index("bounces")
     hop = torch.where(bounce, u(0.10, 0.16), 0.0)
     across = (margin + hop) + u(0, 1) * (1 - 2 * margin - hop)
-    turn = torch.where(motion == MOTIONS.index("rotates"), u(0.5, 1.0) * math.pi * torch.where(u(0, 1) < 0.5, -1, 1), 0.0)
+    spin = u(0.5, 1.0) * math.pi * torch.where(u(0, 1) < 0.5, -1, 1)
+    turn = torch.where(motion == MOTIONS.index("rotates"), spin, 0.0)
     color = torch.tensor(list(COLORS.values()))[labels[:, 0]] + u(-0.04, 0.04, 3)
     color = (color * u(0.85, 1.0, 1)).clamp(0, 1)
     tone = torch.tensor(list(TONES.values()))[labels[:, 4]] * u(0.85, 1.15, 1)
@@ -206,7 +207,8 @@ def _background(p: dict[str, torch.Tensor], pattern: torch.Tensor, x: torch.Tens
     period, ph0, ph1 = col(p["period"]), col(p["phase"][:, 0]), col(p["phase"][:, 1])
     wave = (x * col(torch.cos(p["angle"])) + y * col(torch.sin(p["angle"]))) / period + ph0
     striped = 0.5 + 0.5 * torch.tanh(3 * torch.sin(2 * math.pi * wave))
-    checker = 0.5 + 0.5 * torch.tanh(6 * torch.sin(2 * math.pi * (x / period + ph0)) * torch.sin(2 * math.pi * (y / period + ph1)))
+    sx, sy = torch.sin(2 * math.pi * (x / period + ph0)), torch.sin(2 * math.pi * (y / period + ph1))
+    checker = 0.5 + 0.5 * torch.tanh(6 * sx * sy)
     fx, fy = torch.frac(x / period + ph0) - 0.5, torch.frac(y / period + ph1) - 0.5
     dist = torch.sqrt(fx ** 2 + fy ** 2) * period  # to the nearest dot centre, frame units
     dotted = torch.sigmoid((col(p["dot"]) * period - dist) * size * 2)

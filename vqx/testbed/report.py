@@ -132,9 +132,9 @@ def write_model_card(path: Path, info: dict) -> None:
         f"- transformer: dim {a['dim']} ({a['heads']} heads), {a['layers']} layers, ffn {a['ffn']}, "
         f"{info['params']['transformer'] / 1e6:.2f} M parameters, saved in bf16",
         f"- VAE: base_dim {a['vae_dim']}, z_dim 16, {info['params']['vae'] / 1e6:.2f} M parameters, fp32",
-        f"- text encoder: UMT5 d_model {a['text_dim']}, {info['params']['text_encoder'] / 1e6:.2f} M parameters, random and "
-        "frozen (bf16): prompts map to fixed, distinct embeddings, the empty prompt included, and the transformer",
-        "  learns to read them",
+        f"- text encoder: UMT5 d_model {a['text_dim']}, {info['params']['text_encoder'] / 1e6:.2f} M parameters, "
+        "random and frozen (bf16): prompts map to fixed, distinct embeddings, the empty prompt included, and the",
+        "  transformer learns to read them",
         "",
         "| stage | steps done / planned | batch | wall s | final loss | stopped by the time budget |",
         "|---|---|---|---|---|---|",

@@ -61,6 +61,8 @@ def read_video(video: np.ndarray) -> Reading:
         cy, cx = np.median(ys), np.median(xs)
         d = np.hypot(ys - cy, xs - cx)
         keep = d <= 2.5 * np.sqrt(m.sum() / np.pi) + 2
+        if not keep.any():  # scattered pixels with no blob around their median: no object in this frame
+            continue
         ys, xs = ys[keep], xs[keep]
         cy, cx = ys.mean(), xs.mean()
         r_max = np.hypot(ys - cy, xs - cx).max() + 0.5  # to the outer edge of the farthest pixel

@@ -169,5 +169,5 @@ def main(args) -> int:
     failed = sum(j.failure is not None for j in jobs)
     print(f"report: {out} ({len(jobs)} jobs, {len(jobs) - failed} complete, {failed} failed or partial)")
     for path in written:
-        print(f"plot: {path}")
+        print(f"{'table' if path.suffix == '.md' else 'plot'}: {path}")
     return 0

@@ -271,8 +271,38 @@ def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str],
     return "\n".join(out)
 
 
+def render_markdown(jobs: list[Job]) -> str:
+    """The complete jobs as a Markdown table (for a README or an issue): video metrics with the noise floor,
+    the mean layer error, and the overrides that vary; failed jobs are named below it."""
+    complete = [j for j in jobs if j.failure is None]
+    varying = sorted(k for k in {k for j in jobs for k in j.overrides}
+                     if len({j.overrides.get(k) for j in jobs}) > 1 and k not in ("algorithm", "format"))
+    metrics = [c for c in ("lpips", "psnr", "ssim") if any(j.value(c) is not None for j in complete)]
+    floor = [c for c in metrics if any(_num_or_none((j.metrics or {}).get("noise_floor"), c) is not None
+                                       for j in complete)]
+    head = (["format", "algorithm", *varying] + [HEADERS[c] for c in metrics]
+            + [f"{HEADERS[c]} noise floor" for c in floor] + ["layer err mean"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for j in sorted(complete, key=lambda j: (j.format, j.algorithm, [j.overrides.get(k, "") for k in varying])):
+        nf = (j.metrics or {}).get("noise_floor")
+        row = [j.format, j.algorithm, *(j.overrides.get(k, "") for k in varying)]
+        row += [_fmt(c, j.value(c)) for c in metrics] + [_fmt(c, _num_or_none(nf, c)) for c in floor]
+        row.append(_fmt("layer_error_mean", j.value("layer_error_mean")))
+        lines.append("| " + " | ".join(row) + " |")
+    failed = [j for j in jobs if j.failure is not None]
+    if failed:
+        lines += ["", "Failed or partial: " + "; ".join(f"{j.name} ({j.failure})" for j in failed)]
+    return "\n".join(lines) + "\n"
+
+
+def _num_or_none(tree: Any, key: str) -> float | None:
+    value = tree.get(key) if isinstance(tree, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def write_report(jobs: list[Job], out: Path, title: str) -> list[Path]:
-    """Write the PNGs next to ``out`` and then ``out`` itself, each atomically; returns the PNG paths."""
+    """Write the PNGs and the Markdown table (``out`` with .md) next to ``out``, then ``out`` itself, each
+    atomically; returns the paths written besides ``out``."""
     complete = [j for j in jobs if j.failure is None]
     plots, note = make_plots(complete)
     written, files = [], {}
@@ -282,5 +312,8 @@ def write_report(jobs: list[Job], out: Path, title: str) -> list[Path]:
             tmp.write_bytes(png)
         written.append(path)
         files[name] = path.name
+    table = out.with_suffix(".md")
+    write_text_atomic(table, render_markdown(jobs))
+    written.append(table)
     write_text_atomic(out, render(jobs, plots, files, note, title))
     return written
