@@ -73,6 +73,8 @@ def main() -> int:
 
     from diffusers import WanTransformer3DModel
 
+    from vqx.models.tiny import cast_transformer
+
     spec = SMOKE if args.smoke else FULL
     device = torch.device(args.device)
     if device.type == "cpu" and not args.smoke:
@@ -94,7 +96,8 @@ def main() -> int:
         # A fresh model per row (same seed): materialize replaces the linears in place.
         with torch.device(device):
             torch.manual_seed(0)
-            transformer = WanTransformer3DModel(**spec["arch"]).to(dtype).eval()
+            # Wan's fp32 modules (rope, norms, time embedder) stay fp32, as from_pretrained(torch_dtype=...) keeps them
+            transformer = cast_transformer(WanTransformer3DModel(**spec["arch"]), dtype).eval()
         t0 = time.perf_counter()
         if fmt_name != "bf16":
             fmt = get_format(fmt_name)

@@ -9,10 +9,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
-def run_vqx(args, cwd=None, env=None, timeout=300):
-    """Run `python run.py ARGS` as a user would; returns CompletedProcess (text)."""
+def pin_tiny(overrides):
+    """``overrides`` plus model=wan_tiny unless they name a model: the suite tests the machinery on the random
+    tiny Wan (fast); the default model (wan_mini) has its own tests. Appended: flags such as -m come first."""
+    overrides = list(overrides)
+    return overrides if any(o.lstrip("+~").startswith("model=") for o in overrides) else [*overrides, "model=wan_tiny"]
+
+
+def run_vqx(args, cwd=None, env=None, timeout=300, pin_model=True):
+    """Run `python run.py ARGS` as a user would (on wan_tiny unless ARGS name a model or ``pin_model`` is
+    false); returns CompletedProcess (text)."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env or {})}
     full_env.pop("VQX_DEBUG", None)
+    args = pin_tiny(args) if pin_model else list(args)
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -15,13 +15,14 @@ from vqx.algorithms.losses import group_quant_loss
 from vqx.algorithms.smoothquant import smoothquant_scale
 from vqx.quant.formats import FORMATS
 from vqx.quant.linear import quantize_weight
+from conftest import pin_tiny
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose_run(overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=pin_tiny(overrides))
 
 
 def _outlier_layer(seed=0, n=2048, d_in=256, d_out=128, outlier_channels=(3, 77, 150), outlier_scale=60.0):

@@ -278,6 +278,11 @@ hh, aa = (torch.randn(2, 10, 96, generator=g) * 4).bfloat16(), (torch.randn(2, 1
 res["gated residual"] = fp.bits_equal(fp.gated_residual(hh, aa, sc), fp.gated_residual_eager(hh, aa, sc))
 acc = torch.randint(-2**30, 2**30, (20, 48), dtype=torch.int32, generator=g)
 sx, ws, b = torch.rand(20, 1, generator=g), torch.rand(1, 48, generator=g), torch.randn(48, generator=g).bfloat16()
+for dtype in (torch.bfloat16, torch.float32):
+    xr = (torch.randn(1, 10, 4, 16, generator=g) * 4).to(dtype)
+    xr[0, 1, 2] = 0
+    ang = torch.randn(1, 10, 1, 16, generator=g) * 50
+    res[f"rope {dtype}"] = fp.bits_equal(fp.rope(xr, ang.cos(), ang.sin()), fp.rope_eager(xr, ang.cos(), ang.sin()))
 res["int8 epilogue"] = fp.bits_equal(fp.int8_epilogue(acc, sx, ws, b), fp.int8_epilogue_eager(acc, sx, ws, b))
 
 # whole tiny model: fused Triton path == eager path == per-linear quantization

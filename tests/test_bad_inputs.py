@@ -32,6 +32,7 @@ from vqx.calib.prompts import load_prompt_set
 from vqx.config.validate import validate
 from vqx.errors import Fault, UserError, as_vqx_error, report_and_exit
 from vqx.models.loading import load_pipeline, resolve_device
+from conftest import pin_tiny
 
 CONF = ROOT / "conf"
 # every group named, so these tests do not change meaning when conf/config.yaml's defaults change
@@ -43,7 +44,7 @@ SMALL = [*PIN, "model.sampler.height=32", "model.sampler.width=32", "model.sampl
 
 def _compose(overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=pin_tiny(overrides))
 
 
 def one_line_error(r, code):
@@ -341,7 +342,7 @@ def run_patched(patch: str, args, tmp_path, debug=False, **kw):
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
-FAST = [*PIN, "calib.num_prompts=1", "calib.steps=2"]
+FAST = ["model=wan_tiny", *PIN, "calib.num_prompts=1", "calib.steps=2"]
 
 
 def test_disk_full_writing_metrics(tmp_path):

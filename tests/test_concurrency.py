@@ -11,7 +11,7 @@ from conftest import ROOT
 from vqx.cache import MANIFEST, DiskCache
 
 # every group named: the test does not depend on conf/config.yaml's defaults
-ARGS = ["algorithm=rtn", "export=none", "logger=none", "eval=video", "eval.num_samples=2", "eval.noise_floor=none",
+ARGS = ["model=wan_tiny", "algorithm=rtn", "export=none", "logger=none", "eval=video", "eval.num_samples=2", "eval.noise_floor=none",
         "eval.save_videos=false", "calib.num_prompts=2", "calib.steps=2"]
 # two formats twice: every job shares the capture and the references (neither depends on the format)
 JOBS = {"a": "format=w8a8", "b": "format=fp8", "c": "format=w8a8", "d": "format=fp8"}

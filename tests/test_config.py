@@ -10,6 +10,7 @@ from vqx.config.schema import GROUPS
 from vqx.config.validate import validate
 from vqx.errors import UserError
 from vqx.testbed.folder import missing_parts
+from conftest import pin_tiny
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
@@ -17,7 +18,7 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml")
 
 def _compose(overrides):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=pin_tiny(overrides))
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

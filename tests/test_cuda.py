@@ -23,7 +23,7 @@ def test_pinned_host_block_inputs_equal_gpu_resident(tmp_path, monkeypatch):
     """Block inputs in the shared pinned host buffer (large models) give the GPU-resident results exactly."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
-            "calib.num_prompts=2", "calib.steps=3", "calib.height=96", "calib.width=160", "calib.num_frames=9",
+            "model=wan_tiny", "calib.num_prompts=2", "calib.steps=3", "calib.height=96", "calib.width=160", "calib.num_frames=9",
             "calib.share_stats=false"])
     reports = {}
     for home in ("cuda", "cpu"):

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from conftest import ROOT, run_vqx
 
 # 3 prompts and 3 samples on 2 ranks: uneven shares (rank 0 gets 2, rank 1 gets 1), a last round of one sample
-ARGS = ["logger=none", "calib.num_prompts=3", "eval.num_samples=3"]
+ARGS = ["model=wan_tiny", "logger=none", "calib.num_prompts=3", "eval.num_samples=3"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # torchrun's ranks use one thread; CPU sums then run in the same order
 
 
@@ -74,7 +74,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
 
 def test_torchrun_on_a_cached_capture_equals_one_process(tmp_path):
     """A cache hit: rank 0 reads the capture and hands each rank its prompts' calls."""
-    args = ["logger=none", "export=none", "eval=none", "calib.num_prompts=3", f"cache_dir={tmp_path / 'cache'}"]
+    args = ["model=wan_tiny", "logger=none", "export=none", "eval=none", "calib.num_prompts=3", f"cache_dir={tmp_path / 'cache'}"]
     one = run_vqx([*args, f"hydra.run.dir={tmp_path / 'one'}"], env=ONE_THREAD)
     assert one.returncode == 0, one.stderr[-3000:]
     two = _torchrun([*args, f"hydra.run.dir={tmp_path / 'two'}"])

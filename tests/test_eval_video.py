@@ -19,6 +19,7 @@ from vqx.models.loading import load_pipeline
 from vqx.models.sampling import SamplerSettings, generate
 from vqx.quant.formats import get_format
 from vqx.stages import RunState
+from conftest import pin_tiny
 
 TINY = SamplerSettings(height=32, width=32, num_frames=5, steps=4, guidance=5.0, shift=3.0)
 PROMPTS = {"version": 1, "task": "t2v", "samples": [{"prompt": "a red ball bounces", "seed": 1},
@@ -27,7 +28,7 @@ PROMPTS = {"version": 1, "task": "t2v", "samples": [{"prompt": "a red ball bounc
 
 def _compose(overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=["eval=video", *overrides])
+        return compose(config_name="config", overrides=pin_tiny(["eval=video", *overrides]))
 
 
 # ---- settings --------------------------------------------------------------------------------------

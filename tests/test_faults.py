@@ -17,7 +17,7 @@ from conftest import ROOT
 from vqx.cache import MANIFEST, DiskCache
 
 # every group named: the test does not depend on conf/config.yaml's defaults
-ARGS = ["algorithm=rtn", "format=w8a8", "logger=none", "export=lightx2v", "eval=video", "eval.num_samples=1",
+ARGS = ["model=wan_tiny", "algorithm=rtn", "format=w8a8", "logger=none", "export=lightx2v", "eval=video", "eval.num_samples=1",
         "eval.noise_floor=none", "calib.num_prompts=2", "calib.steps=4"]  # stages long enough to be caught mid-way
 
 

@@ -174,8 +174,21 @@ def test_missing_folder_says_how_to_train(tmp_path):
         validate(cfg)
 
 
-@pytest.mark.skipif(missing_parts(default_folder()) != [], reason="assets/wan_mini is not trained yet "
-                    "(python -m vqx.testbed.train --out assets/wan_mini --device cuda)")
+def test_committed_wan_mini_is_complete_small_and_the_default():
+    from hydra import compose, initialize_config_dir
+
+    folder = default_folder()
+    assert missing_parts(folder) == []
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    assert {"model_card.md", "loss_curve.png", "grid.png", "samples.mp4", "training.json"} <= {p.name for p in files}
+    info = json.loads((folder / "training.json").read_text())
+    assert info["score"]["mean"] >= 2 * info["score"]["mean_chance"]
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        assert compose(config_name="config").model.name == "wan_mini"
+
+
 def test_trained_wan_mini_follows_its_prompts():
     from hydra import compose, initialize_config_dir
 

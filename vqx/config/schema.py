@@ -50,6 +50,15 @@ class PromptSetsSchema:
 
 
 @dataclass
+class OutlierSchema:
+    """Activation outlier channels injected without changing the float model (vqx.models.outliers)."""
+
+    channels: int = bounded(0, 0, None)  # per block and site; 0: none
+    scale: float = bounded(32.0, 2, None)  # a power of two
+    seed: int = 0
+
+
+@dataclass
 class ModelSchema:
     name: str = "wan_tiny"
     task: str = choice("t2v", "i2v")
@@ -64,6 +73,7 @@ class ModelSchema:
     eval_samples: Optional[int] = bounded(None, 1, None)  # evaluation prompts by default; null: all
     prompts: PromptSetsSchema = field(default_factory=PromptSetsSchema)
     sampler: SamplerSchema = field(default_factory=SamplerSchema)
+    outliers: OutlierSchema = field(default_factory=OutlierSchema)
 
 
 @dataclass

@@ -81,6 +81,10 @@ def _check_rules(cfg: DictConfig) -> None:
     for step in cfg.algorithm.steps:
         if step not in STEPS:
             raise UserError(f"algorithm step {step!r} is unknown; valid steps: {', '.join(sorted(STEPS))}")
+    if cfg.model.outliers.channels:
+        from ..models.outliers import check_scale
+
+        check_scale(float(cfg.model.outliers.scale))
     if cfg.model.source == "diffusers" and not cfg.model.path:
         raise UserError(f"model={cfg.model.name} needs model.path=/path/to/a local diffusers folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
     if cfg.model.source == "mini":  # before the prompt files inside it are read, so the message says how to train it

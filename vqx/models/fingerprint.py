@@ -36,12 +36,18 @@ def folder_fingerprint(folder: Path, edge_bytes: int = 1 << 20) -> str:
 
 
 def model_fingerprint(model_cfg: DictConfig, transformer: torch.nn.Module) -> str:
-    """Identity of the transformer weights as loaded (tiny: full tensor hash; folders: file fingerprint)."""
+    """Identity of the transformer weights as loaded (tiny: full tensor hash; folders: file fingerprint; plus
+    the injected outliers, which change the weights, not the files)."""
     if model_cfg.source in ("diffusers", "mini"):
-        return folder_fingerprint(Path(model_cfg.path).expanduser())
-    if model_cfg.source == "synthetic":
-        return synthetic_fingerprint(model_cfg, transformer)
-    return tensors_fingerprint(transformer)
+        base = folder_fingerprint(Path(model_cfg.path).expanduser())
+    elif model_cfg.source == "synthetic":
+        base = synthetic_fingerprint(model_cfg, transformer)
+    else:
+        return tensors_fingerprint(transformer)
+    o = model_cfg.get("outliers")
+    if not (o and o.channels):
+        return base
+    return hashlib.sha256(f"{base}|outliers|{o.channels}|{float(o.scale)}|{o.seed}".encode()).hexdigest()
 
 
 def synthetic_fingerprint(model_cfg: DictConfig, transformer: torch.nn.Module) -> str:

@@ -137,7 +137,9 @@ def load_pipeline(model: DictConfig):
         from .synthetic import build_synthetic_pipeline
 
         # built on the device: random init of 14B on a CPU takes minutes
-        return build_synthetic_pipeline(model.arch, dtype, device, model.num_layers, seed=model.seed)
+        pipe = build_synthetic_pipeline(model.arch, dtype, device, model.num_layers, seed=model.seed)
+        _inject_outliers(model, pipe)
+        return pipe
     else:
         if model.source == "mini":  # says how to train it; then the checks of any diffusers folder apply
             from ..testbed.folder import check_mini_folder
@@ -148,7 +150,16 @@ def load_pipeline(model: DictConfig):
     pipe = pipe.to(device)
     if model.source != "tiny":
         check_finite_weights(pipe.transformer)  # on the device: fast even for 14B
+    _inject_outliers(model, pipe)
     return pipe
+
+
+def _inject_outliers(model: DictConfig, pipe) -> None:
+    outliers = model.get("outliers")
+    if outliers and outliers.channels:
+        from .outliers import inject_outliers
+
+        inject_outliers(pipe.transformer, int(outliers.channels), float(outliers.scale), int(outliers.seed))
 
 
 def _load_diffusers(path: Path, task: str, dtype: torch.dtype):

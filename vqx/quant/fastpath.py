@@ -117,6 +117,17 @@ def gated_residual_eager(h: torch.Tensor, a: torch.Tensor, gate: torch.Tensor) -
     return (h.float() + a.float() * gate).type_as(h)
 
 
+def rope_eager(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' Wan apply_rotary_emb (WanAttnProcessor), op for op: x [B, S, H, D], freqs [1, S, 1, D]."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
 def int8_epilogue_eager(acc: torch.Tensor, sx: torch.Tensor, ws_row: torch.Tensor, bias: torch.Tensor | None):
     """lightx2v's int8 epilogue: (acc.float() * sx * weight_scale.T + bias.float()).to(bf16)."""
     y = acc.float() * sx * ws_row
@@ -488,6 +499,42 @@ def _residual_triton(h, a, gate):
         _as_bits(h), _as_bits(a), g, _as_bits(out), kdim, length if gate.shape[0] > 1 else b * length,
         g.stride(0) if gate.shape[0] > 1 else 0, DT=_dt(h.dtype), A_DT=_dt(a.dtype), BLOCK=block,
         **_launch_opts(block))
+    return out
+
+
+def rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """`rope_eager` in one pass over ``x`` (the eager ops make six, with fp32 temporaries)."""
+    if (_wants_triton(x, freqs_cos, freqs_sin) and _dt(x.dtype) is not None and x.dim() == 4 and x.is_contiguous()
+            and x.numel() > 0 and x.shape[-1] % 2 == 0 and freqs_cos.dtype == freqs_sin.dtype == torch.float32
+            and freqs_cos.shape == freqs_sin.shape == (1, x.shape[1], 1, x.shape[3])
+            and freqs_cos.is_contiguous() and freqs_sin.is_contiguous()):
+        heads, dim = x.shape[2], x.shape[3]
+
+        def check():
+            g = torch.Generator().manual_seed(5)
+            xx = probe_rows(heads * dim, x.dtype, "cpu", seed=5)[:64].reshape(1, -1, heads, dim)
+            n = xx.shape[1]
+            ang = torch.randn(1, n, 1, dim, generator=g) * 100
+            ang[0, 0] = 0  # cos 1, sin 0: the identity rows
+            ang[0, -1] = 2.5  # negative cos: signed zeros of the all-zero padding row
+            cc, ss = ang.cos().to(x.device), ang.sin().to(x.device)
+            cc[0, 1], ss[0, 1] = 1e-39, -1e-39  # subnormal factors
+            xx = xx.to(x.device)
+            return bits_equal(_rope_triton(xx, cc, ss), rope_eager(xx, cc, ss)), {}
+
+        out = _fast(("rope", x.device.type, heads, dim, x.dtype), check, lambda: _rope_triton(x, freqs_cos, freqs_sin))
+        if out is not None:
+            return out
+    return rope_eager(x, freqs_cos, freqs_sin)
+
+
+def _rope_triton(x, freqs_cos, freqs_sin):
+    k = _kernels()
+    b, s, heads, dim = x.shape
+    out = torch.empty_like(x)
+    block = _next_pow2(heads * dim // 2)
+    k.rope_kernel[(b * s,)](_as_bits(x), freqs_cos, freqs_sin, _as_bits(out), s, heads * dim, dim, DT=_dt(x.dtype),
+                            BLOCK=block, **_launch_opts(block))
     return out
 
 

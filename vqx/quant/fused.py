@@ -3,8 +3,9 @@
 `install` (run by `materialize` for every block it quantizes) gives the block:
 - one `SharedInput` per input group (vqx.models.wan.input_groups): linears that read the same tensor
   (attn1 q/k/v, attn2 k/v, I2V add_k/add_v) quantize it once, not once each;
-- a forward that is diffusers' `WanTransformerBlock.forward`, op for op, except that the elementwise ops
-  before a quantized group run fused with the group's quantization: the modulated norms before attn1 and
+- a forward that is diffusers' `WanTransformerBlock.forward`, op for op, except that the self-attention's
+  rotary embedding of q and k runs as one kernel each, and the elementwise ops before a quantized group
+  run fused with the group's quantization: the modulated norms before attn1 and
   the FFN (``(n * (1 + scale) + shift).to(dtype)``), the cast after the cross-attention norm, the FFN's
   tanh-GELU, and the two gated residual updates. Each fused op runs as one Triton kernel on CUDA and as
   its eager twin (the same PyTorch ops as diffusers) elsewhere (see fastpath.py), so the result is the
@@ -127,6 +128,29 @@ class FusedWanTransformerBlock(WanTransformerBlock):
             raise RuntimeError(f"vqx: the quantized input of {name} was not read by all of {group.members} "
                                f"(an attention processor or FFN that does not pass it straight to them)")
 
+    def _self_attention(self, x: torch.Tensor, rotary_emb) -> torch.Tensor:
+        """``self.attn1(x, None, None, rotary_emb)``: diffusers' WanAttnProcessor op for op, with the rotary
+        embedding of q and k in one pass each (`fastpath.rope`); the module itself where that is not sure to be
+        the same computation (another processor, hooks on the attention, no rotary embedding)."""
+        attn = self.attn1
+        if (rotary_emb is None or not _plain_processor(attn) or attn.add_k_proj is not None or _has_hooks(attn)
+                or _global_hooks()):
+            return attn(x, None, None, rotary_emb)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        query, key, value = _get_qkv_projections(attn, x, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        query = fastpath.rope(query, *rotary_emb)
+        key = fastpath.rope(key, *rotary_emb)
+        proc = attn.processor
+        out = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                    backend=proc._attention_backend, parallel_config=proc._parallel_config)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
     def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
         if temb.ndim == 4 or not hasattr(self, "_vqx_groups"):  # Wan2.2 TI2V per-token modulation
             return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
@@ -139,7 +163,7 @@ class FusedWanTransformerBlock(WanTransformerBlock):
         plan = self._group_spec("self_attn_in", self.attn1) if _plain_processor(self.attn1) else None
         h, act = fastpath.modulate(self.norm1(hidden_states.float()), scale_msa, shift_msa, dtype, _spec(plan))
         x_in, handed = self._hand_over("self_attn_in", h, act, plan)
-        attn_output = self.attn1(x_in, None, None, rotary_emb)
+        attn_output = self._self_attention(x_in, rotary_emb)
         self._check_consumed("self_attn_in", handed)
         hidden_states = fastpath.gated_residual(hidden_states, attn_output, gate_msa)
 

@@ -85,6 +85,10 @@ if INTERPRET:
         return a + b
 
     @triton.jit
+    def _sub(a, b):
+        return a - b
+
+    @triton.jit
     def _fma(a, b, c):
         return a * b + c
 
@@ -128,6 +132,10 @@ else:
     @triton.jit
     def _add(a, b):
         return a + b
+
+    @triton.jit
+    def _sub(a, b):  # not _add(a, -b): Triton negates as 0 - b, which turns -0 - (+0) into +0
+        return a - b
 
     @triton.jit
     def _fma(a, b, c):
@@ -288,3 +296,23 @@ def int8_epilogue_kernel(ACC, SX, WS, BIAS, OUT, M, N, HAS_BIAS: tl.constexpr,
     if HAS_BIAS:
         y = _add(y, _load_bf16(BIAS + rn, mn)[None, :])
     _store_bf16(OUT + idx, _bf16(y), mask)
+
+
+@triton.jit
+def rope_kernel(X, COS, SIN, OUT, S, K, D, DT: tl.constexpr, BLOCK: tl.constexpr):
+    """Wan's rotary embedding of one token (all heads): for each pair (x1, x2) = x[2j], x[2j+1] with
+    c = cos[2j], s = sin[2j+1] of its position, out = ((x1 c - x2 s), (x1 s + x2 c)) in fp32, rounded to
+    the model dtype: diffusers' apply_rotary_emb."""
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK)  # pair index within the token's K // 2 pairs
+    mask = p < K // 2
+    base = X + row * K
+    x1 = _load_model(base + 2 * p, mask, DT)
+    x2 = _load_model(base + 2 * p + 1, mask, DT)
+    f = (row % S) * D + 2 * (p % (D // 2))
+    c = tl.load(COS + f, mask=mask, other=0.0)
+    s = tl.load(SIN + f + 1, mask=mask, other=0.0)
+    even = _sub(_mul(x1, c), _mul(x2, s))
+    odd = _add(_mul(x1, s), _mul(x2, c))
+    _store_model(OUT + row * K + 2 * p, _to_model(even, DT), mask, DT)
+    _store_model(OUT + row * K + 2 * p + 1, _to_model(odd, DT), mask, DT)

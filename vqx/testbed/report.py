@@ -127,6 +127,7 @@ def write_model_card(path: Path, info: dict) -> None:
         f"- command: `{info['command']}`",
         f"- device: {info['device']}; torch {info['torch']}, diffusers {info['diffusers']}; seed {a['seed']}",
         f"- wall time: {info['wall_s']:.0f} s in all (budget for the two training stages: {a['time_budget_s']} s)",
+        *([f"- note: {info['note']}"] if info.get("note") else []),
         f"- video: {a['size']}x{a['size']}, {a['frames']} frames -> latents 16x{(a['frames'] - 1) // 4 + 1}x"
         f"{a['size'] // 8}x{a['size'] // 8}, {info['tokens']} transformer tokens",
         f"- transformer: dim {a['dim']} ({a['heads']} heads), {a['layers']} layers, ffn {a['ffn']}, "
@@ -144,7 +145,8 @@ def write_model_card(path: Path, info: dict) -> None:
                      f"{s['final_loss']:.4g} | {'yes' if s['stopped_early'] else 'no'} |")
     lines += [
         "",
-        f"VAE: {a['vae_frames']}-frame windows of the clips, L1 weighted towards the object + {a['kl_weight']:g} KL; "
+        ("VAE: whole clips" if a['vae_frames'] == a['frames'] else f"VAE: {a['vae_frames']}-frame windows of the clips")
+        + f", L1 weighted towards the object + {a['kl_weight']:g} KL; "
         f"reconstruction PSNR at the end {t['vae'].get('psnr', float('nan')):.1f} dB.",
         f"Transformer: flow matching as diffusers' UniPC `flow_prediction` sampler expects (x_t = (1-s) x0 + s noise, "
         f"target noise - x0, timestep 1000 s, s uniform then shifted by {a['shift']}), AdamW, EMA {a['ema']}, "

@@ -52,10 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps-transformer", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=256, help="transformer batch (clips)")
     p.add_argument("--vae-batch-size", type=int, default=32)
-    p.add_argument("--time-budget-s", type=float, default=390.0,
+    p.add_argument("--time-budget-s", type=float, default=780.0,
                    help=f"wall seconds for both training stages (stage 1 gets {VAE_SHARE:.0%}); samples come after")
     p.add_argument("--size", type=int, default=64, help="frame height and width in pixels")
-    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--frames", type=int, default=9)
     p.add_argument("--vae-frames", type=int, default=None,
                    help="frames per VAE training clip, a window of a --frames clip (default: all). Fewer is cheaper, "
                         "but the causal VAE then drifts in the chunks it never trained on")
