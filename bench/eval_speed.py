@@ -23,6 +23,7 @@ median of ``--repeats`` calls, each timed with CUDA events.
     python bench/eval_speed.py                  # GPU: writes bench/results/eval_speed.json (~4-5 min on an H100)
     python bench/eval_speed.py --only 14B       # one model
     python bench/eval_speed.py --smoke          # tiny model on CPU, Triton through its interpreter: checks the script
+    python bench/eval_speed.py --attention sdpa_cudnn --out eval_speed_cudnn.json   # every row with one SDPA kernel
 
 Results: ``{"environment", "checks", "kernel_checks", "notes", "rows": [{"device", "model", "backend",
 "format", "variant", "ms", "ratio_vs_bf16", "ratio_vs_bf16_fused", "blocks", "tokens"}, ...]}``.

@@ -11,9 +11,13 @@ SHARED = ROOT.parent / "shared"
 
 def pin_tiny(overrides):
     """``overrides`` plus model=wan_tiny unless they name a model: the suite tests the machinery on the random
-    tiny Wan (fast); the default model (wan_mini) has its own tests. Appended: flags such as -m come first."""
+    tiny Wan (fast); the default model (wan_mini) has its own tests."""
     overrides = list(overrides)
-    return overrides if any(o.lstrip("+~").startswith("model=") for o in overrides) else [*overrides, "model=wan_tiny"]
+    if any(o.lstrip("+~").startswith("model=") for o in overrides):
+        return overrides
+    # next to the other overrides: argparse rejects positionals on both sides of a flag such as --cfg
+    i = next((k for k, o in enumerate(overrides) if "=" in o and not o.startswith("-")), len(overrides))
+    return [*overrides[:i], "model=wan_tiny", *overrides[i:]]
 
 
 def run_vqx(args, cwd=None, env=None, timeout=300, pin_model=True):
