@@ -136,10 +136,8 @@ def load_pipeline(model: DictConfig):
     elif model.source == "synthetic":
         from .synthetic import build_synthetic_pipeline
 
-        # built on the device: random init of 14B on a CPU takes minutes
+        # built on the device: random init of 14B on a CPU takes minutes (the .to(device) below is then a no-op)
         pipe = build_synthetic_pipeline(model.arch, dtype, device, model.num_layers, seed=model.seed)
-        _inject_outliers(model, pipe)
-        return pipe
     else:
         if model.source == "mini":  # says how to train it; then the checks of any diffusers folder apply
             from ..testbed.folder import check_mini_folder
@@ -148,18 +146,14 @@ def load_pipeline(model: DictConfig):
         pipe = _load_diffusers(Path(model.path).expanduser(), model.task, dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
-    if model.source != "tiny":
+    if model.source in ("diffusers", "mini"):
         check_finite_weights(pipe.transformer)  # on the device: fast even for 14B
-    _inject_outliers(model, pipe)
-    return pipe
-
-
-def _inject_outliers(model: DictConfig, pipe) -> None:
     outliers = model.get("outliers")
     if outliers and outliers.channels:
         from .outliers import inject_outliers
 
         inject_outliers(pipe.transformer, int(outliers.channels), float(outliers.scale), int(outliers.seed))
+    return pipe
 
 
 def _load_diffusers(path: Path, task: str, dtype: torch.dtype):

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.attention import FeedForward
-from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock, _get_qkv_projections
 from torch import nn
 
 from ..models.wan import input_groups, is_i2v
@@ -136,9 +137,6 @@ class FusedWanTransformerBlock(WanTransformerBlock):
         if (rotary_emb is None or not _plain_processor(attn) or attn.add_k_proj is not None or _has_hooks(attn)
                 or _global_hooks()):
             return attn(x, None, None, rotary_emb)
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
-
         query, key, value = _get_qkv_projections(attn, x, None)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))

@@ -29,10 +29,12 @@ class Job:
     failure: str | None = None  # why the job has no usable results
 
     def value(self, key: str) -> Any:
-        """A report column of a complete job: lpips, psnr, ssim, layer_error_mean/max, quantized_layers, total_s."""
+        """A report column of a complete job: lpips, psnr, ssim, noise_floor_<lpips|psnr|ssim>, layer_error_mean/max,
+        quantized_layers, total_s."""
         m = self.metrics or {}
-        if key.startswith("layer_error_"):
-            return _num((m.get("layer_error") or {}).get(key[len("layer_error_"):]))
+        for prefix in ("layer_error", "noise_floor"):
+            if key.startswith(prefix + "_"):
+                return _num((m.get(prefix) or {}).get(key[len(prefix) + 1:]))
         if key == "total_s":
             return _num((m.get("timings") or {}).get("total_s"))
         evals = m.get("eval") if isinstance(m.get("eval"), dict) else {}

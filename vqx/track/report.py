@@ -204,14 +204,18 @@ def _sortable_head(headers: list[tuple[str, str]]) -> str:
     return f"<thead><tr>{cells}</tr></thead>"
 
 
+def varying_overrides(jobs: list[Job]) -> list[str]:
+    """Override keys whose value (or presence) differs between jobs, sorted."""
+    return sorted(k for k in {k for j in jobs for k in j.overrides} if len({j.overrides.get(k) for j in jobs}) > 1)
+
+
 def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str], note: str | None, title: str) -> str:
     complete = [j for j in jobs if j.failure is None]
     failed = [j for j in jobs if j.failure is not None]
     best = best_per_format(complete)
     best_dirs = {b.dir for b, _ in best.values()}
-    override_keys = sorted({k for j in jobs for k in j.overrides})
-    varying = [k for k in override_keys if len({j.overrides.get(k) for j in jobs}) > 1]
-    common = {k: jobs[0].overrides.get(k) for k in override_keys if k not in varying}
+    varying = varying_overrides(jobs)
+    common = {k: jobs[0].overrides.get(k) for k in sorted({k for j in jobs for k in j.overrides}) if k not in varying}
     columns = [c for c in COLUMNS if any(j.value(c[0]) is not None for j in complete)]
 
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>vqx compare</title><style>{STYLE}</style>"
@@ -275,29 +279,21 @@ def render_markdown(jobs: list[Job]) -> str:
     """The complete jobs as a Markdown table (for a README or an issue): video metrics with the noise floor,
     the mean layer error, and the overrides that vary; failed jobs are named below it."""
     complete = [j for j in jobs if j.failure is None]
-    varying = sorted(k for k in {k for j in jobs for k in j.overrides}
-                     if len({j.overrides.get(k) for j in jobs}) > 1 and k not in ("algorithm", "format"))
+    varying = [k for k in varying_overrides(jobs) if k not in ("algorithm", "format")]
     metrics = [c for c in ("lpips", "psnr", "ssim") if any(j.value(c) is not None for j in complete)]
-    floor = [c for c in metrics if any(_num_or_none((j.metrics or {}).get("noise_floor"), c) is not None
-                                       for j in complete)]
+    floor = [c for c in metrics if any(j.value(f"noise_floor_{c}") is not None for j in complete)]
     head = (["format", "algorithm", *varying] + [HEADERS[c] for c in metrics]
             + [f"{HEADERS[c]} noise floor" for c in floor] + ["layer err mean"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for j in sorted(complete, key=lambda j: (j.format, j.algorithm, [j.overrides.get(k, "") for k in varying])):
-        nf = (j.metrics or {}).get("noise_floor")
         row = [j.format, j.algorithm, *(j.overrides.get(k, "") for k in varying)]
-        row += [_fmt(c, j.value(c)) for c in metrics] + [_fmt(c, _num_or_none(nf, c)) for c in floor]
+        row += [_fmt(c, j.value(c)) for c in metrics] + [_fmt(c, j.value(f"noise_floor_{c}")) for c in floor]
         row.append(_fmt("layer_error_mean", j.value("layer_error_mean")))
         lines.append("| " + " | ".join(row) + " |")
     failed = [j for j in jobs if j.failure is not None]
     if failed:
         lines += ["", "Failed or partial: " + "; ".join(f"{j.name} ({j.failure})" for j in failed)]
     return "\n".join(lines) + "\n"
-
-
-def _num_or_none(tree: Any, key: str) -> float | None:
-    value = tree.get(key) if isinstance(tree, dict) else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def write_report(jobs: list[Job], out: Path, title: str) -> list[Path]:
