@@ -47,7 +47,8 @@ def measure(arch: str, algorithms: list[str], smoke: bool, num_layers: int | Non
     from vqx.calib.capture import load_or_capture
     from vqx.models.synthetic import WAN_ARCHS, build_synthetic_pipeline
     from vqx.models.wan import LayerSelection, quant_targets
-    from vqx.quant.formats import FORMATS
+    from vqx.experiment import plan_targets
+    from vqx.quant.formats import format_from_config
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extra = ["calib.height=32", "calib.width=32", "calib.num_frames=5", "calib.steps=2", "calib.num_prompts=1"] if smoke else []
@@ -63,10 +64,10 @@ def measure(arch: str, algorithms: list[str], smoke: bool, num_layers: int | Non
                 torch.cuda.reset_peak_memory_stats()
             with Stopwatch() as capture_time:
                 capture = load_or_capture(pipe, cfg.calib, "t2v", {"synthetic": arch, "layers": num_layers}, cache)
-            targets = quant_targets(pipe.transformer, LayerSelection())
+            targets, schemes = plan_targets(pipe.transformer, format_from_config(cfg.format, len(pipe.transformer.blocks)))
             home = str(_residency(pipe.transformer, capture, torch.device(device)))
             with Stopwatch() as algo_time:
-                quantize_blockwise(pipe.transformer, capture, targets, FORMATS[cfg.format.name], cfg.algorithm, cfg.calib)
+                quantize_blockwise(pipe.transformer, capture, targets, schemes, cfg.algorithm, cfg.calib)
             rows.append({
                 "arch": arch, "blocks": len(pipe.transformer.blocks), "algorithm": algorithm, "format": cfg.format.name,
                 "prompts": cfg.calib.num_prompts, "capture_steps": cfg.calib.steps,

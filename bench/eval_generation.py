@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from vqx.io import write_json_atomic  # noqa: E402
 from vqx.models.wan import LayerSelection, quant_targets  # noqa: E402
-from vqx.quant.formats import get_format  # noqa: E402
+from vqx.quant.formats import get_scheme  # noqa: E402
 from vqx.quant.materialize import materialize  # noqa: E402
 
 # Wan2.1-T2V-1.3B (diffusers config) and its 480p x 81-frame latent: 21 x 60 x 104, 32,760 tokens.
@@ -100,8 +100,8 @@ def main() -> int:
             transformer = cast_transformer(WanTransformer3DModel(**spec["arch"]), dtype).eval()
         t0 = time.perf_counter()
         if fmt_name != "bf16":
-            fmt = get_format(fmt_name)
-            materialize(transformer, quant_targets(transformer, LayerSelection()), fmt, {})
+            targets = quant_targets(transformer, LayerSelection())
+            materialize(transformer, targets, {t.name: get_scheme(fmt_name) for t in targets}, {})
         sync(device)
         quantize_s = time.perf_counter() - t0
         if device.type == "cuda":

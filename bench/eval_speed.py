@@ -82,7 +82,7 @@ def main() -> int:
     from vqx.models.wan import LayerSelection, quant_targets
     from vqx.quant import fastpath
     from vqx.quant.backends import fallbacks, set_backend
-    from vqx.quant.formats import get_format
+    from vqx.quant.formats import get_scheme
     from vqx.quant.fused import install
     from vqx.quant.materialize import materialize
 
@@ -196,7 +196,7 @@ def main() -> int:
         # the path the timed rows use, against the fp32 reference quantizer, bit for bit.
         with fastpath.use_impl(fused_impl):
             for fmt in FORMATS:
-                grid = get_format(fmt).activation_grid
+                grid = get_scheme(fmt).activation_grid
                 for width in (dim, ffn):
                     x = fastpath.probe_rows(width, torch.bfloat16, device, seed=7)
                     g = torch.Generator(device="cpu").manual_seed(8)
@@ -228,7 +228,8 @@ def main() -> int:
         for fmt in FORMATS:
             log(f"{name}: quantizing ({fmt}, RTN)")
             model = copy.deepcopy(base)
-            materialize(model, quant_targets(model, LayerSelection()), get_format(fmt), {})
+            targets = quant_targets(model, LayerSelection())
+            materialize(model, targets, {t.name: get_scheme(fmt) for t in targets}, {})
             outs = {}
             for backend in ("fake", "kernel"):
                 set_backend(model, backend)

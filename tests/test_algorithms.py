@@ -13,8 +13,9 @@ from vqx.algorithms.awq import awq_scale
 from vqx.algorithms.gptq import gptq_quantize
 from vqx.algorithms.losses import group_quant_loss
 from vqx.algorithms.smoothquant import smoothquant_scale
-from vqx.quant.formats import FORMATS
+from vqx.quant.formats import SCHEMES
 from vqx.quant.linear import quantize_weight
+from vqx.quant.scheme import TensorScheme
 from conftest import pin_tiny
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -36,7 +37,7 @@ def _outlier_layer(seed=0, n=2048, d_in=256, d_out=128, outlier_channels=(3, 77,
 @pytest.mark.parametrize("fmt", ["w8a8", "fp8"])
 def test_smoothquant_beats_rtn_on_outlier_channels(fmt):
     x, w = _outlier_layer()
-    f = FORMATS[fmt]
+    f = SCHEMES[fmt]
     rtn = group_quant_loss(x, [w], f)
     s = smoothquant_scale(x.abs().amax(0), w.abs().amax(0), alpha=0.5)
     sq = group_quant_loss(x, [w], f, s)
@@ -56,11 +57,10 @@ def test_gptq_reconstruction_beats_rtn_on_calibration_inputs():
     x = base @ torch.randn(32, 192, generator=g) + 0.1 * torch.randn(4096, 192, generator=g)
     w = torch.randn(96, 192, generator=g)
     for name in ("int8", "fp8_e4m3"):
-        from vqx.quant.numbers import get_grid
-
-        grid = get_grid(name)
-        codes, scale = gptq_quantize(w, x.T @ x / x.shape[0], grid, damp=0.01, block_size=32)
-        rtn_codes, rtn_scale = quantize_weight(w, grid)
+        ts = TensorScheme(name, "channel", scale_dtype="bf16")
+        grid = ts.grid_
+        codes, scale = gptq_quantize(w, x.T @ x / x.shape[0], ts, damp=0.01, block_size=32)
+        rtn_codes, rtn_scale = quantize_weight(w, ts)
         assert torch.equal(scale, rtn_scale)  # same per-channel scales; only the codes differ
         err_gptq = (x @ (codes * scale - w).T).norm()
         err_rtn = (x @ (rtn_codes * rtn_scale - w).T).norm()
@@ -72,11 +72,10 @@ def test_gptq_act_order_gives_valid_codes():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(512, 64, generator=g) * torch.linspace(0.1, 5, 64)
     w = torch.randn(16, 64, generator=g)
-    from vqx.quant.numbers import get_grid
-
-    codes, scale = gptq_quantize(w, x.T @ x / 512, get_grid("int8"), act_order=True, block_size=8)
+    ts = SCHEMES["w8a8"].weight
+    codes, scale = gptq_quantize(w, x.T @ x / 512, ts, act_order=True, block_size=8)
     assert torch.equal(codes, codes.round()) and codes.min() >= -128 and codes.max() <= 127
-    assert (x @ (codes * scale - w).T).norm() < (x @ (quantize_weight(w, get_grid("int8"))[0] * scale - w).T).norm()
+    assert (x @ (codes * scale - w).T).norm() < (x @ (quantize_weight(w, ts)[0] * scale - w).T).norm()
 
 
 @pytest.mark.parametrize("model", ["wan_tiny", "wan_tiny_i2v"])

@@ -20,7 +20,7 @@ from torch import nn
 from vqx.models.wan import LayerSelection, quant_targets, set_submodule
 from vqx.quant import fastpath
 from vqx.quant.backends import BACKENDS, set_backend
-from vqx.quant.formats import get_format
+from vqx.quant.formats import get_scheme
 from vqx.quant.fused import FusedWanTransformerBlock, SharedInput
 from vqx.quant.linear import QuantLinear
 from vqx.quant.materialize import materialize
@@ -50,13 +50,13 @@ def _per_linear(base, fmt):
     """Every block linear replaced by a QuantLinear, diffusers' own forward: each linear quantizes its input."""
     model = copy.deepcopy(base)
     for t in quant_targets(model, LayerSelection()):
-        set_submodule(model.blocks[t.block], t.local_name, QuantLinear(t.module, get_format(fmt)))
+        set_submodule(model.blocks[t.block], t.local_name, QuantLinear(t.module, get_scheme(fmt)))
     return model
 
 
 def _materialized(base, fmt, selection=LayerSelection()):
     model = copy.deepcopy(base)
-    materialize(model, quant_targets(model, selection), get_format(fmt), {})
+    materialize(model, quant_targets(model, selection), get_scheme(fmt), {})
     return model
 
 
@@ -116,7 +116,7 @@ def test_each_input_group_is_quantized_once(monkeypatch, smoothed):
     model = copy.deepcopy(base)
     # lightx2v's affine_norm1 vector: q/k/v each hold a copy of the same 1/s
     smooth = {0: {"affine_norm1": torch.rand(32) + 0.5}} if smoothed else None
-    materialize(model, quant_targets(model, LayerSelection()), get_format("w8a8"), {}, smooth)
+    materialize(model, quant_targets(model, LayerSelection()), get_scheme("w8a8"), {}, smooth)
     calls = []
     real = fastpath.quantize_eager
     monkeypatch.setattr(fastpath, "quantize_eager", lambda x, spec: calls.append(x.shape) or real(x, spec))
@@ -131,7 +131,7 @@ def test_partial_quantization_and_runtime_smoothing_match_per_linear():
     shared = _materialized(base, "fp8", sel)
     ref = copy.deepcopy(base)
     for t in quant_targets(ref, sel):
-        set_submodule(ref.blocks[t.block], t.local_name, QuantLinear(t.module, get_format("fp8")))
+        set_submodule(ref.blocks[t.block], t.local_name, QuantLinear(t.module, get_scheme("fp8")))
     kw = _inputs()
     assert fastpath.bits_equal(_out(shared, kw), _out(ref, kw))
 
@@ -139,11 +139,11 @@ def test_partial_quantization_and_runtime_smoothing_match_per_linear():
     s = torch.rand(32) + 0.5
     smooth = {0: {"affine_norm1": s}}
     shared = copy.deepcopy(base)
-    materialize(shared, quant_targets(shared, LayerSelection()), get_format("w8a8"), {}, smooth)
+    materialize(shared, quant_targets(shared, LayerSelection()), get_scheme("w8a8"), {}, smooth)
     ref = copy.deepcopy(base)
     for t in quant_targets(ref, LayerSelection()):
         inv = s if t.block == 0 and t.local_name.startswith("attn1.to_") and t.local_name != "attn1.to_out.0" else None
-        set_submodule(ref.blocks[t.block], t.local_name, QuantLinear(t.module, get_format("w8a8"), input_smooth=inv))
+        set_submodule(ref.blocks[t.block], t.local_name, QuantLinear(t.module, get_scheme("w8a8"), input_smooth=inv))
     assert shared.blocks[0].attn1.to_q.input_smooth_inv is not None
     assert fastpath.bits_equal(_out(shared, kw), _out(ref, kw))
 
@@ -192,7 +192,7 @@ def test_kernel_backend_is_lightx2v_math(fmt, scheme):
     from vqx.export.lightx2v_math import quant_linear
 
     torch.manual_seed(0)
-    q = QuantLinear(nn.Linear(64, 48).bfloat16(), get_format(fmt))
+    q = QuantLinear(nn.Linear(64, 48).bfloat16(), get_scheme(fmt))
     set_backend(q, "kernel")
     x = (torch.randn(2, 20, 64) * 3).bfloat16()
     x[0, 3, 7] = 200.0
@@ -207,7 +207,7 @@ def test_kernel_and_fake_backends_agree(fmt):
     errs = []
     for seed in range(3):
         torch.manual_seed(seed)
-        q = QuantLinear(nn.Linear(512, 384).bfloat16(), get_format(fmt))
+        q = QuantLinear(nn.Linear(512, 384).bfloat16(), get_scheme(fmt))
         x = (torch.randn(64, 512) * torch.rand(64, 1) * 4).bfloat16()
         x[:, 7] *= 30
         x[3] = 0
@@ -231,7 +231,7 @@ def test_tiny_pipeline_generates_finite_video_on_each_backend(backend):
 
     pipe = build_tiny_pipeline("t2v", seed=0)
     tr = pipe.transformer
-    materialize(tr, quant_targets(tr, LayerSelection()), get_format("fp8" if backend == "kernel" else "w8a8"), {})
+    materialize(tr, quant_targets(tr, LayerSelection()), get_scheme("fp8" if backend == "kernel" else "w8a8"), {})
     set_backend(tr, backend)
     video = generate(pipe, "a red ball bounces", SamplerSettings(height=32, width=32, num_frames=5, steps=2,
                                                                   guidance=3.0, shift=3.0), seed=0)
@@ -289,7 +289,7 @@ res["int8 epilogue"] = fp.bits_equal(fp.int8_epilogue(acc, sx, ws, b), fp.int8_e
 from vqx.models.tiny import _transformer, cast_transformer
 from vqx.models.wan import LayerSelection, quant_targets
 from vqx.quant.backends import set_backend
-from vqx.quant.formats import get_format
+from vqx.quant.formats import get_scheme
 from vqx.quant.materialize import materialize
 torch.manual_seed(0)
 base = cast_transformer(_transformer(False), torch.bfloat16).eval()
@@ -297,7 +297,7 @@ kw = dict(hidden_states=torch.randn(1, 16, 2, 8, 8).bfloat16(), timestep=torch.t
           encoder_hidden_states=torch.randn(1, 8, 32).bfloat16(), return_dict=False)
 for fmt, backend in (("w8a8", "kernel"), ("fp8", "fake")):
     m = copy.deepcopy(base)
-    materialize(m, quant_targets(m, LayerSelection()), get_format(fmt), {})
+    materialize(m, quant_targets(m, LayerSelection()), get_scheme(fmt), {})
     set_backend(m, backend)
     with torch.no_grad():
         fused = m(**kw)[0]

@@ -292,18 +292,17 @@ def test_nan_activations_in_the_block_pass_name_block_layer_and_step(tmp_path, t
     from vqx.algorithms.runner import quantize_blockwise
     from vqx.cache import DiskCache
     from vqx.calib.capture import load_or_capture
-    from vqx.experiment import layer_selection
-    from vqx.models.wan import quant_targets
-    from vqx.quant.formats import get_format
+    from vqx.models.wan import LayerSelection, quant_targets
+    from vqx.quant.formats import get_scheme
 
     cfg = _compose([*PIN, "calib.num_prompts=1", "calib.steps=2"])
     pipe = copy.deepcopy(tiny_t2v)
     capture = load_or_capture(pipe, cfg.calib, "t2v", {"name": "t"}, DiskCache(tmp_path))
     with torch.no_grad():
         pipe.transformer.blocks[1].attn1.to_v.weight[0].fill_(HUGE)
-    targets = quant_targets(pipe.transformer, layer_selection(cfg.format))
+    targets = quant_targets(pipe.transformer, LayerSelection())
     with pytest.raises(Fault) as e:
-        quantize_blockwise(pipe.transformer, capture, targets, get_format("w8a8"), cfg.algorithm, cfg.calib)
+        quantize_blockwise(pipe.transformer, capture, targets, get_scheme("w8a8"), cfg.algorithm, cfg.calib)
     text = str(e.value)
     assert "first in block 1, layer attn1.to_v" in text and "calibration prompt 0 at denoising step 0 (cond branch)" in text
     assert "\n" not in text

@@ -12,7 +12,7 @@ from vqx.cache import DiskCache
 from vqx.calib.capture import load_or_capture
 from vqx.models.synthetic import build_synthetic_pipeline
 from vqx.models.wan import LayerSelection, quant_targets
-from vqx.quant.formats import FORMATS
+from vqx.quant.formats import SCHEMES
 
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -31,6 +31,6 @@ def test_pinned_host_block_inputs_equal_gpu_resident(tmp_path, monkeypatch):
         capture = load_or_capture(pipe, cfg.calib, "t2v", {"synthetic": "1.3B"}, DiskCache(tmp_path))
         monkeypatch.setattr(runner, "_residency", lambda *a, home=home: torch.device(home))
         result = runner.quantize_blockwise(pipe.transformer, capture, quant_targets(pipe.transformer, LayerSelection()),
-                                           FORMATS["w8a8"], cfg.algorithm, cfg.calib)
+                                           SCHEMES["w8a8"], cfg.algorithm, cfg.calib)
         reports[home] = result.layers
     assert reports["cpu"] == reports["cuda"]

@@ -17,7 +17,7 @@ from vqx.eval.video import CACHE_KIND, VideoEvaluator
 from vqx.eval.videoio import read_video
 from vqx.models.loading import load_pipeline
 from vqx.models.sampling import SamplerSettings, generate
-from vqx.quant.formats import get_format
+from vqx.quant.formats import uniform
 from vqx.stages import RunState
 from conftest import pin_tiny
 
@@ -138,7 +138,7 @@ def test_references_cached_and_paired_with_the_same_noise(tmp_path, prompt_file)
     assert np.array_equal(np.load(second.refs[0]["path"]), fresh)  # the cache holds exactly the 8-bit frames
 
     # An unquantized "quantized" model must reproduce its references exactly: same noise, same settings.
-    state = RunState(cfg=cfg, run_dir=tmp_path / "run2", pipe=pipe, format=get_format("none"), targets=[],
+    state = RunState(cfg=cfg, run_dir=tmp_path / "run2", pipe=pipe, format=uniform(None), targets=[],
                      quantized={}, runtime_smoothing={})
     m = second.evaluate(state)
     assert (m["lpips"], m["psnr"], m["lpips_std"]) == (0.0, 100.0, 0.0)

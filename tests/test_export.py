@@ -19,9 +19,13 @@ from vqx.export import lightx2v as lx
 from vqx.export.verify import DEFAULT_TOLERANCE, verify_export
 from vqx.models.tiny import build_tiny_pipeline
 from vqx.models.wan import LayerSelection, diffusers_key, input_groups, native_key, quant_targets
-from vqx.quant.formats import FORMATS, get_format
+from vqx.quant.formats import SCHEMES, format_from_config, get_scheme, uniform
 from vqx.quant.materialize import materialize
 from vqx.stages import EXPORTERS, RunState
+
+# Each shipped format option's rules, as `format=<name>` composes them.
+FORMAT_RULES = {p.stem: OmegaConf.to_container(OmegaConf.load(p).rules)
+                for p in sorted((Path(__file__).resolve().parents[1] / "conf" / "format").glob("*.yaml"))}
 
 ROOT = Path(__file__).resolve().parents[1]
 FMT = {"int8": "w8a8", "fp8": "fp8"}
@@ -46,9 +50,9 @@ def quantized(task, fmt_name, smooth, seed=0):
                     lin = block.get_submodule(name)
                     lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
                 runtime[i][group.fold] = s
-    fmt = get_format(fmt_name)
+    fmt = uniform(get_scheme(fmt_name))
     targets = quant_targets(tr, LayerSelection())
-    q = materialize(tr, targets, fmt, {}, runtime)
+    q = materialize(tr, targets, get_scheme(fmt_name), {}, runtime)
     return pipe, fmt, targets, q, runtime
 
 
@@ -56,7 +60,7 @@ def run_cfg(task, fmt_name, out, **export):
     return OmegaConf.create({
         "model": {"name": f"wan_tiny{'_i2v' if task == 'i2v' else ''}", "task": task, "dtype": "bfloat16"},
         "algorithm": {"name": "test"}, "format": {"name": fmt_name, "skip_first_blocks": 0, "skip_last_blocks": 0,
-                                                  "skip_patterns": []},
+                                                  "skip_patterns": [], "rules": FORMAT_RULES[fmt_name]},
         "export": {"name": "lightx2v", "dir": str(out), "layout": "single", "dtype": "bfloat16", "overwrite": False,
                    "verify": True, "verify_tolerance": DEFAULT_TOLERANCE, "verify_blocks": None, **export},
     })
@@ -385,7 +389,7 @@ def test_killed_export_leaves_nothing_that_verifies(t2v_int8_smooth, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["export"] and verify_export(out).ok
 
 
-@pytest.mark.parametrize("fmt_name", [f for f, fmt in FORMATS.items() if fmt.lightx2v_scheme is None])
+@pytest.mark.parametrize("fmt_name", [f for f in FORMAT_RULES if lx.refusal(format_from_config(run_cfg("t2v", f, None).format))])
 def test_unexportable_formats_are_refused_before_work(tmp_path, fmt_name):
     assert fmt_name in ("none", "w8a16", "fp8_w", "fp_e3m4", "fp_e2m5")
     with pytest.raises(UserError) as e:

@@ -59,10 +59,10 @@ def test_chosen_channels_grow_by_the_scale(base):
 
 def test_rtn_error_grows_and_smoothquant_recovers_it(base):
     from vqx.algorithms.smoothquant import smoothquant_scale
-    from vqx.quant.formats import get_format
+    from vqx.quant.formats import get_scheme
     from vqx.algorithms.losses import group_quant_loss
 
-    fmt = get_format("w8a8")
+    fmt = get_scheme("w8a8")
     model = copy.deepcopy(base)
     chosen = inject_outliers(model, channels=2, scale=64, seed=0)
     name = next(n for n in chosen if n.endswith("attn2.to_q"))

@@ -18,7 +18,7 @@ from vqx.calib.capture import capture_step_indices, load_or_capture
 from vqx.models.sampling import SamplerSettings, generate
 from vqx.models.tiny import build_tiny_pipeline
 from vqx.models.wan import LayerSelection, input_groups, quant_targets
-from vqx.quant.formats import FORMATS
+from vqx.quant.formats import SCHEMES
 from vqx.quant.materialize import materialize
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -53,7 +53,7 @@ def test_every_fold_type_preserves_block_outputs(task):
     before = run_block(block, inp)
     targets = {t.local_name: t for t in quant_targets(tr, LayerSelection()) if t.block == 0}
     groups = input_groups(task == "i2v")
-    ctx = BlockContext(0, block, groups, targets, {}, FORMATS["none"], FORMATS["w8a8"], OmegaConf.create({}))
+    ctx = BlockContext(0, block, groups, targets, {}, dict.fromkeys(targets), OmegaConf.create({}))
     folded = []
     for group in groups:
         if group.fold is None:
@@ -64,7 +64,7 @@ def test_every_fold_type_preserves_block_outputs(task):
     assert sorted(set(folded)) == ["affine_norm1", "affine_norm3", "norm2", "v_rows"]
     transformed_raw = run_block(block, inp)
     assert (transformed_raw - before).abs().max() > 1e-3  # runtime vectors not applied yet: outputs differ
-    materialize(tr, list(targets.values()), FORMATS["none"], {}, {0: ctx.runtime_smoothing})
+    materialize(tr, list(targets.values()), None, {}, {0: ctx.runtime_smoothing})
     after = run_block(block, inp)
     rel = ((after - before).norm() / before.norm()).item()
     assert rel < 1e-5, rel  # fp32 rounding of the rescaled weights only
@@ -87,7 +87,7 @@ def test_format_none_video_matches_the_untransformed_model(tmp_path, task, algor
     capture = load_or_capture(pipe, calib, task, {"test": task}, DiskCache(tmp_path))
     targets = quant_targets(pipe.transformer, LayerSelection())
     algo = OmegaConf.create({"name": algorithm, "steps": [algorithm], **params})
-    result = quantize_blockwise(pipe.transformer, capture, targets, FORMATS["none"], algo, calib)
+    result = quantize_blockwise(pipe.transformer, capture, targets, None, algo, calib)
     assert result.runtime_smoothing and not result.quantized
     transformed = generate(pipe, "a red ball bounces", SETTINGS, seed=3, image=image)
     assert _psnr(reference, transformed) >= 100.0, _psnr(reference, transformed)

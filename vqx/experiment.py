@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, distributed
+from .algorithms.registry import needs_calibration as steps_need_calibration, plan_steps
 from .algorithms.runner import QuantResult, quantize_blockwise
 from .cache import DiskCache
 from .calib.capture import load_or_capture
@@ -22,8 +23,9 @@ from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
 from .models.fingerprint import model_fingerprint
 from .models.loading import load_pipeline
-from .models.wan import LayerSelection, quant_targets
-from .quant.formats import get_format
+from .models.wan import LayerSelection, QuantTarget, quant_targets
+from .quant.formats import Format, format_from_config
+from .quant.scheme import Scheme
 from .stages import EVALUATORS, EXPORTERS, LOGGERS, Evaluator, Exporter, RunState
 
 log = logging.getLogger("vqx")
@@ -39,12 +41,22 @@ class Timings(dict):
             self[f"{stage}_s"] = round(time.perf_counter() - t0, 3)
 
 
-def needs_calibration(cfg: DictConfig, fmt) -> bool:
-    return fmt.quantizes or any(step != "rtn" for step in cfg.algorithm.steps)
+def needs_calibration(cfg: DictConfig, fmt: Format) -> bool:
+    """Calibration data is needed to quantize (the layer report) or for steps that read statistics."""
+    return fmt.quantizes or steps_need_calibration(plan_steps(cfg.algorithm))
 
 
-def layer_selection(fmt_cfg: DictConfig) -> LayerSelection:
-    return LayerSelection(fmt_cfg.skip_first_blocks, fmt_cfg.skip_last_blocks, tuple(fmt_cfg.skip_patterns))
+def plan_targets(transformer, fmt: Format) -> tuple[list[QuantTarget], dict[str, Scheme | None]]:
+    """The block linears the algorithm works on and each one's scheme (None: stays float), from the rules."""
+    every = quant_targets(transformer, LayerSelection())
+    by_block: dict[int, list[str]] = {}
+    for t in every:
+        by_block.setdefault(t.block, []).append(t.name)
+    schemes = fmt.assign(by_block)
+    for rule in fmt.unused_rules(t.name for t in every):
+        log.warning("format rule {pattern: %r, scheme: %s} decides no layer of this model (shadowed by an earlier "
+                    "rule, or matching nothing)", rule.pattern, rule.scheme.name if rule.scheme else "none")
+    return [t for t in every if t.name in schemes], schemes
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -53,7 +65,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     Under torchrun every rank runs the stages on its share of the work (calibration prompts, eval samples) and
     rank 0 alone writes the run dir: config, export, videos, W&B, metrics."""
     validate(cfg)
-    fmt = get_format(cfg.format.name)
+    fmt = format_from_config(cfg.format)
     if needs_calibration(cfg, fmt):  # a bad prompt file fails now, not after the model is loaded
         load_prompt_set(cfg.calib.path, cfg.model.task, "calib", limit=cfg.calib.num_prompts)
     main = distributed.is_main()
@@ -91,14 +103,15 @@ def check_ranks(cfg: DictConfig) -> None:
 def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: Evaluator) -> dict:
     timings = Timings()
     t_start = time.perf_counter()
-    fmt = get_format(cfg.format.name)
 
     with timings("load"):
         pipe = load_pipeline(cfg.model)
     transformer = pipe.transformer
-    targets = quant_targets(transformer, layer_selection(cfg.format))
-    log.info("model %s: %d blocks, %d target linears, format %s, algorithm %s",
-             cfg.model.name, len(transformer.blocks), len(targets), fmt.name, cfg.algorithm.name)
+    fmt = format_from_config(cfg.format, num_blocks=len(transformer.blocks))
+    targets, schemes = plan_targets(transformer, fmt)
+    log.info("model %s: %d blocks, %d target linears (%d quantized), format %s, algorithm %s",
+             cfg.model.name, len(transformer.blocks), len(targets), sum(s is not None for s in schemes.values()),
+             fmt.name, cfg.algorithm.name)
 
     with timings("reference"):
         evaluator.before_quantization(pipe)
@@ -110,7 +123,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
             cache = DiskCache(cfg.cache_dir)
             capture = load_or_capture(pipe, cfg.calib, cfg.model.task, model_identity, cache)
         with timings("quantize"):
-            result = quantize_blockwise(transformer, capture, targets, fmt, cfg.algorithm, cfg.calib, cache)
+            result = quantize_blockwise(transformer, capture, targets, schemes, cfg.algorithm, cfg.calib, cache)
     else:
         result = QuantResult()  # format=none with plain rounding: nothing to calibrate or change
     layers = result.layers

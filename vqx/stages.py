@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from .models.wan import QuantTarget
-from .quant.formats import QuantFormat
+from .quant.formats import Format
 from .registry import Registry
 
 
@@ -25,8 +25,8 @@ class RunState:
     cfg: DictConfig
     run_dir: Path
     pipe: Any  # the diffusers pipeline, its transformer now quantized
-    format: QuantFormat
-    targets: list[QuantTarget]
+    format: Format  # the run's rules (vqx.quant.formats)
+    targets: list[QuantTarget]  # the layers the algorithm worked on; `format.scheme_for(name)` says how each was quantized
     quantized: dict[str, torch.nn.Module]  # name -> QuantLinear
     runtime_smoothing: dict[int, dict[str, torch.Tensor]]  # see QuantContext.runtime_smoothing
     metrics: dict[str, Any] = field(default_factory=dict)

@@ -1,6 +1,6 @@
 """AWQ for W8A8/FP8: per input group, s = mean|X|^ratio (normalized), the ratio chosen on a grid by the
 group's output error with quantized weights AND activations, summed over all calibration samples (not
-the first sample only). Scales are placed as in SmoothQuant. Optional per-output-channel clipping search.
+the first sample only). Scales are placed as in SmoothQuant. Optional clipping search per weight scale block.
 """
 
 from __future__ import annotations
@@ -9,22 +9,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config.schema import AlgorithmSchema, bounded, register_schema
-from ..quant.numbers import div_exact
+from ..config.schema import bounded
+from ..quant.scheme import dequantize, quantize_with, scales_of
 from .losses import group_quant_loss
 from .registry import BlockContext, register_step
 from .smoothing import apply_smoothing, clamp_scale, smoothable
 
 
 @dataclass
-class AWQSchema(AlgorithmSchema):
+class AWQParams:
     grid: int = bounded(20, 1, 1000)  # ratios 0, 1/grid, ..., 1
     clip: bool = False  # search a per-output-channel weight clipping ratio
     clip_min: float = bounded(0.8, 0.0, 1.0, exclusive_low=True)
     clip_grid: int = bounded(10, 1, 100)
 
-
-register_schema("algorithm", "awq", AWQSchema)
 
 
 def awq_scale(mean_abs: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -33,7 +31,7 @@ def awq_scale(mean_abs: torch.Tensor, ratio: float) -> torch.Tensor:
     return clamp_scale(s)
 
 
-@register_step("awq")
+@register_step("awq", params=AWQParams, needs=frozenset({"mean_abs", "samples"}))
 def awq(ctx: BlockContext) -> None:
     ratios = [i / ctx.params.grid for i in range(ctx.params.grid + 1)]
     for group in ctx.groups:
@@ -42,43 +40,53 @@ def awq(ctx: BlockContext) -> None:
         stats = ctx.stats[group.name]
         x = stats.sample_matrix()
         weights = [lin.weight.detach() for lin in ctx.group_linears(group)]
+        schemes = [ctx.search_scheme(n) for n in group.linears]
         device = weights[0].device
-        losses = {r: group_quant_loss(x, weights, ctx.search_format, awq_scale(stats.mean_abs, r).to(device))
-                  for r in ratios}
+        losses = {r: group_quant_loss(x, weights, schemes, awq_scale(stats.mean_abs, r).to(device)) for r in ratios}
         best = min(losses, key=losses.get)  # ratio 0 is s = 1 (RTN): the chosen loss is never above it
         ctx.choices.setdefault(group.name, {}).update(ratio=best, loss=losses[best], loss_ratio0=losses[0.0])
         apply_smoothing(ctx, group, awq_scale(stats.mean_abs, best).to(device))
-    if ctx.params.clip and ctx.format.quantizes:
+    if ctx.params.clip:
         search_clipping(ctx)
 
 
 @torch.no_grad()
 def search_clipping(ctx: BlockContext) -> None:
-    """Per output channel, the clip ratio (of absmax) minimizing that channel's output error on samples."""
-    grid = ctx.format.weight_grid
+    """Per weight scale block (an output channel, a group), the clip ratio of its absmax that minimizes the
+    block's share of the output error on samples: the error of output row r restricted to the block's input
+    columns, summed over the block's rows."""
     ratios = [1.0 - i * (1.0 - ctx.params.clip_min) / ctx.params.clip_grid for i in range(ctx.params.clip_grid + 1)]
     for group in ctx.groups:
         x = ctx.stats[group.name].sample_matrix()
         for local in group.linears:
-            if local not in ctx.targets:
+            scheme = ctx.schemes.get(local)
+            if local not in ctx.targets or scheme is None:
                 continue
+            ts = scheme.weight
             w = ctx.block.get_submodule(local).weight.detach().float()
             xs = x.to(w.device)
-            ref = xs @ w.T
-            absmax = w.abs().amax(dim=1, keepdim=True)
-            best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+            rows, cols = ts.block_size(tuple(w.shape))
+            n_row, n_col = w.shape[0] // rows, w.shape[1] // cols
+            best_err = torch.full((n_row, n_col), float("inf"), device=w.device)
+            scale_best = torch.ones((n_row, n_col), device=w.device)
+            ratio_best = torch.ones((n_row, n_col), device=w.device)
             codes_best = torch.zeros_like(w)
-            scale_best = torch.ones_like(absmax)
-            ratio_best = torch.ones(w.shape[0], device=w.device)
+            ref = xs @ w.T if n_col == 1 else None
             for r in ratios:
-                scale = div_exact(absmax * r, grid.qmax).to(torch.bfloat16).float()
-                scale = torch.where(absmax == 0, torch.ones_like(scale), scale)
-                codes = grid.codes(w, scale)
-                err = ((xs @ (codes * scale).T) - ref).pow(2).sum(dim=0)
+                scale = scales_of(w, ts, clip=r)
+                codes = quantize_with(w, ts, scale)
+                wdq = dequantize(codes, scale, ts)
+                if n_col == 1:  # per channel: the whole row's output error
+                    err = ((xs @ wdq.T) - ref).pow(2).sum(dim=0)[:, None]
+                else:  # [out, n_col]: each column block's share of each output row's error
+                    err = torch.stack([(xs[:, j * cols:(j + 1) * cols] @ (wdq - w)[:, j * cols:(j + 1) * cols].T)
+                                       .pow(2).sum(dim=0) for j in range(n_col)], dim=1)
+                err = err.reshape(n_row, rows, n_col).sum(dim=1)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
-                codes_best[better] = codes[better]
-                scale_best[better] = scale[better]
-                ratio_best[better] = r
+                scale_best = torch.where(better, scale, scale_best)
+                ratio_best = torch.where(better, torch.full_like(ratio_best, r), ratio_best)
+                mask = better.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)
+                codes_best = torch.where(mask, codes, codes_best)
             ctx.chosen_codes[ctx.full_name(local)] = (codes_best, scale_best)
             ctx.choices.setdefault(local, {})["clip_ratio_mean"] = float(ratio_best.mean())

@@ -1,9 +1,9 @@
-"""GPTQ for per-output-channel symmetric int8 / fp8 weights, on every target linear of a block.
+"""GPTQ for symmetric weights at any granularity of their scheme, on every quantized target linear of a block.
 
 Hessian H = X^T X / n from the captured inputs of the linear's input group (after any smoothing),
 damping ``damp * mean(diag H)``, columns processed in lazy batches of ``block_size`` with the
 Cholesky factor of H^-1, optional act-order (columns by decreasing diag H). Scales are fixed up front
-from the weight's absmax (bf16-rounded, as exported); the codes absorb the error feedback.
+from the weight, as the scheme chooses them (static groups); the codes absorb the error feedback.
 """
 
 from __future__ import annotations
@@ -12,35 +12,38 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config.schema import AlgorithmSchema, bounded, register_schema
-from ..quant.numbers import NumberGrid, absmax_scale
+from ..config.schema import bounded
+from ..quant.scheme import TensorScheme, scales_of
 from .registry import BlockContext, register_step
 
 
 @dataclass
-class GPTQSchema(AlgorithmSchema):
+class GPTQParams:
     damp: float = bounded(0.01, 0.0, 1.0, exclusive_low=True)
     block_size: int = bounded(128, 1, None)
     act_order: bool = False
 
 
-register_schema("algorithm", "gptq", GPTQSchema)
-
 
 @torch.no_grad()
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, grid: NumberGrid, damp: float = 0.01,
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, ts: TensorScheme, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (codes fp32 [out, in], scale fp32 [out, 1]) for weight ``w`` given input Hessian ``hessian``."""
+    """Return (codes fp32 [out, in], scales fp32 as ``ts`` lays them out) for weight ``w`` given input
+    Hessian ``hessian``. The scales are chosen up front from the weight (static groups); column j is
+    rounded with the scale of the block that holds it."""
     w = w.detach().float().clone()
     h = hessian.detach().float().clone().to(w.device)
-    scale = absmax_scale(w, dim=1, qmax=grid.qmax, round_to_bf16=True)
+    scale = scales_of(w, ts)
+    rows, cols = ts.block_size(tuple(w.shape))
+    col_scale = scale.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)  # [out, in]
+    grid = ts.grid_
     n = w.shape[1]
     dead = torch.diag(h) == 0  # channels never active: no information, quantize as is
     h[dead, dead] = 1.0
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        w, h, col_scale = w[:, perm], h[perm][:, perm], col_scale[:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(n, device=h.device)
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -54,9 +57,10 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, grid: NumberGrid, damp
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i]
-            q = grid.codes(col[:, None], scale)[:, 0]
+            sc = col_scale[:, i1 + i]
+            q = grid.codes(col, sc)
             codes[:, i1 + i] = q
-            err = (col - q * scale[:, 0]) / hinv1[i, i]
+            err = (col - q * sc) / hinv1[i, i]
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
@@ -65,18 +69,17 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, grid: NumberGrid, damp
     return codes, scale
 
 
-@register_step("gptq")
+@register_step("gptq", params=GPTQParams, needs=frozenset({"hessian"}))
 def gptq(ctx: BlockContext) -> None:
-    if not ctx.format.quantizes:
-        return  # GPTQ is a choice of codes: nothing to choose without quantization
-    grid = ctx.format.weight_grid
     for group in ctx.groups:
         stats = ctx.stats[group.name]
-        h = stats.normalized_hessian()
+        h = None
         for local in group.linears:
-            if local not in ctx.targets:
-                continue
+            scheme = ctx.schemes.get(local)
+            if local not in ctx.targets or scheme is None:
+                continue  # GPTQ is a choice of codes: nothing to choose for a layer kept float
+            h = stats.normalized_hessian() if h is None else h
             lin = ctx.block.get_submodule(local)
             ctx.chosen_codes[ctx.full_name(local)] = gptq_quantize(
-                lin.weight, h, grid, ctx.params.damp, ctx.params.block_size, ctx.params.act_order)
+                lin.weight, h, scheme.weight, ctx.params.damp, ctx.params.block_size, ctx.params.act_order)
             ctx.choices.setdefault(local, {})["method"] = "gptq"

@@ -1,24 +1,55 @@
-"""The step registry and the per-block context steps work on.
+"""The step registry, recipes, and the per-block context steps work on.
 
-A recipe (``algorithm.steps``) lists steps by name. Blocks are processed in order (`runner.py`); for
-each block every step gets a `BlockContext`: it may transform float weights (smoothing, through
-`smoothing.apply_smoothing`) or choose weight codes (GPTQ), and records what it chose. After the last
-step the block's targets become `QuantLinear`s, using chosen codes or rounding to nearest.
-A new algorithm is one module that calls `register_step` (and registers its config schema) plus one yaml.
+A step is registered with what it needs, so that nothing outside it decides by its name:
+- ``params``: a dataclass of its parameters (defaults, and ranges/choices as field metadata);
+- ``needs``: the statistics it reads (a set of `STATS`, or a function of its parameters): ``absmax``,
+  ``mean_abs``, ``samples`` (the full token sample: search losses), ``hessian`` (X^T X);
+- ``hooks``: optionally a `BlockHooks` class whose instance sees the block loop (block start, each input
+  group's float inputs during the float pass, block end), for a step that collects its own statistics.
+The runner, the shared-statistics cache and `needs_calibration` derive everything from these.
+
+A recipe (``algorithm.steps``) lists steps by name or as ``{name: ..., <param>: ...}``. A step's parameters
+are its defaults, overridden by the recipe's flat keys (``algorithm.alpha``, what sweeps set) and then by
+its own entry. Blocks are processed in order (`runner.py`); each step gets a `BlockContext`: it may
+transform float weights (smoothing, through `smoothing.apply_smoothing`) or choose weight codes (GPTQ), and
+records what it chose. After the last step the block's targets become `QuantLinear`s.
+A new algorithm is one module that calls `register_step` plus one yaml.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import OmegaConf
 
 from ..calib.stats import GroupStats
+from ..config.schema import AlgorithmSchema, register_schema
 from ..models.wan import InputGroup, QuantTarget
-from ..quant.formats import QuantFormat
+from ..quant.formats import SEARCH_PROXY
+from ..quant.scheme import Scheme
 from ..registry import Registry
+
+STATS = ("absmax", "mean_abs", "samples", "hessian")
+SHAREABLE_STATS = frozenset({"absmax", "mean_abs"})  # what the shared float-pass cache holds (shared_stats.py)
+
+
+class BlockHooks:
+    """What a step sees of the block loop besides its turn in the recipe. One instance per run."""
+
+    def __init__(self, params: Any):
+        self.params = params
+
+    def block_start(self, index: int, block: torch.nn.Module, groups: list[InputGroup]) -> None: ...
+
+    def group_input(self, group: str, x: torch.Tensor, call: int) -> None:
+        """Each calibration call's float input of each input group of the current block (the float pass)."""
+
+    def block_end(self, ctx: "BlockContext") -> None: ...
 
 
 @dataclass
@@ -28,9 +59,9 @@ class BlockContext:
     groups: list[InputGroup]  # the block's input groups that hold at least one target
     targets: dict[str, QuantTarget]  # block-relative linear name -> target
     stats: dict[str, GroupStats]  # group name -> statistics of its (current) input
-    format: QuantFormat  # what the block is quantized to
-    search_format: QuantFormat  # grids used by search losses (a quantizing proxy when `format` has none)
-    params: DictConfig  # the algorithm config (steps read their keys from it)
+    schemes: dict[str, Scheme | None]  # block-relative linear name -> its scheme (None: stays float)
+    params: Any = None  # the running step's parameters (attributes), set by `run_steps`
+    hooks: dict[str, BlockHooks] = field(default_factory=dict)  # step name -> its hooks' instance
     chosen_codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # full name -> (codes, scale)
     # fold ("affine_norm1" | "affine_norm3") -> s, applied at run time by the QuantLinears (lightx2v vectors)
     runtime_smoothing: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -46,12 +77,134 @@ class BlockContext:
     def full_name(self, local: str) -> str:
         return f"blocks.{self.index}.{local}"
 
+    def search_scheme(self, local: str) -> Scheme:
+        """The scheme a search loss quantizes ``local`` with: its own, or a W8A8 proxy where it has no
+        quantized activations (kept float, weight-only)."""
+        scheme = self.schemes.get(local)
+        return scheme if scheme is not None and scheme.activation is not None else SEARCH_PROXY
+
 
 StepFn = Callable[[BlockContext], None]
-STEPS: Registry[StepFn] = Registry("algorithm step")
-register_step = STEPS.register
 
 
-def run_steps(ctx: BlockContext, steps: list[str]) -> None:
-    for name in steps:
-        STEPS.lookup(name)(ctx)
+@dataclass(frozen=True)
+class Step:
+    name: str
+    apply: StepFn
+    params: type | None = None  # dataclass of parameters
+    needs: frozenset[str] | Callable[[Any], frozenset[str]] = frozenset()
+    hooks: type[BlockHooks] | None = None
+
+    def stats_needed(self, params: Any) -> frozenset[str]:
+        needs = frozenset(self.needs(params) if callable(self.needs) else self.needs)
+        unknown = needs - set(STATS)
+        if unknown:
+            raise ValueError(f"step {self.name} needs unknown statistics {sorted(unknown)}; valid: {', '.join(STATS)}")
+        return needs
+
+    def param_fields(self) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(self.params)} if self.params else {}
+
+
+STEPS: Registry[Step] = Registry("algorithm step")
+
+
+def register_step(name: str, *, params: type | None = None, needs=frozenset(), hooks: type[BlockHooks] | None = None):
+    """Register ``fn(ctx)`` as step ``name`` (see the module doc); the recipe schema grows its parameters."""
+    def deco(fn: StepFn) -> StepFn:
+        STEPS.register(name)(Step(name, fn, params, needs, hooks))
+        _register_recipe_schema()
+        return fn
+
+    return deco
+
+
+def _register_recipe_schema() -> None:
+    """``/schema/algorithm/recipe``: name, steps, and every registered step parameter as a flat, optional
+    recipe-level key (typed as its step declares it), so recipes need no hand-written schema."""
+    flat: dict[str, Any] = {}
+    for step in STEPS.values():
+        types = typing.get_type_hints(step.params) if step.params else {}
+        for name in step.param_fields():
+            typ = types[name]
+            flat.setdefault(name, (name, Any if typ is Any else Optional[typ], field(default=None)))
+    schema = dataclasses.make_dataclass("RecipeSchema", list(flat.values()), bases=(AlgorithmSchema,))
+    register_schema("algorithm", "recipe", schema)
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    step: Step
+    params: Any  # attribute access to the resolved parameters
+
+    @property
+    def name(self) -> str:
+        return self.step.name
+
+    def stats_needed(self) -> frozenset[str]:
+        return self.step.stats_needed(self.params)
+
+
+def _entry(entry: Any, k: int) -> tuple[str, dict]:
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        rest = {key: v for key, v in entry.items() if key != "name"}
+        return entry["name"], rest
+    raise ValueError(f"algorithm.steps[{k}]={entry!r} must be a step name or {{name: <step>, <param>: <value>}}")
+
+
+def plan_steps(algo: Any, check_value: Callable[[str, Any, dict], None] | None = None) -> list[PlannedStep]:
+    """The recipe's steps with resolved parameters; raises ValueError (one line) on unknown steps or
+    parameters. ``check_value(key, value, field_metadata)`` validates each value (ranges, choices)."""
+    node = OmegaConf.to_container(algo, resolve=True) if OmegaConf.is_config(algo) else dict(algo)
+    entries = [_entry(e, k) for k, e in enumerate(node.get("steps") or [])]
+    for name, _ in entries:
+        if name not in STEPS:
+            raise ValueError(f"algorithm step {name!r} is unknown; valid steps: {', '.join(sorted(STEPS))}")
+    taken = {p for name, _ in entries for p in STEPS[name].param_fields()}
+    flat = {k: v for k, v in node.items() if k not in ("name", "steps") and v is not None}
+    for key in flat:
+        if key not in taken:
+            steps = ", ".join(n for n, _ in entries) or "none"
+            raise ValueError(f"algorithm.{key} is not a parameter of any step of this recipe ({steps}); "
+                             f"its steps take: {', '.join(sorted(taken)) or 'nothing'}")
+    planned = []
+    for k, (name, own) in enumerate(entries):
+        step = STEPS[name]
+        fields = step.param_fields()
+        values = {}
+        for p, f in fields.items():
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if p in own:
+                value, where = own[p], f"algorithm.steps[{k}].{p}"
+            elif p in flat:
+                value, where = flat[p], f"algorithm.{p}"
+            else:
+                value, where = default, None
+            if where and check_value is not None:
+                check_value(where, value, dict(f.metadata))
+            values[p] = value
+        unknown = [p for p in own if p not in fields]
+        if unknown:
+            raise ValueError(f"algorithm.steps[{k}] ({name}) has unknown parameter {unknown[0]!r}; "
+                             f"valid: {', '.join(fields) or 'none'}")
+        planned.append(PlannedStep(step, SimpleNamespace(**values)))
+    return planned
+
+
+def stats_needed(plan: list[PlannedStep]) -> frozenset[str]:
+    return frozenset().union(*(p.stats_needed() for p in plan)) if plan else frozenset()
+
+
+def needs_calibration(plan: list[PlannedStep]) -> bool:
+    """Whether any step reads statistics or watches the block loop (else no calibration data is needed)."""
+    return bool(stats_needed(plan)) or any(p.step.hooks is not None for p in plan)
+
+
+def run_steps(ctx: BlockContext, plan: list[PlannedStep]) -> None:
+    for planned in plan:
+        ctx.params = planned.params
+        planned.step.apply(ctx)
+    ctx.params = None
+

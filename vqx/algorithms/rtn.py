@@ -1,4 +1,4 @@
-"""Round to nearest: no transform and no search; materialization rounds each weight per output channel."""
+"""Round to nearest: no transform, no search and no statistics; materialization rounds each weight as its scheme says."""
 
 from __future__ import annotations
 

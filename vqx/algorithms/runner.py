@@ -32,11 +32,11 @@ from ..calib.capture import Capture, first_nonfinite_layer
 from ..calib.stats import GroupStats
 from ..errors import Fault
 from ..models.wan import QuantTarget, input_groups, is_i2v
-from ..quant.formats import FORMATS, QuantFormat
 from ..quant.linear import QuantLinear
+from ..quant.scheme import Scheme, choose_scales
 from ..quant.materialize import materialize
 from . import shared_stats
-from .registry import BlockContext, run_steps
+from .registry import BlockContext, BlockHooks, plan_steps, run_steps, stats_needed
 from .shared_stats import shareable
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,6 @@ class QuantResult:
     runtime_smoothing: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)
     groups: list[dict] = field(default_factory=list)
-
-
-def search_format(fmt: QuantFormat) -> QuantFormat:
-    """Search losses need quantization; with format=none or weight-only, W8A8 stands in as the proxy."""
-    return fmt if fmt.activation_grid is not None else FORMATS["w8a8"]
 
 
 def _block_dtype(transformer) -> torch.dtype:
@@ -117,14 +112,18 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).norm() / d) if d > 0 else float((y - ref).norm())
 
 
-def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget], fmt: QuantFormat,
+def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget], schemes: Scheme | dict[str, Scheme | None] | None,
                        algo: DictConfig, calib: DictConfig, cache: DiskCache | None = None) -> QuantResult:
-    """Quantize block by block. With ``cache`` and steps that need only shared statistics (see
-    `shared_stats`), the float pass comes from (or goes into) the cache instead of running here."""
+    """Quantize block by block; ``schemes``: each target's scheme by full name (None: it stays float, while
+    the algorithm's transforms still apply to it), or one scheme for all. With ``cache`` and steps that need only shared statistics
+    (see `shared_stats`), the float pass comes from (or goes into) the cache instead of running here."""
+    if schemes is None or isinstance(schemes, Scheme):  # one scheme (or none) for every target
+        schemes = dict.fromkeys((t.name for t in targets), schemes)
     device = next(transformer.parameters()).device
     dtype = _block_dtype(transformer)
-    steps = list(algo.steps)
-    want_hessian = "gptq" in steps
+    plan = plan_steps(algo)
+    want_hessian = "hessian" in stats_needed(plan)
+    hooks = {p.name: p.step.hooks(p.params) for p in plan if p.step.hooks is not None}
     by_block: dict[int, dict[str, QuantTarget]] = defaultdict(dict)
     for t in targets:
         by_block[t.block][t.local_name] = t
@@ -134,14 +133,14 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
     last = max(by_block) if by_block else -1
 
     shared = None
-    if cache is not None and capture.identity is not None and shareable(steps, algo, calib):
+    if cache is not None and capture.identity is not None and shareable(plan, calib):
         key = shared_stats.identity(capture.identity, {i: [g.name for g in gs] for i, gs in block_groups.items()},
                                     calib, dtype, device)
 
         def build(folder: Path) -> None:
             inputs = _prepare_inputs(transformer, capture, device)
             for i, block in enumerate(tqdm(transformer.blocks[:last + 1], desc="float pass", unit="block")):
-                stats = _float_pass(block, i, inputs, block_groups.get(i, []), capture, calib, False, device)
+                stats = _float_pass(block, i, inputs, block_groups.get(i, []), capture, calib, False, device, {})
                 shared_stats.save_block(folder, i, stats, _report_samples(stats, calib, i), dtype)
 
         shared, hit = cache.get_or_build("block_stats", key, build, lambda entry: entry)
@@ -151,15 +150,17 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
         inputs = _prepare_inputs(transformer, capture, device)
     t_start = time.perf_counter()
 
-    for i, block in enumerate(tqdm(transformer.blocks, desc=f"quantize ({'+'.join(steps)})", unit="block")):
+    for i, block in enumerate(tqdm(transformer.blocks, desc=f"quantize ({'+'.join(p.name for p in plan)})", unit="block")):
         if i > last:
             break
         block_targets = by_block.get(i, {})
         groups = block_groups.get(i, [])
+        for h in hooks.values():
+            h.block_start(i, block, groups)
         if shared is not None:
             stats, samples = shared_stats.load_block(shared, i, calib, device)
         else:
-            stats = _float_pass(block, i, inputs, groups, capture, calib, want_hessian, device)
+            stats = _float_pass(block, i, inputs, groups, capture, calib, want_hessian, device, hooks)
             samples = _report_samples(stats, calib, i)
 
         originals = {n: copy.deepcopy(t.module) for n, t in block_targets.items()}
@@ -168,19 +169,24 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
         model_dtype = {n: t.module.weight.dtype for n, t in block_targets.items()}
         for t in block_targets.values():
             t.module.float()
-        ctx = BlockContext(i, block, groups, block_targets, stats, fmt, search_format(fmt), algo)
-        run_steps(ctx, steps)
+        block_schemes = {n: schemes.get(t.name) for n, t in block_targets.items()}
+        ctx = BlockContext(i, block, groups, block_targets, stats, block_schemes, hooks=hooks)
+        rtn_input_scales = _static_input_scales(ctx)  # before the steps rescale the statistics
+        run_steps(ctx, plan)
         if ctx.runtime_smoothing:
             result.runtime_smoothing[i] = ctx.runtime_smoothing
-        quantized = materialize(transformer, list(block_targets.values()), fmt, ctx.chosen_codes,
-                                {i: ctx.runtime_smoothing} if ctx.runtime_smoothing else {}, compute_dtype=model_dtype)
+        quantized = materialize(transformer, list(block_targets.values()), schemes, ctx.chosen_codes,
+                                {i: ctx.runtime_smoothing} if ctx.runtime_smoothing else {}, compute_dtype=model_dtype,
+                                input_scales=_static_input_scales(ctx))
         for n, t in block_targets.items():
             if t.name not in quantized:  # left float (format=none): back to the model dtype
                 t.module.to(model_dtype[n])
         result.quantized.update(quantized)
-        result.layers += _layer_report(ctx, block, originals, samples, groups, fmt)
+        result.layers += _layer_report(ctx, block, originals, samples, groups, rtn_input_scales)
         result.groups += [{"block": i, "group": g.name, **ctx.choices.get(g.name, {})} for g in groups if g.name in ctx.choices]
 
+        for h in hooks.values():
+            h.block_end(ctx)
         _check_same_on_all_ranks(block, ctx, i)
         if calib.propagate == "quant":
             inputs = [_with_hidden(inp, run_block(block, inp.to(device, non_blocking=True))) for inp in inputs]
@@ -200,15 +206,21 @@ def _report_samples(stats: dict[str, GroupStats], calib: DictConfig, i: int) -> 
 
 
 def _float_pass(block, i: int, inputs: list[BlockInputs], groups, capture: Capture, calib: DictConfig,
-                want_hessian: bool, device: torch.device) -> dict[str, GroupStats]:
+                want_hessian: bool, device: torch.device, hooks: dict[str, BlockHooks]) -> dict[str, GroupStats]:
     """Run every call through float block ``i``, streaming its input groups' statistics (reduced over
-    torchrun ranks). With propagate=fp each call's input is replaced by the block's output."""
+    torchrun ranks) and showing each group's input to the steps' hooks. With propagate=fp each call's input
+    is replaced by the block's output."""
     stats = {g.name: GroupStats(block.get_submodule(g.linears[0]).in_features, calib.loss_tokens,
                                 calib.hessian_tokens, want_hessian, seed=calib.seed * 7919 + i, device=device)
              for g in groups}
     current = [0]  # the running call's index in the whole capture: it seeds the call's token sample
-    hooks = [block.get_submodule(g.linears[0]).register_forward_pre_hook(
-        lambda m, args, st=stats[g.name]: st.update(args[0], current[0])) for g in groups]
+    def see(group: str, x: torch.Tensor) -> None:
+        stats[group].update(x, current[0])
+        for h in hooks.values():
+            h.group_input(group, x, current[0])
+
+    handles = [block.get_submodule(g.linears[0]).register_forward_pre_hook(
+        lambda m, args, name=g.name: see(name, args[0])) for g in groups]
     bad = None  # (call index, its block input) of the first call whose block output is not finite
     try:
         for c, inp in enumerate(inputs):
@@ -223,7 +235,7 @@ def _float_pass(block, i: int, inputs: list[BlockInputs], groups, capture: Captu
             if calib.propagate == "fp":  # the input is no longer needed: overwrite it (halves host memory)
                 inputs[c] = _with_hidden(inp, out)
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
     failure = None
     if bad is not None:
@@ -260,8 +272,21 @@ def _check_same_on_all_ranks(block, ctx: BlockContext, i: int) -> None:
                     "calibrate on one GPU, then evaluate with torchrun (the capture is cached)")
 
 
+def _static_input_scales(ctx: BlockContext) -> dict[str, torch.Tensor]:
+    """Full name -> the calibrated per-tensor input scale of each target whose scheme has static activations:
+    from its group's absmax over all calibration calls (after the block's smoothing, which rescales them)."""
+    out = {}
+    for g in ctx.groups:
+        for local in g.linears:
+            scheme = ctx.schemes.get(local)
+            if scheme is None or scheme.activation is None or scheme.activation.dynamic:
+                continue
+            out[ctx.full_name(local)] = choose_scales(ctx.stats[g.name].absmax.float()[None, :], scheme.activation).reshape(())
+    return out
+
+
 @torch.no_grad()
-def _layer_report(ctx: BlockContext, block, originals, samples, groups, fmt) -> list[dict]:
+def _layer_report(ctx: BlockContext, block, originals, samples, groups, rtn_input_scales) -> list[dict]:
     rows = []
     for g in groups:
         x = samples[g.name]
@@ -273,8 +298,9 @@ def _layer_report(ctx: BlockContext, block, originals, samples, groups, fmt) -> 
             xd = x.to(dev)
             ref = torch.nn.functional.linear(xd, orig.weight.float(), None if orig.bias is None else orig.bias.float())
             row = {"name": ctx.full_name(local), "native_name": ctx.targets[local].native_name, **ctx.choices.get(local, {})}
-            if fmt.quantizes:
-                rtn = QuantLinear(orig, fmt)
+            scheme = ctx.schemes.get(local)
+            if scheme is not None:
+                rtn = QuantLinear(orig, scheme, input_scale=rtn_input_scales.get(ctx.full_name(local)))
                 row["output_error_rtn"] = _relative_error(rtn(xd.to(orig.weight.dtype)).float(), ref)
             now = block.get_submodule(local)
             xin = xd / ctx.input_scale[local].to(dev) if local in ctx.input_scale else xd

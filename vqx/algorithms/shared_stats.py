@@ -19,16 +19,16 @@ from safetensors.torch import load_file, save_file
 
 from .. import distributed
 from ..calib.stats import GroupStats
-from .smoothquant import parse_alpha
+from .registry import SHAREABLE_STATS, PlannedStep, stats_needed
 
 VERSION = 1
 
 
-def shareable(steps: list[str], algo: DictConfig, calib: DictConfig) -> bool:
-    """Whether these steps read only what the shared statistics hold."""
+def shareable(plan: list[PlannedStep], calib: DictConfig) -> bool:
+    """Whether these steps read only what the shared statistics hold (and watch no float pass)."""
     if not calib.share_stats or calib.propagate != "fp" or distributed.is_distributed():
         return False  # under torchrun the ranks reduce their own statistics block by block
-    return all(s == "rtn" or (s == "smoothquant" and parse_alpha(algo.get("alpha")) != "auto") for s in steps)
+    return stats_needed(plan) <= SHAREABLE_STATS and not any(p.step.hooks is not None for p in plan)
 
 
 def report_sample(stats: GroupStats, tokens: int, seed: int) -> torch.Tensor:

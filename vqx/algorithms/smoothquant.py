@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from ..config.schema import AlgorithmSchema, register_schema
 from .losses import group_quant_loss
 from .registry import BlockContext, register_step
 from .smoothing import apply_smoothing, clamp_scale, group_weight_absmax, smoothable
@@ -20,11 +19,8 @@ ALPHA_GRID = [round(0.05 * i, 2) for i in range(21)]
 
 
 @dataclass
-class SmoothQuantSchema(AlgorithmSchema):
+class SmoothQuantParams:
     alpha: Any = field(default=0.75, metadata={"range": (0.0, 1.0), "or_auto": True})  # or "auto"
-
-
-register_schema("algorithm", "smoothquant", SmoothQuantSchema)
 
 
 def parse_alpha(value: Any) -> float | str:
@@ -45,7 +41,12 @@ def smoothquant_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
     return clamp_scale(act.pow(alpha) / w.pow(1.0 - alpha))
 
 
-@register_step("smoothquant")
+def _needs(params: SmoothQuantParams) -> frozenset[str]:
+    # a fixed alpha reads only the absmax; "auto" searches over the token sample
+    return frozenset({"absmax", "samples"} if parse_alpha(params.alpha) == "auto" else {"absmax"})
+
+
+@register_step("smoothquant", params=SmoothQuantParams, needs=_needs)
 def smoothquant(ctx: BlockContext) -> None:
     alpha_cfg = parse_alpha(ctx.params.alpha)
     for group in ctx.groups:
@@ -56,7 +57,8 @@ def smoothquant(ctx: BlockContext) -> None:
         if alpha_cfg == "auto":
             x = stats.sample_matrix()
             weights = [lin.weight.detach() for lin in ctx.group_linears(group)]
-            losses = {a: group_quant_loss(x, weights, ctx.search_format,
+            schemes = [ctx.search_scheme(n) for n in group.linears]
+            losses = {a: group_quant_loss(x, weights, schemes,
                                           smoothquant_scale(stats.absmax, w_absmax, a).to(weights[0].device))
                       for a in ALPHA_GRID}
             alpha = min(losses, key=losses.get)

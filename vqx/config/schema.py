@@ -78,7 +78,11 @@ class ModelSchema:
 
 @dataclass
 class FormatSchema:
+    """Ordered ``{pattern, scheme}`` rules over block linears, first match wins (vqx.quant.formats); the
+    skips are rules that keep layers float, placed before them."""
+
     name: str = "w8a8"
+    rules: list[Any] = field(default_factory=list)  # [{pattern: "*", scheme: w8a8}]; scheme: a name, none, or a mapping
     skip_first_blocks: int = bounded(0, 0, None)
     skip_last_blocks: int = bounded(0, 0, None)
     skip_patterns: list[str] = field(default_factory=list)  # fnmatch on names like "blocks.0.ffn.*"
@@ -86,8 +90,12 @@ class FormatSchema:
 
 @dataclass
 class AlgorithmSchema:
+    """A recipe: its steps, each a name or ``{name: <step>, <param>: <value>}``. The full schema,
+    ``/schema/algorithm/recipe``, adds every registered step's parameters as flat optional keys
+    (vqx.algorithms.registry)."""
+
     name: str = "rtn"
-    steps: list[str] = field(default_factory=lambda: ["rtn"])
+    steps: list[Any] = field(default_factory=lambda: ["rtn"])
 
 
 @dataclass

@@ -73,14 +73,17 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_rules(cfg: DictConfig) -> None:
-    from ..quant.formats import FORMATS
-    from ..algorithms.registry import STEPS
+    from ..algorithms.registry import plan_steps
+    from ..quant.formats import format_from_config
 
-    if cfg.format.name not in FORMATS:
-        raise UserError(f"format.name={cfg.format.name!r} is unknown; valid: {', '.join(FORMATS)}")
-    for step in cfg.algorithm.steps:
-        if step not in STEPS:
-            raise UserError(f"algorithm step {step!r} is unknown; valid steps: {', '.join(sorted(STEPS))}")
+    try:
+        format_from_config(cfg.format)
+    except ValueError as e:
+        raise UserError(f"format={cfg.format.name}: {e}") from None
+    try:
+        plan_steps(cfg.algorithm, check_value=_check_value)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if cfg.model.outliers.channels:
         from ..models.outliers import check_scale
 

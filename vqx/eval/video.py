@@ -37,7 +37,8 @@ from ..models.fingerprint import model_fingerprint, tensors_fingerprint
 from ..models.loading import resolve_device
 from ..models.sampling import SamplerSettings, generate
 from ..quant.backends import set_backend
-from ..quant.formats import get_format
+from ..quant.backends import kernel_scheme
+from ..quant.formats import format_from_config
 from ..stages import EVALUATORS, Evaluator, RunState
 from . import metrics as M
 from .lpips_weights import features_state_dict
@@ -190,8 +191,8 @@ class VideoEvaluator(Evaluator):
             raise UserError(f"eval.height={e.height} eval.width={e.width}: LPIPS needs at least "
                             f"{M.LPIPS_MIN_SIDE} pixels per side; use eval.height/width >= {M.LPIPS_MIN_SIDE}")
         self.samples = load_prompt_set(e.path, model.task, "eval", limit=e.num_samples)
-        fmt = get_format(self.cfg.format.name)
-        if e.backend == "kernel" and not (fmt.lightx2v_scheme and fmt.weight == fmt.activation):
+        fmt = format_from_config(self.cfg.format)
+        if e.backend == "kernel" and not all(kernel_scheme(s) for s in fmt.schemes()):
             raise UserError(f"eval.backend=kernel needs 8-bit weights and activations (format=w8a8 or fp8), not "
                             f"format={fmt.name}; use eval.backend=fake")
         check_noise_floor(e.noise_floor, self.device)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from ..models.wan import block_linears, native_key
+from ..quant import formats
+from ..quant.scheme import Scheme
 
 # Every lightx2v scheme that reads a per-channel symmetric checkpoint with per-token dynamic activations.
 SCHEMES = {
@@ -23,6 +25,19 @@ LEGACY_MM_TYPE = {
     "int8": "W-int8-channel-sym-A-int8-channel-sym-dynamic-Vllm",
     "fp8": "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Vllm",
 }
+# The schemes lightx2v's per-channel loaders read (docs/lightx2v-contract.md), by lightx2v scheme family.
+# A scheme is matched by what it is (weights and activations), not by its name.
+LIGHTX2V_SCHEMES: dict[str, Scheme] = {"int8": formats.SCHEMES["w8a8"], "fp8": formats.SCHEMES["fp8"]}
+
+
+def lightx2v_family(scheme: Scheme | None) -> str | None:
+    """The lightx2v scheme family that loads ``scheme`` ("int8" / "fp8"), or None."""
+    if scheme is None:
+        return None
+    return next((fam for fam, s in LIGHTX2V_SCHEMES.items()
+                 if (s.weight, s.activation) == (scheme.weight, scheme.activation)), None)
+
+
 CODE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 CODE_QMAX = {"int8": 127.0, "fp8": 448.0}
 ADVANCED_PTQ = "advanced_ptq"

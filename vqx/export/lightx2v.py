@@ -35,7 +35,7 @@ from ..config.schema import bounded, choice, register_schema
 from ..errors import Fault, UserError
 from ..io import write_json_atomic, write_text_atomic
 from ..models.wan import block_linears, input_groups, is_i2v, native_key, native_linear_name
-from ..quant.formats import FORMATS, QuantFormat, get_format
+from ..quant.formats import Format, format_from_config
 from ..quant.linear import QuantLinear
 from ..stages import EXPORTERS, Exporter, RunState
 from . import contract
@@ -64,35 +64,39 @@ class LightX2VExportSchema(ExportFolderSchema):
 register_schema("export", "lightx2v", LightX2VExportSchema)
 
 
-def exportable_formats() -> list[str]:
-    return [f.name for f in FORMATS.values() if f.lightx2v_scheme is not None]
-
-
-def refusal(fmt: QuantFormat) -> str | None:
-    """Why lightx2v cannot load this format (None: it can)."""
-    if fmt.lightx2v_scheme is not None:
-        return None
-    if not fmt.quantizes:
+def refusal(fmt: Format) -> str | None:
+    """Why lightx2v cannot load this format (None: it can): one scheme it has a kernel for, on every layer."""
+    schemes = fmt.schemes()
+    loads = f"formats lightx2v loads: {', '.join(s.name for s in contract.LIGHTX2V_SCHEMES.values())} (or use export=fake / export=none)"
+    if not schemes:
         why = "it quantizes nothing"
-    elif fmt.weight_grid.storage_dtype is None:
-        why = f"{fmt.weight} is a research grid with no storage dtype (fake-quant only)"
-    elif fmt.activation is None:
-        why = "it is weight-only and lightx2v has no 16-bit-activation scheme for this checkpoint"
+    elif len(schemes) > 1:
+        why = (f"it mixes schemes {', '.join(s.name for s in schemes)} and lightx2v runs one scheme per checkpoint")
+    elif contract.lightx2v_family(schemes[0]) is not None:
+        return None
     else:
-        why = "lightx2v has no scheme for it"
-    return (f"export=lightx2v cannot write format={fmt.name}: {why}; formats lightx2v loads: "
-            f"{', '.join(exportable_formats())} (or use export=fake / export=none)")
+        s = schemes[0]
+        if s.weight_grid.storage_dtype is None:
+            why = f"{s.weight.grid} is a research grid with no storage dtype (fake-quant only)"
+        elif s.activation is None:
+            why = "it is weight-only and lightx2v has no 16-bit-activation scheme for this checkpoint"
+        else:
+            why = f"lightx2v has no scheme for {s.name} ({s.weight.describe()} weights)"
+    return f"export=lightx2v cannot write format={fmt.name}: {why}; {loads}"
 
 
 def check(cfg: DictConfig) -> None:
     """Before any model is built: the format, the layer selection and the target folder."""
-    reason = refusal(get_format(cfg.format.name))
+    fmt = format_from_config(cfg.format)
+    reason = refusal(fmt)
     if reason:
         raise UserError(reason)
     f = cfg.format
     skipped = [f"{k}={f[k]}" for k in ("skip_first_blocks", "skip_last_blocks") if f[k]]
     if list(f.skip_patterns):
         skipped.append(f"skip_patterns={list(f.skip_patterns)}")
+    if not skipped and fmt.keeps_float:
+        skipped.append(f"rules={[{'pattern': r.pattern, 'scheme': r.scheme.name if r.scheme else 'none'} for r in fmt.rules]}")
     if skipped:
         raise UserError(f"export=lightx2v needs every block linear quantized (lightx2v's quantized mode reads codes "
                         f"for all of them) but format.{', format.'.join(skipped)} keeps some float; "
@@ -102,18 +106,18 @@ def check(cfg: DictConfig) -> None:
 
 # ---- building the native tensors ----------------------------------------------------------------------
 
-def _quant_linears(block: torch.nn.Module, index: int, i2v: bool, fmt: QuantFormat) -> dict[str, QuantLinear]:
+def _quant_linears(block: torch.nn.Module, index: int, i2v: bool, family: str) -> dict[str, QuantLinear]:
     """Block-relative diffusers name -> QuantLinear, refusing a block linear that is not quantized."""
-    want = contract.CODE_DTYPES[fmt.lightx2v_scheme]
+    want = contract.CODE_DTYPES[family]
     out = {}
     for local in block_linears(i2v):
         q = block.get_submodule(local)
         if not isinstance(q, QuantLinear):
             raise UserError(f"blocks.{index}.{local} is not quantized ({type(q).__name__}); lightx2v reads codes for "
                             f"every block linear, so export=lightx2v needs them all quantized")
-        if q.weight_codes.dtype != want or q.bias is None:
-            raise Fault(f"blocks.{index}.{local} holds {q.weight_codes.dtype} codes (bias: {q.bias is not None}); "
-                        f"format {fmt.name} exports {want} codes with a bias")
+        if q.weight_codes.dtype != want or q.bias is None or contract.lightx2v_family(q.scheme) != family:
+            raise Fault(f"blocks.{index}.{local} holds {q.weight_codes.dtype} codes of scheme {q.scheme.name} "
+                        f"(bias: {q.bias is not None}); lightx2v {family} reads {want} codes of one scheme with a bias")
         out[local] = q
     return out
 
@@ -144,10 +148,10 @@ def smoothing_vectors(transformer: torch.nn.Module, runtime_smoothing: dict[int,
             for i, f in found.items()}
 
 
-def block_tensors(block: torch.nn.Module, index: int, i2v: bool, fmt: QuantFormat, dtype: torch.dtype,
+def block_tensors(block: torch.nn.Module, index: int, i2v: bool, family: str, dtype: torch.dtype,
                   smoothing: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """Native name -> tensor (CPU, contiguous) for one block."""
-    quant = _quant_linears(block, index, i2v, fmt)
+    quant = _quant_linears(block, index, i2v, family)
     out: dict[str, torch.Tensor] = {}
     for local, q in quant.items():
         p = f"blocks.{index}.{native_linear_name(local)}"
@@ -178,7 +182,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def write_checkpoint(transformer: torch.nn.Module, folder: Path, fmt: QuantFormat, layout: str, dtype: torch.dtype,
+def write_checkpoint(transformer: torch.nn.Module, folder: Path, family: str, layout: str, dtype: torch.dtype,
                      smoothing: dict[int, dict[str, torch.Tensor]]) -> dict[str, int]:
     """Write the tensor files into ``folder``; returns file name -> tensor count."""
     i2v = is_i2v(transformer)
@@ -188,7 +192,7 @@ def write_checkpoint(transformer: torch.nn.Module, folder: Path, fmt: QuantForma
     pending: dict[str, torch.Tensor] = {}
     blocks = transformer.blocks
     for i in tqdm(range(len(blocks)), desc="export", unit="block", leave=False):
-        tensors = block_tensors(blocks[i], i, i2v, fmt, dtype, smoothing.get(i))
+        tensors = block_tensors(blocks[i], i, i2v, family, dtype, smoothing.get(i))
         if layout == "blocks":
             name = f"block_{i}.safetensors"
             total += _save(tensors, folder / name)
@@ -235,7 +239,7 @@ def export(state: RunState) -> dict:
     i2v = is_i2v(transformer)
     task = "i2v" if i2v else "t2v"
     target = target_dir(ecfg, state.run_dir)
-    scheme = fmt.lightx2v_scheme
+    scheme = contract.lightx2v_family(fmt.schemes()[0])
     dtype = contract.EXPORT_DTYPES[ecfg.dtype]
     smoothing = smoothing_vectors(transformer, state.runtime_smoothing or {})
     wan_cfg = contract.wan_config(dict(transformer.config), task, bool(smoothing))
@@ -244,7 +248,7 @@ def export(state: RunState) -> dict:
         return {**kept_summary(target, kept), "verify": {"ok": True, "kept": True}}
     verify_report = None
     with staged_folder(target, bool(ecfg.overwrite)) as tmp, torch.no_grad():
-        counts = write_checkpoint(transformer, tmp, fmt, ecfg.layout, dtype, smoothing)
+        counts = write_checkpoint(transformer, tmp, scheme, ecfg.layout, dtype, smoothing)
         write_json_atomic(tmp / "config.json", wan_cfg)
         for name, body in contract.run_configs(scheme, str(target), bool(smoothing)).items():
             write_json_atomic(tmp / name, body)

@@ -28,7 +28,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.wan import block_linears, diffusers_key, input_groups, set_submodule
-from ..quant.formats import FORMATS, get_format
 from ..quant.linear import QuantLinear
 from . import contract, lightx2v_math
 from .manifest import check_files, read_manifest
@@ -260,10 +259,9 @@ def _check_dtypes_shapes(tf: TensorFiles, expected: dict, present: set, manifest
     if not schemes:
         return None
     scheme = schemes.pop()
-    fmt = FORMATS.get(manifest.get("format"))
-    if fmt is None or fmt.lightx2v_scheme != scheme:
-        report.problems.append(f"codes are {contract.CODE_DTYPES[scheme]} but the manifest's format is "
-                               f"{manifest.get('format')!r}")
+    if manifest.get("scheme") != scheme:
+        report.problems.append(f"codes are {contract.CODE_DTYPES[scheme]} but the manifest's scheme is "
+                               f"{manifest.get('scheme')!r} (format {manifest.get('format')!r})")
     return scheme
 
 
@@ -441,7 +439,7 @@ def _lightx2v_block(tensors: dict, i: int, inp: BlockInputs, wan_cfg: dict, sche
 def _compare_blocks(tf: TensorFiles, wan_cfg: dict, dkw: dict, scheme: str, manifest: dict, report: Report,
                     seed: int, reference: torch.nn.Module | None, i2v: bool, device: str | None,
                     max_blocks: int | None) -> None:
-    fmt = get_format(manifest["format"])
+    fmt = contract.LIGHTX2V_SCHEMES[scheme]
     inp = block_inputs(dkw, seed, int(wan_cfg["text_len"]))
     rebuilt = None if reference is not None else RebuiltTransformer(tf, dkw, fmt, _model_dtype(manifest), report)
     if report.problems:

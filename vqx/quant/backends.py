@@ -47,16 +47,23 @@ def set_backend(module: nn.Module, name: str) -> int:
     if name == "kernel":
         for q in layers:
             if not supports_kernel(q):
-                raise ValueError(f"backend 'kernel' needs int8 or fp8 weights and activations (formats w8a8, fp8); "
-                                 f"format {q.format.name} has no 8-bit GEMM (use backend 'fake')")
+                raise ValueError(f"backend 'kernel' needs int8 or fp8 weights per channel and activations per token "
+                                 f"(schemes w8a8, fp8); scheme {q.scheme.name} has no 8-bit GEMM (use backend 'fake')")
     for q in layers:
         q.backend = name
     return len(layers)
 
 
+def kernel_scheme(scheme) -> bool:
+    """Whether an 8-bit GEMM here computes ``scheme``: per-token dynamic activations and per-channel weights
+    on one int8 / fp8 grid."""
+    w, a = scheme.weight, scheme.activation
+    return (a is not None and a.grid in _KERNEL_GRIDS and a.granularity == "token" and a.dynamic
+            and w.grid == a.grid and w.granularity == "channel")
+
+
 def supports_kernel(q) -> bool:
-    return (q.act_grid is not None and q.act_grid.name in _KERNEL_GRIDS
-            and q.format.weight_grid is not None and q.format.weight_grid.name == q.act_grid.name)
+    return kernel_scheme(q.scheme)
 
 
 def kernel_linear(q, act: QuantizedActivation) -> torch.Tensor:

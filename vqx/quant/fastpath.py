@@ -28,7 +28,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .numbers import NumberGrid, quantize
+from .numbers import NumberGrid
+from .scheme import TensorScheme, fake_quantize, quantize
 
 IMPLS = ("auto", "eager", "triton")
 _impl = os.environ.get("VQX_QUANT_IMPL", "auto")
@@ -49,12 +50,23 @@ class QuantizedActivation(NamedTuple):
 
 
 class QuantSpec(NamedTuple):
-    """How a linear quantizes its input: grid, optional 1/s smoothing, and what it needs ("fake": the
-    dequantized activation in the model dtype, "codes": a `QuantizedActivation`)."""
+    """How a linear quantizes its input: its activation scheme, optional 1/s smoothing, and what it needs
+    ("fake": the dequantized activation in the model dtype, "codes": a `QuantizedActivation`, per-token
+    schemes only), and the calibrated scale of a static scheme."""
 
-    grid: NumberGrid
+    act: TensorScheme
     smooth_inv: torch.Tensor | None
     mode: str
+    static_scale: torch.Tensor | None = None
+
+    @property
+    def grid(self) -> NumberGrid:
+        return self.act.grid_
+
+    @property
+    def per_token(self) -> bool:
+        """Dynamic per-token scales: what the Triton kernels and the 8-bit GEMMs compute."""
+        return self.act.granularity == "token" and self.act.dynamic
 
 
 def get_impl() -> str:
@@ -94,11 +106,13 @@ def _smooth(x: torch.Tensor, smooth_inv: torch.Tensor | None) -> torch.Tensor:
 
 
 def quantize_eager(x: torch.Tensor, spec: QuantSpec):
-    """QuantLinear's activation quantization with the fp32 reference quantizer."""
+    """QuantLinear's activation quantization with the fp32 reference quantizer (`scheme.quantize`)."""
     x = _smooth(x, spec.smooth_inv)
-    codes, scale = quantize(x, spec.grid, dim=-1)
     if spec.mode == "fake":
-        return (codes * scale).to(x.dtype)
+        return fake_quantize(x, spec.act, spec.static_scale)
+    if not spec.per_token:
+        raise ValueError(f"activation codes for an 8-bit GEMM are per token; got {spec.act.describe()}")
+    codes, scale = quantize(x.reshape(-1, x.shape[-1]), spec.act)
     if spec.grid.storage_dtype == torch.int8:  # int8 cannot hold NaN; the row's NaN scale carries it
         codes = torch.where(torch.isnan(codes), torch.zeros_like(codes), codes)
     k = x.shape[-1]
@@ -167,8 +181,9 @@ def _wants_triton(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors) and triton_available()
 
 
-def _grid_id(grid: NumberGrid) -> int | None:
-    return {"int8": 0, "fp8_e4m3": 1}.get(grid.name)
+def _grid_id(spec: QuantSpec) -> int | None:
+    """The kernels' grid code, or None when no kernel serves the spec (not int8 / fp8 per token)."""
+    return {"int8": 0, "fp8_e4m3": 1}.get(spec.act.grid) if spec.per_token else None
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +217,7 @@ def _run_act(x2, *, pre: int, spec: QuantSpec | None, store_h: bool, out_dtype: 
     q = sx = None
     quant, grid_id, smooth = 0, 0, None
     if spec is not None:
-        grid_id = _grid_id(spec.grid)
+        grid_id = _grid_id(spec)
         smooth = spec.smooth_inv
         if spec.mode == "fake":
             quant, q = 1, torch.empty((m, kdim), dtype=out_dtype, device=dev)
@@ -311,7 +326,7 @@ def same_quantization(got, want) -> bool:
 def _spec_key(spec: QuantSpec | None):
     if spec is None:
         return (None, None, None)
-    return (spec.grid.name, spec.mode, spec.smooth_inv is not None)
+    return (spec.act, spec.mode, spec.smooth_inv is not None)
 
 
 def _fast(key: tuple, check, launch, strict: bool = True):
@@ -333,7 +348,7 @@ def _fast(key: tuple, check, launch, strict: bool = True):
 
 def quantize_act(x: torch.Tensor, spec: QuantSpec):
     """Per-token quantization of a linear's input (after its 1/s smoothing, if any)."""
-    if _wants_triton(x) and _dt(x.dtype) is not None and _grid_id(spec.grid) is not None and x.numel() > 0:
+    if _wants_triton(x) and _dt(x.dtype) is not None and _grid_id(spec) is not None and x.numel() > 0:
         kdim = x.shape[-1]
         # The check runs the same compiled specialization (K, flags) as the real call.
         out = _fast(("quant", x.device.type, kdim, x.dtype, *_spec_key(spec)),
@@ -376,7 +391,7 @@ def _fused_pre(kind: str, pre: int, n: torch.Tensor, dtype, spec: QuantSpec | No
     """Shared by `modulate` and `cast`: (h, None) or (None, quantized) from the kernel, or None (eager)."""
     if not (_wants_triton(n) and _dt(dtype) is not None and n.dtype == torch.float32 and n.numel() > 0):
         return None
-    if spec is not None and _grid_id(spec.grid) is None:
+    if spec is not None and _grid_id(spec) is None:
         return None
     kdim = n.shape[-1]
     rows_per_batch = n.numel() // kdim
@@ -440,7 +455,7 @@ def _gelu_variant(device: torch.device, kdim: int) -> int | None:
 def gelu_quantize(y: torch.Tensor, spec: QuantSpec):
     """``quantize(F.gelu(y, approximate="tanh"))`` in one pass, or None when no exact kernel serves (the
     caller then runs the GELU and quantizes separately). bf16 only: fp32 GELU has too many inputs to check."""
-    if not (_wants_triton(y) and y.dtype == torch.bfloat16 and _grid_id(spec.grid) is not None and y.numel() > 0):
+    if not (_wants_triton(y) and y.dtype == torch.bfloat16 and _grid_id(spec) is not None and y.numel() > 0):
         return None
     kdim = y.shape[-1]
     variant = _gelu_variant(y.device, kdim)

@@ -1,4 +1,4 @@
-"""Quantized linear: weights quantized once, activations quantized per token on every call.
+"""Quantized linear: weights quantized once, activations quantized on every call, as a `Scheme` says.
 
 With the default backend ``fake`` the forward is exactly "dequantize, then matmul" in the model's dtype:
 ``F.linear(dequant(x).to(dtype), dequant(W).to(dtype), bias)`` with all quantizer math in fp32; with
@@ -18,50 +18,54 @@ from torch import nn
 
 from . import fastpath
 from .fastpath import QuantSpec
-from .formats import QuantFormat
-from .numbers import NumberGrid, check_finite, quantize
+from .numbers import check_finite
+from .scheme import Scheme, TensorScheme, dequantize, quantize_with, scales_of
 
 _CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
-def quantize_weight(weight: torch.Tensor, grid: NumberGrid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric codes (fp32) and scale [out, 1] (fp32, bf16-representable)."""
+def quantize_weight(weight: torch.Tensor, ts: TensorScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight codes (fp32 [out, in]) and scales (fp32 [out / br, in / bc]) under ``ts``."""
     check_finite(weight, "weight")
-    return quantize(weight, grid, dim=1, round_scale_to_bf16=True)
-
-
-def fake_quantize_tokens(x: torch.Tensor, grid: NumberGrid) -> torch.Tensor:
-    """Per-token (last dim) dynamic symmetric quantize-dequantize; fp32 math, result in ``x.dtype``."""
-    codes, scale = quantize(x, grid, dim=-1)
-    return (codes * scale).to(x.dtype)
+    scale = scales_of(weight, ts)
+    return quantize_with(weight, ts, scale), scale
 
 
 class QuantLinear(nn.Module):
-    """Drop-in replacement for a block ``nn.Linear`` under a quantization format."""
+    """Drop-in replacement for a block ``nn.Linear`` under a quantization scheme."""
 
-    def __init__(self, linear: nn.Linear, fmt: QuantFormat,
+    def __init__(self, linear: nn.Linear, scheme: Scheme,
                  codes: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-                 input_smooth: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+                 input_smooth: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                 input_scale: torch.Tensor | None = None):
         """``codes``/``scale``: weight codes an algorithm chose (else round to nearest).
         ``input_smooth``: per-input-channel s of a smoothing that no float tensor can absorb; the input is
         multiplied by 1/s before quantization, as lightx2v's affine_norm vectors do (the weight columns
-        were already multiplied by s). ``dtype``: the compute dtype (default: the float weight's)."""
+        were already multiplied by s). ``dtype``: the compute dtype (default: the float weight's).
+        ``input_scale``: the calibrated scale of a static activation scheme."""
         super().__init__()
-        grid = fmt.weight_grid
-        if grid is None:
-            raise ValueError(f"format {fmt.name} quantizes no weights")
-        self.format = fmt
+        if scheme.weight is None:
+            raise ValueError(f"scheme {scheme.name} quantizes no weights")
+        self.scheme = scheme
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if codes is None:
-            codes, scale = quantize_weight(linear.weight.data, grid)
-        storage = grid.storage_dtype or torch.bfloat16  # research grids are exact in bf16
+            codes, scale = quantize_weight(linear.weight.data, scheme.weight)
+        storage = scheme.weight_grid.storage_dtype or torch.bfloat16  # research grids are exact in bf16
         self.register_buffer("weight_codes", codes.to(storage).contiguous())
         self.register_buffer("weight_scale", scale.float().contiguous())
         dtype = dtype or linear.weight.dtype
         # Quantized once: the dequantized weight the forward uses, in the model's dtype.
-        self.register_buffer("weight", (codes.float() * scale.float()).to(dtype), persistent=False)
+        self.register_buffer("weight", dequantize(codes, scale, scheme.weight).to(dtype), persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.to(dtype).clone(), requires_grad=False)
-        self.act_grid = fmt.activation_grid
+        self.act_scheme = scheme.activation
+        self.act_grid = scheme.activation_grid
+        if self.act_scheme is not None and not self.act_scheme.dynamic:
+            if input_scale is None:
+                raise ValueError(f"scheme {scheme.name} has static activations: it needs a calibrated input_scale")
+            self.register_buffer("input_scale", input_scale.float().reshape(()).clone())
+        else:
+            self.input_scale = None
+        self._static_key = None if self.input_scale is None else float(self.input_scale)
         if input_smooth is not None:
             self.register_buffer("input_smooth_inv", (1.0 / input_smooth.float()).contiguous())
         else:
@@ -71,17 +75,18 @@ class QuantLinear(nn.Module):
         self._smooth_key = None  # set by fused.install when the group's linears hold equal 1/s vectors
 
     def dequantized_weight_fp32(self) -> torch.Tensor:
-        return self.weight_codes.float() * self.weight_scale
+        return dequantize(self.weight_codes, self.weight_scale, self.scheme.weight)
 
     def quant_spec(self) -> QuantSpec:
-        return QuantSpec(self.act_grid, self.input_smooth_inv, "codes" if self.backend == "kernel" else "fake")
+        return QuantSpec(self.act_scheme, self.input_smooth_inv, "codes" if self.backend == "kernel" else "fake",
+                         self.input_scale)
 
     def quant_key(self) -> tuple:
         """Everything this layer's input quantization depends on, besides the input."""
         smooth = self.input_smooth_inv
         if smooth is not None:
             smooth = self._smooth_key if self._smooth_key is not None else id(smooth)
-        return (self.act_grid.name, "codes" if self.backend == "kernel" else "fake", smooth)
+        return (self.act_scheme, "codes" if self.backend == "kernel" else "fake", smooth, self._static_key)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_grid is None:  # weight-only
@@ -107,7 +112,7 @@ class QuantLinear(nn.Module):
         return F.linear(act, self.weight.to(act.dtype), None if self.bias is None else self.bias.to(act.dtype))
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, format={self.format.name}, backend={self.backend}"
+        return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme.name}, backend={self.backend}"
 
 
 class SmoothedLinear(nn.Module):

@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..models.wan import QuantTarget, input_groups, set_submodule
-from .formats import QuantFormat
+from .scheme import Scheme
 from .fused import install as install_fused
 from .linear import QuantLinear, SmoothedLinear
 
@@ -15,28 +15,35 @@ from .linear import QuantLinear, SmoothedLinear
 RUNTIME_SMOOTHED_GROUPS = [g for g in input_groups(i2v=False) if g.fold in ("affine_norm1", "affine_norm3")]
 
 
-def materialize(transformer: torch.nn.Module, targets: list[QuantTarget], fmt: QuantFormat,
+def materialize(transformer: torch.nn.Module, targets: list[QuantTarget], schemes: Scheme | dict[str, Scheme | None] | None,
                 chosen_codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 runtime_smoothing: dict[int, dict[str, torch.Tensor]] | None = None,
-                compute_dtype: dict[str, torch.dtype] | None = None) -> dict[str, QuantLinear]:
-    """Replace each target ``nn.Linear`` in place; returns name -> QuantLinear.
+                compute_dtype: dict[str, torch.dtype] | None = None,
+                input_scales: dict[str, torch.Tensor] | None = None) -> dict[str, QuantLinear]:
+    """Replace each target ``nn.Linear`` in place under its scheme (``schemes``: full name -> scheme, None or
+    absent: it stays float; or one scheme for all); returns name -> QuantLinear. ``input_scales``: full name -> calibrated scale of
+    a static activation scheme.
 
     A linear whose input group carries a runtime smoothing vector (affine_norm1/3) scales its input by 1/s.
     ``compute_dtype``: block-relative name -> dtype the quantized layer computes in (default: its weight's).
     Blocks that got quantized linears then quantize each input group once, fused with the op before it
     (fused.install; same outputs bit for bit as quantizing per linear).
     """
+    if schemes is None or isinstance(schemes, Scheme):  # one scheme (or none) for every target
+        schemes = dict.fromkeys((t.name for t in targets), schemes)
     out = {}
     for t in tqdm(targets, desc="quantize", unit="linear", leave=False, disable=len(targets) < 50):
         codes, scale = chosen_codes.get(t.name, (None, None))
         smooth = runtime_smoothing_for(t, runtime_smoothing or {})
-        if not fmt.quantizes:
-            if smooth is not None:  # transforms without quantization (format=none) still need 1/s at run time
+        scheme = schemes.get(t.name)
+        if scheme is None:
+            if smooth is not None:  # a float layer under a transform still needs 1/s at run time
                 set_submodule(transformer.blocks[t.block], t.local_name, SmoothedLinear(t.module, smooth))
             continue
         try:
             dtype = (compute_dtype or {}).get(t.local_name)
-            q = QuantLinear(t.module, fmt, codes, scale, smooth, dtype=dtype)
+            q = QuantLinear(t.module, scheme, codes, scale, smooth, dtype=dtype,
+                            input_scale=(input_scales or {}).get(t.name))
         except ValueError as e:
             raise UserError(f"cannot quantize {t.name}: {e}; the checkpoint's weights are corrupt (reconvert or redownload it)") from None
         set_submodule(transformer.blocks[t.block], t.local_name, q)

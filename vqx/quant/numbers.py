@@ -47,6 +47,11 @@ def _round_int8(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x), -128.0, 127.0)
 
 
+def _round_int4(x: torch.Tensor) -> torch.Tensor:
+    # Symmetric int4 (codes -8..7, scales from qmax 7); stored as int8 codes, packed two per byte by exporters.
+    return torch.clamp(torch.round(x), -8.0, 7.0)
+
+
 def _round_fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
     # float8_e4m3fn has no Inf; what an unclamped cast does above 448 differs across torch versions and
     # devices (saturate or NaN), so saturation is explicit.
@@ -78,9 +83,9 @@ def minifloat_max(exp_bits: int, man_bits: int) -> float:
     return (2.0 - 2.0 ** (-man_bits)) * 2.0 ** ((2**exp_bits - 1) - bias)
 
 
-def _minifloat_grid(exp_bits: int, man_bits: int) -> NumberGrid:
+def _minifloat_grid(exp_bits: int, man_bits: int, name: str | None = None) -> NumberGrid:
     return NumberGrid(
-        name=f"fp_e{exp_bits}m{man_bits}",
+        name=name or f"fp_e{exp_bits}m{man_bits}",
         qmax=minifloat_max(exp_bits, man_bits),
         round_to_grid=lambda x: minifloat_round(x, exp_bits, man_bits),
         storage_dtype=None,
@@ -91,6 +96,11 @@ def _minifloat_grid(exp_bits: int, man_bits: int) -> NumberGrid:
 GRIDS: dict[str, NumberGrid] = {
     "int8": NumberGrid("int8", 127.0, _round_int8, torch.int8, 8),
     "fp8_e4m3": NumberGrid("fp8_e4m3", FP8_E4M3_MAX, _round_fp8_e4m3, torch.float8_e4m3fn, 8),
+    "int4": NumberGrid("int4", 7.0, _round_int4, torch.int8, 4),
+    # OCP MX element grids (no Inf/NaN codes): FP4 E2M1 (max 6), FP6 E3M2 (max 28), FP6 E2M3 (max 7.5).
+    "fp4_e2m1": _minifloat_grid(2, 1, "fp4_e2m1"),
+    "fp6_e3m2": _minifloat_grid(3, 2, "fp6_e3m2"),
+    "fp6_e2m3": _minifloat_grid(2, 3, "fp6_e2m3"),
     "fp_e3m4": _minifloat_grid(3, 4),
     "fp_e2m5": _minifloat_grid(2, 5),
 }
@@ -115,7 +125,11 @@ def absmax_scale(x: torch.Tensor, dim: int, qmax: float, round_to_bf16: bool = F
     ``round_to_bf16``: round the scale to the nearest bf16 value (lightx2v's loader casts scales through
     bf16, so an exported scale must already be bf16-representable; quantize with the rounded scale).
     """
-    amax = x.detach().float().abs().amax(dim=dim, keepdim=True)
+    return scale_from_absmax(x.detach().float().abs().amax(dim=dim, keepdim=True), qmax, round_to_bf16)
+
+
+def scale_from_absmax(amax: torch.Tensor, qmax: float, round_to_bf16: bool = False) -> torch.Tensor:
+    """``amax / qmax`` (fp32, correctly rounded), optionally rounded to bf16; all-zero slices get 1.0."""
     scale = div_exact(amax, qmax)
     if round_to_bf16:
         scale = scale.to(torch.bfloat16).float()
