@@ -13,7 +13,8 @@ import vqx.plugins  # noqa: F401
 from conftest import ROOT
 from vqx.config.validate import validate
 from vqx.errors import UserError
-from vqx.eval.video import CACHE_KIND, VideoEvaluator
+from vqx.eval.references import CACHE_KIND, ReferenceCache
+from vqx.eval.video import VideoEvaluator
 from vqx.eval.videoio import read_video
 from vqx.models.loading import load_pipeline
 from vqx.models.sampling import SamplerSettings, generate
@@ -103,22 +104,21 @@ def _evaluator(tmp_path, prompt_file, *overrides, run="run"):
 
 def test_cache_key_covers_everything_that_determines_a_reference(tmp_path, prompt_file, tiny_t2v):
     cfg, ev = _evaluator(tmp_path, prompt_file)
-    ev.prepare_identity(tiny_t2v)
-    base = ev.cache.entry_dir(CACHE_KIND, ev.identity(0, "reference"))
-    keys = {base, ev.cache.entry_dir(CACHE_KIND, ev.identity(1, "reference")),  # other prompt and seed
-            ev.cache.entry_dir(CACHE_KIND, ev.identity(0, "noise_floor/sdpa_math"))}
+    ev.references = ReferenceCache(cfg.cache_dir, cfg.model, tiny_t2v, ev.device)
+    base = ev.references.entry_dir(ev.identity(0, "reference"))
+    keys = {base, ev.references.entry_dir(ev.identity(1, "reference")),  # other prompt and seed
+            ev.references.entry_dir(ev.identity(0, "noise_floor/sdpa_math"))}
     for override in ["eval.steps=3", "eval.guidance=4", "eval.shift=2", "eval.height=48", "eval.width=48",
                      "eval.num_frames=9", "eval.negative_prompt=blurry", "model.dtype=float32", "model.name=other"]:
-        _, other = _evaluator(tmp_path, prompt_file, override)
-        other.prepare_identity(tiny_t2v)
-        keys.add(other.cache.entry_dir(CACHE_KIND, other.identity(0, "reference")))
+        other_cfg, other = _evaluator(tmp_path, prompt_file, override)
+        other.references = ReferenceCache(other_cfg.cache_dir, other_cfg.model, tiny_t2v, other.device)
+        keys.add(other.references.entry_dir(other.identity(0, "reference")))
     assert len(keys) == 12
-    weights = ev.base_identity["model"]["weights"]
+    weights = ev.references.base_identity["model"]["weights"]
     with torch.no_grad():
         tiny_t2v.transformer.proj_out.bias.add_(1)  # other weights, same config
     try:
-        ev.prepare_identity(tiny_t2v)
-        assert ev.base_identity["model"]["weights"] != weights
+        assert ReferenceCache(cfg.cache_dir, cfg.model, tiny_t2v, ev.device).base_identity["model"]["weights"] != weights
     finally:
         with torch.no_grad():
             tiny_t2v.transformer.proj_out.bias.sub_(1)

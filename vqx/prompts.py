@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 import vqx
 
-from ..errors import UserError
+from .errors import UserError
 
 __all__ = ["PromptSample", "default_prompt_file", "load_prompt_set"]
 
