@@ -8,15 +8,12 @@ sizes padded to multiples of 16, which every H.264 encoder and player accepts.
 from __future__ import annotations
 
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from ..errors import Fault, UserError
-from ..io import fsync_dir
+from ..io import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".gif")
@@ -52,23 +49,6 @@ def displayable(video: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(video)
 
 
-@contextmanager
-def _atomic_video(target: Path) -> Iterator[Path]:
-    """A temporary ``.mp4`` beside ``target`` (encoders pick the container from the suffix), renamed on success."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, target)
-        fsync_dir(target.parent)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
 def video_backend() -> str | None:
     """'imageio-ffmpeg', 'opencv' or None."""
     try:
@@ -94,7 +74,8 @@ def write_mp4(path: str | os.PathLike, video: np.ndarray, fps: int = 16) -> str:
     frames = displayable(video)
     h, w = frames.shape[1:3]
     backend = video_backend()
-    with _atomic_video(Path(path)) as tmp:
+    # encoders pick the container from the temporary file's suffix; the videos are meant to be shared
+    with atomic_path(path, suffix=Path(path).suffix, mode=0o644) as tmp:
         if backend == "imageio-ffmpeg":
             import imageio_ffmpeg
 
