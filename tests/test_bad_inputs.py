@@ -31,7 +31,8 @@ from conftest import ROOT
 from vqx.prompts import load_prompt_set
 from vqx.config.validate import validate
 from vqx.errors import Fault, UserError, as_vqx_error, report_and_exit
-from vqx.models.loading import load_pipeline, resolve_device
+from vqx.models.loading import load_pipeline
+from vqx.runtime import resolve_device
 from conftest import pin_tiny
 
 CONF = ROOT / "conf"

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-DTYPES = ("bfloat16", "float16", "float32")
+from ..runtime import DTYPES, repo_path
 
 
 def choice(*values: str, default: Any = None) -> Any:
@@ -132,16 +132,8 @@ class LoggerSchema:
     name: str = "none"
 
 
-def repo_path(relative: str) -> str:
-    """``${vqx_repo:assets/x}`` in a config: that path inside the vqx checkout, absolute (runs start anywhere)."""
-    from pathlib import Path
-
-    import vqx
-
-    return str(Path(vqx.__file__).resolve().parents[1] / relative)
-
-
-OmegaConf.register_new_resolver("vqx_repo", repo_path, replace=True)
+# ``${vqx_repo:assets/x}`` in a config: that path inside the vqx checkout, absolute (runs start anywhere).
+OmegaConf.register_new_resolver("vqx_repo", lambda relative: str(repo_path(relative)), replace=True)
 
 GROUPS = ("model", "algorithm", "format", "calib", "export", "eval", "logger")
 

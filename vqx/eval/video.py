@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..config.schema import SamplerSchema, bounded, choice, register_schema
 from ..errors import UserError
-from ..models.loading import resolve_device
 from ..models.sampling import SamplerSettings
 from ..quant.backends import set_backend
 from ..quant.formats import get_format
+from ..runtime import resolve_device
 from ..stages import EVALUATORS, Evaluator, RunState
 from . import metrics as M
 from .generation import EvalSamples, generate_sample

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError, VqxError, report_and_exit
 from ..io import staged_dir, write_json_atomic
+from ..runtime import resolve_device
 from . import data
 from .folder import MARKER
 
@@ -113,8 +114,6 @@ def check_args(a: argparse.Namespace) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    from ..models.loading import resolve_device
-
     return resolve_device(name, "--device ")
 
 
