@@ -179,7 +179,7 @@ def test_no_smoothing_means_no_vectors_and_no_flag(models, tmp_path):
 
 
 def test_spread_picks_first_and_last():
-    from vqx.export.verify import spread
+    from vqx.export.block_compare import spread
 
     assert spread(40, 4) == [0, 13, 26, 39] and spread(2, None) == [0, 1] and spread(5, 1) == [0]
 

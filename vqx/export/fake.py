@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..stages import EXPORTERS, Exporter, RunState
 from .folder import (ExportFolderSchema, check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder,
                      target_dir)
+from .checks import VERIFIERS, Report, TensorFiles, VerifyJob, names, read_json
 from .manifest import write_manifest
 
 log = logging.getLogger("vqx")
@@ -85,3 +86,35 @@ def export(state: RunState) -> dict:
 
 
 EXPORTERS.register("fake")(Exporter(check=check, export=export))
+
+
+@VERIFIERS.register("fake")
+def verify_fake(job: VerifyJob, report: Report) -> None:
+    """``transformer/config.json`` builds diffusers' model, whose every tensor the folder holds with its shape,
+    finite; nothing else."""
+    from diffusers import WanTransformer3DModel
+
+    folder, files = job.folder, job.files
+    config = read_json(folder / "transformer" / "config.json", report)
+    if config is None:
+        return
+    try:
+        with torch.device("meta"):
+            model = WanTransformer3DModel.from_config(config)
+    except Exception as e:  # noqa: BLE001
+        report.problems.append(f"transformer/config.json does not build a WanTransformer3DModel ({str(e).splitlines()[0][:160]})")
+        return
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tf = TensorFiles(folder, files, report)
+    present = set(tf.where)
+    if set(expected) - present:
+        report.problems.append(f"{len(set(expected) - present)} tensor(s) missing: {names(set(expected) - present)}")
+    if present - set(expected):
+        report.problems.append(f"{len(present - set(expected))} unexpected tensor(s): {names(present - set(expected))}")
+    for k in sorted(present & set(expected)):
+        shape = tf.meta(k)[1]
+        if shape != expected[k]:
+            report.problems.append(f"{k}: shape {list(shape)}, expected {list(expected[k])}")
+        elif not torch.isfinite(tf.get(k).float()).all():
+            report.problems.append(f"{k}: non-finite values")
+    report.info.update({"blocks": config.get("num_layers"), "tensors": len(present)})
