@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 from filelock import FileLock
 
@@ -81,10 +81,3 @@ class DiskCache:
                 write_json_atomic(tmp / MANIFEST, {"kind": kind, "files": files})
         return load(entry), False
 
-
-def cache_from_config(cache_dir: str) -> DiskCache:
-    return DiskCache(cache_dir)
-
-
-def describe(value: Any) -> str:
-    return identity_key(value)[:12] if isinstance(value, dict) else str(value)

@@ -148,10 +148,6 @@ def register_schema(group: str, kind: str, schema: type) -> None:
     ConfigStore.instance().store(group=f"schema/{group}", name=kind, node=schema)
 
 
-def schema_for(group: str, kind: str) -> type | None:
-    return _registered.get((group, kind))
-
-
 for _group, _schema in {
     "model": ModelSchema,
     "format": FormatSchema,
