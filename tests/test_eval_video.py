@@ -218,19 +218,21 @@ def test_eval_video_i2v_end_to_end(vqx_run, tmp_path):
     assert all(Path(v["image"]).is_file() for v in m["videos"])
 
 
-def test_eval_kernel_backend_scores_like_the_fake_backend(vqx_run, tmp_path):
-    """eval.backend=kernel (fp8 GEMMs as lightx2v runs them) gives nearly the fake backend's scores."""
+def test_eval_kernel_gemm_scores_like_the_fake_gemm(vqx_run, tmp_path):
+    """eval.gemm=kernel (fp8 GEMMs as lightx2v runs them) gives nearly fake quantization's scores."""
     scores = {}
-    for backend in ("fake", "kernel"):
+    for gemm in ("fake", "kernel"):
         r = vqx_run(["algorithm=rtn", "format=fp8", "export=none", "logger=none", "eval.noise_floor=none",
-                     "eval.num_samples=1", f"eval.backend={backend}", f"hydra.run.dir={tmp_path / backend}"],
+                     "eval.num_samples=1", f"eval.gemm={gemm}", f"hydra.run.dir={tmp_path / gemm}"],
                     env={"VQX_CACHE_DIR": str(tmp_path / "cache")}, timeout=900)
         assert r.returncode == 0, r.stderr
-        scores[backend] = json.loads((tmp_path / backend / "metrics.json").read_text())
+        scores[gemm] = json.loads((tmp_path / gemm / "metrics.json").read_text())
     assert scores["kernel"]["psnr"] > 20 and abs(scores["kernel"]["lpips"] - scores["fake"]["lpips"]) < 0.05
 
 
-def test_eval_kernel_backend_refuses_weight_only_formats(vqx_run, tmp_path):
+def test_eval_kernel_gemm_refuses_weight_only_formats(vqx_run, tmp_path):
+    # typed with the option's old name, eval.backend: it still works, after one deprecation line
     r = vqx_run(["format=w8a16", "export=none", "logger=none", "eval.backend=kernel", f"hydra.run.dir={tmp_path}"])
-    assert r.returncode == 2 and "eval.backend=kernel needs 8-bit weights and activations" in r.stderr
+    assert r.returncode == 2 and "eval.gemm=kernel needs 8-bit weights and activations" in r.stderr
+    assert "eval.backend is deprecated; use eval.gemm=kernel" in r.stdout + (tmp_path / "run.log").read_text()
     assert not (tmp_path / "metrics.json").exists()

@@ -27,6 +27,12 @@ def bounded(default: Any, lo: float | None = None, hi: float | None = None, **me
     return field(default=default, metadata={"range": (lo, hi), **meta})
 
 
+def renamed(new: str) -> Any:
+    """A key's old name, still accepted: a value set here moves to ``new`` with one deprecation line
+    (`validate.apply_renames`)."""
+    return field(default=None, metadata={"renamed_to": new})
+
+
 @dataclass
 class SamplerSchema:
     """The denoising sampler a model is run with (Wan's recommendation per model)."""
@@ -138,6 +144,8 @@ OmegaConf.register_new_resolver("vqx_repo", lambda relative: str(repo_path(relat
 GROUPS = ("model", "algorithm", "format", "calib", "export", "eval", "logger")
 
 _registered: dict[tuple[str, str], type] = {}
+# (group, old option name) -> its new name: the old yaml stays, `validate.apply_renames` renames and warns
+RENAMED_OPTIONS: dict[tuple[str, str], str] = {}
 
 
 def register_schema(group: str, kind: str, schema: type) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..config.schema import SamplerSchema, bounded, choice, register_schema
+from ..config.schema import SamplerSchema, bounded, choice, register_schema, renamed
 from ..errors import UserError
 from ..models.sampling import SamplerSettings
 from ..quant.backends import set_backend
@@ -37,7 +37,7 @@ from .generation import EvalSamples, generate_sample
 from .lpips_weights import features_state_dict
 from .noise_floor import NOISE_FLOORS, check_noise_floor, floor_summary, noise_floor_context, resolve_noise_floor
 from .references import ReferenceCache
-from .videoio import NO_BACKEND, side_by_side, to_float, video_backend, write_mp4
+from .videoio import NO_VIDEO_LIBRARY, side_by_side, to_float, video_library, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,10 @@ class VideoEvalSchema(SamplerSchema):
     defaults them to the model's recommended sampler."""
 
     name: str = "video"
-    backend: str = choice("fake", "kernel")  # fake: dequantized bf16 GEMMs; kernel: int8/fp8 GEMMs as lightx2v runs them
+    # how quantized linears multiply: fake (quantize-dequantize, then a GEMM in the model dtype) or kernel
+    # (int8/fp8 GEMMs as lightx2v runs them); `vqx.quant.backends.set_backend` applies it
+    gemm: str = choice("fake", "kernel")
+    backend: Optional[str] = renamed("gemm")  # deprecated: eval.gemm's old name
     path: Optional[str] = None  # prompts json; null: assets/wan_<task>/eval/prompts.json
     num_samples: Optional[int] = bounded(None, 1, None)  # the first N prompts; null: all
     lpips_net: str = choice("alex", "vgg")
@@ -94,13 +97,13 @@ class VideoEvaluator(Evaluator):
         self.samples = EvalSamples(load_prompt_set(e.path, model.task, "eval", limit=e.num_samples),
                                    SamplerSettings.from_config(e), model.task == "i2v")
         fmt = get_format(self.cfg.format.name)
-        if e.backend == "kernel" and not (fmt.lightx2v_scheme and fmt.weight == fmt.activation):
-            raise UserError(f"eval.backend=kernel needs 8-bit weights and activations (format=w8a8 or fp8), not "
-                            f"format={fmt.name}; use eval.backend=fake")
+        if e.gemm == "kernel" and not (fmt.lightx2v_scheme and fmt.weight == fmt.activation):
+            raise UserError(f"eval.gemm=kernel needs 8-bit weights and activations (format=w8a8 or fp8), not "
+                            f"format={fmt.name}; use eval.gemm=fake")
         check_noise_floor(e.noise_floor, self.device)
         self.floor_count = 0 if e.noise_floor == "none" else min(len(self.samples), e.noise_floor_samples or len(self.samples))
-        if e.save_videos and video_backend() is None:
-            raise UserError(NO_BACKEND + " (or eval.save_videos=false)")
+        if e.save_videos and video_library() is None:
+            raise UserError(NO_VIDEO_LIBRARY + " (or eval.save_videos=false)")
         _, self.lpips_source = features_state_dict(e.lpips_net)  # no weights: fail now, not after generating
         self.refs: list[dict | None] = []  # per sample; None for the samples of other torchrun ranks
         self.floors: list[dict | None] = []
@@ -167,7 +170,7 @@ class VideoEvaluator(Evaluator):
 
     def evaluate(self, state: RunState) -> dict:
         e = self.cfg.eval
-        set_backend(state.pipe.transformer, e.backend)
+        set_backend(state.pipe.transformer, e.gemm)
         self.timings.update(quantized_generation_s=0.0, scoring_s=0.0)
         videos, floors = [], []
         n, world = len(self.samples), distributed.world_size()
@@ -210,7 +213,7 @@ class VideoEvaluator(Evaluator):
             "std": "population std over videos",
             "reference_cache": {"dir": str(self.references.root), "hits": sum(cache_use),
                                 "built": len(cache_use) - sum(cache_use)},
-            "video_backend": video_backend() if e.save_videos else None,
+            "video_library": video_library() if e.save_videos else None,
             "plot": plot,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},  # under torchrun: rank 0's own
         }

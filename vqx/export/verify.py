@@ -2,7 +2,8 @@
 
 1. ``manifest.json`` (every kind): every file present with its hash and size, no unlisted file;
 2. the kind's verifier: ``lightx2v`` (`lightx2v_verify`: the lightx2v contract, then lightx2v's math against
-   vqx's fake quant, `block_compare`); ``fake`` (`fake`: a key/shape check against diffusers' model for its config).
+   vqx's fake quant, `block_compare`); ``dequantized`` (`dequantized`; ``fake`` before the rename: a key/shape
+   check against diffusers' model for its config).
 Every failure is one line in the `Report`.
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import fake, lightx2v_verify  # noqa: F401  (register their verifiers)
+from . import dequantized, lightx2v_verify  # noqa: F401  (register their verifiers)
 from .block_compare import DEFAULT_TOLERANCE
 from .checks import VERIFIERS, Report, VerifyJob
 from .manifest import check_files, read_manifest
