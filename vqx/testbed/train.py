@@ -1,6 +1,6 @@
 """Train wan_mini and save it as the diffusers folder vqx loads with model=wan_mini.
 
-    python -m vqx.testbed.train --out assets/wan_mini --device cuda     # one H100: about 7.5 minutes
+    python -m vqx.testbed.train --out assets/wan_mini --device cuda     # one H100/H200: about 13.5 minutes
 
 Stage 1 trains the VAE (AutoencoderKLWan) to reconstruct data.py clips, then measures the per-channel mean
 and std of its latents and writes them into the VAE config (WanPipeline un-normalizes latents with them).
