@@ -28,10 +28,11 @@ from safetensors.torch import load_file, save_file
 
 import vqx.plugins  # noqa: F401
 from conftest import ROOT
-from vqx.calib.prompts import load_prompt_set
+from vqx.prompts import load_prompt_set
 from vqx.config.validate import validate
 from vqx.errors import Fault, UserError, as_vqx_error, report_and_exit
-from vqx.models.loading import load_pipeline, resolve_device
+from vqx.models.loading import load_pipeline
+from vqx.runtime import resolve_device
 from conftest import pin_tiny
 
 CONF = ROOT / "conf"
@@ -311,6 +312,7 @@ def test_nan_activations_in_the_block_pass_name_block_layer_and_step(tmp_path, t
 def test_nan_activations_in_evaluation_name_sample_step_and_layer(tmp_path, tiny_t2v):
     import copy
 
+    from vqx.eval.generation import generate_sample
     from vqx.eval.video import VideoEvaluator
 
     prompts = tmp_path / "prompts.json"
@@ -322,7 +324,7 @@ def test_nan_activations_in_evaluation_name_sample_step_and_layer(tmp_path, tiny
     with torch.no_grad():
         pipe.transformer.blocks[0].ffn.net[2].bias[5] = float("nan")
     with pytest.raises(Fault) as e:
-        ev._generate(pipe, 1, "quantized 2/2")
+        generate_sample(pipe, ev.samples, 1, "quantized 2/2", quantized=True)
     text = str(e.value)
     assert "eval sample 1 (quantized model) at denoising step 0" in text and "block 0, layer ffn.net.2" in text, text
     assert "format.skip_patterns" in text and "\n" not in text

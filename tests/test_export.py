@@ -1,4 +1,4 @@
-"""export=lightx2v / export=fake and `vqx verify-export`: the checkpoint lightx2v reads, proven on CPU."""
+"""export=lightx2v / export=dequantized and `vqx verify-export`: the checkpoint lightx2v reads, proven on CPU."""
 
 import hashlib
 import json
@@ -183,7 +183,7 @@ def test_no_smoothing_means_no_vectors_and_no_flag(models, tmp_path):
 
 
 def test_spread_picks_first_and_last():
-    from vqx.export.verify import spread
+    from vqx.export.block_compare import spread
 
     assert spread(40, 4) == [0, 13, 26, 39] and spread(2, None) == [0, 1] and spread(5, 1) == [0]
 
@@ -436,29 +436,39 @@ def test_existing_export_is_left_untouched(t2v_int8_smooth, tmp_path):
     assert (not_ours / "keep.txt").read_text() == "x"
 
 
-# ---- export=fake --------------------------------------------------------------------------------------
+# ---- export=dequantized (formerly export=fake) ----------------------------------------------------------
 
-def test_fake_export_loads_in_diffusers_with_the_evaluated_weights(models, tmp_path):
+def test_dequantized_export_loads_in_diffusers_with_the_evaluated_weights(models, tmp_path):
     from diffusers import WanTransformer3DModel
 
     model = models("t2v", "fp8", False)
     out = tmp_path / "export"
-    summary = do_export(model, out, kind="fake")
-    assert summary["kind"] == "fake"
+    summary = do_export(model, out, kind="dequantized")
+    assert summary["kind"] == "dequantized"
     loaded = WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.bfloat16)
     for name, ql in model[3].items():
         lin = loaded.get_submodule(name)
         assert torch.equal(lin.weight, ql.weight) and torch.equal(lin.bias, ql.bias), name
     report = verify_export(out)
     assert report.ok, report.lines()
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "kind": "fake"}))  # as exported before the rename
+    report = verify_export(out)
+    assert report.ok and report.kind == "fake", report.lines()
     (out / "transformer" / "config.json").write_text("{}")
     assert not verify_export(out).ok
 
 
-def test_fake_export_refuses_runtime_smoothing(t2v_int8_smooth, tmp_path):
-    with pytest.raises(UserError, match="affine_norm1/affine_norm3"):
-        do_export(t2v_int8_smooth, tmp_path / "export", kind="fake")
+def test_dequantized_export_refuses_runtime_smoothing(t2v_int8_smooth, tmp_path):
+    with pytest.raises(UserError, match="export=dequantized cannot write this run: .*affine_norm1/affine_norm3"):
+        do_export(t2v_int8_smooth, tmp_path / "export", kind="dequantized")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_manifest_kind_names_the_registered_verifiers(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "onnx", "files": {}}))
+    report = verify_export(tmp_path)
+    assert report.problems == ["manifest kind='onnx' is not valid; valid: dequantized, fake, lightx2v"]
 
 
 # ---- end to end, as a user runs it --------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import vqx
-from vqx.calib.prompts import PromptSample, default_prompt_file, load_prompt_set
+from vqx.prompts import PromptSample, default_prompt_file, load_prompt_set
 from vqx.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

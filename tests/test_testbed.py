@@ -193,7 +193,7 @@ def test_trained_wan_mini_follows_its_prompts():
     from hydra import compose, initialize_config_dir
 
     import vqx.plugins  # noqa: F401
-    from vqx.calib.prompts import load_prompt_set
+    from vqx.prompts import load_prompt_set
     from vqx.config.validate import validate
     from vqx.models.loading import load_pipeline
     from vqx.models.sampling import SamplerSettings, generate

@@ -79,7 +79,7 @@ def test_format_none_video_matches_the_untransformed_model(tmp_path, task, algor
     pipe.set_progress_bar_config(disable=True)
     image = None
     if task == "i2v":
-        from vqx.calib.prompts import load_prompt_set
+        from vqx.prompts import load_prompt_set
 
         image = load_prompt_set(None, "i2v", "eval", limit=1)[0].load_image()
     reference = generate(pipe, "a red ball bounces", SETTINGS, seed=3, image=image)

@@ -59,6 +59,7 @@ def run_job(cfg: DictConfig) -> dict | float | None:
     from hydra.types import RunMode
 
     from . import distributed, experiment, torchrun
+    from .config.validate import apply_renames
     from .track import runs
 
     hc = HydraConfig.get()
@@ -69,6 +70,7 @@ def run_job(cfg: DictConfig) -> dict | float | None:
     # under torchrun a failed job stops every rank: the others cannot go on to the next job without it
     go_on = multirun and not distributed.is_distributed()
     try:
+        apply_renames(cfg)  # old option names first, so a resumed sweep typed with them matches its saved config
         metrics = runs.completed_metrics(run_dir, cfg) if runs.resume_enabled(cfg) and multirun else None
         metrics = distributed.broadcast_object(metrics)  # all ranks skip, or none
         if metrics is not None:

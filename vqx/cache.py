@@ -14,13 +14,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 from filelock import FileLock
 
-from .io import fsync_dir, write_json_atomic
+from .io import staged_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,24 +73,11 @@ class DiskCache:
             if entry.exists():  # a broken entry (killed build, tampered file): rebuild
                 log.warning("cache entry %s is incomplete or corrupt; rebuilding it", entry)
                 shutil.rmtree(entry)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-            try:
+            with staged_dir(entry) as tmp:
                 build(tmp)
                 files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
                 (tmp / "identity.json").write_text(json.dumps(identity, indent=2, sort_keys=True, default=str))
                 files["identity.json"] = file_sha256(tmp / "identity.json")
                 write_json_atomic(tmp / MANIFEST, {"kind": kind, "files": files})
-                os.replace(tmp, entry)
-                fsync_dir(entry.parent)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
         return load(entry), False
 
-
-def cache_from_config(cache_dir: str) -> DiskCache:
-    return DiskCache(cache_dir)
-
-
-def describe(value: Any) -> str:
-    return identity_key(value)[:12] if isinstance(value, dict) else str(value)

@@ -17,7 +17,7 @@ from .algorithms.registry import needs_calibration as steps_need_calibration, pl
 from .algorithms.runner import QuantResult, quantize_blockwise
 from .cache import DiskCache
 from .calib.capture import load_or_capture
-from .calib.prompts import load_prompt_set
+from .prompts import load_prompt_set
 from .config.validate import validate
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic

@@ -1,7 +1,8 @@
 """The registries of the run's pluggable stages after quantization, and the state they share.
 
 An exporter, evaluator or logger is registered under the ``name`` its config option declares; the
-experiment looks it up by that name. New ones arrive as a module + a yaml file, nothing else changes.
+experiment looks it up by that name. New ones arrive as a module (imported by its package's ``__init__`` or
+`vqx.plugins`, so that it registers) + a yaml file.
 """
 
 from __future__ import annotations

@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -26,9 +24,10 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..cache import DiskCache, file_sha256
+from ..diagnostics import first_nonfinite_layer, nonfinite_guard  # noqa: F401  (runner imports first_nonfinite_layer from here)
 from ..errors import Fault, storage_error
 from ..models.sampling import SamplerSettings, generate
-from .prompts import PromptSample, load_prompt_set
+from ..prompts import PromptSample, load_prompt_set
 
 log = logging.getLogger(__name__)
 CAPTURE_VERSION = 1
@@ -64,59 +63,6 @@ def capture_step_indices(total_steps: int, capture_steps: int | None) -> list[in
     if capture_steps == 1:
         return [0]
     return sorted({round(i * (total_steps - 1) / (capture_steps - 1)) for i in range(capture_steps)})
-
-
-def _nonfinite(x: Any) -> bool:
-    return torch.is_tensor(x) and x.is_floating_point() and not bool(torch.isfinite(x).all())
-
-
-@torch.no_grad()
-def first_nonfinite_layer(root: torch.nn.Module, rerun: Callable[[], Any], prefix: str = "") -> str:
-    """Rerun ``rerun`` with hooks on every leaf module of ``root``; the name of the first one (in execution
-    order) whose output holds NaN/Inf, e.g. "block 1, layer ffn.net.2". Only called once things went wrong."""
-    found: list[str] = []
-
-    def hook(name):
-        def check(module, args, out):
-            if not found and any(_nonfinite(o) for o in (out if isinstance(out, (tuple, list)) else (out,))):
-                found.append(name)
-        return check
-
-    handles = [m.register_forward_hook(hook(prefix + n)) for n, m in root.named_modules() if n and not any(m.children())]
-    try:
-        rerun()
-    except Exception:  # noqa: BLE001 -- locating is best effort; the caller reports the non-finite output anyway
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    if not found:
-        return "no single layer (the attention or a residual add overflowed)"
-    parts = found[0].split(".")
-    if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit():
-        return f"block {parts[1]}, layer {'.'.join(parts[2:])}"
-    return f"layer {found[0]}"
-
-
-@contextmanager
-def nonfinite_guard(transformer: torch.nn.Module, where: Callable[[], str], fix: str) -> Iterator[None]:
-    """Raise a Fault naming the block, layer and ``where()`` (sample/prompt, step) as soon as a transformer call
-    returns NaN/Inf, instead of letting NaN latents flow on into statistics, caches or metrics."""
-    busy = []
-
-    def hook(module, args, kwargs, output):
-        out = getattr(output, "sample", output[0] if isinstance(output, (tuple, list)) else output)
-        if busy or not _nonfinite(out):
-            return
-        busy.append(1)  # the rerun below must not re-enter this hook
-        layer = first_nonfinite_layer(module, lambda: module(*args, **kwargs))
-        raise Fault(f"non-finite activations (NaN/Inf) {where()}: first in {layer}; {fix}")
-
-    handle = transformer.register_forward_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def sampler_settings(calib: DictConfig) -> SamplerSettings:

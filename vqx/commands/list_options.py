@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config.schema import GROUPS
+from ..runtime import repo_path
 
 HELP = "list config groups and their options"
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = repo_path("conf")
 
 
 def describe(option_file: Path) -> str:

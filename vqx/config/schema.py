@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-DTYPES = ("bfloat16", "float16", "float32")
+from ..runtime import DTYPES, repo_path
 
 
 def choice(*values: str, default: Any = None) -> Any:
@@ -25,6 +25,12 @@ def choice(*values: str, default: Any = None) -> Any:
 
 def bounded(default: Any, lo: float | None = None, hi: float | None = None, **meta: Any) -> Any:
     return field(default=default, metadata={"range": (lo, hi), **meta})
+
+
+def renamed(new: str) -> Any:
+    """A key's old name, still accepted: a value set here moves to ``new`` with one deprecation line
+    (`validate.apply_renames`)."""
+    return field(default=None, metadata={"renamed_to": new})
 
 
 @dataclass
@@ -140,20 +146,14 @@ class LoggerSchema:
     name: str = "none"
 
 
-def repo_path(relative: str) -> str:
-    """``${vqx_repo:assets/x}`` in a config: that path inside the vqx checkout, absolute (runs start anywhere)."""
-    from pathlib import Path
-
-    import vqx
-
-    return str(Path(vqx.__file__).resolve().parents[1] / relative)
-
-
-OmegaConf.register_new_resolver("vqx_repo", repo_path, replace=True)
+# ``${vqx_repo:assets/x}`` in a config: that path inside the vqx checkout, absolute (runs start anywhere).
+OmegaConf.register_new_resolver("vqx_repo", lambda relative: str(repo_path(relative)), replace=True)
 
 GROUPS = ("model", "algorithm", "format", "calib", "export", "eval", "logger")
 
 _registered: dict[tuple[str, str], type] = {}
+# (group, old option name) -> its new name: the old yaml stays, `validate.apply_renames` renames and warns
+RENAMED_OPTIONS: dict[tuple[str, str], str] = {}
 
 
 def register_schema(group: str, kind: str, schema: type) -> None:
@@ -162,10 +162,6 @@ def register_schema(group: str, kind: str, schema: type) -> None:
         raise ValueError(f"unknown config group {group!r}; valid: {', '.join(GROUPS)}")
     _registered[(group, kind)] = schema
     ConfigStore.instance().store(group=f"schema/{group}", name=kind, node=schema)
-
-
-def schema_for(group: str, kind: str) -> type | None:
-    return _registered.get((group, kind))
 
 
 for _group, _schema in {

@@ -4,14 +4,16 @@ one-line rewording of Hydra's own composition errors. Runs before any model is b
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..errors import UserError
-from .schema import GROUPS, _registered
+from .schema import GROUPS, RENAMED_OPTIONS, _registered
 
+log = logging.getLogger("vqx")
 TOP_LEVEL_KEYS = (*GROUPS, "seed", "cache_dir", "resume", "objective")
 
 
@@ -57,8 +59,32 @@ def check_node(node: DictConfig, schema: type, prefix: str) -> None:
             _check_value(full, node[key], dict(fields[key].metadata))
 
 
+def apply_renames(cfg: DictConfig) -> None:
+    """Old names users typed keep working: an option renamed in `schema.RENAMED_OPTIONS` (``export=fake``) gets
+    its new name, a key declared `schema.renamed` (``eval.backend``) moves its value to the new key, each with
+    one deprecation line. Idempotent: the run config then holds the new names only (old keys null)."""
+    for group in GROUPS:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        new = RENAMED_OPTIONS.get((group, node.get("name")))
+        if new is not None:
+            log.warning("%s=%s is deprecated; use %s=%s (the same option)", group, node.name, group, new)
+            node.name = new
+        schema = OmegaConf.get_type(node)
+        if not dataclasses.is_dataclass(schema):
+            continue
+        for f in dataclasses.fields(schema):
+            target = f.metadata.get("renamed_to")
+            if target is not None and node.get(f.name) is not None:
+                log.warning("%s.%s is deprecated; use %s.%s=%s (the same setting)", group, f.name, group, target,
+                            node[f.name])
+                node[target], node[f.name] = node[f.name], None
+
+
 def validate(cfg: DictConfig) -> None:
-    """Raise UserError (one line) on the first problem in a composed run config."""
+    """Raise UserError (one line) on the first problem in a composed run config (old names renamed first)."""
+    apply_renames(cfg)
     for key in cfg.keys():
         if key not in TOP_LEVEL_KEYS:
             raise UserError(f"unknown key '{key}'; valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}")

@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("reference", type=Path, help="video, image or folder (the reference)")
     parser.add_argument("test", type=Path, help="video, image or folder to compare with it (same names in folders)")
     parser.add_argument("--net", choices=M.LPIPS_NETS, default="alex", help="LPIPS backbone (default alex)")
-    parser.add_argument("--device", default="cpu", help="torch device for LPIPS/SSIM (default cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device for LPIPS/SSIM: cpu (default), cuda, cuda:N, auto")
 
 
 def pairs(a: Path, b: Path) -> list[tuple[Path, Path]]:
@@ -65,13 +65,8 @@ def _describe(v: np.ndarray) -> str:
 
 
 def main(args) -> int:
-    import torch
+    from ..runtime import resolve_device
 
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device!r} is not a torch device; e.g. cpu, cuda, cuda:1") from None
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} but no CUDA device is visible; use --device cpu")
-    print(json.dumps(score(args.reference, args.test, args.net, args.device)))
+    device = resolve_device(args.device, "--device ")
+    print(json.dumps(score(args.reference, args.test, args.net, str(device))))
     return 0

@@ -15,8 +15,6 @@ holds, as deepcompressor scores saved images; the cache stores exactly those fra
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -24,42 +22,26 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..cache import DiskCache
-from ..calib.capture import nonfinite_guard
-from ..config.schema import SamplerSchema, bounded, choice, register_schema
-from ..errors import Fault, UserError
-from ..models.fingerprint import model_fingerprint, tensors_fingerprint
-from ..models.loading import resolve_device
-from ..models.sampling import SamplerSettings, generate
+from ..config.schema import SamplerSchema, bounded, choice, register_schema, renamed
+from ..errors import UserError
+from ..models.sampling import SamplerSettings
 from ..quant.backends import set_backend
 from ..quant.backends import kernel_scheme
 from ..quant.formats import format_from_config
+from ..runtime import resolve_device
 from ..stages import EVALUATORS, Evaluator, RunState
 from . import metrics as M
+from .generation import EvalSamples, generate_sample
 from .lpips_weights import features_state_dict
-from .videoio import NO_BACKEND, side_by_side, to_float, to_uint8, video_backend, write_mp4
+from .noise_floor import NOISE_FLOORS, check_noise_floor, floor_summary, noise_floor_context, resolve_noise_floor
+from .references import ReferenceCache
+from .videoio import NO_VIDEO_LIBRARY, side_by_side, to_float, video_library, write_mp4
 
 log = logging.getLogger(__name__)
-CACHE_KIND = "eval_video"
-CACHE_VERSION = 1  # bump when what an entry holds changes
 
-# Noise-floor methods: a second 16-bit run that should agree with the reference. The reference uses
-# diffusers' default attention ("native": torch SDPA picks its kernel); a floor run forces another kernel
-# (a different summation order, same math), or TF32 matmuls for float32 models.
-SDPA_METHODS = {  # method -> (diffusers attention backend, torch SDPBackend member, kernel name)
-    "sdpa_math": ("_native_math", "MATH", "math"),
-    "sdpa_flash": ("_native_flash", "FLASH_ATTENTION", "flash"),
-    "sdpa_efficient": ("_native_efficient", "EFFICIENT_ATTENTION", "memory-efficient"),
-    "sdpa_cudnn": ("_native_cudnn", "CUDNN_ATTENTION", "cuDNN"),
-}
-NOISE_FLOORS = (*SDPA_METHODS, "tf32")
-CUDA_ONLY = ("sdpa_efficient", "sdpa_cudnn", "tf32")
-PROBE_TOKENS = 8192  # enough to make SDPA's kernel choice as for the real sequence, small enough to allocate
 
 @dataclass
 class VideoEvalSchema(SamplerSchema):
@@ -67,7 +49,10 @@ class VideoEvalSchema(SamplerSchema):
     defaults them to the model's recommended sampler."""
 
     name: str = "video"
-    backend: str = choice("fake", "kernel")  # fake: dequantized bf16 GEMMs; kernel: int8/fp8 GEMMs as lightx2v runs them
+    # how quantized linears multiply: fake (quantize-dequantize, then a GEMM in the model dtype) or kernel
+    # (int8/fp8 GEMMs as lightx2v runs them); `vqx.quant.backends.set_backend` applies it
+    gemm: str = choice("fake", "kernel")
+    backend: Optional[str] = renamed("gemm")  # deprecated: eval.gemm's old name
     path: Optional[str] = None  # prompts json; null: assets/wan_<task>/eval/prompts.json
     num_samples: Optional[int] = bounded(None, 1, None)  # the first N prompts; null: all
     lpips_net: str = choice("alex", "vgg")
@@ -81,218 +66,84 @@ class VideoEvalSchema(SamplerSchema):
 register_schema("eval", "video", VideoEvalSchema)
 
 
-def check_noise_floor(method: str, device: torch.device) -> None:
-    if method in CUDA_ONLY and device.type != "cuda":
-        raise UserError(f"eval.noise_floor={method} needs a CUDA device; on {device.type} use eval.noise_floor=auto "
-                        "(or sdpa_math / sdpa_flash)")
+def score_pair(ref: np.ndarray, test: np.ndarray, net: str, device: str) -> dict:
+    """Per-frame curves and video means of two uint8 videos (``metrics.video_summary``)."""
+    return M.video_summary(M.frame_metrics(to_float(ref), to_float(test), net, device))
 
 
-def _attention_probe(transformer, settings: SamplerSettings, device: torch.device) -> torch.Tensor:
-    """A self-attention query shaped like the model's (heads, head dim, dtype, layout as diffusers passes it)."""
-    c = transformer.config
-    pt, ph, pw = c.patch_size
-    tokens = ((settings.num_frames - 1) // 4 + 1) // pt * (settings.height // 8 // ph) * (settings.width // 8 // pw)
-    dtype = transformer.blocks[0].attn1.to_q.weight.dtype
-    q = torch.zeros(1, min(tokens, PROBE_TOKENS), c.num_attention_heads, c.attention_head_dim, device=device, dtype=dtype)
-    return q.transpose(1, 2)  # [B, S, H, D] -> [B, H, S, D], as diffusers' native backend calls SDPA
-
-
-def _kernel_runs(method: str, q: torch.Tensor) -> bool:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    try:
-        with sdpa_kernel(getattr(SDPBackend, SDPA_METHODS[method][1])):
-            torch.nn.functional.scaled_dot_product_attention(q, q, q)
-        return True
-    except RuntimeError:  # this kernel does not support these inputs here
-        return False
-
-
-def default_sdpa_method(transformer, settings: SamplerSettings, device: torch.device) -> str | None:
-    """The SDPA kernel the reference's attention runs (as an ``sdpa_*`` method name)."""
-    q = _attention_probe(transformer, settings, device)
-    chosen = torch._fused_sdp_choice(q, q, q)  # what F.scaled_dot_product_attention dispatches to
-    return next((m for m, (_, enum, _) in SDPA_METHODS.items()
-                 if int(getattr(torch.nn.attention.SDPBackend, enum)) == chosen), None)
-
-
-def choose_noise_floor(transformer, settings: SamplerSettings, device: torch.device) -> str:
-    """The first attention kernel that runs the model's shapes and is not the default one (which would
-    reproduce the reference bit for bit); TF32 for float32 models on GPU where no other kernel runs."""
-    default = default_sdpa_method(transformer, settings, device)
-    small = _attention_probe(transformer, settings, device)[:, :, :64]
-    candidates = ("sdpa_efficient", "sdpa_flash", "sdpa_cudnn") if device.type == "cuda" else ("sdpa_math", "sdpa_flash")
-    for method in candidates:
-        if method != default and _kernel_runs(method, small):
-            return method
-    if device.type == "cuda" and small.dtype == torch.float32:
-        return "tf32"
-    return "sdpa_math"  # last resort (math materializes the attention matrix)
-
-
-def describe_noise_floor(method: str, default: str | None) -> str:
-    if method == "tf32":
-        return ("fp32 matmuls and convolutions in TF32 (torch.backends.cuda.matmul.allow_tf32 and cudnn.allow_tf32 "
-                "on) vs full fp32; same weights and noise")
-    backend, _, kernel = SDPA_METHODS[method]
-    ref = f"SDPA's default choice, here its {SDPA_METHODS[default][2]} kernel" if default else "SDPA's default choice"
-    return (f"transformer attention through torch SDPA's {kernel} kernel (diffusers attention backend {backend}) "
-            f"vs the reference's {ref}; same weights, dtype and noise")
-
-
-@contextlib.contextmanager
-def noise_floor_context(method: str):
-    if method in SDPA_METHODS:
-        from diffusers.models.attention_dispatch import attention_backend
-
-        with attention_backend(SDPA_METHODS[method][0]):
-            yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def pipeline_fingerprint(model_cfg: DictConfig, pipe: Any) -> str:
-    """Every weight that shapes a video: a diffusers folder's files, or a tiny pipeline's tensors."""
-    if model_cfg.source in ("diffusers", "synthetic"):
-        return model_fingerprint(model_cfg, pipe.transformer)
-    h = hashlib.sha256()
-    for name, part in sorted(pipe.components.items()):
-        if isinstance(part, torch.nn.Module):
-            h.update(f"{name}:{tensors_fingerprint(part)}".encode())
-    return h.hexdigest()
-
-
-def image_digest(image) -> str | None:
-    if image is None:
-        return None
-    return hashlib.sha256(f"{image.mode}|{image.size}|".encode() + image.tobytes()).hexdigest()
-
-
-def _finite(video: np.ndarray, what: str, index: int, prompt: str) -> np.ndarray:
-    if not np.isfinite(video).all():
-        raise Fault(f"the {what} produced NaN/Inf pixels for eval sample {index} ({prompt[:50]!r}); "
-                    + ("the format or algorithm broke the model" if what == "quantized model" else "the float model itself is broken"))
-    return video
+def write_sample_videos(run_dir: Path, i: int, ref: np.ndarray, quant: np.ndarray, fps: int, gain: float) -> dict:
+    """videos/NNN_{reference,quantized,side_by_side}.mp4; returns their paths relative to ``run_dir``."""
+    stem = f"{i:03d}"
+    files = {"reference": f"videos/{stem}_reference.mp4", "quantized": f"videos/{stem}_quantized.mp4",
+             "side_by_side": f"videos/{stem}_side_by_side.mp4"}
+    write_mp4(run_dir / files["reference"], ref, fps)
+    write_mp4(run_dir / files["quantized"], quant, fps)
+    write_mp4(run_dir / files["side_by_side"], side_by_side(ref, quant, gain), fps)
+    return files
 
 
 @EVALUATORS.register("video")
 class VideoEvaluator(Evaluator):
+    """Orchestrates: settings checks, 16-bit references and noise floor before quantization (`references`,
+    `noise_floor`, `generation`), then per sample the quantized video, its scores and files, gathered over ranks."""
+
     def check(self) -> None:
-        from ..calib.prompts import load_prompt_set
+        from ..prompts import load_prompt_set
 
         e, model = self.cfg.eval, self.cfg.model
         self.device = resolve_device(model.device)
         if min(e.height, e.width) < M.LPIPS_MIN_SIDE:
             raise UserError(f"eval.height={e.height} eval.width={e.width}: LPIPS needs at least "
                             f"{M.LPIPS_MIN_SIDE} pixels per side; use eval.height/width >= {M.LPIPS_MIN_SIDE}")
-        self.samples = load_prompt_set(e.path, model.task, "eval", limit=e.num_samples)
+        self.samples = EvalSamples(load_prompt_set(e.path, model.task, "eval", limit=e.num_samples),
+                                   SamplerSettings.from_config(e), model.task == "i2v")
         fmt = format_from_config(self.cfg.format)
-        if e.backend == "kernel" and not all(kernel_scheme(s) for s in fmt.schemes()):
-            raise UserError(f"eval.backend=kernel needs 8-bit weights and activations (format=w8a8 or fp8), not "
-                            f"format={fmt.name}; use eval.backend=fake")
+        if e.gemm == "kernel" and not all(kernel_scheme(s) for s in fmt.schemes()):
+            raise UserError(f"eval.gemm=kernel needs 8-bit weights and activations (format=w8a8 or fp8), not "
+                            f"format={fmt.name}; use eval.gemm=fake")
         check_noise_floor(e.noise_floor, self.device)
         self.floor_count = 0 if e.noise_floor == "none" else min(len(self.samples), e.noise_floor_samples or len(self.samples))
-        if e.save_videos and video_backend() is None:
-            raise UserError(NO_BACKEND + " (or eval.save_videos=false)")
+        if e.save_videos and video_library() is None:
+            raise UserError(NO_VIDEO_LIBRARY + " (or eval.save_videos=false)")
         _, self.lpips_source = features_state_dict(e.lpips_net)  # no weights: fail now, not after generating
-        self.images = {}
         self.refs: list[dict | None] = []  # per sample; None for the samples of other torchrun ranks
         self.floors: list[dict | None] = []
 
-    # ---- settings and identities -------------------------------------------------------------------
-
-    def settings(self, sample) -> SamplerSettings:
-        base = SamplerSettings.from_config(self.cfg.eval)
-        # a sample's own negative prompt (even "") replaces the run's default, as in calibration
-        return base if sample.negative_prompt is None else dataclasses.replace(base, negative_prompt=sample.negative_prompt)
-
-    def image(self, i: int):
-        if self.cfg.model.task != "i2v":
-            return None
-        if i not in self.images:
-            self.images[i] = self.samples[i].load_image()
-        return self.images[i]
-
-    def identity(self, i: int, variant: str) -> dict:
-        s = self.samples[i]
-        return {**self.base_identity, "prompt": s.prompt, "seed": s.seed, "image": image_digest(self.image(i)),
-                "sampler": self.settings(s).as_dict(), "variant": variant}
-
     # ---- before quantization: 16-bit references (cached) and the noise floor -----------------------
 
-    def prepare_identity(self, pipe: Any) -> None:
-        """What every cache key of this run shares: model identity (weights fingerprint), dtype, device
-        type, library versions. Per video, `identity` adds prompt, image, seed, sampler and variant."""
-        import diffusers
-
-        m = self.cfg.model
-        self.cache = DiskCache(self.cfg.cache_dir)
-        self.base_identity = {
-            "version": CACHE_VERSION,
-            "model": {"name": m.name, "task": m.task, "source": m.source, "dtype": m.dtype,
-                      "weights": pipeline_fingerprint(m, pipe)},
-            "device_type": self.device.type,
-            "torch": torch.__version__, "diffusers": diffusers.__version__,
-        }
-
     def before_quantization(self, pipe: Any) -> None:
-        self.prepare_identity(pipe)
+        self.references = ReferenceCache(self.cfg.cache_dir, self.cfg.model, pipe, self.device)
         self.timings = {"reference_generation_s": 0.0, "noise_floor_generation_s": 0.0}
         mine = set(distributed.shard(len(self.samples)))
-        self.refs = [self._cached(pipe, i, "reference", contextlib.nullcontext, "16-bit reference") if i in mine else None
-                     for i in range(len(self.samples))]
-        e = self.cfg.eval
-        settings = SamplerSettings.from_config(e)
-        self.floor = None
-        if e.noise_floor != "none":
-            self.floor = choose_noise_floor(pipe.transformer, settings, self.device) if e.noise_floor == "auto" else e.noise_floor
-        self.floor_default = default_sdpa_method(pipe.transformer, settings, self.device)
-        self.floors = [self._cached(pipe, i, f"noise_floor/{self.floor}", lambda: noise_floor_context(self.floor),
-                                    "noise floor") if i in mine else None for i in range(self.floor_count)]
+        self.refs = [self._reference(pipe, i, "reference") if i in mine else None for i in range(len(self.samples))]
+        self.floor, self.floor_default = resolve_noise_floor(self.cfg.eval.noise_floor, pipe.transformer,
+                                                             self.samples.sampler, self.device)
+        self.floors = [self._reference(pipe, i, f"noise_floor/{self.floor}") if i in mine else None
+                       for i in range(self.floor_count)]
         hits = sum(r["cache_hit"] for r in self._entries())
         log.info("eval: %d reference and %d noise-floor videos (%d from the cache %s)", sum(map(bool, self.refs)),
-                 sum(map(bool, self.floors)), hits, self.cache.root)
+                 sum(map(bool, self.floors)), hits, self.references.root)
+
+    def identity(self, i: int, variant: str) -> dict:
+        return self.references.identity(self.samples[i], self.samples.settings(i), self.samples.image(i), variant)
+
+    def _reference(self, pipe, i: int, variant: str) -> dict:
+        """Sample i's 16-bit video of ``variant`` ("reference" or "noise_floor/<method>"), cached."""
+        floor = variant != "reference"
+
+        def make() -> np.ndarray:
+            t0 = time.perf_counter()
+            desc = f"{'noise floor' if floor else '16-bit reference'} {i + 1}/{len(self.samples)}"
+            with noise_floor_context(self.floor) if floor else contextlib.nullcontext():
+                video = generate_sample(pipe, self.samples, i, desc, quantized=False)
+            self.timings["noise_floor_generation_s" if floor else "reference_generation_s"] += time.perf_counter() - t0
+            return video
+
+        return self.references.get(self.identity(i, variant), make)
 
     def _entries(self) -> list[dict]:
         """This rank's reference and noise-floor cache entries."""
         return [r for r in self.refs + self.floors if r is not None]
-
-    def _cached(self, pipe, i: int, variant: str, context, desc: str) -> dict:
-        s = self.samples[i]
-
-        def build(tmp: Path) -> None:
-            t0 = time.perf_counter()
-            with context():
-                video = self._generate(pipe, i, f"{desc} {i + 1}/{len(self.samples)}")
-            _finite(video, "16-bit model", i, s.prompt)
-            np.save(tmp / "video.npy", to_uint8(video))
-            key = "reference_generation_s" if variant == "reference" else "noise_floor_generation_s"
-            self.timings[key] += time.perf_counter() - t0
-
-        path, hit = self.cache.get_or_build(CACHE_KIND, self.identity(i, variant), build, lambda d: d / "video.npy")
-        return {"path": path, "cache_hit": hit}
-
-    def _generate(self, pipe, i: int, desc: str) -> np.ndarray:
-        s = self.samples[i]
-        settings = self.settings(s)
-        done = [0]  # denoising steps finished: the step a NaN appears in is named in the error
-
-        def on_step(k, n):
-            done[0] = k + 1
-            bar.update(1)
-
-        quantized = desc.startswith("quantized")
-        where = lambda: f"while generating eval sample {i} ({desc.rsplit(' ', 1)[0]} model) at denoising step {done[0]}"  # noqa: E731
-        fix = ("the format or algorithm breaks this layer: try another algorithm/format or format.skip_patterns for it"
-               if quantized else "the float model itself overflows: try model.dtype=float32 or check the checkpoint")
-        with tqdm(total=settings.steps, desc=desc, unit="step", leave=False, disable=None) as bar, \
-                nonfinite_guard(pipe.transformer, where, fix):
-            return generate(pipe, s.prompt, settings, s.seed, image=self.image(i), on_step=on_step)
 
     # ---- after quantization: generate, score, write -----------------------------------------------
 
@@ -301,18 +152,16 @@ class VideoEvaluator(Evaluator):
         quantized) frames for the video files or None), with the time spent generating and scoring."""
         e, s, dev = self.cfg.eval, self.samples[i], str(self.device)
         t0 = time.perf_counter()
-        quant = to_uint8(_finite(self._generate(pipe, i, f"quantized {i + 1}/{len(self.samples)}"), "quantized model",
-                                 i, s.prompt))
+        quant = generate_sample(pipe, self.samples, i, f"quantized {i + 1}/{len(self.samples)}", quantized=True)
         self.timings["quantized_generation_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         ref = np.load(self.refs[i]["path"])
         entry = {"index": i, "prompt": s.prompt, "seed": s.seed, "image": s.image_path,
-                 **M.video_summary(M.frame_metrics(to_float(ref), to_float(quant), e.lpips_net, dev)),
-                 "reference_cache_hit": self.refs[i]["cache_hit"]}
+                 **score_pair(ref, quant, e.lpips_net, dev), "reference_cache_hit": self.refs[i]["cache_hit"]}
         floor = None
         if i < self.floor_count:
             fl = np.load(self.floors[i]["path"])
-            floor = M.video_summary(M.frame_metrics(to_float(ref), to_float(fl), e.lpips_net, dev))
+            floor = score_pair(ref, fl, e.lpips_net, dev)
             floor["identical"] = bool(np.array_equal(ref, fl))
             entry["noise_floor"] = {k: floor[k] for k in ("lpips", "psnr", "ssim")}
         self.timings["scoring_s"] += time.perf_counter() - t0
@@ -320,18 +169,9 @@ class VideoEvaluator(Evaluator):
                  f"  (noise floor LPIPS {entry['noise_floor']['lpips']:.4f})" if "noise_floor" in entry else "")
         return entry, floor, ((ref, quant) if e.save_videos else None)
 
-    def _write_videos(self, i: int, ref: np.ndarray, quant: np.ndarray) -> dict:
-        e, stem = self.cfg.eval, f"{i:03d}"
-        files = {"reference": f"videos/{stem}_reference.mp4", "quantized": f"videos/{stem}_quantized.mp4",
-                 "side_by_side": f"videos/{stem}_side_by_side.mp4"}
-        write_mp4(self.run_dir / files["reference"], ref, e.fps)
-        write_mp4(self.run_dir / files["quantized"], quant, e.fps)
-        write_mp4(self.run_dir / files["side_by_side"], side_by_side(ref, quant, e.diff_gain), e.fps)
-        return files
-
     def evaluate(self, state: RunState) -> dict:
         e = self.cfg.eval
-        set_backend(state.pipe.transformer, e.backend)
+        set_backend(state.pipe.transformer, e.gemm)
         self.timings.update(quantized_generation_s=0.0, scoring_s=0.0)
         videos, floors = [], []
         n, world = len(self.samples), distributed.world_size()
@@ -343,7 +183,7 @@ class VideoEvaluator(Evaluator):
             results = distributed.gather_object(self._score(state.pipe, i) if i < n else None)
             for entry, floor, frames in [r for r in results or [] if r is not None]:
                 if frames is not None:
-                    entry["files"] = self._write_videos(entry["index"], *frames)
+                    entry["files"] = write_sample_videos(self.run_dir, entry["index"], *frames, e.fps, e.diff_gain)
                 if floor is not None:
                     floors.append(floor)
                 videos.append(entry)
@@ -353,7 +193,7 @@ class VideoEvaluator(Evaluator):
         cache_use = [hit for rank in cache_use for hit in rank]
 
         out = M.aggregate(videos)
-        out["noise_floor"] = self._floor_summary(floors)
+        out["noise_floor"] = floor_summary(self.floor, self.floor_default, floors)
         plot = None
         if e.save_videos:
             from .plot import plot_per_frame
@@ -365,29 +205,18 @@ class VideoEvaluator(Evaluator):
             "evaluator": "video",
             "samples": len(videos),
             "prompts": e.path or f"assets/wan_{self.cfg.model.task}/eval/prompts.json",
-            "sampler": SamplerSettings.from_config(e).as_dict(),
+            "sampler": self.samples.sampler.as_dict(),
             "lpips_net": e.lpips_net,
             "lpips_weights": self.lpips_source,
             "psnr_cap_db": M.PSNR_CAP_DB,
             "pixels": "8-bit frames (round(x*255)); PSNR on [0,1] averaged over frames, each frame capped at "
                       f"{M.PSNR_CAP_DB:g} dB; LPIPS v0.1 on [-1,1]; SSIM torchmetrics (11x11 Gaussian, sigma 1.5)",
             "std": "population std over videos",
-            "reference_cache": {"dir": str(self.cache.root), "hits": sum(cache_use),
+            "reference_cache": {"dir": str(self.references.root), "hits": sum(cache_use),
                                 "built": len(cache_use) - sum(cache_use)},
-            "video_backend": video_backend() if e.save_videos else None,
+            "video_library": video_library() if e.save_videos else None,
             "plot": plot,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},  # under torchrun: rank 0's own
         }
         out["videos"] = videos
         return out
-
-    def _floor_summary(self, floors: list[dict]) -> dict:
-        if self.floor is None:
-            return {"method": "none", "description": "disabled (eval.noise_floor=none)", "samples": 0}
-        summary = {k: v for k, v in M.aggregate(floors).items() if k != "per_frame"}
-        identical = sum(f["identical"] for f in floors)
-        if identical:
-            log.warning("eval: the noise-floor run (%s) reproduced %d of %d references bit for bit; "
-                        "this floor understates the run-to-run difference", self.floor, identical, len(floors))
-        return {**summary, "method": self.floor, "description": describe_noise_floor(self.floor, self.floor_default),
-                "samples": len(floors), "identical_videos": identical}

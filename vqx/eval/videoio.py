@@ -8,15 +8,12 @@ sizes padded to multiples of 16, which every H.264 encoder and player accepts.
 from __future__ import annotations
 
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from ..errors import Fault, UserError
-from ..io import fsync_dir
+from ..io import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".gif")
@@ -52,24 +49,7 @@ def displayable(video: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(video)
 
 
-@contextmanager
-def _atomic_video(target: Path) -> Iterator[Path]:
-    """A temporary ``.mp4`` beside ``target`` (encoders pick the container from the suffix), renamed on success."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=target.suffix, dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, target)
-        fsync_dir(target.parent)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def video_backend() -> str | None:
+def video_library() -> str | None:
     """'imageio-ffmpeg', 'opencv' or None."""
     try:
         import imageio_ffmpeg
@@ -86,16 +66,17 @@ def video_backend() -> str | None:
         return None
 
 
-NO_BACKEND = "cannot write or read mp4: neither imageio-ffmpeg nor OpenCV is usable -- pip install imageio-ffmpeg"
+NO_VIDEO_LIBRARY = "cannot write or read mp4: neither imageio-ffmpeg nor OpenCV is usable -- pip install imageio-ffmpeg"
 
 
 def write_mp4(path: str | os.PathLike, video: np.ndarray, fps: int = 16) -> str:
-    """Write uint8 [F, H, W, 3] as an mp4; returns the backend used."""
+    """Write uint8 [F, H, W, 3] as an mp4; returns the library used (imageio-ffmpeg or opencv)."""
     frames = displayable(video)
     h, w = frames.shape[1:3]
-    backend = video_backend()
-    with _atomic_video(Path(path)) as tmp:
-        if backend == "imageio-ffmpeg":
+    library = video_library()
+    # encoders pick the container from the temporary file's suffix; the videos are meant to be shared
+    with atomic_path(path, suffix=Path(path).suffix, mode=0o644) as tmp:
+        if library == "imageio-ffmpeg":
             import imageio_ffmpeg
 
             writer = imageio_ffmpeg.write_frames(str(tmp), (w, h), fps=fps, codec="libx264", quality=None,
@@ -104,7 +85,7 @@ def write_mp4(path: str | os.PathLike, video: np.ndarray, fps: int = 16) -> str:
             for f in frames:
                 writer.send(f.tobytes())
             writer.close()
-        elif backend == "opencv":
+        elif library == "opencv":
             import cv2
 
             writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
@@ -114,23 +95,23 @@ def write_mp4(path: str | os.PathLike, video: np.ndarray, fps: int = 16) -> str:
                 writer.write(np.ascontiguousarray(f[:, :, ::-1]))  # OpenCV wants BGR
             writer.release()
         else:
-            raise UserError(NO_BACKEND)
+            raise UserError(NO_VIDEO_LIBRARY)
         if tmp.stat().st_size == 0:
-            raise Fault(f"the {backend} encoder wrote an empty file for {path}")
-    return backend
+            raise Fault(f"the {library} encoder wrote an empty file for {path}")
+    return library
 
 
 def read_video(path: Path) -> np.ndarray:
     """uint8 [F, H, W, 3] (RGB)."""
-    backend = video_backend()
+    library = video_library()
     try:
-        if backend == "imageio-ffmpeg":
+        if library == "imageio-ffmpeg":
             import imageio_ffmpeg
 
             gen = imageio_ffmpeg.read_frames(str(path))
             w, h = next(gen)["size"]
             frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in gen]
-        elif backend == "opencv":
+        elif library == "opencv":
             import cv2
 
             cap = cv2.VideoCapture(str(path))
@@ -142,7 +123,7 @@ def read_video(path: Path) -> np.ndarray:
                 frames.append(f[:, :, ::-1])
             cap.release()
         else:
-            raise UserError(NO_BACKEND)
+            raise UserError(NO_VIDEO_LIBRARY)
     except (RuntimeError, OSError, StopIteration, ValueError) as e:
         raise UserError(f"cannot read video {path}: {_first_line(e)}") from None
     if not frames:

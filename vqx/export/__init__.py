@@ -1,4 +1,4 @@
 """Exporters (lightx2v checkpoint, dequantized diffusers folder) and the export verifier; importing this
 package registers the exporters and their config schemas."""
 
-from . import fake, lightx2v  # noqa: F401  (register exporters)
+from . import dequantized, lightx2v  # noqa: F401  (register exporters)

@@ -1,19 +1,15 @@
 """Where an export goes, and how it gets there atomically.
 
 An export is built in a hidden temporary folder beside its target (``.<name>.partial.<host>.<pid>.*``) and
-renamed into place only when every file, its manifest and (for lightx2v) its verification are done. So the
-target either does not exist or is complete: a run killed mid-export leaves at most a hidden partial folder
-(no ``manifest.json`` until the very end, and never at the target's name), which the next export beside it
-removes once its process is gone.
+renamed into place (`vqx.io.staged_dir`) only when every file, its manifest and (for lightx2v) its verification
+are done. So the target either does not exist or is complete: a run killed mid-export leaves at most a hidden
+partial folder (no ``manifest.json`` until the very end, and never at the target's name), which the next export
+beside it removes once its process is gone.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import socket
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +18,7 @@ from typing import Iterator, Optional
 from omegaconf import DictConfig
 
 from ..errors import UserError
-from ..io import fsync_dir
+from ..io import staged_dir
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -91,40 +87,6 @@ def check_target(target: Path | None, overwrite: bool, cfg: DictConfig | None = 
                         f"choose another export.dir")
 
 
-def _partial_prefix(target: Path) -> str:
-    return f".{target.name}.partial."
-
-
-def _host() -> str:
-    return socket.gethostname().replace(".", "_")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def remove_stale_partials(target: Path) -> list[Path]:
-    """Delete partial folders beside ``target`` left by killed exports on this host (their pid is gone)."""
-    removed = []
-    host = _host()
-    if not target.parent.is_dir():
-        return removed
-    for p in target.parent.glob(_partial_prefix(target) + "*"):
-        parts = p.name[len(_partial_prefix(target)):].split(".")
-        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
-            continue
-        if not _pid_alive(int(parts[1])):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
 @contextmanager
 def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; on success rename it to ``target``.
@@ -132,29 +94,6 @@ def staged_folder(target: Path, overwrite: bool) -> Iterator[Path]:
     On any exception (or interrupt) the temporary folder is removed and ``target`` is left as it was.
     """
     check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(target)}{_host()}.{os.getpid()}.", dir=target.parent))
-    try:
+    with staged_dir(target, owned=True, fsync_files=True) as tmp:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _publish(tmp, target, overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
-    check_target(target, overwrite)  # again: another job may have written it meanwhile
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.rmdir(old)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        check_target(target, overwrite)  # again: another job may have written it meanwhile

@@ -4,6 +4,7 @@ fake-quant blocks). Exit 0 when it passes, 1 when it does not; one line per fail
 from __future__ import annotations
 
 from ..errors import UserError
+from ..runtime import resolve_device
 from .verify import DEFAULT_TOLERANCE, verify_export
 
 HELP = "check an export folder: hashes, lightx2v's keys/dtypes/shapes, and lightx2v's math against fake quant"
@@ -25,8 +26,7 @@ def main(args) -> int:
         raise UserError(f"--tolerance={args.tolerance} must be > 0")
     if args.blocks is not None and args.blocks < 1:
         raise UserError(f"--blocks={args.blocks} must be >= 1")
-    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
-        raise UserError(f"--device={args.device!r} is not valid; valid: auto, cpu, cuda, cuda:N")
+    resolve_device(args.device, "--device=")  # a bad value fails here, in one line
     report = verify_export(args.dir, tolerance=args.tolerance, seed=args.seed, compute=not args.no_compute,
                            device=args.device, max_blocks=args.blocks)
     print("\n".join(report.lines()))

@@ -10,10 +10,10 @@ import torch
 from omegaconf import DictConfig
 
 from ..errors import UserError, one_line
+from ..runtime import DTYPES, resolve_device
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PIPELINE_CLASSES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline"}
 REQUIRED_PARTS = {
     "t2v": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
@@ -21,18 +21,6 @@ REQUIRED_PARTS = {
 }
 WHERE_TO_GET = ("a local diffusers-format folder such as Wan2.1-T2V-1.3B-Diffusers (get it on a machine with "
                 "network: huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR, then copy DIR here)")
-
-
-def resolve_device(name: str, option: str = "model.device=") -> torch.device:
-    """``name`` (auto | cpu | cuda | cuda:N) as a device; ``option`` is how errors spell the setting."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"{option}{name} but no CUDA device is visible; use {option}cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"{option}{name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
 
 
 def check_diffusers_folder(path: Path, task: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from ..runtime import repo_path
 
 TRAIN_COMMAND = "python -m vqx.testbed.train --out assets/wan_mini --device cuda"
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -16,15 +17,8 @@ MARKER = "training.json"  # written by train.py; its presence means the run fini
 PROMPT_FILES = ("calib/prompts.json", "eval/prompts.json")
 
 
-def repo_root() -> Path:
-    """The vqx checkout (assets/ is not part of the wheel)."""
-    import vqx
-
-    return Path(vqx.__file__).resolve().parents[1]
-
-
 def default_folder() -> Path:
-    return repo_root() / "assets" / "wan_mini"
+    return repo_path("assets/wan_mini")
 
 
 def missing_parts(folder: Path) -> list[str]:

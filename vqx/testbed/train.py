@@ -1,6 +1,6 @@
 """Train wan_mini and save it as the diffusers folder vqx loads with model=wan_mini.
 
-    python -m vqx.testbed.train --out assets/wan_mini --device cuda     # one H100: about 7.5 minutes
+    python -m vqx.testbed.train --out assets/wan_mini --device cuda     # one H100/H200: about 13.5 minutes
 
 Stage 1 trains the VAE (AutoencoderKLWan) to reconstruct data.py clips, then measures the per-channel mean
 and std of its latents and writes them into the VAE config (WanPipeline un-normalizes latents with them).
@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError, VqxError, report_and_exit
-from ..io import write_json_atomic
+from ..io import staged_dir, write_json_atomic
+from ..runtime import resolve_device
 from . import data
 from .folder import MARKER
 
@@ -114,8 +114,6 @@ def check_args(a: argparse.Namespace) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    from ..models.loading import resolve_device
-
     return resolve_device(name, "--device ")
 
 
@@ -403,37 +401,6 @@ def folder_size(folder: Path) -> tuple[float, float]:
     return sum(sizes) / 2**20, max(sizes, default=0) / 2**20
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an earlier wan_mini folder there is moved aside, then removed."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    for p in tmp.rglob("*"):  # atomic writes create files 0600; the folder is meant to be shared and committed
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def remove_leftovers(out: Path) -> None:
-    """Partial folders of killed runs (their pid no longer runs) beside ``out``."""
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
@@ -444,15 +411,9 @@ def main(argv: list[str] | None = None) -> Path:
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotuned convolutions pay off
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = Path(a.out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(out)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    tmp.mkdir()
-    try:
+    # an earlier wan_mini folder at --out is replaced; the folder is meant to be shared and committed: 0644/0755
+    with staged_dir(out, owned=True, mode=(0o644, 0o755)) as tmp:
         info = train_and_save(a, argv, device, tmp, t_start)
-        publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s (%.1f MB) in %.0f s", out, info["size_mb"], time.monotonic() - t_start)
     return out
 

@@ -1,4 +1,5 @@
-"""``export=fake``: the fake-quantized weights, dequantized, as a diffusers ``transformer/`` folder.
+"""``export=dequantized`` (formerly ``export=fake``): the quantized weights, dequantized, as a diffusers
+``transformer/`` folder.
 
 For tools that read no int8/fp8: ``WanTransformer3DModel.from_pretrained(<dir>/transformer)`` loads it. Each
 quantized linear's weight is exactly the ``.weight`` its QuantLinear multiplied with (codes x scale in the
@@ -19,23 +20,28 @@ import torch
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
-from ..config.schema import register_schema
+from ..config.schema import RENAMED_OPTIONS, register_schema
 from ..errors import UserError
 from ..stages import EXPORTERS, Exporter, RunState
 from .folder import (ExportFolderSchema, check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder,
                      target_dir)
+from .checks import VERIFIERS, Report, TensorFiles, VerifyJob, names, read_json
 from .manifest import write_manifest
 
 log = logging.getLogger("vqx")
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
 
+KIND = "dequantized"  # the option's name and the manifest's kind
+
+
 @dataclass
-class FakeExportSchema(ExportFolderSchema):
-    name: str = "fake"
+class DequantizedExportSchema(ExportFolderSchema):
+    name: str = KIND
 
 
-register_schema("export", "fake", FakeExportSchema)
+register_schema("export", KIND, DequantizedExportSchema)
+RENAMED_OPTIONS[("export", "fake")] = KIND  # its old name: conf/export/fake.yaml still selects it
 
 
 def check(cfg: DictConfig) -> None:
@@ -63,7 +69,7 @@ def export(state: RunState) -> dict:
     transformer = state.pipe.transformer
     smoothed = sorted(n for n, m in transformer.named_modules() if getattr(m, "input_smooth_inv", None) is not None)
     if state.runtime_smoothing or smoothed:
-        raise UserError(f"export=fake cannot write this run: algorithm={state.cfg.algorithm.name} left runtime smoothing "
+        raise UserError(f"export={KIND} cannot write this run: algorithm={state.cfg.algorithm.name} left runtime smoothing "
                         f"vectors (affine_norm1/affine_norm3, e.g. on {smoothed[0] if smoothed else 'its blocks'}) that "
                         f"diffusers' Wan block has no place for; use export=lightx2v, or an algorithm whose smoothing "
                         f"folds exactly")
@@ -78,10 +84,43 @@ def export(state: RunState) -> dict:
         transformer.save_config(str(tmp / "transformer"))
         info = {"format": state.format.name, "algorithm": state.cfg.algorithm.name, "model": state.cfg.model.name,
                 "task": state.cfg.model.task, "dequantized_linears": len(state.quantized)}
-        manifest = write_manifest(tmp, "fake", {WEIGHTS: len(tensors)}, info, state.cfg)
+        manifest = write_manifest(tmp, KIND, {WEIGHTS: len(tensors)}, info, state.cfg)
     log.info("dequantized diffusers transformer written to %s", target / "transformer")
-    return {"kind": "fake", "dir": str(target), "files": len(manifest["files"]), "tensors": manifest["tensors"],
+    return {"kind": KIND, "dir": str(target), "files": len(manifest["files"]), "tensors": manifest["tensors"],
             "bytes": sum(f["bytes"] for f in manifest["files"].values())}
 
 
-EXPORTERS.register("fake")(Exporter(check=check, export=export))
+EXPORTERS.register(KIND)(Exporter(check=check, export=export))
+
+
+@VERIFIERS.register("fake")  # folders exported before the rename
+@VERIFIERS.register(KIND)
+def verify_dequantized(job: VerifyJob, report: Report) -> None:
+    """``transformer/config.json`` builds diffusers' model, whose every tensor the folder holds with its shape,
+    finite; nothing else."""
+    from diffusers import WanTransformer3DModel
+
+    folder, files = job.folder, job.files
+    config = read_json(folder / "transformer" / "config.json", report)
+    if config is None:
+        return
+    try:
+        with torch.device("meta"):
+            model = WanTransformer3DModel.from_config(config)
+    except Exception as e:  # noqa: BLE001
+        report.problems.append(f"transformer/config.json does not build a WanTransformer3DModel ({str(e).splitlines()[0][:160]})")
+        return
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tf = TensorFiles(folder, files, report)
+    present = set(tf.where)
+    if set(expected) - present:
+        report.problems.append(f"{len(set(expected) - present)} tensor(s) missing: {names(set(expected) - present)}")
+    if present - set(expected):
+        report.problems.append(f"{len(present - set(expected))} unexpected tensor(s): {names(present - set(expected))}")
+    for k in sorted(present & set(expected)):
+        shape = tf.meta(k)[1]
+        if shape != expected[k]:
+            report.problems.append(f"{k}: shape {list(shape)}, expected {list(expected[k])}")
+        elif not torch.isfinite(tf.get(k).float()).all():
+            report.problems.append(f"{k}: non-finite values")
+    report.info.update({"blocks": config.get("num_layers"), "tensors": len(present)})

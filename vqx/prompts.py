@@ -14,9 +14,8 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-import vqx
-
-from ..errors import UserError
+from .errors import UserError
+from .runtime import repo_path
 
 __all__ = ["PromptSample", "default_prompt_file", "load_prompt_set"]
 
@@ -56,7 +55,7 @@ def default_prompt_file(task: str, split: str) -> Path:
     """assets/wan_{task}/{split}/prompts.json in the repo (the assets are not part of the wheel)."""
     _check_choice("task", task, TASKS)
     _check_choice("split", split, SPLITS)
-    return Path(vqx.__file__).resolve().parents[1] / "assets" / f"wan_{task}" / split / "prompts.json"
+    return repo_path(f"assets/wan_{task}/{split}/prompts.json")
 
 
 def load_prompt_set(path: str | Path | None, task: str, split: str, limit: int | None = None) -> list[PromptSample]:

@@ -1,0 +1,47 @@
+"""Where vqx runs: its checkout, the torch device a setting names, the torch dtype a name names.
+
+One helper each, for every module (vqx.quant included: this imports nothing of vqx but `errors`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+# Model dtypes by the name configs and manifests use (model.dtype, a run config's model.dtype).
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def repo_root() -> Path:
+    """The vqx checkout: conf/ and assets/ live there (they are not part of the wheel)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def repo_path(relative: str) -> Path:
+    """``relative`` inside the checkout, absolute (runs start anywhere)."""
+    return repo_root() / relative
+
+
+def resolve_device(name: str, option: str = "model.device=") -> torch.device:
+    """``name`` (auto | cpu | cuda | cuda:N) as a device; auto is cuda when one is visible, else cpu.
+    ``option`` is how errors spell the setting (``model.device=``, ``--device ``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{option}{name} but no CUDA device is visible; use {option}cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{option}{name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
+
+
+def torch_dtype(name: str, default: torch.dtype | None = None) -> torch.dtype:
+    """The dtype named ``name`` (a key of `DTYPES`); ``default`` for an unknown name, else a one-line error."""
+    if name in DTYPES:
+        return DTYPES[name]
+    if default is not None:
+        return default
+    raise UserError(f"dtype {name!r} is not valid; valid: {', '.join(DTYPES)}")
