@@ -67,7 +67,7 @@ register_schema("export", "lightx2v", LightX2VExportSchema)
 def refusal(fmt: Format) -> str | None:
     """Why lightx2v cannot load this format (None: it can): one scheme it has a kernel for, on every layer."""
     schemes = fmt.schemes()
-    loads = f"formats lightx2v loads: {', '.join(s.name for s in contract.LIGHTX2V_SCHEMES.values())} (or use export=fake / export=none)"
+    loads = f"formats lightx2v loads: {', '.join(s.name for s in contract.LIGHTX2V_SCHEMES.values())} (or use export=dequantized / export=none)"
     if not schemes:
         why = "it quantizes nothing"
     elif len(schemes) > 1:
@@ -100,7 +100,7 @@ def check(cfg: DictConfig) -> None:
     if skipped:
         raise UserError(f"export=lightx2v needs every block linear quantized (lightx2v's quantized mode reads codes "
                         f"for all of them) but format.{', format.'.join(skipped)} keeps some float; "
-                        f"drop those settings or use export=fake")
+                        f"drop those settings or use export=dequantized")
     check_target(target_dir(cfg.export, hydra_run_dir()), bool(cfg.export.overwrite), cfg)
 
 

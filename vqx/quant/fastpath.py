@@ -69,10 +69,6 @@ class QuantSpec(NamedTuple):
         return self.act.granularity == "token" and self.act.dynamic
 
 
-def get_impl() -> str:
-    return _impl
-
-
 @contextmanager
 def use_impl(name: str):
     """Temporarily force a path ("auto", "eager", "triton")."""
@@ -89,12 +85,6 @@ def use_impl(name: str):
 def report() -> list[dict]:
     """Every kernel check run in this process: configuration, device and whether it matched bit for bit."""
     return list(_report)
-
-
-def reset_checks() -> None:
-    _checks.clear()
-    _report.clear()
-    _GELU_VARIANT.clear()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -143,12 +143,6 @@ def quantize(x: torch.Tensor, grid: NumberGrid, dim: int, round_scale_to_bf16: b
     return grid.codes(x, scale), scale
 
 
-def fake_quantize(x: torch.Tensor, grid: NumberGrid, dim: int, round_scale_to_bf16: bool = False) -> torch.Tensor:
-    """Quantize then dequantize (fp32 math), returned in ``x.dtype``."""
-    codes, scale = quantize(x, grid, dim, round_scale_to_bf16)
-    return (codes * scale).to(x.dtype)
-
-
 def check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         bad = (~torch.isfinite(t)).sum().item()
