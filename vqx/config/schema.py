@@ -88,10 +88,10 @@ class FormatSchema:
     skips are rules that keep layers float, placed before them."""
 
     name: str = "w8a8"
-    rules: list[Any] = field(default_factory=list)  # [{pattern: "*", scheme: w8a8}]; scheme: a name, none, or a mapping
     skip_first_blocks: int = bounded(0, 0, None)
     skip_last_blocks: int = bounded(0, 0, None)
     skip_patterns: list[str] = field(default_factory=list)  # fnmatch on names like "blocks.0.ffn.*"
+    rules: list[Any] = field(default_factory=list)  # [{pattern: "*", scheme: w8a8}]; scheme: a name, none, or a mapping
 
 
 @dataclass

@@ -103,9 +103,10 @@ def _check_rules(cfg: DictConfig) -> None:
     from ..quant.formats import format_from_config
 
     try:
-        format_from_config(cfg.format)
+        fmt = format_from_config(cfg.format)
     except ValueError as e:
         raise UserError(f"format={cfg.format.name}: {e}") from None
+    _check_format_name(fmt)
     try:
         plan_steps(cfg.algorithm, check_value=_check_value)
     except ValueError as e:
@@ -122,6 +123,22 @@ def _check_rules(cfg: DictConfig) -> None:
         from ..testbed.folder import check_mini_folder
 
         check_mini_folder(Path(str(cfg.model.path)).expanduser())
+
+
+def _check_format_name(fmt) -> None:
+    """``format.name`` labels the rules; a one-rule format named after another preset is a typo for
+    ``format=<option>`` (the name alone never chose the numbers)."""
+    from ..quant.formats import NO_QUANT, SCHEMES
+
+    schemes = fmt.schemes()
+    if (len(fmt.rules) != 1 or fmt.rules[0].pattern != "*" or len(schemes) != 1 or schemes[0].name not in SCHEMES
+            or fmt.name == schemes[0].name):
+        return
+    if fmt.name in SCHEMES:
+        raise UserError(f"format.name={fmt.name!r} does not match its rules (scheme {schemes[0].name}); "
+                        f"use format={fmt.name} to choose that format")
+    raise UserError(f"format.name={fmt.name!r} is unknown; valid: {', '.join([NO_QUANT, *SCHEMES])} "
+                    f"(the name labels a format's rules: choose one with format=<option>, or write format.rules)")
 
 
 # ---- Hydra's composition errors, reworded as one line -------------------------------------------
