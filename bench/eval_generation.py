@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vqx.io import write_json_atomic  # noqa: E402
-from vqx.models.wan import LayerSelection, quant_targets  # noqa: E402
+from vqx.models.adapter import LayerSelection, quant_targets  # noqa: E402
 from vqx.quant.formats import get_format  # noqa: E402
 from vqx.quant.materialize import materialize  # noqa: E402
 
@@ -73,7 +73,7 @@ def main() -> int:
 
     from diffusers import WanTransformer3DModel
 
-    from vqx.models.tiny import cast_transformer
+    from vqx.models.wan.tiny import cast_transformer
 
     spec = SMOKE if args.smoke else FULL
     device = torch.device(args.device)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from vqx.models.wan import LayerSelection, quant_targets, set_submodule
+from vqx.models.adapter import LayerSelection, quant_targets, set_submodule
 from vqx.quant import fastpath
 from vqx.quant.backends import BACKENDS, set_backend
 from vqx.quant.formats import get_format
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny_transformer(i2v=False, dtype=torch.bfloat16):
-    from vqx.models.tiny import _transformer, cast_transformer
+    from vqx.models.wan.tiny import _transformer, cast_transformer
 
     torch.manual_seed(0)
     return cast_transformer(_transformer(i2v), dtype).eval()
@@ -227,7 +227,7 @@ def test_kernel_and_fake_backends_agree(fmt):
 @pytest.mark.parametrize("backend", ["fake", "kernel"])
 def test_tiny_pipeline_generates_finite_video_on_each_backend(backend):
     from vqx.models.sampling import SamplerSettings, generate
-    from vqx.models.tiny import build_tiny_pipeline
+    from vqx.models.wan.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("t2v", seed=0)
     tr = pipe.transformer
@@ -286,8 +286,8 @@ for dtype in (torch.bfloat16, torch.float32):
 res["int8 epilogue"] = fp.bits_equal(fp.int8_epilogue(acc, sx, ws, b), fp.int8_epilogue_eager(acc, sx, ws, b))
 
 # whole tiny model: fused Triton path == eager path == per-linear quantization
-from vqx.models.tiny import _transformer, cast_transformer
-from vqx.models.wan import LayerSelection, quant_targets
+from vqx.models.adapter import LayerSelection, quant_targets
+from vqx.models.wan.tiny import _transformer, cast_transformer
 from vqx.quant.backends import set_backend
 from vqx.quant.formats import get_format
 from vqx.quant.materialize import materialize

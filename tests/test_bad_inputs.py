@@ -157,7 +157,7 @@ def test_image_that_is_a_folder(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
-    from vqx.models.tiny import build_tiny_pipeline
+    from vqx.models.wan.tiny import build_tiny_pipeline
 
     folder = tmp_path_factory.mktemp("model") / "Wan-tiny-Diffusers"
     build_tiny_pipeline("t2v").save_pretrained(folder)
@@ -293,7 +293,7 @@ def test_nan_activations_in_the_block_pass_name_block_layer_and_step(tmp_path, t
     from vqx.cache import DiskCache
     from vqx.calib.capture import load_or_capture
     from vqx.experiment import layer_selection
-    from vqx.models.wan import quant_targets
+    from vqx.models.adapter import quant_targets
     from vqx.quant.formats import get_format
 
     cfg = _compose([*PIN, "calib.num_prompts=1", "calib.steps=2"])

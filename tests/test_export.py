@@ -17,8 +17,9 @@ import vqx.plugins  # noqa: F401  (registers the exporters)
 from vqx.errors import UserError
 from vqx.export import lightx2v as lx
 from vqx.export.verify import DEFAULT_TOLERANCE, verify_export
-from vqx.models.tiny import build_tiny_pipeline
-from vqx.models.wan import LayerSelection, diffusers_key, input_groups, native_key, quant_targets
+from vqx.models.adapter import LayerSelection, quant_targets
+from vqx.models.wan.layers import diffusers_key, input_groups, native_key
+from vqx.models.wan.tiny import build_tiny_pipeline
 from vqx.quant.formats import FORMATS, get_format
 from vqx.quant.materialize import materialize
 from vqx.stages import EXPORTERS, RunState

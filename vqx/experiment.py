@@ -20,9 +20,9 @@ from .calib.prompts import load_prompt_set
 from .config.validate import validate
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
+from .models.adapter import LayerSelection, adapter_for
 from .models.fingerprint import model_fingerprint
 from .models.loading import load_pipeline
-from .models.wan import LayerSelection, quant_targets
 from .quant.formats import get_format
 from .stages import EVALUATORS, EXPORTERS, LOGGERS, Evaluator, Exporter, RunState
 
@@ -96,9 +96,10 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
     with timings("load"):
         pipe = load_pipeline(cfg.model)
     transformer = pipe.transformer
-    targets = quant_targets(transformer, layer_selection(cfg.format))
+    adapter = adapter_for(transformer)
+    targets = adapter.quant_targets(transformer, layer_selection(cfg.format))
     log.info("model %s: %d blocks, %d target linears, format %s, algorithm %s",
-             cfg.model.name, len(transformer.blocks), len(targets), fmt.name, cfg.algorithm.name)
+             cfg.model.name, len(adapter.blocks(transformer)), len(targets), fmt.name, cfg.algorithm.name)
 
     with timings("reference"):
         evaluator.before_quantization(pipe)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig
 
-from .models.wan import QuantTarget
+from .models.adapter import QuantTarget
 from .quant.formats import QuantFormat
 from .registry import Registry
 

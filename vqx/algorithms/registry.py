@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..calib.stats import GroupStats
-from ..models.wan import InputGroup, QuantTarget
+from ..models.adapter import InputGroup, QuantTarget
 from ..quant.formats import QuantFormat
 from ..registry import Registry
 
@@ -32,9 +32,9 @@ class BlockContext:
     search_format: QuantFormat  # grids used by search losses (a quantizing proxy when `format` has none)
     params: DictConfig  # the algorithm config (steps read their keys from it)
     chosen_codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # full name -> (codes, scale)
-    # fold ("affine_norm1" | "affine_norm3") -> s, applied at run time by the QuantLinears (lightx2v vectors)
+    # runtime vector (a "runtime" group's fold, e.g. Wan's affine_norm1) -> s, applied at run time by QuantLinears
     runtime_smoothing: dict[str, torch.Tensor] = field(default_factory=dict)
-    # linear -> s its input is now divided by through an exact fold upstream (norm2, v rows)
+    # linear -> s its input is now divided by through an exact fold upstream (a norm, value rows)
     input_scale: dict[str, torch.Tensor] = field(default_factory=dict)
     # linear -> s its output rows were divided by (value projections under a v->o fold)
     output_scale: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -44,7 +44,7 @@ class BlockContext:
         return [self.block.get_submodule(n) for n in group.linears]
 
     def full_name(self, local: str) -> str:
-        return f"blocks.{self.index}.{local}"
+        return self.targets[local].name
 
 
 StepFn = Callable[[BlockContext], None]

@@ -13,6 +13,7 @@ from ..errors import UserError
 from .schema import GROUPS, _registered
 
 TOP_LEVEL_KEYS = (*GROUPS, "seed", "cache_dir", "resume", "objective")
+MODEL_FAMILY = "wan"  # the model adapter whose shape rules apply: every model option is a Wan2.1 pipeline
 
 
 def _fields(schema: type) -> dict[str, dataclasses.Field]:
@@ -39,8 +40,12 @@ def _check_value(key: str, value: Any, meta: dict) -> None:
     if meta.get("multiple_of") and value % meta["multiple_of"]:
         m = meta["multiple_of"]
         raise UserError(f"{key}={value} must be a multiple of {m} (e.g. {max(m, value // m * m)})")
-    if meta.get("frames") and value % 4 != 1:
-        raise UserError(f"{key}={value} must be 4k+1 (Wan's VAE packs 4 frames per latent after the first), e.g. {value // 4 * 4 + 1}")
+    if meta.get("frames"):
+        from ..models.adapter import adapter_named
+
+        problem = adapter_named(MODEL_FAMILY).check_frames(value)
+        if problem:
+            raise UserError(f"{key}={value} {problem}")
 
 
 def check_node(node: DictConfig, schema: type, prefix: str) -> None:
@@ -82,7 +87,7 @@ def _check_rules(cfg: DictConfig) -> None:
         if step not in STEPS:
             raise UserError(f"algorithm step {step!r} is unknown; valid steps: {', '.join(sorted(STEPS))}")
     if cfg.model.outliers.channels:
-        from ..models.outliers import check_scale
+        from ..models.wan.outliers import check_scale
 
         check_scale(float(cfg.model.outliers.scale))
     if cfg.model.source == "diffusers" and not cfg.model.path:

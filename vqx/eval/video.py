@@ -33,6 +33,7 @@ from ..cache import DiskCache
 from ..calib.capture import nonfinite_guard
 from ..config.schema import SamplerSchema, bounded, choice, register_schema
 from ..errors import Fault, UserError
+from ..models.adapter import adapter_for
 from ..models.fingerprint import model_fingerprint, tensors_fingerprint
 from ..models.loading import resolve_device
 from ..models.sampling import SamplerSettings, generate
@@ -88,11 +89,11 @@ def check_noise_floor(method: str, device: torch.device) -> None:
 
 def _attention_probe(transformer, settings: SamplerSettings, device: torch.device) -> torch.Tensor:
     """A self-attention query shaped like the model's (heads, head dim, dtype, layout as diffusers passes it)."""
-    c = transformer.config
-    pt, ph, pw = c.patch_size
-    tokens = ((settings.num_frames - 1) // 4 + 1) // pt * (settings.height // 8 // ph) * (settings.width // 8 // pw)
-    dtype = transformer.blocks[0].attn1.to_q.weight.dtype
-    q = torch.zeros(1, min(tokens, PROBE_TOKENS), c.num_attention_heads, c.attention_head_dim, device=device, dtype=dtype)
+    adapter = adapter_for(transformer)
+    tokens = adapter.video_tokens(transformer, settings.height, settings.width, settings.num_frames)
+    heads, head_dim = adapter.attention_heads(transformer)
+    dtype = adapter.block_dtype(transformer)
+    q = torch.zeros(1, min(tokens, PROBE_TOKENS), heads, head_dim, device=device, dtype=dtype)
     return q.transpose(1, 2)  # [B, S, H, D] -> [B, H, S, D], as diffusers' native backend calls SDPA
 
 

@@ -130,11 +130,11 @@ def load_pipeline(model: DictConfig):
     dtype = DTYPES[model.dtype]
     device = resolve_device(model.device)
     if model.source == "tiny":
-        from .tiny import build_tiny_pipeline
+        from .wan.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(model.task, seed=model.seed, dtype=dtype)
     elif model.source == "synthetic":
-        from .synthetic import build_synthetic_pipeline
+        from .wan.synthetic import build_synthetic_pipeline
 
         # built on the device: random init of 14B on a CPU takes minutes (the .to(device) below is then a no-op)
         pipe = build_synthetic_pipeline(model.arch, dtype, device, model.num_layers, seed=model.seed)
@@ -150,7 +150,7 @@ def load_pipeline(model: DictConfig):
         check_finite_weights(pipe.transformer)  # on the device: fast even for 14B
     outliers = model.get("outliers")
     if outliers and outliers.channels:
-        from .outliers import inject_outliers
+        from .wan.outliers import inject_outliers
 
         inject_outliers(pipe.transformer, int(outliers.channels), float(outliers.scale), int(outliers.seed))
     return pipe

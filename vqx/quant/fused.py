@@ -28,7 +28,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock, _get_qkv_projections
 from torch import nn
 
-from ..models.wan import input_groups, is_i2v
+from ..models.wan.layers import input_groups, is_i2v
 from . import fastpath
 from .fastpath import QuantizedActivation, QuantSpec
 

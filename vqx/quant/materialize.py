@@ -6,7 +6,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..models.wan import QuantTarget, input_groups, set_submodule
+from ..models.adapter import QuantTarget, set_submodule
+from ..models.wan.layers import input_groups
 from .formats import QuantFormat
 from .fused import install as install_fused
 from .linear import QuantLinear, SmoothedLinear

@@ -340,7 +340,7 @@ def save_folder(folder: Path, pipe, transformer, vae, a: argparse.Namespace) -> 
     """The diffusers layout vqx loads: transformer bf16 (Wan's fp32 modules kept), VAE fp32, text encoder bf16."""
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
-    from ..models.tiny import cast_transformer
+    from ..models.wan.tiny import cast_transformer
 
     out = WanPipeline(
         tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.to("cpu", torch.bfloat16),
