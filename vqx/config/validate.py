@@ -95,7 +95,7 @@ def _check_rules(cfg: DictConfig) -> None:
     if cfg.model.source == "mini":  # before the prompt files inside it are read, so the message says how to train it
         from pathlib import Path
 
-        from ..testbed.folder import check_mini_folder
+        from ..models.wan.checkpoint import check_mini_folder
 
         check_mini_folder(Path(str(cfg.model.path)).expanduser())
 

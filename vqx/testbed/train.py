@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError, VqxError, report_and_exit
 from ..io import write_json_atomic
+from ..models.wan.checkpoint import MARKER
 from . import data
-from .folder import MARKER
 
 log = logging.getLogger("vqx.testbed.train")
 
