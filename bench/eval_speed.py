@@ -79,12 +79,12 @@ def main() -> int:
     import torch
 
     from common import device_name, print_table, write_results
+    from vqx.algorithms.materialize import materialize
     from vqx.models.adapter import LayerSelection, quant_targets
+    from vqx.models.wan.fused import install
     from vqx.quant import fastpath
     from vqx.quant.backends import fallbacks, set_backend
     from vqx.quant.formats import get_format
-    from vqx.quant.fused import install
-    from vqx.quant.materialize import materialize
 
     t_start = time.perf_counter()
 

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 import vqx.plugins  # noqa: F401
+from vqx.algorithms.materialize import materialize
 from vqx.algorithms.registry import BlockContext
 from vqx.algorithms.runner import quantize_blockwise
 from vqx.algorithms.smoothing import apply_smoothing
@@ -20,7 +21,6 @@ from vqx.models.sampling import SamplerSettings, generate
 from vqx.models.wan.layers import input_groups
 from vqx.models.wan.tiny import build_tiny_pipeline
 from vqx.quant.formats import FORMATS
-from vqx.quant.materialize import materialize
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SETTINGS = SamplerSettings(32, 32, 5, 4, 5.0, 3.0)

@@ -34,8 +34,8 @@ from ..errors import Fault
 from ..models.adapter import BlockInputs, QuantTarget, adapter_for
 from ..quant.formats import FORMATS, QuantFormat
 from ..quant.linear import QuantLinear
-from ..quant.materialize import materialize
 from . import shared_stats
+from .materialize import materialize
 from .registry import BlockContext, run_steps
 from .shared_stats import shareable
 

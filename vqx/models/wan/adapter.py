@@ -1,6 +1,6 @@
 """`WanAdapter`: what vqx knows about Wan2.1 (diffusers' `WanTransformer3DModel`), for the rest of vqx.
 
-The layer table (layers.py) gives linears, input groups and native names; the fused block (vqx.quant.fused)
+The layer table (layers.py) gives linears, input groups and native names; the fused block (fused.py)
 quantizes each input group once; the shape rules are the VAE's (4x temporal, 8x spatial compression, the
 first frame alone) and the transformer's patch.
 """
@@ -83,7 +83,7 @@ class WanAdapter(ModelAdapter):
         return layers.diffusers_key(native)
 
     def install_fused(self, transformer: nn.Module, blocks=None) -> int:
-        from ...quant.fused import install
+        from .fused import install
 
         return install(transformer, blocks)
 

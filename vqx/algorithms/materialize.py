@@ -1,0 +1,45 @@
+"""Swap target linears for quantized ones, then let the model's adapter fuse the quantized blocks."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..models.adapter import QuantTarget, adapter_for, set_submodule
+from ..quant.formats import QuantFormat
+from ..quant.linear import QuantLinear, SmoothedLinear
+
+
+def materialize(transformer: torch.nn.Module, targets: list[QuantTarget], fmt: QuantFormat,
+                chosen_codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                runtime_smoothing: dict[int, dict[str, torch.Tensor]] | None = None,
+                compute_dtype: dict[str, torch.dtype] | None = None) -> dict[str, QuantLinear]:
+    """Replace each target ``nn.Linear`` in place; returns name -> QuantLinear.
+
+    ``runtime_smoothing``: block -> {runtime vector name: s}; a linear whose input group folds its factor into a
+    runtime vector ("runtime" groups, e.g. Wan's affine_norm1/3) scales its input by 1/s.
+    ``compute_dtype``: block-relative name -> dtype the quantized layer computes in (default: its weight's).
+    Blocks that got quantized linears then get the adapter's fused forward (`ModelAdapter.install_fused`: each
+    input group quantized once, fused with the op before it; the same outputs bit for bit as quantizing per linear).
+    """
+    adapter = adapter_for(transformer)
+    vector_of = {name: g.fold for g in adapter.input_groups(transformer) if g.kind == "runtime" for name in g.linears}
+    out = {}
+    for t in tqdm(targets, desc="quantize", unit="linear", leave=False, disable=len(targets) < 50):
+        codes, scale = chosen_codes.get(t.name, (None, None))
+        smooth = (runtime_smoothing or {}).get(t.block, {}).get(vector_of.get(t.local_name))
+        if not fmt.quantizes:
+            if smooth is not None:  # transforms without quantization (format=none) still need 1/s at run time
+                set_submodule(transformer, t.name, SmoothedLinear(t.module, smooth))
+            continue
+        try:
+            dtype = (compute_dtype or {}).get(t.local_name)
+            q = QuantLinear(t.module, fmt, codes, scale, smooth, dtype=dtype)
+        except ValueError as e:
+            raise UserError(f"cannot quantize {t.name}: {e}; the checkpoint's weights are corrupt (reconvert or redownload it)") from None
+        set_submodule(transformer, t.name, q)
+        out[t.name] = q
+    if out:
+        adapter.install_fused(transformer, {t.block for t in targets if t.name in out})
+    return out
