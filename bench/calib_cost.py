@@ -32,7 +32,7 @@ def compose(overrides):
 def _missing_blocks_ballast(transformer, arch: str, device: str):
     """With --num-layers, hold the GPU memory the left-out blocks would take, so that where block inputs
     live (GPU or pinned host, chosen from free memory) and the peak match the whole model."""
-    from vqx.models.synthetic import WAN_ARCHS
+    from vqx.models.wan.synthetic import WAN_ARCHS
 
     missing = WAN_ARCHS[arch]["num_layers"] - len(transformer.blocks)
     if device != "cuda" or missing <= 0:
@@ -45,8 +45,7 @@ def measure(arch: str, algorithms: list[str], smoke: bool, num_layers: int | Non
     from vqx.algorithms.runner import _residency, quantize_blockwise
     from vqx.cache import DiskCache
     from vqx.calib.capture import load_or_capture
-    from vqx.models.synthetic import WAN_ARCHS, build_synthetic_pipeline
-    from vqx.models.wan import LayerSelection, quant_targets
+    from vqx.models.wan.synthetic import WAN_ARCHS, build_synthetic_pipeline
     from vqx.experiment import plan_targets
     from vqx.quant.formats import format_from_config
 

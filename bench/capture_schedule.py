@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 def group_stats(pipe, capture, device):
     from vqx.calib.stats import GroupStats
-    from vqx.models.wan import input_groups
+    from vqx.models.wan.layers import input_groups
 
     tr = pipe.transformer
     stats, hooks = {}, []
@@ -66,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     from vqx.cache import DiskCache
     from vqx.calib.capture import load_or_capture
-    from vqx.models.synthetic import build_synthetic_pipeline
+    from vqx.models.wan.synthetic import build_synthetic_pipeline
 
     if args.smoke:
         args.height, args.width, args.frames, args.prompts, args.cheap_steps, args.full_steps = 32, 32, 5, 1, 2, 4

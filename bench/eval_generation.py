@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vqx.algorithms.materialize import materialize  # noqa: E402
 from vqx.io import write_json_atomic  # noqa: E402
-from vqx.models.wan import LayerSelection, quant_targets  # noqa: E402
+from vqx.models.adapter import LayerSelection, quant_targets  # noqa: E402
 from vqx.quant.formats import get_scheme  # noqa: E402
-from vqx.quant.materialize import materialize  # noqa: E402
 
 # Wan2.1-T2V-1.3B (diffusers config) and its 480p x 81-frame latent: 21 x 60 x 104, 32,760 tokens.
 FULL = dict(arch=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -73,7 +73,7 @@ def main() -> int:
 
     from diffusers import WanTransformer3DModel
 
-    from vqx.models.tiny import cast_transformer
+    from vqx.models.wan.tiny import cast_transformer
 
     spec = SMOKE if args.smoke else FULL
     device = torch.device(args.device)

@@ -1,7 +1,7 @@
 """ms per Wan2.1 transformer call: bf16 vs vqx fake quantization vs real 8-bit GEMMs (480p x 81 frames).
 
 One 480p x 81-frame call is 32,760 tokens: latents [1, 16, 21, 60, 104], text embeddings [1, 512, 4096], one
-timestep; random weights (vqx.models.synthetic), quantized with vqx's own `materialize` + `quant_targets`
+timestep; random weights (vqx.models.wan.synthetic), quantized with vqx's own `materialize` + `quant_targets`
 (RTN). 1.3B runs all 30 blocks, 14B 8 of its 40 blocks (as the anchors in docs/anchors.md). Everything
 runs in one process on one GPU; the bf16 baseline is measured in the same run.
 
@@ -79,12 +79,12 @@ def main() -> int:
     import torch
 
     from common import device_name, print_table, write_results
-    from vqx.models.wan import LayerSelection, quant_targets
+    from vqx.algorithms.materialize import materialize
+    from vqx.models.adapter import LayerSelection, quant_targets
+    from vqx.models.wan.fused import install
     from vqx.quant import fastpath
     from vqx.quant.backends import fallbacks, set_backend
     from vqx.quant.formats import get_scheme
-    from vqx.quant.fused import install
-    from vqx.quant.materialize import materialize
 
     t_start = time.perf_counter()
 
@@ -134,14 +134,14 @@ def main() -> int:
         if args.smoke:
             from diffusers import WanTransformer3DModel
 
-            from vqx.models.tiny import cast_transformer
+            from vqx.models.wan.tiny import cast_transformer
 
             torch.manual_seed(0)
             tr = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=SMOKE["text"][-1],
                                        freq_dim=32, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                        rope_max_seq_len=32, **SMOKE["arch"])
             return cast_transformer(tr, torch.bfloat16).eval().to(device)
-        from vqx.models.synthetic import build_transformer
+        from vqx.models.wan.synthetic import build_transformer
 
         return build_transformer(MODELS[name]["arch"], torch.bfloat16, device, num_layers=MODELS[name]["layers"])
 

@@ -37,6 +37,6 @@ def vqx_run():
 
 @pytest.fixture(scope="session")
 def tiny_t2v():
-    from vqx.models.tiny import build_tiny_pipeline
+    from vqx.models.wan.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline("t2v", seed=0)

@@ -17,20 +17,21 @@ import pytest
 import torch
 from torch import nn
 
-from vqx.models.wan import LayerSelection, quant_targets, set_submodule
+from vqx.algorithms.materialize import materialize
+from vqx.models.adapter import LayerSelection, quant_targets, set_submodule
+from vqx.models.wan.fused import FusedWanTransformerBlock
 from vqx.quant import fastpath
 from vqx.quant.backends import BACKENDS, set_backend
 from vqx.quant.formats import get_scheme
-from vqx.quant.fused import FusedWanTransformerBlock, SharedInput
 from vqx.quant.linear import QuantLinear
-from vqx.quant.materialize import materialize
+from vqx.quant.shared import SharedInput
 from vqx.quant.numbers import get_grid, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny_transformer(i2v=False, dtype=torch.bfloat16):
-    from vqx.models.tiny import _transformer, cast_transformer
+    from vqx.models.wan.tiny import _transformer, cast_transformer
 
     torch.manual_seed(0)
     return cast_transformer(_transformer(i2v), dtype).eval()
@@ -227,7 +228,7 @@ def test_kernel_and_fake_backends_agree(fmt):
 @pytest.mark.parametrize("backend", ["fake", "kernel"])
 def test_tiny_pipeline_generates_finite_video_on_each_backend(backend):
     from vqx.models.sampling import SamplerSettings, generate
-    from vqx.models.tiny import build_tiny_pipeline
+    from vqx.models.wan.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("t2v", seed=0)
     tr = pipe.transformer
@@ -243,6 +244,7 @@ def test_tiny_pipeline_generates_finite_video_on_each_backend(backend):
 
 _INTERPRETED = r"""
 import json, copy, torch
+from vqx.models.wan import ops
 from vqx.quant import fastpath as fp
 from vqx.quant.numbers import get_grid
 res = {}
@@ -262,35 +264,35 @@ sc, sh = torch.randn(2, 1, 96, generator=g), torch.randn(2, 1, 96, generator=g)
 for grid in ("int8", "fp8_e4m3"):
     for mode in ("fake", "codes"):
         spec = fp.QuantSpec(get_grid(grid), torch.rand(96) + 0.5, mode)
-        h, act = fp.modulate(n, sc, sh, torch.bfloat16, spec)
+        h, act = ops.modulate(n, sc, sh, torch.bfloat16, spec)
         res[f"modulate+quant {grid} {mode}"] = h is None and fp.same_quantization(
-            act, fp.quantize_eager(fp.modulate_eager(n, sc, sh, torch.bfloat16), spec))
-        h, act = fp.cast(n, torch.bfloat16, spec)
+            act, fp.quantize_eager(ops.modulate_eager(n, sc, sh, torch.bfloat16), spec))
+        h, act = ops.cast(n, torch.bfloat16, spec)
         res[f"cast+quant {grid} {mode}"] = h is None and fp.same_quantization(act, fp.quantize_eager(n.bfloat16(), spec))
         y = (torch.randn(4, 96, generator=g) * 3).bfloat16()
-        act = fp.gelu_quantize(y, fp.QuantSpec(get_grid(grid), None, mode))
+        act = ops.gelu_quantize(y, fp.QuantSpec(get_grid(grid), None, mode))
         # the interpreter's tanh is not CUDA's: when no GELU variant matches, the caller runs the GELU itself
         res[f"gelu+quant {grid} {mode}"] = act is None or fp.same_quantization(
-            act, fp.quantize_eager(fp.gelu_eager(y), fp.QuantSpec(get_grid(grid), None, mode)))
-h, _ = fp.modulate(n, sc, sh, torch.bfloat16)
-res["modulate"] = fp.bits_equal(h, fp.modulate_eager(n, sc, sh, torch.bfloat16))
+            act, fp.quantize_eager(ops.gelu_eager(y), fp.QuantSpec(get_grid(grid), None, mode)))
+h, _ = ops.modulate(n, sc, sh, torch.bfloat16)
+res["modulate"] = fp.bits_equal(h, ops.modulate_eager(n, sc, sh, torch.bfloat16))
 hh, aa = (torch.randn(2, 10, 96, generator=g) * 4).bfloat16(), (torch.randn(2, 10, 96, generator=g) * 4).bfloat16()
-res["gated residual"] = fp.bits_equal(fp.gated_residual(hh, aa, sc), fp.gated_residual_eager(hh, aa, sc))
+res["gated residual"] = fp.bits_equal(ops.gated_residual(hh, aa, sc), ops.gated_residual_eager(hh, aa, sc))
 acc = torch.randint(-2**30, 2**30, (20, 48), dtype=torch.int32, generator=g)
 sx, ws, b = torch.rand(20, 1, generator=g), torch.rand(1, 48, generator=g), torch.randn(48, generator=g).bfloat16()
 for dtype in (torch.bfloat16, torch.float32):
     xr = (torch.randn(1, 10, 4, 16, generator=g) * 4).to(dtype)
     xr[0, 1, 2] = 0
     ang = torch.randn(1, 10, 1, 16, generator=g) * 50
-    res[f"rope {dtype}"] = fp.bits_equal(fp.rope(xr, ang.cos(), ang.sin()), fp.rope_eager(xr, ang.cos(), ang.sin()))
+    res[f"rope {dtype}"] = fp.bits_equal(ops.rope(xr, ang.cos(), ang.sin()), ops.rope_eager(xr, ang.cos(), ang.sin()))
 res["int8 epilogue"] = fp.bits_equal(fp.int8_epilogue(acc, sx, ws, b), fp.int8_epilogue_eager(acc, sx, ws, b))
 
 # whole tiny model: fused Triton path == eager path == per-linear quantization
-from vqx.models.tiny import _transformer, cast_transformer
-from vqx.models.wan import LayerSelection, quant_targets
+from vqx.algorithms.materialize import materialize
+from vqx.models.adapter import LayerSelection, quant_targets
+from vqx.models.wan.tiny import _transformer, cast_transformer
 from vqx.quant.backends import set_backend
 from vqx.quant.formats import get_scheme
-from vqx.quant.materialize import materialize
 torch.manual_seed(0)
 base = cast_transformer(_transformer(False), torch.bfloat16).eval()
 kw = dict(hidden_states=torch.randn(1, 16, 2, 8, 8).bfloat16(), timestep=torch.tensor([500.0]),

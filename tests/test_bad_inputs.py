@@ -158,7 +158,7 @@ def test_image_that_is_a_folder(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
-    from vqx.models.tiny import build_tiny_pipeline
+    from vqx.models.wan.tiny import build_tiny_pipeline
 
     folder = tmp_path_factory.mktemp("model") / "Wan-tiny-Diffusers"
     build_tiny_pipeline("t2v").save_pretrained(folder)
@@ -293,7 +293,7 @@ def test_nan_activations_in_the_block_pass_name_block_layer_and_step(tmp_path, t
     from vqx.algorithms.runner import quantize_blockwise
     from vqx.cache import DiskCache
     from vqx.calib.capture import load_or_capture
-    from vqx.models.wan import LayerSelection, quant_targets
+    from vqx.models.adapter import LayerSelection, quant_targets
     from vqx.quant.formats import get_scheme
 
     cfg = _compose([*PIN, "calib.num_prompts=1", "calib.steps=2"])

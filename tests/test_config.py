@@ -9,7 +9,7 @@ import vqx.plugins  # noqa: F401
 from vqx.config.schema import GROUPS, RENAMED_OPTIONS
 from vqx.config.validate import validate
 from vqx.errors import UserError
-from vqx.testbed.folder import missing_parts
+from vqx.models.wan.checkpoint import missing_parts
 from conftest import pin_tiny
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

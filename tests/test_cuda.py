@@ -10,8 +10,8 @@ import vqx.plugins  # noqa: F401
 from vqx.algorithms import runner
 from vqx.cache import DiskCache
 from vqx.calib.capture import load_or_capture
-from vqx.models.synthetic import build_synthetic_pipeline
-from vqx.models.wan import LayerSelection, quant_targets
+from vqx.models.adapter import LayerSelection, quant_targets
+from vqx.models.wan.synthetic import build_synthetic_pipeline
 from vqx.quant.formats import SCHEMES
 
 

@@ -14,13 +14,14 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 import vqx.plugins  # noqa: F401  (registers the exporters)
+from vqx.algorithms.materialize import materialize
 from vqx.errors import UserError
 from vqx.export import lightx2v as lx
 from vqx.export.verify import DEFAULT_TOLERANCE, verify_export
-from vqx.models.tiny import build_tiny_pipeline
-from vqx.models.wan import LayerSelection, diffusers_key, input_groups, native_key, quant_targets
+from vqx.models.adapter import LayerSelection, quant_targets
+from vqx.models.wan.layers import diffusers_key, input_groups, native_key
+from vqx.models.wan.tiny import build_tiny_pipeline
 from vqx.quant.formats import SCHEMES, format_from_config, get_scheme, uniform
-from vqx.quant.materialize import materialize
 from vqx.stages import EXPORTERS, RunState
 
 # Each shipped format option's rules, as `format=<name>` composes them.

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vqx.errors import UserError
-from vqx.models.outliers import SITES, inject_outliers
-from vqx.models.tiny import _transformer, cast_transformer
+from vqx.models.wan.outliers import SITES, inject_outliers
+from vqx.models.wan.tiny import _transformer, cast_transformer
 
 
 def _inputs(seed=0):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vqx.models.wan import BLOCK_LINEARS_I2V_EXTRA, BLOCK_LINEARS_T2V
+from vqx.models.wan.layers import BLOCK_LINEARS_I2V_EXTRA, BLOCK_LINEARS_T2V
 
 SPINE_ONLY = ["algorithm=rtn", "export=none", "eval=none", "logger=none"]  # the quantization spine alone
 

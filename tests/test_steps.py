@@ -16,7 +16,7 @@ from vqx.cache import DiskCache
 from vqx.calib.capture import load_or_capture
 from vqx.config.schema import bounded
 from vqx.errors import UserError
-from vqx.models.wan import LayerSelection, quant_targets
+from vqx.models.adapter import LayerSelection, quant_targets
 from vqx.quant.formats import get_scheme
 
 SEEN: dict[str, list] = {}

@@ -9,7 +9,8 @@ import torch
 
 from vqx.errors import UserError
 from vqx.testbed import data, score
-from vqx.testbed.folder import check_mini_folder, default_folder, missing_parts
+from vqx.models.wan.checkpoint import check_mini_folder, missing_parts
+from vqx.testbed.folder import default_folder
 
 # Tiny sizes: a full train -> save -> load -> sample -> score run in seconds on a CPU.
 TINY = ["--device", "cpu", "--size", "32", "--frames", "5", "--vae-frames", "5", "--vae-dim", "4", "--dim", "32",

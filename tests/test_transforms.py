@@ -9,17 +9,18 @@ import torch
 from omegaconf import OmegaConf
 
 import vqx.plugins  # noqa: F401
+from vqx.algorithms.materialize import materialize
 from vqx.algorithms.registry import BlockContext
 from vqx.algorithms.runner import quantize_blockwise
 from vqx.algorithms.smoothing import apply_smoothing
 from vqx.cache import DiskCache
 from vqx.calib.blocks import first_block_inputs, run_block
 from vqx.calib.capture import capture_step_indices, load_or_capture
+from vqx.models.adapter import LayerSelection, quant_targets
 from vqx.models.sampling import SamplerSettings, generate
-from vqx.models.tiny import build_tiny_pipeline
-from vqx.models.wan import LayerSelection, input_groups, quant_targets
+from vqx.models.wan.layers import input_groups
+from vqx.models.wan.tiny import build_tiny_pipeline
 from vqx.quant.formats import SCHEMES
-from vqx.quant.materialize import materialize
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SETTINGS = SamplerSettings(32, 32, 5, 4, 5.0, 3.0)

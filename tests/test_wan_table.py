@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from vqx.models.wan import (BLOCK_LINEARS_T2V, LayerSelection, input_groups, is_i2v, native_key,
-                            quant_targets)
+from vqx.models.adapter import LayerSelection, quant_targets
+from vqx.models.wan.layers import BLOCK_LINEARS_T2V, input_groups, is_i2v, native_key
 
 
 @pytest.mark.parametrize("task", ["t2v", "i2v"])
 def test_every_block_linear_is_a_target_and_every_tensor_has_a_native_name(task):
-    from vqx.models.tiny import build_tiny_pipeline
+    from vqx.models.wan.tiny import build_tiny_pipeline
 
     tr = build_tiny_pipeline(task).transformer
     i2v = task == "i2v"

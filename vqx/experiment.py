@@ -21,9 +21,10 @@ from .prompts import load_prompt_set
 from .config.validate import validate
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
+from .models.adapter import LayerSelection, adapter_for
 from .models.fingerprint import model_fingerprint
 from .models.loading import load_pipeline
-from .models.wan import LayerSelection, QuantTarget, quant_targets
+from .models.adapter import LayerSelection, QuantTarget, adapter_for
 from .quant.formats import Format, format_from_config
 from .quant.scheme import Scheme
 from .stages import EVALUATORS, EXPORTERS, LOGGERS, Evaluator, Exporter, RunState
@@ -48,7 +49,7 @@ def needs_calibration(cfg: DictConfig, fmt: Format) -> bool:
 
 def plan_targets(transformer, fmt: Format) -> tuple[list[QuantTarget], dict[str, Scheme | None]]:
     """The block linears the algorithm works on and each one's scheme (None: stays float), from the rules."""
-    every = quant_targets(transformer, LayerSelection())
+    every = adapter_for(transformer).quant_targets(transformer, LayerSelection())
     by_block: dict[int, list[str]] = {}
     for t in every:
         by_block.setdefault(t.block, []).append(t.name)
@@ -107,10 +108,11 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
     with timings("load"):
         pipe = load_pipeline(cfg.model)
     transformer = pipe.transformer
-    fmt = format_from_config(cfg.format, num_blocks=len(transformer.blocks))
+    num_blocks = len(adapter_for(transformer).blocks(transformer))
+    fmt = format_from_config(cfg.format, num_blocks=num_blocks)
     targets, schemes = plan_targets(transformer, fmt)
     log.info("model %s: %d blocks, %d target linears (%d quantized), format %s, algorithm %s",
-             cfg.model.name, len(transformer.blocks), len(targets), sum(s is not None for s in schemes.values()),
+             cfg.model.name, num_blocks, len(targets), sum(s is not None for s in schemes.values()),
              fmt.name, cfg.algorithm.name)
 
     with timings("reference"):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig
 
-from .models.wan import QuantTarget
+from .models.adapter import QuantTarget
 from .quant.formats import Format
 from .registry import Registry
 

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from ..calib.stats import GroupStats
 from ..config.schema import AlgorithmSchema, register_schema
-from ..models.wan import InputGroup, QuantTarget
+from ..models.adapter import InputGroup, QuantTarget
 from ..quant.formats import SEARCH_PROXY
 from ..quant.scheme import Scheme
 from ..registry import Registry
@@ -63,9 +63,9 @@ class BlockContext:
     params: Any = None  # the running step's parameters (attributes), set by `run_steps`
     hooks: dict[str, BlockHooks] = field(default_factory=dict)  # step name -> its hooks' instance
     chosen_codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # full name -> (codes, scale)
-    # fold ("affine_norm1" | "affine_norm3") -> s, applied at run time by the QuantLinears (lightx2v vectors)
+    # runtime vector (a "runtime" group's fold, e.g. Wan's affine_norm1) -> s, applied at run time by QuantLinears
     runtime_smoothing: dict[str, torch.Tensor] = field(default_factory=dict)
-    # linear -> s its input is now divided by through an exact fold upstream (norm2, v rows)
+    # linear -> s its input is now divided by through an exact fold upstream (a norm, value rows)
     input_scale: dict[str, torch.Tensor] = field(default_factory=dict)
     # linear -> s its output rows were divided by (value projections under a v->o fold)
     output_scale: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -75,7 +75,7 @@ class BlockContext:
         return [self.block.get_submodule(n) for n in group.linears]
 
     def full_name(self, local: str) -> str:
-        return f"blocks.{self.index}.{local}"
+        return self.targets[local].name
 
     def search_scheme(self, local: str) -> Scheme:
         """The scheme a search loss quantizes ``local`` with: its own, or a W8A8 proxy where it has no

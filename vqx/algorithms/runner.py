@@ -27,15 +27,16 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..cache import DiskCache
-from ..calib.blocks import BlockInputs, first_block_inputs, run_block
-from ..calib.capture import Capture, first_nonfinite_layer
+from ..calib.blocks import first_block_inputs, run_block
+from ..calib.capture import Capture
+from ..diagnostics import first_nonfinite_layer
 from ..calib.stats import GroupStats
 from ..errors import Fault
-from ..models.wan import QuantTarget, input_groups, is_i2v
+from ..models.adapter import BlockInputs, QuantTarget, adapter_for
 from ..quant.linear import QuantLinear
 from ..quant.scheme import Scheme, choose_scales
-from ..quant.materialize import materialize
 from . import shared_stats
+from .materialize import materialize
 from .registry import BlockContext, BlockHooks, plan_steps, run_steps, stats_needed
 from .shared_stats import shareable
 
@@ -50,14 +51,11 @@ class QuantResult:
     groups: list[dict] = field(default_factory=list)
 
 
-def _block_dtype(transformer) -> torch.dtype:
-    """The blocks' dtype (the model's first parameters may be modules Wan keeps in fp32)."""
-    return transformer.blocks[0].attn1.to_q.weight.dtype
 
 
 def _block_tokens(transformer, capture: Capture) -> list[int]:
-    p = transformer.config.patch_size
-    return [c["hidden_states"][0, 0].numel() // (p[0] * p[1] * p[2]) for c in capture.calls]
+    adapter = adapter_for(transformer)
+    return [adapter.tokens_per_call(transformer, c) for c in capture.calls]
 
 
 def _residency(transformer, capture: Capture, device: torch.device) -> torch.device:
@@ -65,8 +63,9 @@ def _residency(transformer, capture: Capture, device: torch.device) -> torch.dev
     (no transfers), else in pinned host memory (bounded GPU use, e.g. 14B at high resolution)."""
     if device.type != "cuda":
         return device
-    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    need = sum(_block_tokens(transformer, capture)) * hidden * _block_dtype(transformer).itemsize
+    adapter = adapter_for(transformer)
+    row_bytes = adapter.hidden_size(transformer) * adapter.block_dtype(transformer).itemsize
+    need = sum(_block_tokens(transformer, capture)) * row_bytes
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch, reusable
     return device if need < 0.5 * free else torch.device("cpu")
@@ -77,23 +76,21 @@ def _block_inputs(transformer, capture: Capture, device, home: torch.device) -> 
     if home.type == "cpu" and device.type == "cuda":
         # One pinned buffer for all calls: pinning per tensor rounds each up to a power of two (14B at
         # 480p: 335 MB -> 512 MB per call) and goes through a pageable copy first.
-        hidden_dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        hidden_dim = adapter_for(transformer).hidden_size(transformer)
         offsets = [0]
         for n in _block_tokens(transformer, capture):
             offsets.append(offsets[-1] + n * hidden_dim)
-    inputs, rotary_by_shape = [], {}
+    inputs, shared = [], {}  # shared: inputs identical for every call of one shape (the adapter says which)
     for c, call in enumerate(tqdm(capture.calls, desc="block inputs", unit="call", leave=False)):
-        inp = first_block_inputs(transformer, {k: v.to(device) for k, v in call.items()})
-        key = tuple(call["hidden_states"].shape)
-        rotary = rotary_by_shape.setdefault(key, inp.rotary)  # identical for every call of one shape
+        inp = first_block_inputs(transformer, {k: v.to(device) for k, v in call.items()}, shared)
         if offsets is not None:
-            if pinned is None:  # in the blocks' dtype (some of Wan's parameters stay fp32)
+            if pinned is None:  # in the blocks' dtype (a model may keep some parameters in fp32)
                 pinned = torch.empty(offsets[-1], dtype=inp.hidden.dtype, pin_memory=True)
             hidden = pinned[offsets[c]:offsets[c + 1]].view(inp.hidden.shape)
             hidden.copy_(inp.hidden)
         else:
             hidden = inp.hidden.to(home)
-        inputs.append(BlockInputs(hidden, inp.encoder, inp.temb, rotary))
+        inputs.append(inp.with_hidden(hidden))
     return inputs
 
 
@@ -101,7 +98,7 @@ def _with_hidden(inp: BlockInputs, out: torch.Tensor) -> BlockInputs:
     """``inp`` with its hidden states replaced by ``out``, kept where ``inp.hidden`` lives. A host copy
     reuses the call's pinned buffer (allocating pinned memory per call and block is slow)."""
     if inp.hidden.device == out.device:
-        return BlockInputs(out, inp.encoder, inp.temb, inp.rotary)
+        return inp.with_hidden(out)
     inp.hidden.copy_(out)
     return inp
 
@@ -120,14 +117,16 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
     if schemes is None or isinstance(schemes, Scheme):  # one scheme (or none) for every target
         schemes = dict.fromkeys((t.name for t in targets), schemes)
     device = next(transformer.parameters()).device
-    dtype = _block_dtype(transformer)
+    adapter = adapter_for(transformer)
+    dtype = adapter.block_dtype(transformer)
+    blocks = adapter.blocks(transformer)
     plan = plan_steps(algo)
     want_hessian = "hessian" in stats_needed(plan)
     hooks = {p.name: p.step.hooks(p.params) for p in plan if p.step.hooks is not None}
     by_block: dict[int, dict[str, QuantTarget]] = defaultdict(dict)
     for t in targets:
         by_block[t.block][t.local_name] = t
-    groups_all = input_groups(is_i2v(transformer))
+    groups_all = adapter.input_groups(transformer)
     block_groups = {i: [g for g in groups_all if any(n in by_block[i] for n in g.linears)] for i in sorted(by_block)}
     result = QuantResult()
     last = max(by_block) if by_block else -1
@@ -139,8 +138,9 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
 
         def build(folder: Path) -> None:
             inputs = _prepare_inputs(transformer, capture, device)
-            for i, block in enumerate(tqdm(transformer.blocks[:last + 1], desc="float pass", unit="block")):
-                stats = _float_pass(block, i, inputs, block_groups.get(i, []), capture, calib, False, device, {})
+            for i, block in enumerate(tqdm(blocks[:last + 1], desc="float pass", unit="block")):
+                stats = _float_pass(block, i, adapter.block_name(i), inputs, block_groups.get(i, []), capture, calib,
+                                    False, device, {})
                 shared_stats.save_block(folder, i, stats, _report_samples(stats, calib, i), dtype)
 
         shared, hit = cache.get_or_build("block_stats", key, build, lambda entry: entry)
@@ -150,7 +150,7 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
         inputs = _prepare_inputs(transformer, capture, device)
     t_start = time.perf_counter()
 
-    for i, block in enumerate(tqdm(transformer.blocks, desc=f"quantize ({'+'.join(p.name for p in plan)})", unit="block")):
+    for i, block in enumerate(tqdm(blocks, desc=f"quantize ({'+'.join(p.name for p in plan)})", unit="block")):
         if i > last:
             break
         block_targets = by_block.get(i, {})
@@ -160,7 +160,8 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
         if shared is not None:
             stats, samples = shared_stats.load_block(shared, i, calib, device)
         else:
-            stats = _float_pass(block, i, inputs, groups, capture, calib, want_hessian, device, hooks)
+            stats = _float_pass(block, i, adapter.block_name(i), inputs, groups, capture, calib, want_hessian, device,
+                                hooks)
             samples = _report_samples(stats, calib, i)
 
         originals = {n: copy.deepcopy(t.module) for n, t in block_targets.items()}
@@ -205,7 +206,7 @@ def _report_samples(stats: dict[str, GroupStats], calib: DictConfig, i: int) -> 
     return {name: shared_stats.report_sample(st, calib.report_tokens, calib.seed * 7919 + i) for name, st in stats.items()}
 
 
-def _float_pass(block, i: int, inputs: list[BlockInputs], groups, capture: Capture, calib: DictConfig,
+def _float_pass(block, i: int, name: str, inputs: list[BlockInputs], groups, capture: Capture, calib: DictConfig,
                 want_hessian: bool, device: torch.device, hooks: dict[str, BlockHooks]) -> dict[str, GroupStats]:
     """Run every call through float block ``i``, streaming its input groups' statistics (reduced over
     torchrun ranks) and showing each group's input to the steps' hooks. With propagate=fp each call's input
@@ -241,7 +242,7 @@ def _float_pass(block, i: int, inputs: list[BlockInputs], groups, capture: Captu
     if bad is not None:
         c, inp = bad
         m = capture.meta[c]
-        layer = first_nonfinite_layer(block, lambda: run_block(block, inp.to(device)), prefix=f"blocks.{i}.")
+        layer = first_nonfinite_layer(block, lambda: run_block(block, inp.to(device)), prefix=f"{name}.")
         failure = (capture.indices[c], f"non-finite activations (NaN/Inf) in the float model during calibration: "
                    f"first in {layer}, for calibration prompt {m['prompt']} at denoising step {m['step']} "
                    f"({m['branch']} branch)"

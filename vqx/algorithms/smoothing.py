@@ -1,11 +1,12 @@
 """Placing a smoothing factor s of an input group (shared by SmoothQuant and AWQ).
 
 The group's input is divided by s and the weight columns of its linears are multiplied by s, so the
-float model is unchanged. Where 1/s goes depends on the group (see `models.wan.InputGroup.fold`):
-- affine_norm1 / affine_norm3: lightx2v's per-block smoothing vectors (run time; advanced_ptq);
-- norm2: the affine cross-attention LayerNorm's weight and bias (exact fold);
+float model is unchanged. Where 1/s goes depends on the group's fold kind (`models.adapter.InputGroup`;
+the model adapter names the place):
+- runtime: a per-block vector the quantized linears apply at run time (Wan: lightx2v's affine_norm1/3);
+- norm: the affine norm before the group, its weight and bias (exact fold; Wan: the cross-attention norm2);
 - v_rows: the rows (and bias) of the value projection(s) whose attention output feeds the group (exact:
-  attention mixes value rows linearly and Wan normalizes only q and k).
+  attention mixes value rows linearly; the model normalizes only q and k).
 All arithmetic in fp32, written back in each tensor's dtype.
 """
 
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from ..models.wan import InputGroup
+from ..models.adapter import InputGroup
 from .registry import BlockContext
 
 
 def smoothable(group: InputGroup) -> bool:
-    return group.fold is not None
+    return group.kind is not None
 
 
 @torch.no_grad()
@@ -29,22 +30,23 @@ def _scale_(t: torch.Tensor, factor: torch.Tensor) -> None:
 @torch.no_grad()
 def apply_smoothing(ctx: BlockContext, group: InputGroup, s: torch.Tensor) -> None:
     """Divide ``group``'s input by ``s`` (per input channel) and fold the factor where the group allows."""
-    if group.fold is None:
+    if group.kind is None:
         raise ValueError(f"group {group.name} has no place for a smoothing factor")
     s = s.float()
     for lin in ctx.group_linears(group):
         _scale_(lin.weight, s.to(lin.weight.device)[None, :])
-    if group.fold in ("affine_norm1", "affine_norm3"):
+    if group.kind == "runtime":
         prev = ctx.runtime_smoothing.get(group.fold)
         ctx.runtime_smoothing[group.fold] = s if prev is None else prev * s
-    elif group.fold == "norm2":
-        norm = ctx.block.norm2
+    elif group.kind == "norm":
+        norm = ctx.block.get_submodule(group.fold)
         if getattr(norm, "weight", None) is None:
-            raise ValueError(f"block {ctx.index}: norm2 is not affine (cross_attn_norm=False); cannot fold")
+            raise ValueError(f"block {ctx.index}: {group.fold} is not affine (e.g. Wan's cross_attn_norm=False); "
+                             "cannot fold")
         _scale_(norm.weight, 1.0 / s.to(norm.weight.device))
         _scale_(norm.bias, 1.0 / s.to(norm.bias.device))
         _record_input_scale(ctx, group, s)
-    elif group.fold == "v_rows":
+    elif group.kind == "v_rows":
         for src in group.fold_sources:
             lin = ctx.block.get_submodule(src)
             _scale_(lin.weight, 1.0 / s.to(lin.weight.device)[:, None])
@@ -53,7 +55,7 @@ def apply_smoothing(ctx: BlockContext, group: InputGroup, s: torch.Tensor) -> No
             ctx.output_scale[src] = ctx.output_scale.get(src, torch.ones_like(s)) * s
         _record_input_scale(ctx, group, s)
     else:
-        raise ValueError(f"unknown fold {group.fold!r}")
+        raise ValueError(f"unknown fold kind {group.kind!r}")
     if group.name in ctx.stats:
         ctx.stats[group.name].scale_inputs(s)
 

@@ -26,12 +26,13 @@ from .. import distributed
 from ..cache import DiskCache, file_sha256
 from ..diagnostics import first_nonfinite_layer, nonfinite_guard  # noqa: F401  (runner imports first_nonfinite_layer from here)
 from ..errors import Fault, storage_error
+from ..models.adapter import adapter_for
 from ..models.sampling import SamplerSettings, generate
 from ..prompts import PromptSample, load_prompt_set
 
 log = logging.getLogger(__name__)
 CAPTURE_VERSION = 1
-CALL_KEYS = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
+META_KEYS = ("prompt", "step", "branch")  # per call, besides the names of its tensors
 
 
 @dataclass
@@ -75,13 +76,14 @@ def record_calls(pipe, samples: list[PromptSample], settings: SamplerSettings, s
                  prompt_ids: list[int] | None = None) -> Capture:
     """``prompt_ids``: the samples' indices in the whole prompt set (a rank records a share of it)."""
     wanted = set(steps)
+    keys = adapter_for(pipe).capture_keys
     prompt_ids = list(range(len(samples))) if prompt_ids is None else prompt_ids
     calls, meta = [], []
     state = {"step": 0, "in_step": 0, "prompt": 0}
 
     def hook(module, args, kwargs):
         if state["step"] in wanted:
-            call = {k: kwargs[k].detach().cpu().clone() for k in CALL_KEYS if kwargs.get(k) is not None}
+            call = {k: kwargs[k].detach().cpu().clone() for k in keys if kwargs.get(k) is not None}
             if not all(torch.isfinite(v).all() for v in call.values() if v.is_floating_point()):
                 raise Fault(f"non-finite transformer inputs while capturing prompt {state['prompt']} at step "
                             f"{state['step']}: the float model itself produces NaN/Inf (check model.dtype and weights)")
@@ -112,13 +114,13 @@ def record_calls(pipe, samples: list[PromptSample], settings: SamplerSettings, s
     return Capture(calls, meta)
 
 
-def _save(capture: Capture, folder: Path) -> None:
+def _save(capture: Capture, folder: Path, prompt_keys: tuple[str, ...]) -> None:
+    """``prompt_keys``: the call arguments that are the same at every step of a prompt's branch (stored once)."""
     tensors, shared, meta = {}, {}, []
     for i, (call, m) in enumerate(zip(capture.calls, capture.meta)):
         entry = dict(m)
         for key, t in call.items():
-            if key in ("encoder_hidden_states", "encoder_hidden_states_image"):
-                # identical for every step of a prompt's branch: store once
+            if key in prompt_keys:
                 name = f"{key}.{m['prompt']}.{m['branch']}"
                 shared.setdefault(name, t.contiguous())
                 entry[key] = name
@@ -137,8 +139,8 @@ def _save(capture: Capture, folder: Path) -> None:
 def _load(folder: Path) -> Capture:
     tensors = load_file(str(folder / "calls.safetensors"))
     meta = json.loads((folder / "meta.json").read_text())
-    calls = [{k: tensors[m[k]] for k in CALL_KEYS if k in m} for m in meta]
-    return Capture(calls, [{k: m[k] for k in ("prompt", "step", "branch")} for m in meta])
+    calls = [{k: tensors[name] for k, name in m.items() if k not in META_KEYS} for m in meta]
+    return Capture(calls, [{k: m[k] for k in META_KEYS} for m in meta])
 
 
 def prompts_identity(samples: list[PromptSample]) -> list:
@@ -151,6 +153,7 @@ def load_or_capture(pipe, calib: DictConfig, task: str, model_identity: dict, ca
     samples = load_prompt_set(calib.path, task, "calib", limit=calib.num_prompts)
     settings = sampler_settings(calib)
     steps = capture_step_indices(settings.steps, calib.capture_steps)
+    prompt_keys = adapter_for(pipe).prompt_keys
     identity = {
         "version": CAPTURE_VERSION,
         "model": model_identity,
@@ -160,10 +163,11 @@ def load_or_capture(pipe, calib: DictConfig, task: str, model_identity: dict, ca
         "device": pipe.device.type,
     }
     if distributed.is_distributed():
-        capture, hit = _load_or_capture_share(pipe, samples, settings, steps, identity, cache)
+        capture, hit = _load_or_capture_share(pipe, samples, settings, steps, identity, cache, prompt_keys)
     else:
-        capture, hit = cache.get_or_build("calib_capture", identity,
-                                          lambda folder: _save(record_calls(pipe, samples, settings, steps), folder), _load)
+        capture, hit = cache.get_or_build(
+            "calib_capture", identity,
+            lambda folder: _save(record_calls(pipe, samples, settings, steps), folder, prompt_keys), _load)
     capture.cache_hit = hit
     capture.identity = identity
     log.info("calibration capture: %d transformer calls (%d prompts x %d steps x CFG branches)%s%s",
@@ -172,7 +176,8 @@ def load_or_capture(pipe, calib: DictConfig, task: str, model_identity: dict, ca
     return capture
 
 
-def _load_or_capture_share(pipe, samples, settings, steps, identity, cache: DiskCache) -> tuple[Capture, bool]:
+def _load_or_capture_share(pipe, samples, settings, steps, identity, cache: DiskCache,
+                           prompt_keys: tuple[str, ...]) -> tuple[Capture, bool]:
     """Under torchrun: this rank's share of the capture. Rank 0 owns the cache entry: on a miss every rank
     records its prompts and rank 0 saves their union in the single-process order (bit for bit the entry a
     single process writes); on a hit rank 0 hands each rank its share."""
@@ -188,7 +193,8 @@ def _load_or_capture_share(pipe, samples, settings, steps, identity, cache: Disk
         distributed.broadcast_object("record")  # a miss: the other ranks record their prompts too
         parts = distributed.gather_object(record_share())
         order = sorted(((m["prompt"], r, k) for r, part in enumerate(parts) for k, m in enumerate(part.meta)))
-        _save(Capture([parts[r].calls[k] for _, r, k in order], [parts[r].meta[k] for _, r, k in order]), folder)
+        _save(Capture([parts[r].calls[k] for _, r, k in order], [parts[r].meta[k] for _, r, k in order]), folder,
+              prompt_keys)
 
     if rank == 0:
         whole, hit = cache.get_or_build("calib_capture", identity, build, _load)

@@ -57,7 +57,7 @@ class PromptSetsSchema:
 
 @dataclass
 class OutlierSchema:
-    """Activation outlier channels injected without changing the float model (vqx.models.outliers)."""
+    """Activation outlier channels injected without changing the float model (vqx.models.wan.outliers)."""
 
     channels: int = bounded(0, 0, None)  # per block and site; 0: none
     scale: float = bounded(32.0, 2, None)  # a power of two

@@ -15,6 +15,7 @@ from .schema import GROUPS, RENAMED_OPTIONS, _registered
 
 log = logging.getLogger("vqx")
 TOP_LEVEL_KEYS = (*GROUPS, "seed", "cache_dir", "resume", "objective")
+MODEL_FAMILY = "wan"  # the model adapter whose shape rules apply: every model option is a Wan2.1 pipeline
 
 
 def _fields(schema: type) -> dict[str, dataclasses.Field]:
@@ -41,8 +42,12 @@ def _check_value(key: str, value: Any, meta: dict) -> None:
     if meta.get("multiple_of") and value % meta["multiple_of"]:
         m = meta["multiple_of"]
         raise UserError(f"{key}={value} must be a multiple of {m} (e.g. {max(m, value // m * m)})")
-    if meta.get("frames") and value % 4 != 1:
-        raise UserError(f"{key}={value} must be 4k+1 (Wan's VAE packs 4 frames per latent after the first), e.g. {value // 4 * 4 + 1}")
+    if meta.get("frames"):
+        from ..models.adapter import adapter_named
+
+        problem = adapter_named(MODEL_FAMILY).check_frames(value)
+        if problem:
+            raise UserError(f"{key}={value} {problem}")
 
 
 def check_node(node: DictConfig, schema: type, prefix: str) -> None:
@@ -112,7 +117,7 @@ def _check_rules(cfg: DictConfig) -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.model.outliers.channels:
-        from ..models.outliers import check_scale
+        from ..models.wan.outliers import check_scale
 
         check_scale(float(cfg.model.outliers.scale))
     if cfg.model.source == "diffusers" and not cfg.model.path:
@@ -120,7 +125,7 @@ def _check_rules(cfg: DictConfig) -> None:
     if cfg.model.source == "mini":  # before the prompt files inside it are read, so the message says how to train it
         from pathlib import Path
 
-        from ..testbed.folder import check_mini_folder
+        from ..models.wan.checkpoint import check_mini_folder
 
         check_mini_folder(Path(str(cfg.model.path)).expanduser())
 

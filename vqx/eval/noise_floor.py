@@ -14,6 +14,7 @@ import torch
 
 from ..errors import UserError
 from ..models.sampling import SamplerSettings
+from ..models.adapter import adapter_for
 from . import metrics as M
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,11 @@ def check_noise_floor(method: str, device: torch.device) -> None:
 
 def _attention_probe(transformer, settings: SamplerSettings, device: torch.device) -> torch.Tensor:
     """A self-attention query shaped like the model's (heads, head dim, dtype, layout as diffusers passes it)."""
-    c = transformer.config
-    pt, ph, pw = c.patch_size
-    tokens = ((settings.num_frames - 1) // 4 + 1) // pt * (settings.height // 8 // ph) * (settings.width // 8 // pw)
-    dtype = transformer.blocks[0].attn1.to_q.weight.dtype
-    q = torch.zeros(1, min(tokens, PROBE_TOKENS), c.num_attention_heads, c.attention_head_dim, device=device, dtype=dtype)
+    adapter = adapter_for(transformer)
+    tokens = adapter.video_tokens(transformer, settings.height, settings.width, settings.num_frames)
+    heads, head_dim = adapter.attention_heads(transformer)
+    dtype = adapter.block_dtype(transformer)
+    q = torch.zeros(1, min(tokens, PROBE_TOKENS), heads, head_dim, device=device, dtype=dtype)
     return q.transpose(1, 2)  # [B, S, H, D] -> [B, H, S, D], as diffusers' native backend calls SDPA
 
 

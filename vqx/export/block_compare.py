@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..models.wan import block_linears, diffusers_key, input_groups, set_submodule
+from ..models.adapter import adapter_for, set_submodule
 from ..quant.linear import QuantLinear
 from ..runtime import resolve_device, torch_dtype
 from . import contract, lightx2v_math
@@ -74,10 +74,11 @@ class RebuiltTransformer:
         from diffusers import WanTransformer3DModel
 
         self.tf, self.fmt, self.dtype = tf, fmt, model_dtype
-        self.i2v = dkw.get("added_kv_proj_dim") is not None
         self.keep_fp32 = set(WanTransformer3DModel._keep_in_fp32_modules)
         self.model = contract.meta_transformer(dkw)
-        rest = {diffusers_key(k): self._cast(diffusers_key(k), tf.get(k)) for k in tf.where if not k.startswith("blocks.")}
+        self.adapter = adapter_for(self.model)
+        to_diffusers = self.adapter.diffusers_key
+        rest = {to_diffusers(k): self._cast(to_diffusers(k), tf.get(k)) for k in tf.where if not k.startswith("blocks.")}
         result = self.model.load_state_dict(rest, strict=False, assign=True)
         missing = [k for k in result.missing_keys if not k.startswith("blocks.")]
         if missing or result.unexpected_keys:
@@ -92,7 +93,7 @@ class RebuiltTransformer:
         p = f"blocks.{index}."
         keys = [k for k in self.tf.where if k.startswith(p)]
         native = {k: self.tf.get(k) for k in keys}
-        linears = {f"{p}{n}": local for local, n in block_linears(self.i2v).items()}
+        linears = {f"{p}{n}": local for local, n in self.adapter.block_linears(self.model).items()}
         state, smooth = {}, {}
         for k, t in native.items():
             rest = k[len(p):]
@@ -101,16 +102,16 @@ class RebuiltTransformer:
                 continue
             if k.endswith(".weight_scale"):
                 continue
-            name = diffusers_key(k)[len(p):]
+            name = self.adapter.diffusers_key(k)[len(p):]
             prefix = k.rpartition(".")[0]
             if prefix in linears and k.endswith(".weight"):  # dequantized exactly as QuantLinear does
                 t = (t.float() * native[prefix + ".weight_scale"].float()).to(self.dtype)
             else:
                 t = self._cast(name, t)
             state[name] = t
-        block = self.model.blocks[index]
+        block = self.adapter.blocks(self.model)[index]
         block.load_state_dict(state, strict=True, assign=True)
-        folds = {n: g.fold for g in input_groups(self.i2v) if g.fold in contract.SMOOTH_VECTORS for n in g.linears}
+        folds = {n: g.fold for g in self.adapter.input_groups(self.model) if g.kind == "runtime" for n in g.linears}
         for prefix, local in linears.items():
             q = QuantLinear(block.get_submodule(local), self.fmt, native[prefix + ".weight"].float(),
                             native[prefix + ".weight_scale"].float())
@@ -121,7 +122,7 @@ class RebuiltTransformer:
         return block
 
     def release(self, index: int) -> None:
-        self.model.blocks[index].to_empty(device="meta")
+        self.adapter.blocks(self.model)[index].to_empty(device="meta")
 
 
 def _model_dtype(manifest: dict) -> torch.dtype:
@@ -156,7 +157,7 @@ def _lightx2v_block(tensors: dict, i: int, inp: BlockInputs, wan_cfg: dict, sche
 
 
 def compare_blocks(tf: TensorFiles, wan_cfg: dict, dkw: dict, scheme: str, manifest: dict, report: Report,
-                    seed: int, reference: torch.nn.Module | None, i2v: bool, device: str | None,
+                    seed: int, reference: torch.nn.Module | None, device: str | None,
                     max_blocks: int | None) -> None:
     fmt = contract.LIGHTX2V_SCHEMES[scheme]
     inp = block_inputs(dkw, seed, int(wan_cfg["text_len"]))
@@ -168,7 +169,7 @@ def compare_blocks(tf: TensorFiles, wan_cfg: dict, dkw: dict, scheme: str, manif
     else:
         dev = resolve_device(device or "auto", "--device=")
     n = wan_cfg["num_layers"]
-    code_keys = {f"blocks.{i}.{name}.weight" for i in range(n) for name in block_linears(i2v).values()}
+    code_keys = {f"{name}.weight" for name in contract.quantized_linears(contract.meta_transformer(dkw))}
     for i in tqdm(spread(n, max_blocks), desc="verify", unit="block", leave=False):
         tensors = lightx2v_math.loader_cast({k: tf.get(k) for k in tf.where if k.startswith(f"blocks.{i}.")}, code_keys)
         try:
@@ -181,7 +182,7 @@ def compare_blocks(tf: TensorFiles, wan_cfg: dict, dkw: dict, scheme: str, manif
             dev = torch.device("cpu")
             ours = _lightx2v_block(tensors, i, inp, wan_cfg, scheme, dev)
         if reference is not None:
-            theirs = run_diffusers_block(reference.blocks[i], inp)
+            theirs = run_diffusers_block(adapter_for(reference).blocks(reference)[i], inp)
         else:
             theirs = run_diffusers_block(rebuilt.block(i).to(dev), inp)
             rebuilt.release(i)

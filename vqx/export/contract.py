@@ -1,7 +1,7 @@
 """The lightx2v checkpoint contract as data (docs: lightx2v-contract.md): scheme names, the checkpoint's
 ``config.json``, and the tensors (name, kind, dtype, shape) a Wan2.1 model of a given config must hold.
 
-Names come from the one layer table (`vqx.models.wan`); shapes come from diffusers' own
+Names come from the model adapter (`vqx.models.wan`'s layer table); shapes come from diffusers' own
 `WanTransformer3DModel` built on the meta device, so nothing here restates the architecture.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.wan import block_linears, native_key
+from ..models.adapter import LayerSelection, adapter_for
 from ..quant import formats
 from ..quant.scheme import Scheme
 
@@ -124,19 +124,19 @@ class Expected:
     shape: tuple[int, ...]
 
 
-def quantized_linears(num_layers: int, i2v: bool) -> list[str]:
+def quantized_linears(model: torch.nn.Module) -> list[str]:
     """Native names of every quantized linear (lightx2v's quantized mode quantizes every block linear)."""
-    return [f"blocks.{i}.{n}" for i in range(num_layers) for n in block_linears(i2v).values()]
+    return [t.native_name for t in adapter_for(model).quant_targets(model, LayerSelection())]
 
 
 def expected_tensors(diffusers_kwargs: dict, smoothing: bool) -> dict[str, Expected]:
     """Every tensor of a lightx2v checkpoint for this architecture: native name -> kind and shape."""
     model = meta_transformer(diffusers_kwargs)
-    i2v = diffusers_kwargs.get("added_kv_proj_dim") is not None
-    linears = set(quantized_linears(diffusers_kwargs["num_layers"], i2v))
+    adapter = adapter_for(model)
+    linears = set(quantized_linears(model))
     out: dict[str, Expected] = {}
     for key, t in model.state_dict().items():
-        name = native_key(key)
+        name = adapter.native_key(key)
         prefix, _, leaf = name.rpartition(".")
         if prefix in linears and leaf == "weight":
             out[name] = Expected("codes", tuple(t.shape))

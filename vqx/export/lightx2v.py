@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..config.schema import bounded, choice, register_schema
 from ..errors import Fault, UserError
 from ..io import write_json_atomic, write_text_atomic
-from ..models.wan import block_linears, input_groups, is_i2v, native_key, native_linear_name
+from ..models.adapter import ModelAdapter, adapter_for
 from ..quant.formats import Format, format_from_config
 from ..quant.linear import QuantLinear
 from ..stages import EXPORTERS, Exporter, RunState
@@ -106,11 +106,11 @@ def check(cfg: DictConfig) -> None:
 
 # ---- building the native tensors ----------------------------------------------------------------------
 
-def _quant_linears(block: torch.nn.Module, index: int, i2v: bool, family: str) -> dict[str, QuantLinear]:
+def _quant_linears(block: torch.nn.Module, index: int, linears: dict[str, str], family: str) -> dict[str, QuantLinear]:
     """Block-relative diffusers name -> QuantLinear, refusing a block linear that is not quantized."""
     want = contract.CODE_DTYPES[family]
     out = {}
-    for local in block_linears(i2v):
+    for local in linears:
         q = block.get_submodule(local)
         if not isinstance(q, QuantLinear):
             raise UserError(f"blocks.{index}.{local} is not quantized ({type(q).__name__}); lightx2v reads codes for "
@@ -126,10 +126,10 @@ def smoothing_vectors(transformer: torch.nn.Module, runtime_smoothing: dict[int,
                       ) -> dict[int, dict[str, torch.Tensor]]:
     """Block -> {"affine_norm1"|"affine_norm3": 1/s fp32} as the QuantLinears applied it, or {} when the run
     has no runtime smoothing. Unsmoothed groups get ones (lightx2v reads the vectors of every block)."""
-    i2v = is_i2v(transformer)
-    groups = [g for g in input_groups(i2v) if g.fold in contract.SMOOTH_VECTORS]
+    adapter = adapter_for(transformer)
+    groups = [g for g in adapter.input_groups(transformer) if g.kind == "runtime"]
     found: dict[int, dict[str, torch.Tensor | None]] = {}
-    for i, block in enumerate(transformer.blocks):
+    for i, block in enumerate(adapter.blocks(transformer)):
         found[i] = {}
         for g in groups:
             invs = [getattr(block.get_submodule(n), "input_smooth_inv", None) for n in g.linears]
@@ -143,18 +143,18 @@ def smoothing_vectors(transformer: torch.nn.Module, runtime_smoothing: dict[int,
             found[i][g.fold] = None if inv is None else inv.detach().float().cpu()
     if not any(v is not None for f in found.values() for v in f.values()):
         return {}
-    dim = transformer.blocks[0].norm2.normalized_shape[0]
+    dim = adapter.hidden_size(transformer)
     return {i: {fold: (v if v is not None else torch.ones(dim)).contiguous() for fold, v in f.items()}
             for i, f in found.items()}
 
 
-def block_tensors(block: torch.nn.Module, index: int, i2v: bool, family: str, dtype: torch.dtype,
-                  smoothing: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """Native name -> tensor (CPU, contiguous) for one block."""
-    quant = _quant_linears(block, index, i2v, family)
+def block_tensors(adapter: ModelAdapter, block: torch.nn.Module, index: int, linears: dict[str, str], family: str,
+                  dtype: torch.dtype, smoothing: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Native name -> tensor (CPU, contiguous) for one block (``linears``: `ModelAdapter.block_linears`)."""
+    quant = _quant_linears(block, index, linears, family)
     out: dict[str, torch.Tensor] = {}
     for local, q in quant.items():
-        p = f"blocks.{index}.{native_linear_name(local)}"
+        p = f"blocks.{index}.{linears[local]}"
         out[f"{p}.weight"] = q.weight_codes.detach().cpu().contiguous()
         scale = q.weight_scale.detach().to(torch.float32).cpu().reshape(-1, 1).contiguous()
         if not torch.equal(scale.to(torch.bfloat16).float(), scale):  # lightx2v reads scales through bf16
@@ -165,7 +165,7 @@ def block_tensors(block: torch.nn.Module, index: int, i2v: bool, family: str, dt
     for key, t in block.state_dict().items():
         if any(key.startswith(local + ".") for local in quant):
             continue  # codes, scale, input_smooth_inv: written above or as affine_norm vectors
-        out[native_key(f"blocks.{index}.{key}")] = t.detach().to(dtype).cpu().contiguous()
+        out[adapter.native_key(f"{adapter.block_name(index)}.{key}")] = t.detach().to(dtype).cpu().contiguous()
     for vec, inv in (smoothing or {}).items():
         out[f"blocks.{index}.{vec}.weight"] = inv.clone()
         out[f"blocks.{index}.{vec}.bias"] = inv.clone()  # h = LN(x)(1+scale)a + shift b: both 1/s
@@ -173,8 +173,9 @@ def block_tensors(block: torch.nn.Module, index: int, i2v: bool, family: str, dt
 
 
 def non_block_tensors(transformer: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {native_key(k): t.detach().to(dtype).cpu().contiguous()
-            for k, t in transformer.state_dict().items() if not k.startswith("blocks.")}
+    adapter = adapter_for(transformer)
+    return {adapter.native_key(k): t.detach().to(dtype).cpu().contiguous()
+            for k, t in transformer.state_dict().items() if not k.startswith(adapter.blocks_attr + ".")}
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> int:
@@ -185,14 +186,15 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> int:
 def write_checkpoint(transformer: torch.nn.Module, folder: Path, family: str, layout: str, dtype: torch.dtype,
                      smoothing: dict[int, dict[str, torch.Tensor]]) -> dict[str, int]:
     """Write the tensor files into ``folder``; returns file name -> tensor count."""
-    i2v = is_i2v(transformer)
+    adapter = adapter_for(transformer)
+    linears = adapter.block_linears(transformer)
     counts: dict[str, int] = {}
     weight_map: dict[str, str] = {}
     total = 0
     pending: dict[str, torch.Tensor] = {}
-    blocks = transformer.blocks
+    blocks = adapter.blocks(transformer)
     for i in tqdm(range(len(blocks)), desc="export", unit="block", leave=False):
-        tensors = block_tensors(blocks[i], i, i2v, family, dtype, smoothing.get(i))
+        tensors = block_tensors(adapter, blocks[i], i, linears, family, dtype, smoothing.get(i))
         if layout == "blocks":
             name = f"block_{i}.safetensors"
             total += _save(tensors, folder / name)
@@ -236,8 +238,8 @@ def export(state: RunState) -> dict:
     if reason:
         raise UserError(reason)
     transformer = state.pipe.transformer
-    i2v = is_i2v(transformer)
-    task = "i2v" if i2v else "t2v"
+    adapter = adapter_for(transformer)
+    task = "i2v" if adapter.is_i2v(transformer) else "t2v"
     target = target_dir(ecfg, state.run_dir)
     scheme = contract.lightx2v_family(fmt.schemes()[0])
     dtype = contract.EXPORT_DTYPES[ecfg.dtype]
@@ -255,7 +257,7 @@ def export(state: RunState) -> dict:
         write_text_atomic(tmp / "LIGHTX2V.md", usage_text(scheme, target, bool(smoothing), task))
         info = {"format": fmt.name, "algorithm": cfg.algorithm.name, "model": cfg.model.name, "task": task,
                 "layout": ecfg.layout, "dtype": ecfg.dtype, "scheme": scheme, "schemes": contract.SCHEMES[scheme],
-                "advanced_ptq": bool(smoothing), "num_layers": len(transformer.blocks)}
+                "advanced_ptq": bool(smoothing), "num_layers": len(adapter.blocks(transformer))}
         manifest = write_manifest(tmp, "lightx2v", counts, info, cfg)
         if ecfg.verify:
             verify_report = verify_export(tmp, tolerance=float(ecfg.verify_tolerance), reference=transformer,

@@ -53,7 +53,6 @@ def verify_lightx2v(job: VerifyJob, report: Report) -> None:
         report.problems.append(f"{len(missing)} expected tensor(s) missing: {names(missing)}")
     if unexpected:
         report.problems.append(f"{len(unexpected)} unexpected tensor(s): {names(unexpected)}")
-    i2v = wan_cfg["model_type"] == "i2v"
     report.info.update({"task": wan_cfg["model_type"], "blocks": wan_cfg["num_layers"],
                         "advanced_ptq": flag, "tensors": len(present)})
 
@@ -64,7 +63,7 @@ def verify_lightx2v(job: VerifyJob, report: Report) -> None:
     _check_values(tf, expected, present, scheme, report)
     if report.problems or not job.compute:
         return
-    compare_blocks(tf, wan_cfg, dkw, scheme, job.manifest, report, job.seed, job.reference, i2v, job.device,
+    compare_blocks(tf, wan_cfg, dkw, scheme, job.manifest, report, job.seed, job.reference, job.device,
                    job.max_blocks)
 
 

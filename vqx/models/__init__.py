@@ -1,1 +1,4 @@
-"""Wan2.1 models: the layer table (adapter), tiny builders and loading."""
+"""Models: the model adapter (adapter.py: protocol, registry, family-neutral types), loading and fingerprints,
+and one package per model family (wan/), imported here so its adapter is registered."""
+
+from . import wan  # noqa: F401

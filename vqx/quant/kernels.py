@@ -1,7 +1,8 @@
 """Triton kernels: per-token activation quantization fused with the elementwise op before it.
 
-Each kernel reproduces, bit for bit, an eager twin in `fastpath.py` (which is the PyTorch op sequence
-diffusers and `QuantLinear` run), so the kernels pin down every rounding instead of trusting defaults:
+Each kernel reproduces, bit for bit, an eager twin in `fastpath.py` or, for a model's own elementwise ops, in
+its family's ops module (vqx.models.wan.ops): the PyTorch op sequence diffusers and `QuantLinear` run, so
+the kernels pin down every rounding instead of trusting defaults:
 - divisions are IEEE (`tl.div_rn`; Triton's `/` is approximate); products and sums are separate IEEE
   operations (launched with enable_fp_fusion=False: never contracted into an FMA, which eager PyTorch
   does not do either), with subnormals kept (no libdevice *_rn calls, which Triton links with FTZ);

@@ -4,7 +4,7 @@ With the default backend ``fake`` the forward is exactly "dequantize, then matmu
 ``F.linear(dequant(x).to(dtype), dequant(W).to(dtype), bias)`` with all quantizer math in fp32; with
 ``kernel`` the same codes go through an 8-bit GEMM (backends.py). The activation quantization runs through
 fastpath.py (a Triton kernel on CUDA, the reference ops elsewhere; the same codes either way), and once per
-input group when the block was set up by fused.py.
+input group when the block shares its inputs (shared.py; a model's fused block sets that up).
 
 Why not ``F.linear(dequant(x), W_codes) * w_scale.T + bias`` for ``fake``: the GEMM costs the same, the
 extra epilogue pass costs more, and it changes the output rounding.
@@ -71,8 +71,8 @@ class QuantLinear(nn.Module):
         else:
             self.input_smooth_inv = None
         self.backend = "fake"  # or "kernel": backends.set_backend
-        self._shared = None  # fused.SharedInput of this layer's input group, set by fused.install
-        self._smooth_key = None  # set by fused.install when the group's linears hold equal 1/s vectors
+        self._shared = None  # shared.SharedInput of this layer's input group, set by shared.share_inputs
+        self._smooth_key = None  # set by shared.share_inputs when the group's linears hold equal 1/s vectors
 
     def dequantized_weight_fp32(self) -> torch.Tensor:
         return dequantize(self.weight_codes, self.weight_scale, self.scheme.weight)

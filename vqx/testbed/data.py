@@ -84,7 +84,7 @@ def prompt_index(labels: torch.Tensor) -> torch.Tensor:
 
 def build_tokenizer():
     """The tiny model's word-level tokenizer plus every word of the grammar (no prompt hits <unk>)."""
-    from ..models.tiny import build_tokenizer as tiny_tokenizer
+    from ..models.wan.tiny import build_tokenizer as tiny_tokenizer
 
     return tiny_tokenizer(VOCABULARY)
 

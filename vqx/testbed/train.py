@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from ..errors import UserError, VqxError, report_and_exit
 from ..io import staged_dir, write_json_atomic
+from ..models.wan.checkpoint import MARKER
 from ..runtime import resolve_device
 from . import data
-from .folder import MARKER
 
 log = logging.getLogger("vqx.testbed.train")
 
@@ -338,7 +338,7 @@ def save_folder(folder: Path, pipe, transformer, vae, a: argparse.Namespace) -> 
     """The diffusers layout vqx loads: transformer bf16 (Wan's fp32 modules kept), VAE fp32, text encoder bf16."""
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
-    from ..models.tiny import cast_transformer
+    from ..models.wan.tiny import cast_transformer
 
     out = WanPipeline(
         tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.to("cpu", torch.bfloat16),

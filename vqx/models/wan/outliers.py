@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ...errors import UserError
 
 SITES = ("attn2.to_q", "attn1.to_out.0", "attn2.to_out.0")  # the linears whose inputs get outlier channels
 

@@ -1,17 +1,17 @@
-"""The Wan2.1 layer table: one source of truth for blocks, linears, input groups and native names.
+"""The Wan2.1 layer table: one source of truth for block linears, input groups and native names.
 
-The quantizer, the algorithms, the exporter and the verifier all read these tables; nothing else
-hard-codes a Wan layer name. Names are relative to `transformer.blocks[i]` in diffusers'
-`WanTransformer3DModel`; native names are the original Wan2.1 ones that lightx2v reads.
+`WanAdapter` (adapter.py) serves these tables to the quantizer, the algorithms, the exporter and the
+verifier; nothing else hard-codes a Wan layer name. Names are relative to `transformer.blocks[i]` in
+diffusers' `WanTransformer3DModel`; native names are the original Wan2.1 ones that lightx2v reads.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import re
-from dataclasses import dataclass
 
 from torch import nn
+
+from ..adapter import InputGroup
 
 # diffusers block-relative linear name -> native (lightx2v) block-relative name
 BLOCK_LINEARS_T2V: dict[str, str] = {
@@ -60,104 +60,33 @@ NON_BLOCK_PREFIXES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class InputGroup:
-    """Linears of one block that read the same input, so one smoothing factor serves them all.
-
-    ``fold``: where a smoothing factor s (input divided by s) can be absorbed:
-      "affine_norm1"/"affine_norm3": lightx2v's per-block smoothing vectors (advanced_ptq);
-      "norm2": the affine cross-attention LayerNorm (exact);
-      "v_rows": the rows of the value projection(s) feeding this attention output (exact);
-      None: no place to put it (weights are quantized as they are).
-    """
-
-    name: str
-    linears: tuple[str, ...]
-    fold: str | None
-    fold_sources: tuple[str, ...] = ()  # for "v_rows": the value projections whose rows absorb s
-
-
 def block_linears(i2v: bool) -> dict[str, str]:
     return {**BLOCK_LINEARS_T2V, **(BLOCK_LINEARS_I2V_EXTRA if i2v else {})}
 
 
 def input_groups(i2v: bool) -> list[InputGroup]:
+    """The block's input groups in the order it runs them. Smoothing factors of the modulated-norm inputs (attn1
+    q/k/v, the FFN) are applied at run time by lightx2v's per-block ``affine_norm1/affine_norm3`` vectors; the
+    cross-attention query's fold into the affine ``norm2``; the attention outputs' into the value rows."""
     groups = [
-        InputGroup("self_attn_in", ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "affine_norm1"),
-        InputGroup("self_attn_out", ("attn1.to_out.0",), "v_rows", ("attn1.to_v",)),
-        InputGroup("cross_attn_q", ("attn2.to_q",), "norm2"),
-        InputGroup("cross_attn_text", ("attn2.to_k", "attn2.to_v"), None),
+        InputGroup("self_attn_in", ("attn1.to_q", "attn1.to_k", "attn1.to_v"), "runtime", "affine_norm1"),
+        InputGroup("self_attn_out", ("attn1.to_out.0",), "v_rows", "v_rows", ("attn1.to_v",)),
+        InputGroup("cross_attn_q", ("attn2.to_q",), "norm", "norm2"),
+        InputGroup("cross_attn_text", ("attn2.to_k", "attn2.to_v")),
     ]
     if i2v:
-        groups.append(InputGroup("cross_attn_image", ("attn2.add_k_proj", "attn2.add_v_proj"), None))
+        groups.append(InputGroup("cross_attn_image", ("attn2.add_k_proj", "attn2.add_v_proj")))
     groups += [
-        InputGroup(
-            "cross_attn_out", ("attn2.to_out.0",), "v_rows",
-            ("attn2.to_v", "attn2.add_v_proj") if i2v else ("attn2.to_v",),
-        ),
-        InputGroup("ffn_in", ("ffn.net.0.proj",), "affine_norm3"),
-        InputGroup("ffn_out", ("ffn.net.2",), None),
+        InputGroup("cross_attn_out", ("attn2.to_out.0",), "v_rows", "v_rows",
+                   ("attn2.to_v", "attn2.add_v_proj") if i2v else ("attn2.to_v",)),
+        InputGroup("ffn_in", ("ffn.net.0.proj",), "runtime", "affine_norm3"),
+        InputGroup("ffn_out", ("ffn.net.2",)),
     ]
     return groups
 
 
 def is_i2v(transformer: nn.Module) -> bool:
     return getattr(transformer.blocks[0].attn2, "add_k_proj", None) is not None
-
-
-@dataclass(frozen=True)
-class LayerSelection:
-    """Which block linears get quantized."""
-
-    skip_first_blocks: int = 0
-    skip_last_blocks: int = 0
-    skip_patterns: tuple[str, ...] = ()  # fnmatch patterns on full diffusers names, e.g. "blocks.0.ffn.*"
-
-    def selects(self, block_index: int, num_blocks: int, full_name: str) -> bool:
-        if block_index < self.skip_first_blocks or block_index >= num_blocks - self.skip_last_blocks:
-            return False
-        return not any(fnmatch.fnmatchcase(full_name, p) for p in self.skip_patterns)
-
-
-@dataclass(frozen=True)
-class QuantTarget:
-    block: int
-    local_name: str  # block-relative diffusers name
-    module: nn.Linear
-
-    @property
-    def name(self) -> str:
-        return f"blocks.{self.block}.{self.local_name}"
-
-    @property
-    def native_name(self) -> str:
-        return f"blocks.{self.block}.{native_linear_name(self.local_name)}"
-
-
-def native_linear_name(local_name: str) -> str:
-    return {**BLOCK_LINEARS_T2V, **BLOCK_LINEARS_I2V_EXTRA}[local_name]
-
-
-def get_submodule(block: nn.Module, local_name: str) -> nn.Module:
-    return block.get_submodule(local_name)
-
-
-def set_submodule(block: nn.Module, local_name: str, new: nn.Module) -> None:
-    parent_name, _, child = local_name.rpartition(".")
-    parent = block.get_submodule(parent_name) if parent_name else block
-    setattr(parent, child, new)
-
-
-def quant_targets(transformer: nn.Module, selection: LayerSelection) -> list[QuantTarget]:
-    blocks = transformer.blocks
-    linears = block_linears(is_i2v(transformer))
-    out = []
-    for i, block in enumerate(blocks):
-        for local in linears:
-            t = QuantTarget(i, local, get_submodule(block, local))
-            if selection.selects(i, len(blocks), t.name):
-                out.append(t)
-    return out
 
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")

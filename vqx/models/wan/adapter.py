@@ -1,0 +1,89 @@
+"""`WanAdapter`: what vqx knows about Wan2.1 (diffusers' `WanTransformer3DModel`), for the rest of vqx.
+
+The layer table (layers.py) gives linears, input groups and native names; the fused block (fused.py)
+quantizes each input group once; the shape rules are the VAE's (4x temporal, 8x spatial compression, the
+first frame alone) and the transformer's patch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..adapter import BlockInputs, InputGroup, ModelAdapter, register_adapter
+from . import layers
+
+VAE_TEMPORAL = 4  # frames per latent frame after the first
+VAE_SPATIAL = 8  # pixels per latent pixel, per side
+
+
+@register_adapter("diffusers.models.transformers.transformer_wan.WanTransformer3DModel")
+class WanAdapter(ModelAdapter):
+    name = "wan"
+    blocks_attr = "blocks"
+    capture_keys = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
+    prompt_keys = ("encoder_hidden_states", "encoder_hidden_states_image")
+
+    def transformers(self, pipe) -> list[nn.Module]:
+        return [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]
+
+    def is_i2v(self, transformer: nn.Module) -> bool:
+        return layers.is_i2v(transformer)
+
+    def block_linears(self, transformer: nn.Module) -> dict[str, str]:
+        return layers.block_linears(self.is_i2v(transformer))
+
+    def input_groups(self, transformer: nn.Module) -> list[InputGroup]:
+        return layers.input_groups(self.is_i2v(transformer))
+
+    def block_dtype(self, transformer: nn.Module) -> torch.dtype:
+        return transformer.blocks[0].attn1.to_q.weight.dtype
+
+    def hidden_size(self, transformer: nn.Module) -> int:
+        return transformer.config.num_attention_heads * transformer.config.attention_head_dim
+
+    def attention_heads(self, transformer: nn.Module) -> tuple[int, int]:
+        return transformer.config.num_attention_heads, transformer.config.attention_head_dim
+
+    def attention_sites(self, block: nn.Module) -> dict[str, nn.Module]:
+        return {"self": block.attn1, "cross": block.attn2}
+
+    def first_block_inputs(self, transformer: nn.Module, call: dict[str, torch.Tensor],
+                           cache: dict | None = None) -> BlockInputs:
+        """Block inputs (hidden, (encoder states, timestep projection, rotary embedding)); the encoder states
+        hold the image tokens first for I2V. The rotary embedding depends only on the latent's shape: calls of
+        one shape share it through ``cache``."""
+        inp = super().first_block_inputs(transformer, call)
+        if cache is None:
+            return inp
+        encoder, temb, rotary = inp.args
+        rotary = cache.setdefault(("rotary", tuple(call["hidden_states"].shape)), rotary)
+        return BlockInputs(inp.hidden, (encoder, temb, rotary))
+
+    def tokens_per_call(self, transformer: nn.Module, call: dict[str, torch.Tensor]) -> int:
+        return call["hidden_states"][0, 0].numel() // math.prod(transformer.config.patch_size)
+
+    def video_tokens(self, transformer: nn.Module, height: int, width: int, num_frames: int) -> int:
+        pt, ph, pw = transformer.config.patch_size
+        latent_frames = (num_frames - 1) // VAE_TEMPORAL + 1
+        return latent_frames // pt * (height // VAE_SPATIAL // ph) * (width // VAE_SPATIAL // pw)
+
+    def check_frames(self, num_frames: int) -> str | None:
+        if num_frames % VAE_TEMPORAL != 1:
+            return (f"must be 4k+1 (Wan's VAE packs 4 frames per latent after the first), "
+                    f"e.g. {num_frames // VAE_TEMPORAL * VAE_TEMPORAL + 1}")
+        return None
+
+    def native_key(self, key: str) -> str:
+        return layers.native_key(key)
+
+    def diffusers_key(self, native: str) -> str:
+        return layers.diffusers_key(native)
+
+    def install_fused(self, transformer: nn.Module, blocks=None) -> int:
+        from .fused import install
+
+        return install(transformer, blocks)
+
