@@ -18,13 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-# Where an input group's smoothing factor s can go (the input is divided by s, the weight columns multiplied):
-FOLD_KINDS = ("runtime", "norm", "v_rows")
-
-
 @dataclass(frozen=True)
 class InputGroup:
-    """Linears of one block that read the same input, so one smoothing factor s serves them all.
+    """Linears of one block that read the same input, so one smoothing factor s serves them all (the input is
+    divided by s, the weight columns multiplied by s).
 
     ``kind``: where 1/s can be absorbed, and ``fold`` the adapter's name for that place:
       "runtime": a per-channel vector applied at run time, named ``fold`` (Wan: lightx2v's affine_norm1/3);
