@@ -196,7 +196,7 @@ def main() -> int:
         # the path the timed rows use, against the fp32 reference quantizer, bit for bit.
         with fastpath.use_impl(fused_impl):
             for fmt in FORMATS:
-                grid = get_scheme(fmt).activation_grid
+                act = get_scheme(fmt).activation
                 for width in (dim, ffn):
                     x = fastpath.probe_rows(width, torch.bfloat16, device, seed=7)
                     g = torch.Generator(device="cpu").manual_seed(8)
@@ -205,7 +205,7 @@ def main() -> int:
                     r[5] = 0  # an all-zero token
                     x = torch.cat([x, r.to(device, torch.bfloat16)])
                     for mode in ("fake", "codes"):
-                        sp = fastpath.QuantSpec(grid, None, mode)
+                        sp = fastpath.QuantSpec(act, None, mode)
                         ok = fastpath.same_quantization(fastpath.quantize_act(x, sp), fastpath.quantize_eager(x, sp))
                         mc[f"codes_bit_exact_{fmt}_{mode}_K{width}"] = ok
                         if not ok:

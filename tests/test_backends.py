@@ -24,6 +24,7 @@ from vqx.quant import fastpath
 from vqx.quant.backends import BACKENDS, set_backend
 from vqx.quant.formats import get_scheme
 from vqx.quant.linear import QuantLinear
+from vqx.quant.scheme import TensorScheme
 from vqx.quant.shared import SharedInput
 from vqx.quant.numbers import get_grid, quantize
 
@@ -77,12 +78,12 @@ def test_eager_activation_codes_are_the_reference_quantizers(grid, dtype):
     g = get_grid(grid)
     x = fastpath.probe_rows(64, dtype, "cpu", seed=3)  # zeros, outliers, NaN/Inf, tiny/huge, every bf16 value
     codes, scale = quantize(x, g, dim=-1)
-    got = fastpath.quantize_act(x, fastpath.QuantSpec(g, None, "codes"))
+    got = fastpath.quantize_act(x, fastpath.QuantSpec(TensorScheme(grid, "token"), None, "codes"))
     finite = torch.isfinite(codes).all(dim=-1)  # int8 has no NaN: those rows carry NaN in their scale
     assert torch.equal(got.codes.float()[finite], codes[finite])
     assert fastpath.bits_equal(got.scale, scale)
     assert not torch.isfinite(got.scale[~finite]).any()  # NaN or Inf: the GEMM output of the row is NaN
-    fake = fastpath.quantize_act(x, fastpath.QuantSpec(g, None, "fake"))
+    fake = fastpath.quantize_act(x, fastpath.QuantSpec(TensorScheme(grid, "token"), None, "fake"))
     assert fastpath.bits_equal(fake, (codes * scale).to(dtype))
 
 
@@ -245,6 +246,7 @@ def test_tiny_pipeline_generates_finite_video_on_each_backend(backend):
 _INTERPRETED = r"""
 import json, copy, torch
 from vqx.models.wan import ops
+from vqx.quant.scheme import TensorScheme
 from vqx.quant import fastpath as fp
 from vqx.quant.numbers import get_grid
 res = {}
@@ -253,7 +255,7 @@ for grid in ("int8", "fp8_e4m3"):
         for dtype in (torch.bfloat16, torch.float32):
             x = fp.probe_rows(96, dtype, "cpu", seed=5)
             for smooth in (None, torch.rand(96) + 0.5):
-                spec = fp.QuantSpec(get_grid(grid), smooth, mode)
+                spec = fp.QuantSpec(TensorScheme(grid, "token"), smooth, mode)
                 res[f"quant {grid} {mode} {dtype} smooth={smooth is not None}"] = fp.same_quantization(
                     fp.quantize_act(x, spec), fp.quantize_eager(x, spec))
 g = torch.Generator().manual_seed(0)
@@ -263,17 +265,17 @@ n[1, 2] *= 1e30
 sc, sh = torch.randn(2, 1, 96, generator=g), torch.randn(2, 1, 96, generator=g)
 for grid in ("int8", "fp8_e4m3"):
     for mode in ("fake", "codes"):
-        spec = fp.QuantSpec(get_grid(grid), torch.rand(96) + 0.5, mode)
+        spec = fp.QuantSpec(TensorScheme(grid, "token"), torch.rand(96) + 0.5, mode)
         h, act = ops.modulate(n, sc, sh, torch.bfloat16, spec)
         res[f"modulate+quant {grid} {mode}"] = h is None and fp.same_quantization(
             act, fp.quantize_eager(ops.modulate_eager(n, sc, sh, torch.bfloat16), spec))
         h, act = ops.cast(n, torch.bfloat16, spec)
         res[f"cast+quant {grid} {mode}"] = h is None and fp.same_quantization(act, fp.quantize_eager(n.bfloat16(), spec))
         y = (torch.randn(4, 96, generator=g) * 3).bfloat16()
-        act = ops.gelu_quantize(y, fp.QuantSpec(get_grid(grid), None, mode))
+        act = ops.gelu_quantize(y, fp.QuantSpec(TensorScheme(grid, "token"), None, mode))
         # the interpreter's tanh is not CUDA's: when no GELU variant matches, the caller runs the GELU itself
         res[f"gelu+quant {grid} {mode}"] = act is None or fp.same_quantization(
-            act, fp.quantize_eager(ops.gelu_eager(y), fp.QuantSpec(get_grid(grid), None, mode)))
+            act, fp.quantize_eager(ops.gelu_eager(y), fp.QuantSpec(TensorScheme(grid, "token"), None, mode)))
 h, _ = ops.modulate(n, sc, sh, torch.bfloat16)
 res["modulate"] = fp.bits_equal(h, ops.modulate_eager(n, sc, sh, torch.bfloat16))
 hh, aa = (torch.randn(2, 10, 96, generator=g) * 4).bfloat16(), (torch.randn(2, 10, 96, generator=g) * 4).bfloat16()
