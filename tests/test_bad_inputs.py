@@ -173,7 +173,7 @@ def model_copy(tiny_folder, tmp_path):
 
 
 def _model_cfg(path, task="t2v"):
-    return OmegaConf.create({"source": "diffusers", "path": str(path), "task": task, "dtype": "bfloat16",
+    return OmegaConf.create({"family": "wan", "source": "diffusers", "path": str(path), "task": task, "dtype": "bfloat16",
                              "device": "cpu", "seed": 0})
 
 

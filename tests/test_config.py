@@ -56,6 +56,7 @@ def test_old_option_names_still_work_with_one_deprecation_line(caplog):
     ("+format.bits=4", "unknown key 'format.bits'; valid keys of format: name, skip_first_blocks"),
     ("format.skip_first_blocks=-1", "format.skip_first_blocks=-1 is out of range; it must be >= 0"),
     ("format.name=int4", "format.name='int4' is unknown; valid: none, w8a8, fp8"),
+    ("model.family=hunyuan", "model.family='hunyuan' has no model adapter; valid: wan"),
     ("algorithm.steps=[magic]", "algorithm step 'magic' is unknown; valid steps: awq, gptq, rtn, smoothquant"),
 ])
 def test_validation_messages(override, message):

@@ -123,7 +123,7 @@ def test_training_writes_a_loadable_folder(tmp_path):
 
     pipe = WanPipeline.from_pretrained(out, local_files_only=True)
     assert pipe.vae.config.latents_mean == info["latents_mean"]
-    cfg = OmegaConf.create({"source": "mini", "task": "t2v", "path": str(out), "dtype": "bfloat16", "device": "cpu",
+    cfg = OmegaConf.create({"family": "wan", "source": "mini", "task": "t2v", "path": str(out), "dtype": "bfloat16", "device": "cpu",
                             "seed": 0})
     video = generate(load_pipeline(cfg), data.all_prompts()[0], SamplerSettings(32, 32, 5, 2, 5.0, 3.0), seed=0)
     assert video.shape == (5, 32, 32, 3) and np.isfinite(video).all()

@@ -67,6 +67,7 @@ class OutlierSchema:
 @dataclass
 class ModelSchema:
     name: str = "wan_tiny"
+    family: str = "wan"  # the model adapter (vqx.models.adapter) that builds, loads and knows this model
     task: str = choice("t2v", "i2v")
     source: str = choice("tiny", "diffusers", "synthetic", "mini")  # mini: a folder trained by vqx.testbed.train
     path: Optional[str] = None  # local diffusers folder (source=diffusers, mini)

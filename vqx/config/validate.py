@@ -15,14 +15,13 @@ from .schema import GROUPS, RENAMED_OPTIONS, _registered
 
 log = logging.getLogger("vqx")
 TOP_LEVEL_KEYS = (*GROUPS, "seed", "cache_dir", "resume", "objective")
-MODEL_FAMILY = "wan"  # the model adapter whose shape rules apply: every model option is a Wan2.1 pipeline
 
 
 def _fields(schema: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(schema)}
 
 
-def _check_value(key: str, value: Any, meta: dict) -> None:
+def _check_value(key: str, value: Any, meta: dict, family: str | None = None) -> None:
     if "choices" in meta and value not in meta["choices"]:
         raise UserError(f"{key}={value!r} is not valid; valid choices: {', '.join(map(str, meta['choices']))}")
     if meta.get("or_auto"):
@@ -42,15 +41,15 @@ def _check_value(key: str, value: Any, meta: dict) -> None:
     if meta.get("multiple_of") and value % meta["multiple_of"]:
         m = meta["multiple_of"]
         raise UserError(f"{key}={value} must be a multiple of {m} (e.g. {max(m, value // m * m)})")
-    if meta.get("frames"):
+    if meta.get("frames") and family is not None:  # the model family's shape rule (Wan: 4k+1)
         from ..models.adapter import adapter_named
 
-        problem = adapter_named(MODEL_FAMILY).check_frames(value)
+        problem = adapter_named(family).check_frames(value)
         if problem:
             raise UserError(f"{key}={value} {problem}")
 
 
-def check_node(node: DictConfig, schema: type, prefix: str) -> None:
+def check_node(node: DictConfig, schema: type, prefix: str, family: str | None = None) -> None:
     fields = _fields(schema)
     for key in node.keys():
         full = f"{prefix}.{key}"
@@ -59,9 +58,9 @@ def check_node(node: DictConfig, schema: type, prefix: str) -> None:
         value = node._get_node(key)
         nested = OmegaConf.get_type(node, key) if isinstance(value, DictConfig) else None
         if nested is not None and dataclasses.is_dataclass(nested):
-            check_node(value, nested, full)
+            check_node(value, nested, full, family)
         elif not isinstance(value, (DictConfig, ListConfig)):
-            _check_value(full, node[key], dict(fields[key].metadata))
+            _check_value(full, node[key], dict(fields[key].metadata), family)
 
 
 def apply_renames(cfg: DictConfig) -> None:
@@ -99,8 +98,20 @@ def validate(cfg: DictConfig) -> None:
         schema = OmegaConf.get_type(cfg, group)
         if not dataclasses.is_dataclass(schema):
             raise UserError(f"{group} option does not declare a schema (add '/schema/{group}/<kind>@_here_' to its defaults)")
-        check_node(cfg[group], schema, group)
+        check_node(cfg[group], schema, group, _model_family(cfg))
     _check_rules(cfg)
+
+
+def _model_family(cfg: DictConfig) -> str | None:
+    """``model.family``, checked against the registered model adapters (None before the model group is there)."""
+    family = cfg.get("model", {}).get("family") if isinstance(cfg.get("model"), DictConfig) else None
+    if family is None:
+        return None
+    from ..models.adapter import adapter_names
+
+    if family not in adapter_names():
+        raise UserError(f"model.family={family!r} has no model adapter; valid: {', '.join(adapter_names())}")
+    return family
 
 
 def _check_rules(cfg: DictConfig) -> None:
@@ -117,17 +128,15 @@ def _check_rules(cfg: DictConfig) -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.model.outliers.channels:
-        from ..models.wan.outliers import check_scale
+        from ..models.adapter import adapter_named
 
-        check_scale(float(cfg.model.outliers.scale))
+        adapter_named(cfg.model.family).check_outliers(float(cfg.model.outliers.scale))
     if cfg.model.source == "diffusers" and not cfg.model.path:
         raise UserError(f"model={cfg.model.name} needs model.path=/path/to/a local diffusers folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
     if cfg.model.source == "mini":  # before the prompt files inside it are read, so the message says how to train it
-        from pathlib import Path
+        from ..models.adapter import adapter_named
 
-        from ..models.wan.checkpoint import check_mini_folder
-
-        check_mini_folder(Path(str(cfg.model.path)).expanduser())
+        adapter_named(cfg.model.family).check_model_folder(cfg.model)
 
 
 def _check_format_name(fmt) -> None:

@@ -193,6 +193,24 @@ class ModelAdapter:
         """Why the family cannot generate ``num_frames`` frames (None: it can)."""
         return None
 
+    # ---- building and loading (vqx.models.loading calls these) -------------------------------------------
+
+    def build_pipeline(self, model, dtype: torch.dtype, device: torch.device):
+        """The pipeline a ``model`` config names (its ``source``: built in code, or a local folder), before it
+        is moved to ``device``; raise UserError (one line) for a folder that is not a usable checkpoint."""
+        raise NotImplementedError
+
+    def check_model_folder(self, model) -> None:
+        """Checks of ``model.path`` to run before any prompt file inside it is read (one-line UserError)."""
+
+    def check_outliers(self, scale: float) -> None:
+        """Validate ``model.outliers.scale`` before anything is built."""
+        raise NotImplementedError(f"model family {self.name} cannot inject activation outliers")
+
+    def inject_outliers(self, transformer: nn.Module, channels: int, scale: float, seed: int) -> None:
+        """Activation outlier channels that leave the float model's outputs unchanged (benchmarks)."""
+        raise NotImplementedError(f"model family {self.name} cannot inject activation outliers")
+
     # ---- names and run-time structure -----------------------------------------------------------------
 
     def native_key(self, key: str) -> str:
@@ -239,6 +257,10 @@ def adapter_for(model: Any) -> ModelAdapter:
             return adapter
     known = ", ".join(k.rpartition(".")[2] for k in _ADAPTERS) or "none"
     raise TypeError(f"vqx has no model adapter for {type(transformer).__name__}; supported transformers: {known}")
+
+
+def adapter_names() -> list[str]:
+    return sorted(_BY_NAME)
 
 
 def adapter_named(name: str) -> ModelAdapter:

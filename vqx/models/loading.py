@@ -1,16 +1,16 @@
-"""Load the pipeline a model config names: a built-in tiny or synthetic Wan2.1, or a local diffusers folder
-(never a hub id; the folder checks are the family's, vqx.models.wan.checkpoint)."""
+"""Load the pipeline a model config names through its family's adapter (``model.family``): a model built in
+code, or a local folder (never a hub id; the folder checks are the family's, e.g. vqx.models.wan.checkpoint)."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from ..errors import UserError
 from ..runtime import DTYPES, resolve_device
+from .adapter import adapter_named
 
 log = logging.getLogger(__name__)
 
@@ -26,31 +26,17 @@ def check_finite_weights(transformer) -> None:
 
 
 def load_pipeline(model: DictConfig):
-    """The pipeline on ``model.device``; transformer in ``model.dtype``, VAE and encoders fp32 (VAE) as Wan runs them."""
+    """The pipeline on ``model.device``, built or loaded by its family's adapter; transformer in ``model.dtype``,
+    VAE and encoders as the family runs them."""
+    adapter = adapter_named(model.family)
     dtype = DTYPES[model.dtype]
     device = resolve_device(model.device)
-    if model.source == "tiny":
-        from .wan.tiny import build_tiny_pipeline
-
-        pipe = build_tiny_pipeline(model.task, seed=model.seed, dtype=dtype)
-    elif model.source == "synthetic":
-        from .wan.synthetic import build_synthetic_pipeline
-
-        # built on the device: random init of 14B on a CPU takes minutes (the .to(device) below is then a no-op)
-        pipe = build_synthetic_pipeline(model.arch, dtype, device, model.num_layers, seed=model.seed)
-    else:
-        from .wan.checkpoint import check_mini_folder, load_diffusers_folder
-
-        if model.source == "mini":  # says how to train it; then the checks of any diffusers folder apply
-            check_mini_folder(Path(model.path).expanduser())
-        pipe = load_diffusers_folder(Path(model.path).expanduser(), model.task, dtype)
+    pipe = adapter.build_pipeline(model, dtype, device)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if model.source in ("diffusers", "mini"):
         check_finite_weights(pipe.transformer)  # on the device: fast even for 14B
     outliers = model.get("outliers")
     if outliers and outliers.channels:
-        from .wan.outliers import inject_outliers
-
-        inject_outliers(pipe.transformer, int(outliers.channels), float(outliers.scale), int(outliers.seed))
+        adapter.inject_outliers(pipe.transformer, int(outliers.channels), float(outliers.scale), int(outliers.seed))
     return pipe

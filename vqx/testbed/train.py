@@ -368,7 +368,7 @@ def sample_and_score(folder: Path, a: argparse.Namespace, device: torch.device) 
     from ..models.sampling import SamplerSettings, generate
     from . import report, score
 
-    cfg = OmegaConf.create({"source": "mini", "task": "t2v", "path": str(folder), "dtype": "bfloat16",
+    cfg = OmegaConf.create({"family": "wan", "source": "mini", "task": "t2v", "path": str(folder), "dtype": "bfloat16",
                             "device": str(device), "seed": 0})
     pipe = load_pipeline(cfg)
     settings = SamplerSettings(height=a.size, width=a.size, num_frames=a.frames, steps=a.sample_steps,

@@ -76,6 +76,41 @@ class WanAdapter(ModelAdapter):
                     f"e.g. {num_frames // VAE_TEMPORAL * VAE_TEMPORAL + 1}")
         return None
 
+    def build_pipeline(self, model, dtype: torch.dtype, device: torch.device):
+        from pathlib import Path
+
+        if model.source == "tiny":
+            from .tiny import build_tiny_pipeline
+
+            return build_tiny_pipeline(model.task, seed=model.seed, dtype=dtype)
+        if model.source == "synthetic":
+            from .synthetic import build_synthetic_pipeline
+
+            # built on the device: random init of 14B on a CPU takes minutes (the later .to(device) is a no-op)
+            return build_synthetic_pipeline(model.arch, dtype, device, model.num_layers, seed=model.seed)
+        from .checkpoint import load_diffusers_folder
+
+        self.check_model_folder(model)
+        return load_diffusers_folder(Path(model.path).expanduser(), model.task, dtype)
+
+    def check_model_folder(self, model) -> None:
+        if model.source == "mini":  # says how to train it; then the checks of any diffusers folder apply
+            from pathlib import Path
+
+            from .checkpoint import check_mini_folder
+
+            check_mini_folder(Path(str(model.path)).expanduser())
+
+    def check_outliers(self, scale: float) -> None:
+        from .outliers import check_scale
+
+        check_scale(scale)
+
+    def inject_outliers(self, transformer: nn.Module, channels: int, scale: float, seed: int) -> None:
+        from .outliers import inject_outliers
+
+        inject_outliers(transformer, channels, scale, seed)
+
     def native_key(self, key: str) -> str:
         return layers.native_key(key)
 

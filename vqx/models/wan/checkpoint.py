@@ -140,5 +140,5 @@ def check_mini_folder(folder: Path) -> None:
     missing = missing_parts(folder)
     if missing:
         raise UserError(f"model=wan_mini needs a trained folder at model.path={folder}, which lacks "
-                        f"{', '.join(missing[:3])}; train it with `{TRAIN_COMMAND}` (about 8 minutes on one H100; "
+                        f"{', '.join(missing[:3])}; train it with `{TRAIN_COMMAND}` (about 13.5 minutes on one H200; "
                         "--device cpu works but takes hours) or point model.path at a trained copy")
