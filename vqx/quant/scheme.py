@@ -21,7 +21,7 @@ element grid's largest exponent; absmax 0 gives 2^-127). Global scales (NVFP4): 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -118,9 +118,6 @@ class Scheme:
     def activation_grid(self) -> NumberGrid | None:
         return None if self.activation is None else self.activation.grid_
 
-    def renamed(self, name: str) -> "Scheme":
-        return replace(self, name=name)
-
 
 # ---- the primitive ----------------------------------------------------------------------------------
 
@@ -129,7 +126,7 @@ def _blocks(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x.reshape(rows // size[0], size[0], cols // size[1], size[1])
 
 
-def expand_scale(scale: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _expand(scale: torch.Tensor) -> torch.Tensor:
     """[R/br, C/bc] scales broadcast over blocks: a [R/br, 1, C/bc, 1] view (pair it with `_blocks`)."""
     return scale[:, None, :, None]
 
@@ -182,7 +179,7 @@ def choose_scales(x: torch.Tensor, ts: TensorScheme, global_scale: torch.Tensor 
 def quantize_with(x: torch.Tensor, ts: TensorScheme, scale: torch.Tensor) -> torch.Tensor:
     """fp32 codes of a 2-D ``x`` on ``ts``'s grid with the given [R/br, C/bc] scales."""
     size = ts.block_size(tuple(x.shape))
-    codes = ts.grid_.round_to_grid(_blocks(x.float(), size) / expand_scale(scale, size))
+    codes = ts.grid_.round_to_grid(_blocks(x.float(), size) / _expand(scale))
     return codes.reshape(x.shape)
 
 
@@ -201,7 +198,7 @@ def quantize(x: torch.Tensor, ts: TensorScheme, global_scale: torch.Tensor | Non
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, ts: TensorScheme) -> torch.Tensor:
     """fp32 values of 2-D codes and their [R/br, C/bc] scales."""
     size = ts.block_size(tuple(codes.shape))
-    return (_blocks(codes.float(), size) * expand_scale(scale.float(), size)).reshape(codes.shape)
+    return (_blocks(codes.float(), size) * _expand(scale.float())).reshape(codes.shape)
 
 
 def fake_quantize(x: torch.Tensor, ts: TensorScheme, scale: torch.Tensor | None = None) -> torch.Tensor:
