@@ -445,6 +445,11 @@ def _same_pixels(path: Path, img: Image.Image) -> bool:
         return False
 
 
+def json_text(doc: dict) -> str:
+    """A prompts.json document as the script writes it."""
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
 def sync(root: Path = ROOT, check: bool = False) -> list[Path]:
     """Write the json and images that differ from what is drawn (pixels, not bytes, so rerunning with
     another zlib or Pillow build does not churn the files); returns the paths that differed."""
@@ -452,7 +457,7 @@ def sync(root: Path = ROOT, check: bool = False) -> list[Path]:
     for split in SCENES:
         doc, images = build(split)
         folder = root / split
-        text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+        text = json_text(doc)
         target = folder / "prompts.json"
         if not target.is_file() or target.read_text(encoding="utf-8") != text:
             changed.append(target)

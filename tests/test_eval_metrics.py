@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SHARED
+from conftest import ROOT
 from vqx.errors import UserError
 from vqx.eval import lpips_weights as W
 from vqx.eval import metrics as M
 from vqx.eval import videoio as V
 
-LPIPS_DIR = SHARED / "refdata" / "lpips"
-needs_shared = pytest.mark.skipif(not LPIPS_DIR.is_dir(), reason="../shared/refdata/lpips is absent")
+LPIPS_DIR = ROOT / "tests" / "data" / "lpips"  # the LPIPS authors' example images (tests/data/README.md)
 
 
 def _image(name):
@@ -63,7 +62,6 @@ def test_lpips_of_identical_frames_is_zero():
     assert (M.lpips_frames(x, y) > 1e-3).all()
 
 
-@needs_shared
 @pytest.mark.parametrize("net,d0,d1", [("alex", 0.722, 0.138), ("vgg", 0.569, 0.422)])
 def test_lpips_reproduces_published_values(net, d0, d1):
     ref, p0, p1 = _image("ex_ref.png"), _image("ex_p0.png"), _image("ex_p1.png")
@@ -164,7 +162,6 @@ def _vqx(*args):
                           capture_output=True, text=True, timeout=300)
 
 
-@needs_shared
 def test_score_cli_on_lpips_examples(tmp_path):
     r = _vqx("score", LPIPS_DIR / "ex_ref.png", LPIPS_DIR / "ex_p0.png")
     assert r.returncode == 0, r.stderr
@@ -177,7 +174,6 @@ def test_score_cli_on_lpips_examples(tmp_path):
     assert (out["lpips"], out["psnr"], out["pairs"]) == (0.0, M.PSNR_CAP_DB, 3)
 
 
-@needs_shared
 def test_score_cli_errors_are_one_line(tmp_path):
     from PIL import Image
 
