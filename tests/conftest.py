@@ -1,6 +1,11 @@
+import contextlib
+import io
+import logging
 import os
+import runpy
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -19,14 +24,56 @@ def pin_tiny(overrides):
     return [*overrides[:i], "model=wan_tiny", *overrides[i:]]
 
 
-def run_vqx(args, cwd=None, env=None, timeout=300, pin_model=True):
-    """Run `python run.py ARGS` as a user would (on wan_tiny unless ARGS name a model or ``pin_model`` is
-    false); returns CompletedProcess (text)."""
+def _run_env(env):
     full_env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env or {})}
     full_env.pop("VQX_DEBUG", None)
+    return full_env
+
+
+def run_vqx(args, cwd=None, env=None, pin_model=True):
+    """Run `python run.py ARGS` as a user would, in a new process (on wan_tiny unless ARGS name a model or
+    ``pin_model`` is false); returns CompletedProcess (text). pytest-timeout bounds it (pyproject.toml)."""
     args = pin_tiny(args) if pin_model else list(args)
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd or ROOT, env=_run_env(env),
+                          capture_output=True, text=True)
+
+
+def run_vqx_in_process(args, cwd=None, env=None, pin_model=True):
+    """`python run.py ARGS` in this process: run.py's own ``__main__`` block (the same entry, Hydra's command
+    line, the one-line error handling, the exit code), without the interpreter start-up and imports of a new
+    process. For runs that stop before a model is built (refusals) and compose-only commands (--cfg);
+    ``run_vqx`` keeps covering the real process. Returns CompletedProcess (text): the exit code, stdout and
+    stderr as the process would have them (log lines included)."""
+    args = pin_tiny(args) if pin_model else list(args)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv[:], os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        os.environ.clear()
+        os.environ.update(_run_env(env))
+        os.chdir(cwd or ROOT)
+        sys.argv = [str(ROOT / "run.py"), *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        for h in root.handlers[:]:  # Hydra's job logging (console, run.log): closed, the test's own restored
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        for h in handlers:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(level)
+    return subprocess.CompletedProcess([sys.executable, "run.py", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture
@@ -34,8 +81,46 @@ def vqx_run():
     return run_vqx
 
 
+@pytest.fixture
+def vqx_run_in_process():
+    return run_vqx_in_process
+
+
 @pytest.fixture(scope="session")
 def tiny_t2v():
     from vqx.models.wan.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline("t2v", seed=0)
+
+
+class Tables(HTMLParser):
+    """Rows of every <table id=...> in the report: {table id: [[cell text, ...], ...]}."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.table, self.row = {}, None, None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.table = self.tables.setdefault(dict(attrs).get("id"), [])
+        elif tag == "tr" and self.table is not None:
+            self.row = []
+        elif tag in ("td", "th") and self.row is not None:
+            self.row.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "tr" and self.row is not None:
+            self.table.append(self.row)
+            self.row = None
+        elif tag == "table":
+            self.table = None
+
+    def handle_data(self, data):
+        if self.row:
+            self.row[-1] += data
+
+
+def report_tables(path: Path) -> dict:
+    parser = Tables()
+    parser.feed(path.read_text())
+    return parser.tables

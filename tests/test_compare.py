@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from vqx.cli import main as vqx_main
-from test_wandb import report_tables
+from conftest import report_tables
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 import vqx.plugins  # noqa: F401
 from vqx.track.runs import completed_metrics, objective_value
 from vqx.errors import UserError
-from test_sweeps import ROOT
+from conftest import ROOT
 
 FAST = ["calib.num_prompts=1", "calib.steps=2"]  # tiny calibration: these tests are about the sweep machinery
 

@@ -3,12 +3,12 @@
 import json
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import report_tables
 from vqx.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,39 +51,6 @@ def summary_of(records: dict) -> dict:
 def config_of(records: dict) -> dict:
     (run,) = records["run"]
     return {item.key: json.loads(item.value_json) for item in run.run.config.update}
-
-
-class Tables(HTMLParser):
-    """Rows of every <table id=...> in the report: {table id: [[cell text, ...], ...]}."""
-
-    def __init__(self):
-        super().__init__()
-        self.tables, self.table, self.row = {}, None, None
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "table":
-            self.table = self.tables.setdefault(dict(attrs).get("id"), [])
-        elif tag == "tr" and self.table is not None:
-            self.row = []
-        elif tag in ("td", "th") and self.row is not None:
-            self.row.append("")
-
-    def handle_endtag(self, tag):
-        if tag == "tr" and self.row is not None:
-            self.table.append(self.row)
-            self.row = None
-        elif tag == "table":
-            self.table = None
-
-    def handle_data(self, data):
-        if self.row:
-            self.row[-1] += data
-
-
-def report_tables(path: Path) -> dict:
-    parser = Tables()
-    parser.feed(path.read_text())
-    return parser.tables
 
 
 def compare(*args):
