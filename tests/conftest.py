@@ -25,9 +25,9 @@ def pin_tiny(overrides):
 
 
 def _run_env(env):
-    full_env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env or {})}
-    full_env.pop("VQX_DEBUG", None)
-    return full_env
+    """The test process's environment for a run: offline, no VQX_DEBUG unless ``env`` sets it."""
+    full_env = {k: v for k, v in os.environ.items() if k != "VQX_DEBUG"}
+    return {**full_env, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env or {})}
 
 
 def run_vqx(args, cwd=None, env=None, pin_model=True):
@@ -74,6 +74,19 @@ def run_vqx_in_process(args, cwd=None, env=None, pin_model=True):
                 root.addHandler(h)
         root.setLevel(level)
     return subprocess.CompletedProcess([sys.executable, "run.py", *args], code, out.getvalue(), err.getvalue())
+
+
+def vqx_cli_in_process(*args):
+    """`vqx ARGS` (vqx.cli.main, the console script's entry) in this process; returns CompletedProcess (text)."""
+    from vqx.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(["vqx", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

@@ -332,11 +332,11 @@ print(json.dumps(res))
 """
 
 
+@pytest.mark.slow  # the Triton interpreter: about a minute on an idle 2-core CPU
 def test_triton_kernels_match_the_reference_bit_for_bit():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "VQX_QUANT_IMPL": "triton", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     checked = res.pop("kernels checked")

@@ -80,13 +80,26 @@ BAD_CLI = [
 
 
 @pytest.mark.parametrize("args,message", BAD_CLI, ids=[" ".join(a) for a, _ in BAD_CLI])
-def test_bad_overrides_fail_with_one_line(vqx_run, tmp_path, args, message):
+def test_bad_overrides_fail_with_one_line(vqx_run_in_process, tmp_path, args, message):
     run_dir = tmp_path / "run"
-    r = vqx_run([*args, f"hydra.run.dir={run_dir}"])
+    r = vqx_run_in_process([*args, f"hydra.run.dir={run_dir}"])
+    _one_line_refusal(r, message)
+    assert not (run_dir / "metrics.json").exists()
+
+
+def _one_line_refusal(r, message):
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("vqx: error: ")
     assert message in lines[0]
     assert "Traceback" not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize("args,message", [BAD_CLI[0], BAD_CLI[-1]], ids=["composition", "validation"])
+def test_the_real_process_exits_2_with_one_line(vqx_run, tmp_path, args, message):
+    """The in-process runs above are run.py's own entry; here the process itself, as a user starts it: its exit
+    code and stderr for a Hydra composition error and for a vqx validation error."""
+    run_dir = tmp_path / "run"
+    _one_line_refusal(vqx_run([*args, f"hydra.run.dir={run_dir}"]), message)
     assert not (run_dir / "metrics.json").exists()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, vqx_cli_in_process
 from vqx.errors import UserError
 from vqx.eval import lpips_weights as W
 from vqx.eval import metrics as M
@@ -156,20 +156,20 @@ def test_side_by_side_panels():
 # ---- vqx score -------------------------------------------------------------------------------------
 
 def _vqx(*args):
+    """`python -m vqx ARGS` in a new process, as a user runs it."""
     env = {**os.environ}
     env.pop("VQX_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "vqx", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "vqx", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True)
 
 
 def test_score_cli_on_lpips_examples(tmp_path):
-    r = _vqx("score", LPIPS_DIR / "ex_ref.png", LPIPS_DIR / "ex_p0.png")
+    r = _vqx("score", LPIPS_DIR / "ex_ref.png", LPIPS_DIR / "ex_p0.png")  # the real process: `python -m vqx`
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["lpips"] == pytest.approx(0.722, abs=1.5e-3)
     assert 0 < out["ssim"] < 1 and 5 < out["psnr"] < 40
 
-    r = _vqx("score", LPIPS_DIR, LPIPS_DIR)  # folders, paired by name
+    r = vqx_cli_in_process("score", LPIPS_DIR, LPIPS_DIR)  # folders, paired by name (the same entry, in-process)
     out = json.loads(r.stdout)
     assert (out["lpips"], out["psnr"], out["pairs"]) == (0.0, M.PSNR_CAP_DB, 3)
 
@@ -184,7 +184,7 @@ def test_score_cli_errors_are_one_line(tmp_path):
         ((LPIPS_DIR, LPIPS_DIR / "ex_p0.png"), "cannot compare folder"),
         ((LPIPS_DIR, tmp_path), "has no counterpart in"),
     ]:
-        r = _vqx("score", *args)
+        r = vqx_cli_in_process("score", *args)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
         assert "Traceback" not in r.stderr

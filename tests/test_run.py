@@ -53,6 +53,7 @@ def test_multirun_makes_one_dir_per_job(vqx_run, tmp_path):
     assert formats == ["fp8", "w8a8"]
 
 
+@pytest.mark.slow  # the whole default job on wan_mini: about a minute
 def test_default_run_is_the_whole_job(vqx_run, tmp_path):
     """No overrides: calibrate, SmoothQuant W8A8, verified lightx2v export, video scores, offline W&B."""
     run_dir = tmp_path / "run"

@@ -13,7 +13,9 @@ from vqx.track.runs import completed_metrics, objective_value
 from vqx.errors import UserError
 from conftest import ROOT
 
-FAST = ["calib.num_prompts=1", "calib.steps=2"]  # tiny calibration: these tests are about the sweep machinery
+# tiny calibration, the quantization spine only: these tests are about the sweep machinery (test_wandb.py sweeps
+# the default job, export and video scores included)
+FAST = ["calib.num_prompts=1", "calib.steps=2", "export=none", "eval=none", "logger=none"]
 
 
 def sweep_args(tmp_path, *args):
@@ -21,7 +23,7 @@ def sweep_args(tmp_path, *args):
 
 
 def test_joblib_runs_two_jobs_in_parallel_processes(vqx_run, tmp_path):
-    r = vqx_run(sweep_args(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "format=w8a8,fp8"), timeout=600)
+    r = vqx_run(sweep_args(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "format=w8a8,fp8"))
     assert r.returncode == 0, r.stderr
     assert "Joblib.Parallel(n_jobs=2" in r.stdout + r.stderr
     formats = sorted(json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text())["format"] for i in (0, 1))
@@ -75,8 +77,7 @@ def test_optuna_alpha_sweep_minimizes_the_objective(vqx_run, tmp_path):
     """The shipped Optuna sweep, with a persistent study (the SQLAlchemy pin of the `sweep` extra makes it work)."""
     study = tmp_path / "study.db"
     r = vqx_run(["--config-dir", "sweeps", *sweep_args(tmp_path, "+sweep=optuna_alpha", "objective=layer_error.mean",
-                                                      "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage=sqlite:///{study}")],
-                timeout=600)
+                                                      "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage=sqlite:///{study}")])
     assert r.returncode == 0, r.stderr
     assert study.stat().st_size > 0
     sweep = tmp_path / "sweep"
@@ -90,9 +91,11 @@ def test_optuna_alpha_sweep_minimizes_the_objective(vqx_run, tmp_path):
     assert jobs[results["best_params"]["algorithm.alpha"]] == pytest.approx(results["best_value"])
 
 
-def test_optuna_failed_trial_scores_inf_and_the_study_goes_on(vqx_run, tmp_path):
-    r = vqx_run(sweep_args(tmp_path, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1", "objective=layer_error.mean",
-                           "model=wan2.1_t2v_1.3b", f"model.path={tmp_path / 'no_model'}"), timeout=300)
+def test_optuna_failed_trial_scores_inf_and_the_study_goes_on(vqx_run_in_process, tmp_path):
+    # the trial is refused before any model is built: in-process
+    r = vqx_run_in_process(sweep_args(tmp_path, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1",
+                                      "objective=layer_error.mean", "model=wan2.1_t2v_1.3b",
+                                      f"model.path={tmp_path / 'no_model'}"))
     assert r.returncode == 0, r.stderr
     results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert math.isinf(results["best_value"])
@@ -100,21 +103,21 @@ def test_optuna_failed_trial_scores_inf_and_the_study_goes_on(vqx_run, tmp_path)
 
 
 def test_optuna_with_an_objective_no_job_reports_stops_with_one_line(vqx_run, tmp_path):
-    r = vqx_run(sweep_args(tmp_path, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1", "objective=nope"), timeout=300)
+    r = vqx_run(sweep_args(tmp_path, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1", "objective=nope"))
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("vqx: error: objective=nope is not a number") and "layer_error.mean" in last
     assert "Traceback" not in r.stderr
 
 
-def test_single_run_failure_writes_error_json_and_success_clears_it(vqx_run, tmp_path):
+def test_single_run_failure_writes_error_json_and_success_clears_it(vqx_run, vqx_run_in_process, tmp_path):
     run_dir = tmp_path / "run"
-    r = vqx_run(["model=wan2.1_t2v_1.3b", f"model.path={tmp_path / 'no_model'}", f"hydra.run.dir={run_dir}"], timeout=300)
+    r = vqx_run_in_process(["model=wan2.1_t2v_1.3b", f"model.path={tmp_path / 'no_model'}", f"hydra.run.dir={run_dir}"])
     assert r.returncode == 2
     error = json.loads((run_dir / "error.json").read_text())
     assert error == {"error": error["error"], "type": "UserError"} and "no_model is not a folder" in error["error"]
     assert error["error"] in r.stderr  # the same one line the user saw
 
-    r = vqx_run([*FAST, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"], timeout=300)
+    r = vqx_run([*FAST, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"])
     assert r.returncode == 0, r.stderr
     assert not (run_dir / "error.json").exists() and (run_dir / "metrics.json").is_file()

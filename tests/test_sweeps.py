@@ -93,9 +93,9 @@ def test_command_line_value_replaces_the_swept_one():
     assert expand(sweep_config("formats").hydra.sweeper.params, "format=fp8") == [["format=fp8"]]
 
 
-def test_sweep_dir_option_from_the_command_line(vqx_run):
-    """What users type: `--config-dir sweeps +sweep=NAME`."""
-    r = vqx_run(["--config-dir", "sweeps", "+sweep=formats", "--cfg", "hydra"], timeout=120)
+def test_sweep_dir_option_from_the_command_line(vqx_run_in_process):
+    """What users type: `--config-dir sweeps +sweep=NAME` (run.py's command line, in-process: it composes only)."""
+    r = vqx_run_in_process(["--config-dir", "sweeps", "+sweep=formats", "--cfg", "hydra"])
     assert r.returncode == 0, r.stderr
     assert "format: w8a8,fp8,fp_e3m4,fp_e2m5" in r.stdout
 
@@ -109,7 +109,7 @@ def test_slurm_launcher_composes():
     assert launcher.tasks_per_node == 1 and launcher.array_parallelism > 1
 
 
-def test_slurm_launcher_composes_from_the_command_line(vqx_run):
-    r = vqx_run(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra"], timeout=120)
+def test_slurm_launcher_composes_from_the_command_line(vqx_run_in_process):
+    r = vqx_run_in_process(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra"])
     assert r.returncode == 0, r.stderr
     assert "SlurmLauncher" in r.stdout and "gpus_per_task: 1" in r.stdout and "partition: gpu" in r.stdout
