@@ -78,23 +78,31 @@ def test_gptq_act_order_gives_valid_codes():
     assert (x @ (codes * scale - w).T).norm() < (x @ (quantize_weight(w, ts)[0] * scale - w).T).norm()
 
 
+# Relative layer output errors on wan_tiny / wan_tiny_i2v (calib 2 prompts x 4 steps), measured over the 16 cases
+# below and RTN: w8a8 0.0027-0.0106, fp8 0.0083-0.0374 (algorithm and RTN alike). Bounds: half the smallest and
+# 1.6x the largest, per format; a wrong scale or a lost smoothing factor costs an order of magnitude.
+LAYER_ERROR_BOUNDS = {"w8a8": (0.0013, 0.017), "fp8": (0.004, 0.06)}
+
+
 @pytest.mark.parametrize("model", ["wan_tiny", "wan_tiny_i2v"])
 @pytest.mark.parametrize("algorithm", ["smoothquant", "awq", "gptq", "smoothquant_gptq"])
 @pytest.mark.parametrize("fmt", ["w8a8", "fp8"])
 def test_algorithm_end_to_end(tmp_path, model, algorithm, fmt, shared_cache):
     cfg = compose_run([f"model={model}", f"algorithm={algorithm}", f"format={fmt}", f"cache_dir={shared_cache}",
-                       "calib.num_prompts=2", "calib.steps=4"])
+                       "calib.num_prompts=2", "calib.steps=4", "logger=none"])  # W&B: tests/test_wandb.py
     m = experiment.run(cfg, tmp_path)
     per_block = 12 if model.endswith("i2v") else 10
     assert m["quantized_layers"] == 2 * per_block
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "complete"
+    low, high = LAYER_ERROR_BOUNDS[fmt]
     for layer in m["layers"]:
-        assert 0 < layer["output_error"] < 0.2 and 0 < layer["output_error_rtn"] < 0.2
+        assert low < layer["output_error"] < high and low < layer["output_error_rtn"] < high, layer
     if algorithm == "awq":
         groups = [g for g in m["groups"] if "ratio" in g]
         assert len(groups) == 2 * 5  # per block: self_attn_in, self_attn_out, cross_attn_q, cross_attn_out, ffn_in
-        for g in groups:
-            assert g["loss"] <= g["loss_ratio0"]  # ratio 0 is RTN: the search never loses to it
+        # ratio 0 (RTN) is among the candidates, so no group can lose to it; the search must also find better:
+        # measured, 9 or 10 of the 10 groups strictly below RTN in every case
+        assert sum(g["loss"] < g["loss_ratio0"] for g in groups) >= 5, groups
     if "gptq" in algorithm:
         assert all(layer["method"] == "gptq" for layer in m["layers"])
         assert m["layer_error"]["mean"] < m["layer_error_rtn"]["mean"]
@@ -103,6 +111,26 @@ def test_algorithm_end_to_end(tmp_path, model, algorithm, fmt, shared_cache):
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
+
+
+# wan_tiny with 2 of its 32 input channels per site 32x larger (model.outliers; the float model unchanged), W8A8,
+# mean relative layer error, measured (t2v / i2v): RTN 0.0254 / 0.0209; SmoothQuant 3.68x / 3.19x lower, AWQ
+# 3.85x / 3.12x, SmoothQuant+GPTQ 4.24x / 3.65x, GPTQ 1.06x / 1.06x (it only compensates weight error; the
+# activations' rounding dominates). Bounds: 2x for the algorithms that move the range into the weights, 1.02x for GPTQ.
+BEATS_RTN_BY = {"smoothquant": 2.0, "awq": 2.0, "smoothquant_gptq": 2.0, "gptq": 1.02}
+
+
+@pytest.mark.parametrize("algorithm", list(BEATS_RTN_BY))
+def test_algorithms_beat_rtn_on_injected_outliers(tmp_path, algorithm, shared_cache):
+    cfg = compose_run(["model=wan_tiny", "model.outliers.channels=2", f"algorithm={algorithm}", "format=w8a8",
+                       f"cache_dir={shared_cache}", "calib.num_prompts=2", "calib.steps=4", "export=none", "eval=none",
+                       "logger=none"])
+    m = experiment.run(cfg, tmp_path)
+    rtn, ours = m["layer_error_rtn"]["mean"], m["layer_error"]["mean"]
+    # the outliers do hurt plain rounding: measured 0.0254, 4x the model without them (0.0063) and above the largest
+    # single-layer error any algorithm or RTN reaches there
+    assert rtn > LAYER_ERROR_BOUNDS["w8a8"][1]
+    assert ours * BEATS_RTN_BY[algorithm] < rtn, (algorithm, ours, rtn)
 
 
 def test_sweep_points_share_the_float_model_statistics(tmp_path, caplog):
