@@ -7,6 +7,9 @@ import pytest
 from vqx.models.wan.layers import BLOCK_LINEARS_I2V_EXTRA, BLOCK_LINEARS_T2V
 
 SPINE_ONLY = ["algorithm=rtn", "export=none", "eval=none", "logger=none"]  # the quantization spine alone
+# RTN's relative layer output errors with the tiny models' default calibration (2 prompts x 10 steps), measured on
+# wan_tiny and wan_tiny_i2v: w8a8 0.0033-0.0105, fp8 0.0123-0.0366. Bounds: half the smallest, 1.6x the largest.
+LAYER_ERROR_BOUNDS = {"w8a8": (0.0016, 0.017), "fp8": (0.006, 0.06)}
 
 
 @pytest.mark.parametrize("model,fmt,per_block", [
@@ -20,8 +23,9 @@ def test_run_writes_metrics(vqx_run, tmp_path, model, fmt, per_block):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["status"] == "complete" and m["format"] == fmt and m["model"] == model
     assert m["quantized_layers"] == 2 * per_block == len(m["layers"])
+    low, high = LAYER_ERROR_BOUNDS[fmt]
     for layer in m["layers"]:
-        assert 0 < layer["output_error"] < 0.2, layer
+        assert low < layer["output_error"] < high, layer
     assert m["timings"]["total_s"] > 0
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "run.log").is_file()
 
