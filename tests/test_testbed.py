@@ -1,6 +1,7 @@
 """wan_mini: procedural data, prompt-following score, training into a loadable folder, the trained assets."""
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +130,16 @@ def test_training_writes_a_loadable_folder(tmp_path):
     assert video.shape == (5, 32, 32, 3) and np.isfinite(video).all()
 
     # a second run replaces the earlier wan_mini folder; another folder is refused
-    main(["--out", str(out), *TINY, "--steps-vae", "1", "--steps-transformer", "1", "--score-samples", "0"])
-    assert json.loads((out / "training.json").read_text())["stages"]["vae"]["steps"] == 1
+    argv = ["--out", str(out), *TINY, "--steps-vae", "1", "--steps-transformer", "1", "--score-samples", "0",
+            "--note", "a test's run, 2 steps"]
+    main(argv)
+    info = json.loads((out / "training.json").read_text())
+    assert info["stages"]["vae"]["steps"] == 1
+    # what ran, as typed, and the note: the script records them, so training.json is never edited by hand
+    assert info["command"] == shlex.join(["python", "-m", "vqx.testbed.train", *argv])
+    assert info["note"] == "a test's run, 2 steps" and info["args"]["out"] == str(out)
+    card = (out / "model_card.md").read_text()
+    assert f"- command: `{info['command']}`" in card and "- note: a test's run, 2 steps" in card
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--score-samples", type=int, default=48, help="videos generated for the prompt-following score")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer (optional)")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--note", default=None,
+                   help="a sentence recorded in training.json and on the model card (e.g. that the GPU was shared); "
+                        "the files are what this script writes, never edited afterwards")
     return p.parse_args(argv)
 
 
@@ -448,11 +452,13 @@ def train_and_save(a: argparse.Namespace, argv: list[str], device: torch.device,
     del pool
     save_folder(tmp, pipe, transformer, vae, a)
 
-    info = {"args": vars(a), "command": "python -m vqx.testbed.train " + " ".join(argv), "stages": stages,
+    info = {"args": vars(a), "command": shlex.join(["python", "-m", "vqx.testbed.train", *argv]), "stages": stages,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
             "torch": torch.__version__, "diffusers": diffusers.__version__, "params": params,
             "tokens": ((a.frames - 1) // 4 + 1) * (a.size // 16) ** 2, "example_prompt": data.all_prompts()[0],
             "latents_mean": vae.config.latents_mean, "latents_std": vae.config.latents_std}
+    if a.note:
+        info["note"] = a.note
     write_json_atomic(tmp / MARKER, info)  # the folder is complete from here on; the final version follows
     t_samples = time.monotonic()
     info.update(sample_and_score(tmp, a, device))
