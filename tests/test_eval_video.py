@@ -188,8 +188,9 @@ def test_eval_video_t2v_end_to_end_concurrent_runs_share_the_cache(vqx_run, tmp_
     results = {}
 
     def job(name):
-        results[name] = vqx_run(["eval=video", "eval.num_samples=2", f"hydra.run.dir={tmp_path / name}"],
-                                env={"VQX_CACHE_DIR": str(tmp_path / "cache")})
+        # export and W&B have their own end-to-end runs (test_export.py, test_wandb.py, test_run.py's default job)
+        results[name] = vqx_run(["eval=video", "eval.num_samples=2", "export=none", "logger=none",
+                                 f"hydra.run.dir={tmp_path / name}"], env={"VQX_CACHE_DIR": str(tmp_path / "cache")})
 
     threads = [threading.Thread(target=job, args=(n,)) for n in ("a", "b")]
     for t in threads:
@@ -211,7 +212,7 @@ def test_eval_video_t2v_end_to_end_concurrent_runs_share_the_cache(vqx_run, tmp_
 
 
 def test_eval_video_i2v_end_to_end(vqx_run, tmp_path):
-    r = vqx_run(["model=wan_tiny_i2v", "eval=video", f"hydra.run.dir={tmp_path}"],
+    r = vqx_run(["model=wan_tiny_i2v", "eval=video", "export=none", "logger=none", f"hydra.run.dir={tmp_path}"],
                 env={"VQX_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr
     m = _check_eval_outputs(tmp_path, samples=2)
