@@ -7,6 +7,7 @@ Prints a table and writes bench/results/calib_cost.json.
     python bench/calib_cost.py                       # 1.3B and 14B, smoothquant (the default algorithm)
     python bench/calib_cost.py --arch 1.3B --algorithms smoothquant,gptq
     python bench/calib_cost.py --smoke               # tiny sizes on CPU: checks the script runs
+    python bench/calib_cost.py --arch 14B --num-layers 4 --out calib_cost_14b.json   # 4 of 40 blocks, scaled
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import tempfile
 
 import torch
-from common import ROOT, Stopwatch, peak_gpu_gib, peak_host_rss_gib, print_table, write_results
+from common import ROOT, Stopwatch, add_note_argument, peak_gpu_gib, peak_host_rss_gib, print_table, write_results
 
 MODEL_OPTION = {"1.3B": "wan2.1_t2v_1.3b", "14B": "wan2.1_t2v_14b"}
 
@@ -93,7 +94,8 @@ def main() -> None:
     ap.add_argument("--algorithms", default="smoothquant")
     ap.add_argument("--num-layers", type=int, default=None, help="fewer blocks (say so when reporting)")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default="calib_cost.json")
+    ap.add_argument("--out", default="calib_cost.json", help="results file under bench/results/")
+    add_note_argument(ap)
     args = ap.parse_args()
     rows = []
     for arch in args.arch.split(","):
@@ -102,7 +104,7 @@ def main() -> None:
     print()
     print_table(rows, cols)
     if not args.smoke:
-        print("wrote", write_results(args.out, rows))
+        print("wrote", write_results(args.out, rows, note=args.note))
 
 
 if __name__ == "__main__":

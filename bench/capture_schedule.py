@@ -14,7 +14,7 @@ import argparse
 import tempfile
 
 import torch
-from common import Stopwatch, print_table, write_results
+from common import Stopwatch, add_note_argument, print_table, write_results
 from omegaconf import OmegaConf
 
 
@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--cheap-steps", type=int, default=10)
     ap.add_argument("--full-steps", type=int, default=50)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default="capture_schedule.json", help="results file under bench/results/")
+    add_note_argument(ap)
     args = ap.parse_args()
     from vqx.cache import DiskCache
     from vqx.calib.capture import load_or_capture
@@ -92,7 +94,7 @@ def main() -> None:
     print_table(summary, list(summary[0]))
     print(timing)
     if not args.smoke:
-        print("wrote", write_results("capture_schedule.json", rows, {
+        print("wrote", write_results(args.out, rows, note=args.note, extra={
             "summary_by_group": summary, "timing": timing,
             "settings": {"resolution": f"{args.width}x{args.height}x{args.frames}", "prompts": args.prompts,
                          "cheap_steps": args.cheap_steps, "full_steps": args.full_steps}}))

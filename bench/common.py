@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import logging
 import platform
 import resource
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,9 +27,39 @@ def device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
+def command_line() -> str:
+    """The command that is running, as typed from the repo root: `python bench/x.py --flag ...`."""
+    script = Path(sys.argv[0]).resolve()
+    name = script.relative_to(ROOT).as_posix() if script.is_relative_to(ROOT) else sys.argv[0]
+    return shlex.join(["python", name, *sys.argv[1:]])
+
+
+def git_state() -> dict | None:
+    """The checkout's commit and whether tracked files differ from it; None outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        return {"commit": head.stdout.strip(), "dirty": bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment() -> dict:
-    return {"device": device_name(), "torch": torch.__version__, "date": dt.date.today().isoformat(),
-            "python": platform.python_version()}
+    """What produced a results file: device, versions, date, the command line and the code's git state."""
+    return {"device": device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "date": dt.date.today().isoformat(), "python": platform.python_version(),
+            "command": command_line(), "git": git_state()}
+
+
+def add_note_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--note: a sentence stored as the results file's ``note`` (what the numbers cannot say, e.g. that the GPU
+    was shared). Results files are what the scripts write; a note comes in here, never by editing the JSON."""
+    parser.add_argument("--note", default=None, help="a note stored in the results file (e.g. 'the GPU was shared')")
+    return parser
 
 
 def sync() -> None:
@@ -53,11 +86,18 @@ def peak_gpu_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def write_results(name: str, rows: list[dict], extra: dict | None = None) -> Path:
+def write_results(name: str | Path, rows, extra: dict | None = None, note: str | None = None) -> Path:
+    """Every benchmark's results file: ``{"environment", "note", **extra, "rows"}`` at ``name`` (under
+    bench/results/ unless absolute), written atomically."""
     from vqx.io import write_json_atomic
 
-    path = RESULTS / name
-    write_json_atomic(path, {"environment": environment(), **(extra or {}), "rows": rows})
+    path = Path(name)
+    path = path if path.is_absolute() else RESULTS / path
+    extra = dict(extra or {})
+    clash = {"environment", "note", "rows"} & set(extra)
+    if clash:
+        raise ValueError(f"write_results: extra may not hold {sorted(clash)}")
+    write_json_atomic(path, {"environment": environment(), "note": note, **extra, "rows": rows})
     return path
 
 

@@ -13,21 +13,17 @@ RTN fake quant (QuantLinear: weights dequantized once, activations quantized per
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import add_note_argument, device_name, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from vqx.algorithms.materialize import materialize  # noqa: E402
-from vqx.io import write_json_atomic  # noqa: E402
-from vqx.models.adapter import LayerSelection, quant_targets  # noqa: E402
-from vqx.quant.formats import get_scheme  # noqa: E402
+from vqx.algorithms.materialize import materialize
+from vqx.models.adapter import LayerSelection, quant_targets
+from vqx.quant.formats import get_scheme
 
 # Wan2.1-T2V-1.3B (diffusers config) and its 480p x 81-frame latent: 21 x 60 x 104, 32,760 tokens.
 FULL = dict(arch=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -68,7 +64,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3, help="timed denoising steps per configuration (default 3)")
     p.add_argument("--formats", default="w8a8,fp8", help="comma-separated vqx formats (default w8a8,fp8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=None, help="results json (default bench/results/eval_generation[_smoke].json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results file, under bench/results/ unless absolute (default eval_generation[_smoke].json)")
+    add_note_argument(p)
     args = p.parse_args()
 
     from diffusers import WanTransformer3DModel
@@ -118,10 +116,10 @@ def main() -> int:
     for r in rows:
         r["ratio_vs_bf16"] = r["step_s_mean"] / base
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    device_label = device_name()
     print(f"\nWan2.1 transformer {'(smoke: tiny)' if args.smoke else '1.3B'}, {frames} frames, "
           f"latent {spec['latent'][1]}x{spec['latent'][2]}x{spec['latent'][3]} ({tokens} tokens), bf16, "
-          f"{args.steps} steps x 2 calls (CFG), {device_name}")
+          f"{args.steps} steps x 2 calls (CFG), {device_label}")
     print(f"{'format':<8} {'s/step':>9} {'min':>9} {'x bf16':>7} {'quantize s':>11} {'peak GiB':>9}")
     for r in rows:
         peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
@@ -129,19 +127,15 @@ def main() -> int:
               f"{r['quantize_s']:11.2f} {peak:>9}")
     print("A 50-step video costs ~50 x s/step (plus VAE decode, the same for both runs).")
 
-    out = args.out or ROOT / "bench" / "results" / ("eval_generation_smoke.json" if args.smoke else "eval_generation.json")
-    write_json_atomic(out, {
+    out = write_results(args.out or ("eval_generation_smoke.json" if args.smoke else "eval_generation.json"), rows, {
         "benchmark": "eval_generation",
         "what": "transformer denoising steps (2 calls each, CFG) of 16-bit reference vs vqx RTN fake-quant generation",
         "smoke": args.smoke,
-        "device": device_name,
-        "torch": torch.__version__,
         "model": "tiny Wan transformer" if args.smoke else "Wan2.1-T2V-1.3B transformer (random init)",
         "arch": {k: list(v) if isinstance(v, tuple) else v for k, v in spec["arch"].items()},
         "latent": list(spec["latent"]), "frames": frames, "tokens": tokens, "text_tokens": spec["text_tokens"],
         "dtype": "bfloat16", "steps_timed": args.steps,
-        "results": rows,
-    })
+    }, note=args.note)
     print(f"wrote {out}")
     return 0
 

@@ -63,6 +63,7 @@ def parse_args():
     p.add_argument("--out", type=Path, default=None, help="results file name under bench/results/")
     p.add_argument("--attention", default="default", choices=["default", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"],
                    help="attention kernel of every row, bf16 baseline included (default: what diffusers' SDPA picks)")
+    p.add_argument("--note", default=None, help="a note stored in the results file (e.g. 'the GPU was shared')")
     args = p.parse_args()
     if args.repeats is None:
         args.repeats = 1 if args.smoke else 5
@@ -281,7 +282,7 @@ def main() -> int:
     if not args.smoke and any(gemm_fallbacks.values()):
         failures.append(f"8-bit GEMMs fell back to emulation: {gemm_fallbacks}")
     path = write_results(out_name, rows, {"checks": checks, "kernel_checks": kernel_checks, "notes": notes,
-                                          "gemm_fallbacks": gemm_fallbacks, "failures": failures})
+                                          "gemm_fallbacks": gemm_fallbacks, "failures": failures}, note=args.note)
     print()
     print(notes)
     print_table(rows, ["model", "backend", "format", "variant", "ms", "ratio_vs_bf16", "ratio_vs_bf16_fused"])

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, environment, print_table
+from common import ROOT, add_note_argument, print_table, write_results
 
 ALPHAS = ["0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
 FORMATS = ["w8a8", "fp8", "w8a16", "fp8_w", "fp_e3m4", "fp_e2m5"]
@@ -77,7 +77,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="wan_tiny", help="model option (default wan_tiny)")
     parser.add_argument("--smoke", action="store_true", help="wan_tiny on CPU: checks the script and gives CPU numbers")
-    parser.add_argument("--out", type=Path, default=RESULTS / "sweep_amortization.json")
+    parser.add_argument("--out", type=Path, default=Path("sweep_amortization.json"), help="results file (under bench/results/ unless absolute)")
+    add_note_argument(parser)
     parser.add_argument("--workdir", type=Path, default=None, help="where run dirs and caches go (default: a temp dir, removed)")
     parser.add_argument("overrides", nargs="*", help="run.py overrides for every run (e.g. model.path=... eval=video)")
     args = parser.parse_args()
@@ -113,7 +114,6 @@ def main() -> int:
     stage_sums = {s: {"independent": round(sum(r[s] or 0 for r in independent_rows), 2),
                       "sweep": round(sum(r[s] or 0 for r in sweep_rows), 2)} for s in (*STAGES, "total_s")}
     result = {
-        "environment": environment(),
         "smoke": args.smoke,
         "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2),
                             "cpus": os.cpu_count()},
@@ -127,15 +127,12 @@ def main() -> int:
         "sweep_in_fastest_single_runs": round(sweep_s / min(independent), 2),
         "same_results": same,  # the cache must not change any number
         "stage_seconds": stage_sums,
-        "rows": {"independent": independent_rows, "sweep": sweep_rows},
     }
-    from vqx.io import write_json_atomic
-
-    write_json_atomic(args.out, result)
+    out = write_results(args.out, {"independent": independent_rows, "sweep": sweep_rows}, result, note=args.note)
     print_table([{"stage": s, **v} for s, v in stage_sums.items()], ["stage", "independent", "sweep"])
     print(f"{len(values)} independent runs {total:.1f} s, one sweep {sweep_s:.1f} s: ratio {result['sweep_over_independent']}, "
           f"the sweep costs {result['sweep_in_single_runs']} single runs ({result['sweep_in_fastest_single_runs']} of the "
-          f"fastest); same results: {same}; written {args.out}")
+          f"fastest); same results: {same}; written {out}")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if same else 1
