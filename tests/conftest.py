@@ -99,6 +99,22 @@ def vqx_run_in_process():
     return run_vqx_in_process
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_dir(tmp_path_factory):
+    """The cache_dir of every run in this test session that names none (VQX_CACHE_DIR, which cache_dir defaults to,
+    for in-process runs and subprocesses alike): calibration captures, float-model statistics and 16-bit references
+    are built once per session (per xdist worker) and read by later tests, and no test writes into the checkout's
+    .vqx_cache or a cache the user's environment names. Tests of the cache itself pass their own cache_dir."""
+    path = tmp_path_factory.mktemp("vqx_cache")
+    saved = os.environ.get("VQX_CACHE_DIR")
+    os.environ["VQX_CACHE_DIR"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("VQX_CACHE_DIR", None)
+    else:
+        os.environ["VQX_CACHE_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_t2v():
     from vqx.models.wan.tiny import build_tiny_pipeline

@@ -1,4 +1,5 @@
-"""`python run.py` end to end, as a user runs it."""
+"""`python run.py` end to end, as a user runs it (a new process; the format-selection cases through run.py's own
+entry in the test process, which is the same code without the interpreter start-up)."""
 
 import json
 
@@ -30,15 +31,15 @@ def test_run_writes_metrics(vqx_run, tmp_path, model, fmt, per_block):
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "run.log").is_file()
 
 
-def test_format_none_quantizes_nothing(vqx_run, tmp_path):
-    r = vqx_run([*SPINE_ONLY, "format=none", f"hydra.run.dir={tmp_path}"])
+def test_format_none_quantizes_nothing(vqx_run_in_process, tmp_path):
+    r = vqx_run_in_process([*SPINE_ONLY, "format=none", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["quantized_layers"] == 0
 
 
-def test_skip_blocks_and_patterns(vqx_run, tmp_path):
-    r = vqx_run([*SPINE_ONLY, "format.skip_first_blocks=1", "format.skip_patterns=[*.ffn.*]", f"hydra.run.dir={tmp_path}"])
+def test_skip_blocks_and_patterns(vqx_run_in_process, tmp_path):
+    r = vqx_run_in_process([*SPINE_ONLY, "format.skip_first_blocks=1", "format.skip_patterns=[*.ffn.*]", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "metrics.json").read_text())
     # block 0 is skipped whole; in block 1 the FFN linears stay float but are still worked on (their input
