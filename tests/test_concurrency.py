@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 from vqx.cache import MANIFEST, DiskCache
 
@@ -30,10 +31,17 @@ def _numbers(run_dir):
             "videos": [(v["lpips"], v["psnr"], v["ssim"]) for v in m["videos"]]}
 
 
+@pytest.mark.slow  # six runs, four at once: about two minutes on 2 cores
 def test_four_parallel_jobs_match_serial_runs_and_build_each_entry_once(tmp_path):
     shared = tmp_path / "shared_cache"
     procs = {n: _start([*ARGS, fmt, f"hydra.run.dir={tmp_path / n}"], shared) for n, fmt in JOBS.items()}
-    outputs = {n: p.communicate()[0] for n, p in procs.items()}
+    try:
+        outputs = {n: p.communicate()[0] for n, p in procs.items()}
+    finally:  # the test's timeout: no job outlives it
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for n, p in procs.items():
         assert p.returncode == 0, outputs[n][-3000:]
 

@@ -11,6 +11,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import ROOT, run_vqx
@@ -33,6 +34,7 @@ def _files(root: Path) -> dict[str, str]:
             for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
 
 
+@pytest.mark.slow  # one run, then the same on two ranks
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
     one = run_vqx([*ARGS, f"hydra.run.dir={tmp_path / 'one'}", f"cache_dir={tmp_path / 'cache_one'}"], env=ONE_THREAD)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -72,6 +74,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "config.yaml").is_file()
 
 
+@pytest.mark.slow  # one run, then the same on two ranks
 def test_torchrun_on_a_cached_capture_equals_one_process(tmp_path):
     """A cache hit: rank 0 reads the capture and hands each rank its prompts' calls."""
     args = ["model=wan_tiny", "logger=none", "export=none", "eval=none", "calib.num_prompts=3", f"cache_dir={tmp_path / 'cache'}"]

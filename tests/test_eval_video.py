@@ -211,6 +211,7 @@ def test_eval_video_t2v_end_to_end_concurrent_runs_share_the_cache(vqx_run, tmp_
     assert leftovers == []  # no half-built entries
 
 
+@pytest.mark.slow  # I2V references, noise floor and videos with the CLIP image encoder
 def test_eval_video_i2v_end_to_end(vqx_run, tmp_path):
     r = vqx_run(["model=wan_tiny_i2v", "eval=video", "export=none", "logger=none", f"hydra.run.dir={tmp_path}"],
                 env={"VQX_CACHE_DIR": str(tmp_path / "cache")})

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from vqx.cache import MANIFEST, DiskCache
 
@@ -75,6 +76,7 @@ def essence(run_dir: Path) -> dict:
             "verify_ok": m["export"]["verify"]["ok"]}
 
 
+@pytest.mark.slow  # six runs, one after another
 def test_kill_at_each_stage_then_rerun_gives_the_unkilled_result(tmp_path):
     base_dir = tmp_path / "baseline"
     assert run([*ARGS, f"hydra.run.dir={base_dir}"], tmp_path / "cache0", tmp_path / "baseline.log") == "exit 0", \

@@ -99,6 +99,7 @@ def test_prompt_table_matches_the_pipeline_encoding():
     torch.testing.assert_close(padded[-1:].expand_as(neg), neg, atol=1e-5, rtol=1e-5)  # the CFG-dropout prompt
 
 
+@pytest.mark.slow  # three short trainings
 def test_training_writes_a_loadable_folder(tmp_path):
     from diffusers import WanPipeline
     from omegaconf import OmegaConf
