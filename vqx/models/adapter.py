@@ -226,6 +226,11 @@ class ModelAdapter:
         each input group once; returns how many blocks have it. Without one, linears quantize their own inputs."""
         return 0
 
+    def unfused_block(self, block: nn.Module) -> nn.Module:
+        """``block`` (changed in place) with the family's plain forward again: every linear quantizing its own
+        input, as a reference computation wants."""
+        return block
+
 
 _ADAPTERS: dict[str, ModelAdapter] = {}  # transformer class path -> adapter
 _BY_NAME: dict[str, ModelAdapter] = {}

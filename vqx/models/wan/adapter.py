@@ -122,3 +122,8 @@ class WanAdapter(ModelAdapter):
 
         return install(transformer, blocks)
 
+    def unfused_block(self, block: nn.Module) -> nn.Module:
+        from .fused import uninstall
+
+        return uninstall(block)
+
