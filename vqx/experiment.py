@@ -146,6 +146,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
         "layer_error": _summary(errors),
         "layer_error_rtn": _summary([e["output_error_rtn"] for e in layers if "output_error_rtn" in e]),
         "groups": result.groups,
+        "blocks": result.blocks,
         "layers": layers,
     })
     with timings("export"):  # the quantized model is the same on every rank: rank 0 writes it once

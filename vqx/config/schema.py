@@ -128,6 +128,9 @@ class CalibSchema:
     # Used when the steps need no search over samples (rtn, smoothquant with a fixed alpha).
     share_stats: bool = True
     hessian_tokens: Optional[int] = bounded(4096, 1, None)  # tokens per call in GPTQ Hessians; null: all
+    # calls (spread evenly over the capture) on which searches score candidates on the quantized block output
+    # (SmoothQuant alpha=auto, AWQ; vqx.algorithms.block_search); null: every call. The guard uses every call.
+    search_calls: Optional[int] = bounded(16, 1, None)
     propagate: str = choice("fp", "quant")  # block i+1 sees block i's float or quantized outputs
     seed: int = 0
 
