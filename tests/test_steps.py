@@ -89,10 +89,11 @@ def test_hooks_see_the_block_loop_and_every_calibration_input(tiny_t2v, tmp_path
 def test_needs_drive_sharing_and_calibration():
     plan = lambda steps, **flat: plan_steps({"name": "r", "steps": steps, **flat})  # noqa: E731
     assert stats_needed(plan(["rtn"])) == frozenset() and not registry.needs_calibration(plan(["rtn"]))
-    assert stats_needed(plan(["smoothquant"])) == {"absmax"}
+    assert stats_needed(plan(["smoothquant"], alpha=0.75)) == {"absmax"}  # a fixed alpha: what sweeps set
+    assert stats_needed(plan(["smoothquant"])) == {"absmax", "samples", "block_error"}  # the default searches
     assert stats_needed(plan(["smoothquant"], alpha="auto")) == {"absmax", "samples", "block_error"}
     assert stats_needed(plan(["awq"])) == {"mean_abs", "samples", "block_error"}
-    assert stats_needed(plan(["smoothquant", "gptq"])) == {"absmax", "hessian"}
+    assert stats_needed(plan(["smoothquant", "gptq"], alpha=0.5)) == {"absmax", "hessian"}
     calib = OmegaConf.create({"share_stats": True, "propagate": "fp"})
     assert shareable(plan(["smoothquant"], alpha=0.5), calib) and not shareable(plan(["awq"]), calib)
     assert not shareable(plan(["smoothquant"], alpha="auto"), calib) and not shareable(plan(["gptq"]), calib)

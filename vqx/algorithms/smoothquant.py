@@ -26,7 +26,7 @@ ALPHA_GRID = [round(0.05 * i, 2) for i in range(21)]
 
 @dataclass
 class SmoothQuantParams:
-    alpha: Any = field(default=0.75, metadata={"range": (0.0, 1.0), "or_auto": True})  # or "auto"
+    alpha: Any = field(default="auto", metadata={"range": (0.0, 1.0), "or_auto": True})  # or a number in [0, 1]
     # alpha=auto: how many of the grid's alphas (best per-linear loss first) are scored on the block output; 0: all
     shortlist: int = bounded(4, 0, None)
 
