@@ -121,7 +121,8 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
                        algo: DictConfig, calib: DictConfig, cache: DiskCache | None = None) -> QuantResult:
     """Quantize block by block; ``schemes``: each target's scheme by full name (None: it stays float, while
     the algorithm's transforms still apply to it), or one scheme for all. With ``cache`` and steps that need only shared statistics
-    (see `shared_stats`), the float pass comes from (or goes into) the cache instead of running here."""
+    (see `shared_stats`), the float pass comes from (or goes into) the cache instead of running here. Without a
+    ``capture`` (no step reads calibration data: plain rounding) there is no float pass and no layer-error report."""
     if schemes is None or isinstance(schemes, Scheme):  # one scheme (or none) for every target
         schemes = dict.fromkeys((t.name for t in targets), schemes)
     device = next(transformer.parameters()).device
@@ -131,7 +132,6 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
     plan = plan_steps(algo)
     want_hessian = "hessian" in stats_needed(plan)
     guarded = "block_error" in stats_needed(plan)  # a step searches on the block output: keep inputs, guard
-    search_calls = spread_calls(capture.total_calls, calib.get("search_calls")) if guarded else []
     hooks = {p.name: p.step.hooks(p.params) for p in plan if p.step.hooks is not None}
     by_block: dict[int, dict[str, QuantTarget]] = defaultdict(dict)
     for t in targets:
@@ -141,8 +141,15 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
     result = QuantResult()
     last = max(by_block) if by_block else -1
 
-    shared = None
-    if cache is not None and capture.identity is not None and shareable(plan, calib):
+    static = any(s is not None and s.activation is not None and not s.activation.dynamic for s in schemes.values())
+    if capture is None and (stats_needed(plan) or hooks or static):
+        raise ValueError(f"algorithm {algo.name} with these schemes reads calibration data (statistics, or static "
+                         "activation scales); no capture was given")
+    search_calls = spread_calls(capture.total_calls, calib.get("search_calls")) if guarded else []
+    shared, inputs = None, None
+    if capture is None:
+        pass  # nothing reads activations: no block inputs, no float pass
+    elif cache is not None and capture.identity is not None and shareable(plan, calib):
         key = shared_stats.identity(capture.identity, {i: [g.name for g in gs] for i, gs in block_groups.items()},
                                     calib, dtype, device)
 
@@ -168,14 +175,16 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
         guard = guarded and bool(block_targets)
         for h in hooks.values():
             h.block_start(i, block, groups)
-        if shared is not None:
+        if capture is None:
+            stats, samples = {}, None
+        elif shared is not None:
             stats, samples = shared_stats.load_block(shared, i, calib, device)
         else:
             stats = _float_pass(block, i, adapter.block_name(i), inputs, groups, capture, calib, want_hessian, device,
                                 hooks, keep_inputs=guard)
             samples = _report_samples(stats, calib, i)
 
-        originals = {n: copy.deepcopy(t.module) for n, t in block_targets.items()}
+        originals = {n: copy.deepcopy(t.module) for n, t in block_targets.items()} if samples is not None else {}
         reference = copy.deepcopy(block) if guard else None  # the float block, for the block errors
         # Steps work on fp32 master weights, so a smoothed weight is rounded to the model dtype once,
         # by the quantizer, not first by the transform.
@@ -202,13 +211,14 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
             if t.name not in quantized:  # left float (format=none): back to the model dtype
                 t.module.to(model_dtype[n])
         result.quantized.update(quantized)
-        result.layers += _layer_report(ctx, block, originals, samples, groups, rtn_input_scales)
+        if samples is not None:
+            result.layers += _layer_report(ctx, block, originals, samples, groups, rtn_input_scales)
         result.groups += [{"block": i, "group": g.name, **ctx.choices.get(g.name, {})} for g in groups if g.name in ctx.choices]
 
         for h in hooks.values():
             h.block_end(ctx)
         _check_same_on_all_ranks(block, ctx, i)
-        if calib.propagate == "quant":
+        if calib.propagate == "quant" and inputs is not None:
             inputs = [_with_hidden(inp, run_block(block, inp.to(device, non_blocking=True))) for inp in inputs]
         log.info("block %d/%d quantized (%.1f s elapsed)", i + 1, last + 1, time.perf_counter() - t_start)
     return result

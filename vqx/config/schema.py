@@ -131,6 +131,10 @@ class CalibSchema:
     # calls (spread evenly over the capture) on which searches score candidates on the quantized block output
     # (SmoothQuant alpha=auto, AWQ; vqx.algorithms.block_search); null: every call. The guard uses every call.
     search_calls: Optional[int] = bounded(16, 1, None)
+    # The per-layer error report when no step reads calibration data (algorithm=rtn with dynamic activations):
+    # sample: on a small capture (the first prompt at 2 denoising steps); full: on the whole capture above;
+    # none: skipped, nothing captured. Runs whose steps read statistics report on their own capture.
+    layer_report: str = choice("sample", "full", "none")
     propagate: str = choice("fp", "quant")  # block i+1 sees block i's float or quantized outputs
     seed: int = 0
 
