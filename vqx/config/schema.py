@@ -62,6 +62,9 @@ class OutlierSchema:
     channels: int = bounded(0, 0, None)  # per block and site; 0: none
     scale: float = bounded(32.0, 2, None)  # a power of two
     seed: int = 0
+    # the inputs that get them, named by input group; the family's adapter lists the valid ones (Wan: cross_attn_q,
+    # self_attn_out, cross_attn_out, ffn_out (after the FFN's GELU), cross_attn_text (attn2.to_k/to_v's input))
+    sites: list[str] = field(default_factory=lambda: ["cross_attn_q", "self_attn_out", "cross_attn_out"])
 
 
 @dataclass
