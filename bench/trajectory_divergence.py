@@ -10,6 +10,11 @@ For one eval prompt (``--prompt``, wan_mini's by default) the 16-bit model, roun
   ``local``: the quantized block on the 16-bit block's input against the 16-bit block's output (what the block
   search scores), ``accumulated``: the quantized model's block output against the 16-bit one, both relative to
   the 16-bit block's update (output minus input);
+- per step, on the 16-bit trajectory, the transformer output's error per guidance branch, the cosine between the two
+  branches' errors, and the error of the guided prediction the sampler integrates (correlated branch errors cancel
+  in it, uncorrelated ones grow with the guidance scale);
+- the same output errors on the quantized run's own trajectory (both models called with its latents): whether the
+  quantized model errs more where its own errors took it;
 - ``first_divergence``: the first step (in sampling order) whose latent divergence exceeds ``--factor`` times RTN's,
   and at that step the block whose local error is the most above RTN's (ratio), with its accumulated ratio.
 
@@ -102,12 +107,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor | None = None) -> f
 
 
 @torch.no_grad()
-def _block_errors(float_tr, quant_tr, calls: list[dict]) -> dict[str, list[list[float]]]:
-    """Per transformer call, per block: local and accumulated errors (see the module doc)."""
+def _block_errors(float_tr, quant_tr, calls: list[dict], calls_per_step: int, guidance: float) -> dict:
+    """Per transformer call, per block: local and accumulated errors (see the module doc); per step, the errors of
+    the transformer's outputs on the 16-bit trajectory: each branch's, their cosine, and the guided prediction's
+    (uncond + guidance * (cond - uncond): what the sampler integrates; correlated branch errors cancel in it)."""
     from vqx.models.adapter import adapter_for
 
     fb, qb = adapter_for(float_tr).blocks(float_tr), adapter_for(quant_tr).blocks(quant_tr)
-    local, accumulated = [], []
+    local, accumulated, outputs = [], [], []
     for call in calls:
         f_in, f_out, q_out = {}, {}, {}
         hooks = []
@@ -118,8 +125,7 @@ def _block_errors(float_tr, quant_tr, calls: list[dict]) -> dict[str, list[list[
         for i, block in enumerate(qb):
             hooks.append(block.register_forward_hook(lambda m, args, out, i=i: q_out.__setitem__(i, out)))
         try:
-            float_tr(**call)
-            quant_tr(**call)
+            outputs.append((float_tr(**call)[0].float(), quant_tr(**call)[0].float()))
         finally:
             for h in hooks:
                 h.remove()
@@ -131,7 +137,18 @@ def _block_errors(float_tr, quant_tr, calls: list[dict]) -> dict[str, list[list[
             row_acc.append(_rel(q_out[i], f_out[i], update))
         local.append(row_local)
         accumulated.append(row_acc)
-    return {"local": local, "accumulated": accumulated}
+    steps = []
+    for k in range(0, len(outputs) - calls_per_step + 1, calls_per_step):
+        (fc, qc), *rest = outputs[k:k + calls_per_step]
+        row = {"cond": _rel(qc, fc)}
+        if rest:  # classifier-free guidance: the second call of the step is the unconditional branch
+            fu, qu = rest[0]
+            ec, eu = (qc - fc).flatten(), (qu - fu).flatten()
+            guided_f, guided_q = fu + guidance * (fc - fu), qu + guidance * (qc - qu)
+            row.update(uncond=_rel(qu, fu), branch_error_cosine=float(torch.nn.functional.cosine_similarity(ec, eu, dim=0)),
+                       guided=_rel(guided_q, guided_f))
+        steps.append(row)
+    return {"local": local, "accumulated": accumulated, "output_per_step": steps}
 
 
 def _point(label: str, overrides: list[str], base: list[str], sample, settings, image, ref_video, ref_calls, float_tr):
@@ -146,9 +163,11 @@ def _point(label: str, overrides: list[str], base: list[str], sample, settings, 
     stride = len(ref_calls) // steps  # transformer calls per step: both guidance branches, conditional first
     assert len(calls) == len(ref_calls) == stride * steps, (len(calls), len(ref_calls), steps)
     latent = [_rel(calls[k * stride]["hidden_states"], ref_calls[k * stride]["hidden_states"]) for k in range(steps)]
-    errors = _block_errors(float_tr, pipe.transformer, ref_calls)
+    errors = _block_errors(float_tr, pipe.transformer, ref_calls, stride, settings.guidance)
+    own = _block_errors(float_tr, pipe.transformer, calls, stride, settings.guidance)["output_per_step"]
     return {"label": label, "overrides": overrides, "video_psnr": float(np.mean(psnr_frames(to_float(ref_video), to_float(video)))),
-            "latent_divergence": latent, "block_errors": errors, "calls_per_step": stride,
+            "latent_divergence": latent, "block_errors": errors, "own_trajectory_output_per_step": own,
+            "calls_per_step": stride,
             "blocks_report": result.blocks, "groups": result.groups, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -222,6 +241,12 @@ def main() -> int:
               f"{fd['local_error_ratio_to_rtn']:.2f}x RTN's there (accumulated {fd['accumulated_error_ratio_to_rtn']:.2f}x)"))
         mean_local = np.mean(r["block_errors"]["local"], axis=0) / np.mean(rtn["block_errors"]["local"], axis=0)
         print(f"{r['label']}: mean local block error / RTN's, per block: " + " ".join(f"{x:.2f}" for x in mean_local))
+    for r in rows:
+        for where, out in (("the 16-bit", r["block_errors"]["output_per_step"]), ("its own", r["own_trajectory_output_per_step"])):
+            print(f"{r['label']}: transformer output error per step on {where} trajectory, cond: "
+                  + " ".join(f"{o['cond']:.4f}" for o in out)
+                  + ("" if "guided" not in out[0] else "; guided: " + " ".join(f"{o['guided']:.4f}" for o in out)
+                     + "; cos(cond err, uncond err): " + " ".join(f"{o['branch_error_cosine']:.2f}" for o in out)))
     path = write_results(args.out, rows, {"note": args.note, "command": " ".join(sys.argv), "prompt": sample.prompt,
                                           "seed": sample.seed, "prompt_index": args.prompt, "base_overrides": base,
                                           "factor": args.factor})
