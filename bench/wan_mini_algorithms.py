@@ -29,6 +29,8 @@ from common import ROOT, write_results
 ALGORITHMS = {  # label -> run.py overrides
     "rtn": ["algorithm=rtn"],
     "smoothquant": ["algorithm=smoothquant"],  # the default: alpha=auto (identity among the candidates)
+    # the search at its most literal: every alpha of the grid scored on the block over every calibration call
+    "smoothquant_full_search": ["algorithm=smoothquant", "algorithm.shortlist=0", "calib.search_calls=null"],
     "smoothquant_0.75": ["algorithm=smoothquant", "algorithm.alpha=0.75"],  # the old default, fixed
     "smoothquant_0.5": ["algorithm=smoothquant", "algorithm.alpha=0.5"],
     "awq": ["algorithm=awq"],
