@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 import vqx.plugins  # noqa: F401
 from vqx.algorithms import awq as awq_module
 from vqx.algorithms import smoothquant as sq_module
-from vqx.algorithms.block_search import spread_calls
+from vqx.algorithms.block_search import shortlisted, spread_calls
 from vqx.algorithms.registry import register_step
 from vqx.algorithms.runner import quantize_blockwise
 from vqx.algorithms.smoothing import apply_smoothing, smoothable
@@ -67,6 +67,12 @@ def test_spread_calls_are_even_and_distinct():
     assert len(picked) == 16 and picked == sorted(set(picked)) and 0 <= picked[0] and picked[-1] < 60
     assert {c % 2 for c in picked} == {0, 1}  # both guidance branches (calls alternate cond/uncond)
     assert max(b - a for a, b in zip(picked, picked[1:])) <= 4
+
+
+def test_shortlist_keeps_the_lowest_losses_in_grid_order():
+    losses = {0.0: 3.0, 0.25: 1.0, 0.5: 2.0, 0.75: 1.0, 1.0: 5.0}
+    assert shortlisted(losses, 2) == [0.25, 0.75] and shortlisted(losses, 3) == [0.25, 0.5, 0.75]
+    assert shortlisted(losses, 0) == shortlisted(losses, 9) == list(losses)
 
 
 @pytest.mark.parametrize("algo", [

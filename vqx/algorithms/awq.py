@@ -14,10 +14,10 @@ import torch
 
 from ..config.schema import bounded
 from ..quant.scheme import dequantize, quantize_with, scales_of
+from .block_search import shortlisted
 from .losses import group_quant_loss
 from .registry import BlockContext, register_step
 from .smoothing import apply_smoothing, clamp_scale, smoothable
-from .smoothquant import shortlisted
 
 
 @dataclass

@@ -46,6 +46,15 @@ def spread_calls(total: int, count: int | None) -> list[int]:
     return sorted({int((k + 0.5) * total / count) for k in range(count)})
 
 
+def shortlisted(losses: dict, k: int) -> list:
+    """The ``k`` keys of ``losses`` (a search grid's cheap per-linear losses) with the lowest values, in grid order;
+    k=0: all of them. Ties go to the earlier grid point."""
+    if not k or k >= len(losses):
+        return list(losses)
+    keep = set(sorted(losses, key=losses.get)[:k])
+    return [key for key in losses if key in keep]
+
+
 def scratch(ctx: BlockContext) -> BlockContext:
     """A copy of ``ctx`` on a deep copy of its block: transforms applied to it leave ``ctx`` as it is. Its
     statistics are per-channel summaries (`GroupStats.summary_copy`: no token samples), enough to place factors and

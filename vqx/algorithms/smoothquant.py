@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..config.schema import bounded
+from .block_search import shortlisted
 from .losses import group_quant_loss
 from .registry import BlockContext, register_step
 from .smoothing import apply_smoothing, clamp_scale, group_weight_absmax, smoothable
@@ -47,14 +48,6 @@ def smoothquant_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alp
     act = act_absmax.float().clamp(min=1e-5)
     w = weight_absmax.float().to(act.device).clamp(min=1e-5)
     return clamp_scale(act.pow(alpha) / w.pow(1.0 - alpha))
-
-
-def shortlisted(losses: dict, k: int) -> list:
-    """The ``k`` keys of ``losses`` with the lowest values (ties: grid order), in grid order; k=0: all of them."""
-    if not k or k >= len(losses):
-        return list(losses)
-    keep = set(sorted(losses, key=losses.get)[:k])
-    return [key for key in losses if key in keep]
 
 
 def _needs(params: SmoothQuantParams) -> frozenset[str]:
