@@ -99,6 +99,8 @@ def test_recorded_config_writes_the_same_checkpoint(vqx_run, tmp_path, case):
     overrides = [f"model={recorded['model']['name']}", f"algorithm={recorded['algorithm']['name']}",
                  f"format={recorded['format']['name']}", f"export={recorded['export']['name']}",
                  f"export.dtype={recorded['export']['dtype']}", "eval=none", "logger=none", f"hydra.run.dir={tmp_path}"]
+    # the algorithm's recorded settings, explicitly: its defaults may have moved since (smoothquant's alpha did)
+    overrides += [f"algorithm.{k}={v}" for k, v in recorded["algorithm"].items() if k not in ("name", "steps")]
     r = vqx_run(overrides, env={"VQX_CACHE_DIR": str(tmp_path / "cache")}, pin_model=False)
     assert r.returncode == 0, r.stderr[-2000:]
     ran = flat(json.loads((tmp_path / "export" / "manifest.json").read_text())["run_config"])
