@@ -79,9 +79,9 @@ def test_gptq_act_order_gives_valid_codes():
 
 
 # Relative layer output errors on wan_tiny / wan_tiny_i2v (calib 2 prompts x 4 steps), measured over the 16 cases
-# below and RTN: w8a8 0.0027-0.0106, fp8 0.0083-0.0374 (algorithm and RTN alike). Bounds: half the smallest and
+# below and RTN: w8a8 0.0028-0.0109, fp8 0.0083-0.0380 (algorithm and RTN alike). Bounds: half the smallest and
 # 1.6x the largest, per format; a wrong scale or a lost smoothing factor costs an order of magnitude.
-LAYER_ERROR_BOUNDS = {"w8a8": (0.0013, 0.017), "fp8": (0.004, 0.06)}
+LAYER_ERROR_BOUNDS = {"w8a8": (0.0014, 0.0175), "fp8": (0.004, 0.061)}
 
 
 @pytest.mark.parametrize("model", ["wan_tiny", "wan_tiny_i2v"])
@@ -100,9 +100,16 @@ def test_algorithm_end_to_end(tmp_path, model, algorithm, fmt, shared_cache):
     if algorithm == "awq":
         groups = [g for g in m["groups"] if "ratio" in g]
         assert len(groups) == 2 * 5  # per block: self_attn_in, self_attn_out, cross_attn_q, cross_attn_out, ffn_in
-        # ratio 0 (RTN) is among the candidates, so no group can lose to it; the search must also find better:
-        # measured, 9 or 10 of the 10 groups strictly below RTN in every case
-        assert sum(g["loss"] < g["loss_ratio0"] for g in groups) >= 5, groups
+    if algorithm == "gptq":
+        assert m["blocks"] == []  # no step searched on the block output: nothing guarded
+    else:  # AWQ and SmoothQuant's default alpha=auto search on the block; the identity is always a candidate
+        for g in m["groups"]:
+            assert g["block_error"] <= g["block_error_identity"]
+        assert [b["block"] for b in m["blocks"]] == [0, 1]
+        assert all(b["error"] <= b["error_rtn"] for b in m["blocks"])  # the runner's guard, on every call
+        # With the identity among the candidates no group can lose to it; the search must also find better ones:
+        # measured, 4 to 10 of the 10 groups strictly below their identity (AWQ w8a8 on wan_tiny: 4). Bound: half.
+        assert sum(g["block_error"] < g["block_error_identity"] for g in m["groups"]) >= 2, m["groups"]
     if "gptq" in algorithm:
         assert all(layer["method"] == "gptq" for layer in m["layers"])
         assert m["layer_error"]["mean"] < m["layer_error_rtn"]["mean"]
@@ -114,9 +121,10 @@ def shared_cache(tmp_path_factory):
 
 
 # wan_tiny with 2 of its 32 input channels per site 32x larger (model.outliers; the float model unchanged), W8A8,
-# mean relative layer error, measured (t2v / i2v): RTN 0.0254 / 0.0209; SmoothQuant 3.68x / 3.19x lower, AWQ
-# 3.85x / 3.12x, SmoothQuant+GPTQ 4.24x / 3.65x, GPTQ 1.06x / 1.06x (it only compensates weight error; the
-# activations' rounding dominates). Bounds: 2x for the algorithms that move the range into the weights, 1.02x for GPTQ.
+# mean relative layer error, measured (t2v / i2v): RTN 0.0254 / 0.0209; SmoothQuant (alpha=auto) 3.61x / 3.21x
+# lower, AWQ 3.56x / 3.03x, SmoothQuant+GPTQ 4.04x / 3.60x, GPTQ 1.06x / 1.06x (it only compensates weight error;
+# the activations' rounding dominates). Bounds: 2x for the algorithms that move the range into the weights (1.5x
+# below the smallest measured), 1.02x for GPTQ (GPTQ is deterministic; measured 1.06x on both).
 BEATS_RTN_BY = {"smoothquant": 2.0, "awq": 2.0, "smoothquant_gptq": 2.0, "gptq": 1.02}
 
 

@@ -53,7 +53,7 @@ def _calib():
     return OmegaConf.create({"num_prompts": 1, "steps": 2, "capture_steps": None, "height": 32, "width": 32,
                              "num_frames": 5, "guidance": 5.0, "shift": 3.0, "negative_prompt": "", "loss_tokens": 64,
                              "report_tokens": 64, "hessian_tokens": None, "propagate": "fp", "seed": 0, "path": None,
-                             "share_stats": True})
+                             "share_stats": True, "search_calls": 4})
 
 
 def test_a_step_that_asks_for_hessians_gets_them_without_a_runner_change(tiny_t2v, tmp_path):
@@ -89,9 +89,11 @@ def test_hooks_see_the_block_loop_and_every_calibration_input(tiny_t2v, tmp_path
 def test_needs_drive_sharing_and_calibration():
     plan = lambda steps, **flat: plan_steps({"name": "r", "steps": steps, **flat})  # noqa: E731
     assert stats_needed(plan(["rtn"])) == frozenset() and not registry.needs_calibration(plan(["rtn"]))
-    assert stats_needed(plan(["smoothquant"])) == {"absmax"}
-    assert stats_needed(plan(["smoothquant"], alpha="auto")) == {"absmax", "samples"}
-    assert stats_needed(plan(["smoothquant", "gptq"])) == {"absmax", "hessian"}
+    assert stats_needed(plan(["smoothquant"], alpha=0.75)) == {"absmax"}  # a fixed alpha: what sweeps set
+    assert stats_needed(plan(["smoothquant"])) == {"absmax", "samples", "block_error"}  # the default searches
+    assert stats_needed(plan(["smoothquant"], alpha="auto")) == {"absmax", "samples", "block_error"}
+    assert stats_needed(plan(["awq"])) == {"mean_abs", "samples", "block_error"}
+    assert stats_needed(plan(["smoothquant", "gptq"], alpha=0.5)) == {"absmax", "hessian"}
     calib = OmegaConf.create({"share_stats": True, "propagate": "fp"})
     assert shareable(plan(["smoothquant"], alpha=0.5), calib) and not shareable(plan(["awq"]), calib)
     assert not shareable(plan(["smoothquant"], alpha="auto"), calib) and not shareable(plan(["gptq"]), calib)
@@ -101,7 +103,7 @@ def test_recipe_parameters_resolve_per_step_then_flat_then_defaults():
     p = plan_steps({"name": "r", "alpha": 0.6, "damp": None,
                     "steps": ["smoothquant", {"name": "smoothquant", "alpha": 0.3}, {"name": "gptq", "damp": 0.05}]})
     assert [(s.name, vars(s.params)) for s in p] == [
-        ("smoothquant", {"alpha": 0.6}), ("smoothquant", {"alpha": 0.3}),
+        ("smoothquant", {"alpha": 0.6, "shortlist": 4}), ("smoothquant", {"alpha": 0.3, "shortlist": 4}),
         ("gptq", {"damp": 0.05, "block_size": 128, "act_order": False})]
 
 

@@ -42,9 +42,33 @@ class Timings(dict):
             self[f"{stage}_s"] = round(time.perf_counter() - t0, 3)
 
 
+def steps_need_data(cfg: DictConfig, fmt: Format) -> bool:
+    """Whether quantizing itself reads calibration data: steps that read statistics, static activation scales."""
+    static = any(s.activation is not None and not s.activation.dynamic for s in fmt.schemes())
+    return steps_need_calibration(plan_steps(cfg.algorithm)) or static
+
+
 def needs_calibration(cfg: DictConfig, fmt: Format) -> bool:
-    """Calibration data is needed to quantize (the layer report) or for steps that read statistics."""
-    return fmt.quantizes or steps_need_calibration(plan_steps(cfg.algorithm))
+    """Whether the run captures calibration data: for the steps, or (``calib.layer_report``) only for the
+    layer-error report of a run whose steps read none (plain rounding)."""
+    return steps_need_data(cfg, fmt) or (fmt.quantizes and cfg.calib.layer_report != "none")
+
+
+def calibration_settings(cfg: DictConfig, fmt: Format) -> tuple[DictConfig, str]:
+    """(the calibration settings the run captures with, what its layer report is computed on). A run whose steps
+    read no data captures a small sample for the report (``calib.layer_report=sample``): the first prompt at two
+    denoising steps of the trajectory (its first and last)."""
+    if steps_need_data(cfg, fmt):
+        return cfg.calib, "the calibration capture"
+    why = f"no step of algorithm={cfg.algorithm.name} reads calibration data"
+    if cfg.calib.layer_report == "none":
+        return cfg.calib, f"skipped (calib.layer_report=none): {why}, so none was captured"
+    if cfg.calib.layer_report == "full":
+        return cfg.calib, f"the whole calibration capture (calib.layer_report=full; {why})"
+    steps = min(2, cfg.calib.capture_steps or cfg.calib.steps)
+    sample = OmegaConf.merge(cfg.calib, {"num_prompts": 1, "capture_steps": steps})
+    return sample, (f"a small sample, 1 prompt at {steps} denoising step{'s' if steps > 1 else ''}: {why} "
+                    "(calib.layer_report=full uses the whole capture, none skips it)")
 
 
 def plan_targets(transformer, fmt: Format) -> tuple[list[QuantTarget], dict[str, Scheme | None]]:
@@ -117,15 +141,19 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
 
     with timings("reference"):
         evaluator.before_quantization(pipe)
-    capture = None
+    capture, cache = None, None
+    calib, report = calibration_settings(cfg, fmt)
+    if fmt.quantizes:
+        log.info("layer-error report on %s", report)
     if needs_calibration(cfg, fmt):
         with timings("calibrate"):
             model_identity = {"name": cfg.model.name, "dtype": cfg.model.dtype,
                               "weights": model_fingerprint(cfg.model, transformer)}
             cache = DiskCache(cfg.cache_dir)
-            capture = load_or_capture(pipe, cfg.calib, cfg.model.task, model_identity, cache)
+            capture = load_or_capture(pipe, calib, cfg.model.task, model_identity, cache)
+    if capture is not None or fmt.quantizes:
         with timings("quantize"):
-            result = quantize_blockwise(transformer, capture, targets, schemes, cfg.algorithm, cfg.calib, cache)
+            result = quantize_blockwise(transformer, capture, targets, schemes, cfg.algorithm, calib, cache)
     else:
         result = QuantResult()  # format=none with plain rounding: nothing to calibrate or change
     layers = result.layers
@@ -141,11 +169,13 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
         "algorithm": cfg.algorithm.name,
         "quantized_layers": len(result.quantized),
         "calibration": None if capture is None else {
-            "calls": capture.total_calls, "prompts": cfg.calib.num_prompts, "steps": cfg.calib.steps,
+            "calls": capture.total_calls, "prompts": calib.num_prompts, "steps": calib.steps,
             "cache_hit": capture.cache_hit},
+        "layer_report": report if fmt.quantizes else "nothing quantized",
         "layer_error": _summary(errors),
         "layer_error_rtn": _summary([e["output_error_rtn"] for e in layers if "output_error_rtn" in e]),
         "groups": result.groups,
+        "blocks": result.blocks,
         "layers": layers,
     })
     with timings("export"):  # the quantized model is the same on every rank: rank 0 writes it once

@@ -1,6 +1,9 @@
-"""AWQ for W8A8/FP8: per input group, s = mean|X|^ratio (normalized), the ratio chosen on a grid by the
-group's output error with quantized weights AND activations, summed over all calibration samples (not
-the first sample only). Scales are placed as in SmoothQuant. Optional clipping search per weight scale block.
+"""AWQ for W8A8/FP8: per input group, s = mean|X|^ratio (normalized), the ratio searched on a grid 0, 1/grid, ..., 1
+(ratio 0 is s = 1: the identity). The grid is ranked by the group's output error with quantized weights AND
+activations, summed over all the token sample (not the first sample only); the ``shortlist`` best ratios are then
+scored on the quantized block's output over calibration calls (`block_search`; 0: every ratio), group after group,
+and a group keeps the identity unless one lowers the block error. Scales are placed as in SmoothQuant. Optional
+clipping search per weight scale block, kept per linear only where it lowers the block error.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 
 from ..config.schema import bounded
 from ..quant.scheme import dequantize, quantize_with, scales_of
+from .block_search import shortlisted
 from .losses import group_quant_loss
 from .registry import BlockContext, register_step
 from .smoothing import apply_smoothing, clamp_scale, smoothable
@@ -22,6 +26,8 @@ class AWQParams:
     clip: bool = False  # search a per-output-channel weight clipping ratio
     clip_min: float = bounded(0.8, 0.0, 1.0, exclusive_low=True)
     clip_grid: int = bounded(10, 1, 100)
+    # how many of the grid's ratios (best per-linear loss first, ratio 0 aside) are scored on the block output; 0: all
+    shortlist: int = bounded(4, 0, None)
 
 
 
@@ -31,9 +37,10 @@ def awq_scale(mean_abs: torch.Tensor, ratio: float) -> torch.Tensor:
     return clamp_scale(s)
 
 
-@register_step("awq", params=AWQParams, needs=frozenset({"mean_abs", "samples"}))
+@register_step("awq", params=AWQParams, needs=frozenset({"mean_abs", "samples", "block_error"}))
 def awq(ctx: BlockContext) -> None:
     ratios = [i / ctx.params.grid for i in range(ctx.params.grid + 1)]
+    current = ctx.block_error()  # the block as it is: every group's identity (ratio 0)
     for group in ctx.groups:
         if not smoothable(group):
             continue
@@ -42,19 +49,28 @@ def awq(ctx: BlockContext) -> None:
         weights = [lin.weight.detach() for lin in ctx.group_linears(group)]
         schemes = [ctx.search_scheme(n) for n in group.linears]
         device = weights[0].device
-        losses = {r: group_quant_loss(x, weights, schemes, awq_scale(stats.mean_abs, r).to(device)) for r in ratios}
-        best = min(losses, key=losses.get)  # ratio 0 is s = 1 (RTN): the chosen loss is never above it
-        ctx.choices.setdefault(group.name, {}).update(ratio=best, loss=losses[best], loss_ratio0=losses[0.0])
-        apply_smoothing(ctx, group, awq_scale(stats.mean_abs, best).to(device))
+        scale = {r: awq_scale(stats.mean_abs, r).to(device) for r in ratios}
+        losses = {r: group_quant_loss(x, weights, schemes, scale[r]) for r in ratios}
+        errors = {r: ctx.block_error(lambda c, s=scale[r], g=group: apply_smoothing(c, g, s))
+                  for r in shortlisted({r: v for r, v in losses.items() if r > 0}, ctx.params.shortlist)}
+        best = min(errors, key=errors.get) if errors else 0.0
+        choice = {"block_error_identity": current, "loss_ratio0": losses[0.0]}
+        if best > 0 and errors[best] < current:  # strictly lower: a tie keeps the identity
+            apply_smoothing(ctx, group, scale[best])
+            current = errors[best]
+        else:
+            best = 0.0
+        ctx.choices.setdefault(group.name, {}).update(choice, ratio=best, loss=losses[best], block_error=current)
     if ctx.params.clip:
-        search_clipping(ctx)
+        search_clipping(ctx, current)
 
 
 @torch.no_grad()
-def search_clipping(ctx: BlockContext) -> None:
+def search_clipping(ctx: BlockContext, current: float) -> None:
     """Per weight scale block (an output channel, a group), the clip ratio of its absmax that minimizes the
     block's share of the output error on samples: the error of output row r restricted to the block's input
-    columns, summed over the block's rows."""
+    columns, summed over the block's rows (ratio 1, no clipping, is on the grid). A linear keeps its clipped codes
+    only where they lower the quantized block's output error ``current`` (`block_search`), linear by linear."""
     ratios = [1.0 - i * (1.0 - ctx.params.clip_min) / ctx.params.clip_grid for i in range(ctx.params.clip_grid + 1)]
     for group in ctx.groups:
         x = ctx.stats[group.name].sample_matrix()
@@ -88,5 +104,11 @@ def search_clipping(ctx: BlockContext) -> None:
                 ratio_best = torch.where(better, torch.full_like(ratio_best, r), ratio_best)
                 mask = better.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)
                 codes_best = torch.where(mask, codes, codes_best)
-            ctx.chosen_codes[ctx.full_name(local)] = (codes_best, scale_best)
-            ctx.choices.setdefault(local, {})["clip_ratio_mean"] = float(ratio_best.mean())
+            name, codes = ctx.full_name(local), (codes_best, scale_best)
+            error = ctx.block_error(lambda c, name=name, codes=codes: c.chosen_codes.update({name: codes}))
+            kept = error < current  # strictly lower: a tie keeps round-to-nearest's codes
+            if kept:
+                ctx.chosen_codes[name] = codes
+                current = error
+            ctx.choices.setdefault(local, {}).update(clip_ratio_mean=float(ratio_best.mean()) if kept else 1.0,
+                                                     clip_searched_ratio_mean=float(ratio_best.mean()), clip_kept=kept)

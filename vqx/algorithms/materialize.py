@@ -3,12 +3,47 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..models.adapter import QuantTarget, adapter_for, set_submodule
-from ..quant.scheme import Scheme
+from ..quant.scheme import Scheme, choose_scales
 from ..quant.linear import QuantLinear, SmoothedLinear
+from .registry import BlockContext
+
+
+def quantized_linear(linear: nn.Linear, scheme: Scheme | None, codes: torch.Tensor | None = None,
+                     scale: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+                     dtype: torch.dtype | None = None, input_scale: torch.Tensor | None = None) -> nn.Module:
+    """What one target becomes: a `QuantLinear` under ``scheme`` (``codes``/``scale``: chosen codes, else round to
+    nearest), or for ``scheme`` None the float linear (in ``dtype``), wrapped in a `SmoothedLinear` when a runtime
+    smoothing ``smooth`` divides its input. Raises ValueError on weights that cannot be quantized."""
+    if scheme is None:
+        if dtype is not None:
+            linear.to(dtype)
+        return linear if smooth is None else SmoothedLinear(linear, smooth)
+    return QuantLinear(linear, scheme, codes, scale, smooth, dtype=dtype, input_scale=input_scale)
+
+
+def runtime_vector_of(groups) -> dict[str, str]:
+    """Block-relative linear name -> the runtime vector (a "runtime" group's fold) that divides its input."""
+    return {name: g.fold for g in groups if g.kind == "runtime" for name in g.linears}
+
+
+def static_input_scales(ctx: BlockContext, schemes: dict[str, Scheme | None] | None = None) -> dict[str, torch.Tensor]:
+    """Full name -> the calibrated per-tensor input scale of each target whose scheme (``schemes``, default the
+    block's) has static activations: from its group's absmax over all calibration calls (after the block's smoothing,
+    which rescales them)."""
+    schemes = ctx.schemes if schemes is None else schemes
+    out = {}
+    for g in ctx.groups:
+        for local in g.linears:
+            scheme = schemes.get(local)
+            if local not in ctx.targets or scheme is None or scheme.activation is None or scheme.activation.dynamic:
+                continue
+            out[ctx.full_name(local)] = choose_scales(ctx.stats[g.name].absmax.float()[None, :], scheme.activation).reshape(())
+    return out
 
 
 def materialize(transformer: torch.nn.Module, targets: list[QuantTarget], schemes: Scheme | dict[str, Scheme | None] | None,
@@ -29,7 +64,7 @@ def materialize(transformer: torch.nn.Module, targets: list[QuantTarget], scheme
     if schemes is None or isinstance(schemes, Scheme):  # one scheme (or none) for every target
         schemes = dict.fromkeys((t.name for t in targets), schemes)
     adapter = adapter_for(transformer)
-    vector_of = {name: g.fold for g in adapter.input_groups(transformer) if g.kind == "runtime" for name in g.linears}
+    vector_of = runtime_vector_of(adapter.input_groups(transformer))
     out = {}
     for t in tqdm(targets, desc="quantize", unit="linear", leave=False, disable=len(targets) < 50):
         codes, scale = chosen_codes.get(t.name, (None, None))
@@ -37,12 +72,11 @@ def materialize(transformer: torch.nn.Module, targets: list[QuantTarget], scheme
         scheme = schemes.get(t.name)
         if scheme is None:
             if smooth is not None:  # a float layer under a transform still needs 1/s at run time
-                set_submodule(transformer, t.name, SmoothedLinear(t.module, smooth))
+                set_submodule(transformer, t.name, quantized_linear(t.module, None, smooth=smooth))
             continue
         try:
             dtype = (compute_dtype or {}).get(t.local_name)
-            q = QuantLinear(t.module, scheme, codes, scale, smooth, dtype=dtype,
-                            input_scale=(input_scales or {}).get(t.name))
+            q = quantized_linear(t.module, scheme, codes, scale, smooth, dtype, (input_scales or {}).get(t.name))
         except ValueError as e:
             raise UserError(f"cannot quantize {t.name}: {e}; the checkpoint's weights are corrupt (reconvert or redownload it)") from None
         set_submodule(transformer, t.name, q)

@@ -3,7 +3,9 @@
 A step is registered with what it needs, so that nothing outside it decides by its name:
 - ``params``: a dataclass of its parameters (defaults, and ranges/choices as field metadata);
 - ``needs``: the statistics it reads (a set of `STATS`, or a function of its parameters): ``absmax``,
-  ``mean_abs``, ``samples`` (the full token sample: search losses), ``hessian`` (X^T X);
+  ``mean_abs``, ``samples`` (the full token sample: search losses), ``hessian`` (X^T X), ``block_error`` (it
+  scores candidates on the quantized block's output, `BlockContext.block_error`; the runner then keeps the block's
+  inputs, checks the result against round-to-nearest on every calibration call and falls back to it if worse);
 - ``hooks``: optionally a `BlockHooks` class whose instance sees the block loop (block start, each input
   group's float inputs during the float pass, block end), for a step that collects its own statistics.
 The runner, the shared-statistics cache and `needs_calibration` derive everything from these.
@@ -34,7 +36,7 @@ from ..quant.formats import SEARCH_PROXY
 from ..quant.scheme import Scheme
 from ..registry import Registry
 
-STATS = ("absmax", "mean_abs", "samples", "hessian")
+STATS = ("absmax", "mean_abs", "samples", "hessian", "block_error")
 SHAREABLE_STATS = frozenset({"absmax", "mean_abs"})  # what the shared float-pass cache holds (shared_stats.py)
 
 
@@ -70,12 +72,20 @@ class BlockContext:
     # linear -> s its output rows were divided by (value projections under a v->o fold)
     output_scale: dict[str, torch.Tensor] = field(default_factory=dict)
     choices: dict[str, dict[str, Any]] = field(default_factory=dict)  # group or linear -> what steps chose
+    scorer: Any = None  # block_search.BlockScorer, for steps that need "block_error"
 
     def group_linears(self, group: InputGroup) -> list[torch.nn.Linear]:
         return [self.block.get_submodule(n) for n in group.linears]
 
     def full_name(self, local: str) -> str:
         return self.targets[local].name
+
+    def block_error(self, transform: Callable[["BlockContext"], None] | None = None) -> float:
+        """The quantized block's output error on the search calls with ``transform(scratch_ctx)`` applied on top of
+        everything chosen so far (None: as it is now); see `block_search`. Needs ``block_error`` among the step's needs."""
+        if self.scorer is None:
+            raise RuntimeError("block_error() needs the step to declare needs={'block_error', ...}")
+        return self.scorer.error(self, transform)
 
     def search_scheme(self, local: str) -> Scheme:
         """The scheme a search loss quantizes ``local`` with: its own, or a W8A8 proxy where it has no

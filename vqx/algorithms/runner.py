@@ -6,6 +6,11 @@ linear's output error on calibration samples (round-to-nearest before, the algor
 compute block i+1's inputs from the float (`calib.propagate=fp`) or quantized (`quant`) block.
 Only the current block's statistics live on the device; block inputs stay on the host between blocks.
 
+When a step searches on the block's output (needs ``block_error``, `block_search`), the runner also guards the
+result: the block the steps made and plain round-to-nearest are scored on every calibration call, and a block
+whose error is above round-to-nearest's is reset to round-to-nearest (a warning, and ``fallback`` in the
+per-block report, `QuantResult.blocks`).
+
 Under torchrun each rank runs its share of the calls (`Capture.share`) through the block, the statistics
 are reduced across ranks (`GroupStats.reduce`), and every rank then runs the recipe on the same statistics,
 so every rank ends up with the same quantized model (checked block by block) without sending weights.
@@ -34,9 +39,10 @@ from ..calib.stats import GroupStats
 from ..errors import Fault
 from ..models.adapter import BlockInputs, QuantTarget, adapter_for
 from ..quant.linear import QuantLinear
-from ..quant.scheme import Scheme, choose_scales
+from ..quant.scheme import Scheme
 from . import shared_stats
-from .materialize import materialize
+from .block_search import BlockScorer, scratch, spread_calls
+from .materialize import materialize, static_input_scales
 from .registry import BlockContext, BlockHooks, plan_steps, run_steps, stats_needed
 from .shared_stats import shareable
 
@@ -49,6 +55,8 @@ class QuantResult:
     runtime_smoothing: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)
     groups: list[dict] = field(default_factory=list)
+    # per block, for recipes that search on the block output: its error and round-to-nearest's (block_search)
+    blocks: list[dict] = field(default_factory=list)
 
 
 
@@ -113,7 +121,8 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
                        algo: DictConfig, calib: DictConfig, cache: DiskCache | None = None) -> QuantResult:
     """Quantize block by block; ``schemes``: each target's scheme by full name (None: it stays float, while
     the algorithm's transforms still apply to it), or one scheme for all. With ``cache`` and steps that need only shared statistics
-    (see `shared_stats`), the float pass comes from (or goes into) the cache instead of running here."""
+    (see `shared_stats`), the float pass comes from (or goes into) the cache instead of running here. Without a
+    ``capture`` (no step reads calibration data: plain rounding) there is no float pass and no layer-error report."""
     if schemes is None or isinstance(schemes, Scheme):  # one scheme (or none) for every target
         schemes = dict.fromkeys((t.name for t in targets), schemes)
     device = next(transformer.parameters()).device
@@ -122,6 +131,7 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
     blocks = adapter.blocks(transformer)
     plan = plan_steps(algo)
     want_hessian = "hessian" in stats_needed(plan)
+    guarded = "block_error" in stats_needed(plan)  # a step searches on the block output: keep inputs, guard
     hooks = {p.name: p.step.hooks(p.params) for p in plan if p.step.hooks is not None}
     by_block: dict[int, dict[str, QuantTarget]] = defaultdict(dict)
     for t in targets:
@@ -131,8 +141,15 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
     result = QuantResult()
     last = max(by_block) if by_block else -1
 
-    shared = None
-    if cache is not None and capture.identity is not None and shareable(plan, calib):
+    static = any(s is not None and s.activation is not None and not s.activation.dynamic for s in schemes.values())
+    if capture is None and (stats_needed(plan) or hooks or static):
+        raise ValueError(f"algorithm {algo.name} with these schemes reads calibration data (statistics, or static "
+                         "activation scales); no capture was given")
+    search_calls = spread_calls(capture.total_calls, calib.get("search_calls")) if guarded else []
+    shared, inputs = None, None
+    if capture is None:
+        pass  # nothing reads activations: no block inputs, no float pass
+    elif cache is not None and capture.identity is not None and shareable(plan, calib):
         key = shared_stats.identity(capture.identity, {i: [g.name for g in gs] for i, gs in block_groups.items()},
                                     calib, dtype, device)
 
@@ -155,16 +172,20 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
             break
         block_targets = by_block.get(i, {})
         groups = block_groups.get(i, [])
+        guard = guarded and bool(block_targets)
         for h in hooks.values():
             h.block_start(i, block, groups)
-        if shared is not None:
+        if capture is None:
+            stats, samples = {}, None
+        elif shared is not None:
             stats, samples = shared_stats.load_block(shared, i, calib, device)
         else:
             stats = _float_pass(block, i, adapter.block_name(i), inputs, groups, capture, calib, want_hessian, device,
-                                hooks)
+                                hooks, keep_inputs=guard)
             samples = _report_samples(stats, calib, i)
 
-        originals = {n: copy.deepcopy(t.module) for n, t in block_targets.items()}
+        originals = {n: copy.deepcopy(t.module) for n, t in block_targets.items()} if samples is not None else {}
+        reference = copy.deepcopy(block) if guard else None  # the float block, for the block errors
         # Steps work on fp32 master weights, so a smoothed weight is rounded to the model dtype once,
         # by the quantizer, not first by the transform.
         model_dtype = {n: t.module.weight.dtype for n, t in block_targets.items()}
@@ -172,27 +193,68 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
             t.module.float()
         block_schemes = {n: schemes.get(t.name) for n, t in block_targets.items()}
         ctx = BlockContext(i, block, groups, block_targets, stats, block_schemes, hooks=hooks)
-        rtn_input_scales = _static_input_scales(ctx)  # before the steps rescale the statistics
+        rtn_input_scales = static_input_scales(ctx)  # before the steps rescale the statistics
+        identity = None
+        if guard:
+            identity = scratch(ctx)  # the block before any step: what round-to-nearest quantizes
+            ctx.scorer = BlockScorer(reference, inputs, capture.indices, search_calls, device, model_dtype)
         run_steps(ctx, plan)
+        input_scales = static_input_scales(ctx)
+        if guard:
+            input_scales = _guard(ctx, identity, reference, inputs, calib, result, input_scales, rtn_input_scales)
         if ctx.runtime_smoothing:
             result.runtime_smoothing[i] = ctx.runtime_smoothing
         quantized = materialize(transformer, list(block_targets.values()), schemes, ctx.chosen_codes,
                                 {i: ctx.runtime_smoothing} if ctx.runtime_smoothing else {}, compute_dtype=model_dtype,
-                                input_scales=_static_input_scales(ctx))
+                                input_scales=input_scales)
         for n, t in block_targets.items():
             if t.name not in quantized:  # left float (format=none): back to the model dtype
                 t.module.to(model_dtype[n])
         result.quantized.update(quantized)
-        result.layers += _layer_report(ctx, block, originals, samples, groups, rtn_input_scales)
+        if samples is not None:
+            result.layers += _layer_report(ctx, block, originals, samples, groups, rtn_input_scales)
         result.groups += [{"block": i, "group": g.name, **ctx.choices.get(g.name, {})} for g in groups if g.name in ctx.choices]
 
         for h in hooks.values():
             h.block_end(ctx)
         _check_same_on_all_ranks(block, ctx, i)
-        if calib.propagate == "quant":
+        if calib.propagate == "quant" and inputs is not None:
             inputs = [_with_hidden(inp, run_block(block, inp.to(device, non_blocking=True))) for inp in inputs]
         log.info("block %d/%d quantized (%.1f s elapsed)", i + 1, last + 1, time.perf_counter() - t_start)
     return result
+
+
+def _guard(ctx: BlockContext, identity: BlockContext, reference: torch.nn.Module, inputs: list[BlockInputs],
+           calib: DictConfig, result: QuantResult, input_scales: dict, rtn_input_scales: dict) -> dict:
+    """Score the block the steps made against round-to-nearest on every calibration call; reset it to
+    round-to-nearest where it is worse. Records the block's row in ``result.blocks``; returns the static input
+    scales the block is then quantized with. Under calib.propagate=fp it also moves every call's input on to the
+    float block's output (the float pass left the inputs in place for the guard)."""
+    scorer: BlockScorer = ctx.scorer
+
+    def propagate(k: int, out: torch.Tensor) -> None:
+        if calib.propagate == "fp":
+            inputs[k] = _with_hidden(inputs[k], out)
+
+    error, error_rtn = scorer.guard(ctx, identity, propagate)
+    row = {"block": ctx.index, "error": error, "error_rtn": error_rtn, "fallback": False,
+           "search_calls": scorer.search_total, "evaluations": scorer.evaluations}
+    if error > error_rtn:
+        log.warning("block %d: the searched transforms' block error %.4g is above round-to-nearest's %.4g on the "
+                    "calibration calls; the block falls back to round-to-nearest", ctx.index, error, error_rtn)
+        with torch.no_grad():  # the float tensors the steps changed (weights, folded norms and value rows)
+            ctx.block.load_state_dict(reference.state_dict())
+        ctx.chosen_codes.clear()
+        ctx.runtime_smoothing.clear()
+        ctx.input_scale.clear()
+        ctx.output_scale.clear()
+        for key, choice in list(ctx.choices.items()):  # what the steps chose is reported, marked as undone
+            ctx.choices[key] = {**choice, "fallback": True}
+        row.update(error=error_rtn, error_searched=error, fallback=True)
+        input_scales = rtn_input_scales
+    ctx.scorer = None
+    result.blocks.append(row)
+    return input_scales
 
 
 def _prepare_inputs(transformer, capture: Capture, device: torch.device) -> list[BlockInputs]:
@@ -207,10 +269,11 @@ def _report_samples(stats: dict[str, GroupStats], calib: DictConfig, i: int) -> 
 
 
 def _float_pass(block, i: int, name: str, inputs: list[BlockInputs], groups, capture: Capture, calib: DictConfig,
-                want_hessian: bool, device: torch.device, hooks: dict[str, BlockHooks]) -> dict[str, GroupStats]:
+                want_hessian: bool, device: torch.device, hooks: dict[str, BlockHooks],
+                keep_inputs: bool = False) -> dict[str, GroupStats]:
     """Run every call through float block ``i``, streaming its input groups' statistics (reduced over
     torchrun ranks) and showing each group's input to the steps' hooks. With propagate=fp each call's input
-    is replaced by the block's output."""
+    is replaced by the block's output (unless ``keep_inputs``: the guard needs them and propagates itself)."""
     stats = {g.name: GroupStats(block.get_submodule(g.linears[0]).in_features, calib.loss_tokens,
                                 calib.hessian_tokens, want_hessian, seed=calib.seed * 7919 + i, device=device)
              for g in groups}
@@ -233,7 +296,7 @@ def _float_pass(block, i: int, name: str, inputs: list[BlockInputs], groups, cap
             if out is None or not torch.isfinite(out).all():
                 bad = (c, inp)
                 break
-            if calib.propagate == "fp":  # the input is no longer needed: overwrite it (halves host memory)
+            if calib.propagate == "fp" and not keep_inputs:  # the input is no longer needed: overwrite it (halves host memory)
                 inputs[c] = _with_hidden(inp, out)
     finally:
         for h in handles:
@@ -271,19 +334,6 @@ def _check_same_on_all_ranks(block, ctx: BlockContext, i: int) -> None:
     if len(set(digests)) > 1:
         raise Fault(f"the torchrun ranks quantized block {i} differently (a nondeterministic kernel, or unlike GPUs); "
                     "calibrate on one GPU, then evaluate with torchrun (the capture is cached)")
-
-
-def _static_input_scales(ctx: BlockContext) -> dict[str, torch.Tensor]:
-    """Full name -> the calibrated per-tensor input scale of each target whose scheme has static activations:
-    from its group's absmax over all calibration calls (after the block's smoothing, which rescales them)."""
-    out = {}
-    for g in ctx.groups:
-        for local in g.linears:
-            scheme = ctx.schemes.get(local)
-            if scheme is None or scheme.activation is None or scheme.activation.dynamic:
-                continue
-            out[ctx.full_name(local)] = choose_scales(ctx.stats[g.name].absmax.float()[None, :], scheme.activation).reshape(())
-    return out
 
 
 @torch.no_grad()

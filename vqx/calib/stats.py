@@ -13,6 +13,8 @@ from a generator seeded by the call's index, so it does not depend on which rank
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .. import distributed
@@ -92,6 +94,13 @@ class GroupStats:
     def normalized_hessian(self) -> torch.Tensor:
         """H = X^T X / n (GPTQ's 2/n factor cancels in the updates)."""
         return self.hessian / max(self.hessian_count, 1)
+
+    def summary_copy(self) -> "GroupStats":
+        """A copy holding the per-channel statistics only (no token sample, no Hessian): cheap to make and to
+        rescale, for a trial transform on a scratch copy of a block (vqx.algorithms.block_search)."""
+        other = copy.copy(self)
+        other.samples, other.hessian, other.sums, other.calls = [], None, [], list(self.calls)
+        return other
 
     @torch.no_grad()
     def scale_inputs(self, s: torch.Tensor) -> None:

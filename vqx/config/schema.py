@@ -62,6 +62,9 @@ class OutlierSchema:
     channels: int = bounded(0, 0, None)  # per block and site; 0: none
     scale: float = bounded(32.0, 2, None)  # a power of two
     seed: int = 0
+    # the inputs that get them, named by input group; the family's adapter lists the valid ones (Wan: cross_attn_q,
+    # self_attn_out, cross_attn_out, ffn_out (after the FFN's GELU), cross_attn_text (attn2.to_k/to_v's input))
+    sites: list[str] = field(default_factory=lambda: ["cross_attn_q", "self_attn_out", "cross_attn_out"])
 
 
 @dataclass
@@ -128,6 +131,13 @@ class CalibSchema:
     # Used when the steps need no search over samples (rtn, smoothquant with a fixed alpha).
     share_stats: bool = True
     hessian_tokens: Optional[int] = bounded(4096, 1, None)  # tokens per call in GPTQ Hessians; null: all
+    # calls (spread evenly over the capture) on which searches score candidates on the quantized block output
+    # (SmoothQuant alpha=auto, AWQ; vqx.algorithms.block_search); null: every call. The guard uses every call.
+    search_calls: Optional[int] = bounded(16, 1, None)
+    # The per-layer error report when no step reads calibration data (algorithm=rtn with dynamic activations):
+    # sample: on a small capture (the first prompt at 2 denoising steps); full: on the whole capture above;
+    # none: skipped, nothing captured. Runs whose steps read statistics report on their own capture.
+    layer_report: str = choice("sample", "full", "none")
     propagate: str = choice("fp", "quant")  # block i+1 sees block i's float or quantized outputs
     seed: int = 0
 

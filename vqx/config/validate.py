@@ -130,7 +130,11 @@ def _check_rules(cfg: DictConfig) -> None:
     if cfg.model.outliers.channels:
         from ..models.adapter import adapter_named
 
-        adapter_named(cfg.model.family).check_outliers(float(cfg.model.outliers.scale))
+        o = cfg.model.outliers
+        changed = adapter_named(cfg.model.family).check_outliers(float(o.scale), list(o.sites))
+        if changed and cfg.export.name != "none":
+            raise UserError(f"model.outliers.sites={list(o.sites)} cannot be exported with export={cfg.export.name}: "
+                            f"{changed}; use export=none")
     if cfg.model.source == "diffusers" and not cfg.model.path:
         raise UserError(f"model={cfg.model.name} needs model.path=/path/to/a local diffusers folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
     if cfg.model.source == "mini":  # before the prompt files inside it are read, so the message says how to train it

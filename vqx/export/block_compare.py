@@ -1,133 +1,74 @@
-"""The numeric check of a lightx2v export: for random block inputs, each block computed (a) the way lightx2v
-computes it from the exported files (`lightx2v_math`) and (b) by the fake-quant diffusers block: the evaluated
-model's own block when the exporter calls this, else a diffusers block rebuilt from config.json with the exported
-float tensors and QuantLinears made from the exported codes and scales. The error is relative to the block's
-update (output - input, which is what quantization changes), and must stay within the tolerance.
+"""The numeric check of a lightx2v export: each recorded block computed the way lightx2v computes it from the
+folder's tensors (`lightx2v_math`, in fp32) against what the evaluated model's block did on the same inputs at
+export time (`lightx2v_reference`). Nothing on the reference side is read from the checkpoint tensors, so any
+change of their values shows.
+
+The two fp32 computations differ by op order, so an activation lying within a few ulps of a rounding tie can get
+a different code on each side, and on a full-size block hundreds do: compared freely, correct exports then differ
+by up to 2e-2 (Wan2.1 1.3B, fp8), as much as a 1% error in one linear's scales. So the emulation runs in lockstep:
+each quantized linear quantizes its own input, checks it against the codes and per-token scales the evaluated
+layer used (a code may differ only where the value is within `TIE` code units of a rounding tie; a token's scale
+only by `SCALE_RTOL`), and then multiplies the recorded codes. A wrong smoothing vector, norm or modulation shows
+as codes or scales off; wrong codes, scales or biases show in the block output.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..models.adapter import adapter_for, set_submodule
-from ..quant.linear import QuantLinear
-from ..runtime import resolve_device, torch_dtype
+from ..runtime import resolve_device
 from . import contract, lightx2v_math
-from .checks import Report, TensorFiles, names
+from .checks import Report, TensorFiles
+from .lightx2v_reference import GRID, INPUTS, REFERENCE_FILE
 
-# Max relative error of a block's update between lightx2v's GEMMs and the fake-quant block. The two differ
-# by rounding order only (one bf16 rounding of an fp32-accumulated GEMM vs bf16 dequantized operands), but a
-# tiny difference in front of the next per-token quantizer flips some codes, so a correct export measures
-# 0.015-0.04 (tiny and 1.3B-wide blocks, int8 and fp8). Export bugs measure 0.17 (one bias dropped) to 0.9+
-# (smoothing vectors missing or inverted, q/k swapped).
-DEFAULT_TOLERANCE = 0.1
-GRID = (2, 4, 6)  # latent frames, height, width after patching: 48 tokens
-TEXT_TOKENS_T2V = 64  # T2V cross-attention accepts any context length; I2V needs Wan's 512
-IMAGE_TOKENS = 32  # > 16: torch._int_mm on CUDA needs more than 16 rows
-@dataclass
-class BlockInputs:
-    x: torch.Tensor  # [1, L, D] bf16
-    temb: torch.Tensor  # [1, 6, D] fp32
-    context: torch.Tensor  # [1, Lc, D] bf16
-    context_img: torch.Tensor | None  # [1, Li, D] bf16
-    cos: torch.Tensor  # [1, L, 1, head_dim]
-    sin: torch.Tensor
-
-    def to(self, device) -> "BlockInputs":
-        return BlockInputs(*(None if t is None else t.to(device) for t in
-                             (self.x, self.temb, self.context, self.context_img, self.cos, self.sin)))
+# Max relative error of a block's update (lockstep, fp32) between lightx2v's math on the files and the evaluated
+# block's recorded output. Measured on correct exports (bench/verify_floor.py; bench/results/verify_floor*.json):
+# 1.9e-7 to 5.9e-7 (fp32 summation order; wan_tiny to Wan2.1 14B, int8 and fp8, CPU and H200). The weakest value
+# error measured, a 1% error in the scales of one q/k projection (whose RMSNorm all but removes it), moves a
+# 14B block's output by 8.7e-6; every other kind moves codes or scales. 3e-6 is 5x the worst correct export.
+DEFAULT_TOLERANCE = 3e-6
+# A code may differ from the recorded one only if it is a code of a value within TIE grid steps plus ROW_REL of
+# the token's absmax (fp32 noise; it matters where fp8's grid is finest, near 0) of this side's value.
+TIE = 1e-2
+ROW_REL = 1e-5
+SCALE_RTOL = 1e-4  # per-token activation scales agree to 3e-6 at most (14B); a 1% smoothing error moves them 1e-2
 
 
-def block_inputs(dkw: dict, seed: int, text_len: int) -> BlockInputs:
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+class Lockstep:
+    """Supplies the recorded codes to `lightx2v_math.block_forward` and counts what does not match."""
 
-    dim = dkw["num_attention_heads"] * dkw["attention_head_dim"]
-    i2v = dkw.get("added_kv_proj_dim") is not None
-    g = torch.Generator().manual_seed(seed)
-    f, h, w = GRID
-    x = torch.randn(1, f * h * w, dim, generator=g).to(torch.bfloat16)
-    temb = torch.randn(1, 6, dim, generator=g) * 0.5
-    context = torch.randn(1, text_len if i2v else min(text_len, TEXT_TOKENS_T2V), dim, generator=g).to(torch.bfloat16)
-    context_img = torch.randn(1, IMAGE_TOKENS, dim, generator=g).to(torch.bfloat16) if i2v else None
-    pt, ph, pw = dkw["patch_size"]
-    rope = WanRotaryPosEmbed(dkw["attention_head_dim"], dkw["patch_size"], 1024)
-    cos, sin = rope(torch.empty(1, 1, f * pt, h * ph, w * pw, device="meta"))
-    return BlockInputs(x, temb, context, context_img, cos.float(), sin.float())
+    def __init__(self, codes: dict[str, tuple[torch.Tensor, torch.Tensor]], scheme: str, device):
+        self.codes, self.scheme, self.device = codes, scheme, device
+        self.off_codes: dict[str, int] = {}
+        self.scale_dev: dict[str, float] = {}
 
-
-def run_diffusers_block(block: torch.nn.Module, inp: BlockInputs) -> torch.Tensor:
-    device = next(block.parameters()).device
-    i = inp.to(device)
-    ctx = i.context if i.context_img is None else torch.cat([i.context_img, i.context], dim=1)  # image tokens first
-    return block(i.x, ctx, i.temb, (i.cos, i.sin)).float().cpu()
-
-
-class RebuiltTransformer:
-    """diffusers' WanTransformer3DModel from config.json (meta device), materialized one block at a time from
-    the export: float tensors as stored, quantized linears as QuantLinears of the exported codes and scales."""
-
-    def __init__(self, tf: TensorFiles, dkw: dict, fmt, model_dtype: torch.dtype, report: Report):
-        from diffusers import WanTransformer3DModel
-
-        self.tf, self.fmt, self.dtype = tf, fmt, model_dtype
-        self.keep_fp32 = set(WanTransformer3DModel._keep_in_fp32_modules)
-        self.model = contract.meta_transformer(dkw)
-        self.adapter = adapter_for(self.model)
-        to_diffusers = self.adapter.diffusers_key
-        rest = {to_diffusers(k): self._cast(to_diffusers(k), tf.get(k)) for k in tf.where if not k.startswith("blocks.")}
-        result = self.model.load_state_dict(rest, strict=False, assign=True)
-        missing = [k for k in result.missing_keys if not k.startswith("blocks.")]
-        if missing or result.unexpected_keys:
-            report.problems.append(f"non-block tensors do not map back onto diffusers' model: missing {names(missing)}, "
-                                   f"unexpected {names(result.unexpected_keys)}")
-
-    def _cast(self, diffusers_name: str, t: torch.Tensor) -> torch.Tensor:
-        keep = self.keep_fp32.intersection(diffusers_name.split("."))
-        return t.to(torch.float32 if keep else self.dtype)
-
-    def block(self, index: int) -> torch.nn.Module:
-        p = f"blocks.{index}."
-        keys = [k for k in self.tf.where if k.startswith(p)]
-        native = {k: self.tf.get(k) for k in keys}
-        linears = {f"{p}{n}": local for local, n in self.adapter.block_linears(self.model).items()}
-        state, smooth = {}, {}
-        for k, t in native.items():
-            rest = k[len(p):]
-            if rest.startswith("affine_norm"):
-                smooth[rest.split(".")[0]] = t.float()
-                continue
-            if k.endswith(".weight_scale"):
-                continue
-            name = self.adapter.diffusers_key(k)[len(p):]
-            prefix = k.rpartition(".")[0]
-            if prefix in linears and k.endswith(".weight"):  # dequantized exactly as QuantLinear does
-                t = (t.float() * native[prefix + ".weight_scale"].float()).to(self.dtype)
+    def __call__(self, name: str, h: torch.Tensor):
+        rows = h.reshape(-1, h.shape[-1])
+        own_q, own_sx = lightx2v_math.act_quant(rows, self.scheme, "vllm")
+        rec_q, rec_sx = (t.to(self.device) for t in self.codes[name])
+        if rec_q.shape != own_q.shape:
+            self.off_codes[name] = rec_q.numel()
+            return own_q, own_sx
+        self.scale_dev[name] = float(((own_sx / rec_sx) - 1).abs().max())
+        differ = own_q.float() != rec_q.float()
+        if differ.any():
+            v = rows.float() / own_sx
+            qmax = contract.CODE_QMAX[self.scheme]
+            if self.scheme == "int8":
+                tau = TIE + qmax * ROW_REL
+                lo, hi = torch.round(v - tau), torch.round(v + tau)
             else:
-                t = self._cast(name, t)
-            state[name] = t
-        block = self.adapter.blocks(self.model)[index]
-        block.load_state_dict(state, strict=True, assign=True)
-        folds = {n: g.fold for g in self.adapter.input_groups(self.model) if g.kind == "runtime" for n in g.linears}
-        for prefix, local in linears.items():
-            q = QuantLinear(block.get_submodule(local), self.fmt, native[prefix + ".weight"].float(),
-                            native[prefix + ".weight_scale"].float())
-            if folds.get(local) in smooth:  # the exact 1/s vector, as the evaluated QuantLinear held it
-                del q.input_smooth_inv
-                q.register_buffer("input_smooth_inv", smooth[folds[local]].contiguous())
-            set_submodule(block, local, q)
-        return block
-
-    def release(self, index: int) -> None:
-        self.adapter.blocks(self.model)[index].to_empty(device="meta")
-
-
-def _model_dtype(manifest: dict) -> torch.dtype:
-    name = ((manifest.get("run_config") or {}).get("model") or {}).get("dtype", "bfloat16")
-    return torch_dtype(name, default=torch.bfloat16)
+                sp = torch.exp2(torch.floor(torch.log2(v.abs().clamp(min=2.0 ** -6))) - 3)  # e4m3 grid step at v
+                tau = TIE * sp + qmax * ROW_REL
+                lo, hi = ((v - tau).to(torch.float8_e4m3fn).float(), (v + tau).to(torch.float8_e4m3fn).float())
+            r = rec_q.float()  # any code between those of v -/+ tau (fp8 near 0: tau spans several grid steps)
+            self.off_codes[name] = int((differ & ((r < lo) | (r > hi))).sum())
+        return rec_q, rec_sx
 
 
 def relative_update_error(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -147,47 +88,94 @@ def spread(n: int, k: int | None) -> list[int]:
     return sorted({round(j * (n - 1) / (k - 1)) for j in range(k)})
 
 
-def _lightx2v_block(tensors: dict, i: int, inp: BlockInputs, wan_cfg: dict, scheme: str, device) -> torch.Tensor:
-    t = {k: v.to(device) for k, v in tensors.items()}
-    d = inp.to(device)
-    out = lightx2v_math.block_forward(
-        t, i, d.x[0], d.temb[0], d.context[0], None if d.context_img is None else d.context_img[0], d.cos[0], d.sin[0],
-        wan_cfg["num_heads"], float(wan_cfg["eps"]), scheme)
-    return out.float().cpu()
+def block_error(tensors: dict, i: int, ref: "Recorded", wan_cfg: dict, scheme: str, code_keys: set[str],
+                device) -> tuple[float, Lockstep]:
+    """Block ``i`` computed by lightx2v's fp32 math on its native ``tensors`` (as stored), in lockstep with the
+    recorded codes: (relative update error against the recorded output, the lockstep's counts)."""
+    t = {k: v.to(device) for k, v in lightx2v_math.loader_cast(tensors, code_keys, torch.float32).items()}
+    d = {k: v.to(device) for k, v in ref.inputs.items()}
+    heads = int(wan_cfg["num_heads"])
+    freqs = lightx2v_math.rope_freqs(d["x"].shape[-1] // heads, GRID).to(device)
+    lock = Lockstep(ref.block_codes(i), scheme, device)
+    out = lightx2v_math.block_forward(t, i, d["x"], d["embed0"], d["context"], d.get("context_img"), freqs, heads,
+                                      float(wan_cfg["eps"]), scheme, lockstep=lock)
+    return relative_update_error(out.float().cpu(), ref.outputs[i], ref.inputs["x"]), lock
 
 
-def compare_blocks(tf: TensorFiles, wan_cfg: dict, dkw: dict, scheme: str, manifest: dict, report: Report,
-                    seed: int, reference: torch.nn.Module | None, device: str | None,
-                    max_blocks: int | None) -> None:
-    fmt = contract.LIGHTX2V_SCHEMES[scheme]
-    inp = block_inputs(dkw, seed, int(wan_cfg["text_len"]))
-    rebuilt = None if reference is not None else RebuiltTransformer(tf, dkw, fmt, _model_dtype(manifest), report)
-    if report.problems:
+class Recorded:
+    """The contents of ``REFERENCE_FILE``."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], alias: dict[str, str]):
+        self.inputs = {k: tensors[f"inputs.{k}"] for k in INPUTS if f"inputs.{k}" in tensors}
+        self.outputs = {int(k.split(".")[1]): v for k, v in tensors.items() if k.count(".") == 1 and k.startswith("blocks.")}
+        self.tensors, self.alias = tensors, alias
+
+    def block_codes(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        p = f"blocks.{i}."
+        keys = {k[len(p):].rsplit(".", 1)[0]: k.rsplit(".", 1)[0] for k in self.tensors if k.startswith(p) and k.endswith(".act_codes")}
+        keys.update({k[len(p):]: v for k, v in self.alias.items() if k.startswith(p)})
+        return {name: (self.tensors[f"{key}.act_codes"], self.tensors[f"{key}.act_scale"]) for name, key in keys.items()}
+
+
+def recorded(folder: Path, wan_cfg: dict, report: Report) -> Recorded | None:
+    """The recorded inputs, block outputs and codes, or None (with a note or a problem) when there are none."""
+    from safetensors import safe_open
+
+    path = folder / REFERENCE_FILE
+    if not path.is_file():
+        report.notes.append(f"no {REFERENCE_FILE} (an export written before vqx recorded its blocks): lightx2v's math was not compared "
+                            f"with the evaluated model, only names, dtypes, shapes and values' sanity were checked")
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            ref = Recorded({k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("alias", "{}")))
+    except Exception as e:  # noqa: BLE001  (any corrupt file: one line)
+        report.problems.append(f"{REFERENCE_FILE}: unreadable ({str(e).splitlines()[0][:160]})")
+        return None
+    inputs, outputs = ref.inputs, ref.outputs
+    dim, i2v = int(wan_cfg["dim"]), wan_cfg["model_type"] == "i2v"
+    tokens = math.prod(GRID)
+    bad = [k for k, v in inputs.items() if v.dim() != 2 or v.shape[1] != dim]
+    bad += [f"blocks.{i}" for i, v in outputs.items() if tuple(v.shape) != (tokens, dim) or i >= wan_cfg["num_layers"]]
+    if "x" not in inputs or "embed0" not in inputs or "context" not in inputs or ("context_img" in inputs) != i2v:
+        bad.append(f"inputs (has {', '.join(sorted(inputs))})")
+    if bad or not outputs:
+        report.problems.append(f"{REFERENCE_FILE} does not fit config.json (dim {dim}, {wan_cfg['num_layers']} blocks, "
+                               f"{wan_cfg['model_type']}): {', '.join(bad) or 'no block outputs'}")
+        return None
+    return ref
+
+
+def compare_blocks(folder: Path, tf: TensorFiles, wan_cfg: dict, dkw: dict, scheme: str, report: Report,
+                   device: str | None, max_blocks: int | None) -> None:
+    ref = recorded(folder, wan_cfg, report)
+    if ref is None:
         return
-    if device in (None, "auto") and reference is not None:
-        dev = next(reference.parameters()).device
-    else:
-        dev = resolve_device(device or "auto", "--device=")
-    n = wan_cfg["num_layers"]
-    code_keys = {f"{name}.weight" for name in contract.quantized_linears(contract.meta_transformer(dkw))}
-    for i in tqdm(spread(n, max_blocks), desc="verify", unit="block", leave=False):
-        tensors = lightx2v_math.loader_cast({k: tf.get(k) for k in tf.where if k.startswith(f"blocks.{i}.")}, code_keys)
-        try:
-            ours = _lightx2v_block(tensors, i, inp, wan_cfg, scheme, dev)
-        except RuntimeError as e:  # e.g. fp8 _scaled_mm needs sm89+: the same math on CPU
-            if dev.type == "cpu":
-                raise
-            report.notes.append(f"lightx2v's {scheme} GEMMs do not run on {dev} ({str(e).splitlines()[0][:120]}); "
-                                f"compared on CPU")
-            dev = torch.device("cpu")
-            ours = _lightx2v_block(tensors, i, inp, wan_cfg, scheme, dev)
-        if reference is not None:
-            theirs = run_diffusers_block(adapter_for(reference).blocks(reference)[i], inp)
-        else:
-            theirs = run_diffusers_block(rebuilt.block(i).to(dev), inp)
-            rebuilt.release(i)
-        err = relative_update_error(ours, theirs[0], inp.x[0])
+    dev = resolve_device(device or "auto", "--device=")
+    linears = contract.quantized_linears(contract.meta_transformer(dkw))
+    code_keys = {f"{name}.weight" for name in linears}
+    blocks = sorted(ref.outputs)
+    blocks = [blocks[j] for j in spread(len(blocks), max_blocks)]
+    for i in tqdm(blocks, desc="verify", unit="block", leave=False):
+        missing = [n for n in linears if n.startswith(f"blocks.{i}.") and n[len(f"blocks.{i}."):] not in ref.block_codes(i)]
+        if missing:
+            report.problems.append(f"{REFERENCE_FILE}: no recorded activation codes for {', '.join(missing[:3])}")
+            continue
+        tensors = {k: tf.get(k) for k in tf.where if k.startswith(f"blocks.{i}.")}
+        err, lock = block_error(tensors, i, ref, wan_cfg, scheme, code_keys, dev)
         report.block_errors[i] = err
+        off = {n: c for n, c in lock.off_codes.items() if c}
+        scales = {n: d for n, d in lock.scale_dev.items() if not d <= SCALE_RTOL}
+        if off:
+            report.problems.append(f"blocks.{i}: the inputs of {', '.join(sorted(off))} quantize to other codes than the "
+                                   f"evaluated model's ({sum(off.values())} codes away from any rounding tie): a tensor "
+                                   f"before them (norm, modulation, smoothing vector) differs")
+        if scales:
+            n, d = max(scales.items(), key=lambda kv: kv[1])
+            report.problems.append(f"blocks.{i}: the per-token activation scales of {', '.join(sorted(scales))} differ "
+                                   f"from the evaluated model's by up to {d:.3g} (relative, at {n}; ulps: < "
+                                   f"{SCALE_RTOL:g}): a tensor before them (smoothing vector, norm) differs")
         if not math.isfinite(err) or err > report.tolerance:
-            report.problems.append(f"blocks.{i}: lightx2v's math on the exported tensors differs from the fake-quant "
-                                   f"block by {err:.3g} (relative to the block's update; tolerance {report.tolerance:g})")
+            report.problems.append(f"blocks.{i}: lightx2v's math on the exported tensors differs from the evaluated "
+                                   f"block's recorded output by {err:.3g} (relative to the block's update; "
+                                   f"tolerance {report.tolerance:g})")

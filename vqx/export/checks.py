@@ -46,7 +46,7 @@ class Report:
         out = [head]
         if self.block_errors:
             i, worst = max(self.block_errors.items(), key=lambda kv: kv[1])
-            out.append(f"  block outputs, lightx2v math vs fake quant: max relative error {worst:.3g} (blocks.{i}), "
+            out.append(f"  block outputs, lightx2v's fp32 math vs the evaluated model's: max relative error {worst:.3g} (blocks.{i}), "
                        f"mean {sum(self.block_errors.values()) / len(self.block_errors):.3g}, tolerance {self.tolerance:g}")
         out += [f"  note: {n}" for n in self.notes]
         shown = self.problems[:MAX_LINES]
@@ -58,15 +58,12 @@ class Report:
 
 @dataclass(frozen=True)
 class VerifyJob:
-    """One folder to verify and how: ``files`` are the manifest's safetensors files present; ``reference`` the
-    fake-quant transformer to compare with (None: rebuild one from the folder); ``device`` where the numeric
-    comparison runs (None/"auto": the reference's, else cuda if available); ``max_blocks`` how many blocks."""
+    """One folder to verify and how: ``files`` are the manifest's safetensors files present; ``device`` where the numeric comparison runs (None/"auto": cuda if available);
+    ``max_blocks`` how many blocks."""
 
     folder: Path
     manifest: dict
     files: list[str]
-    seed: int = 0
-    reference: torch.nn.Module | None = None
     compute: bool = True
     device: str | None = None
     max_blocks: int | None = None

@@ -50,6 +50,21 @@ WAN_IMAGE_DIM = 1280
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def stored_dtype(held: torch.dtype, export_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a float tensor is exported in: fp32 where the evaluated model holds it in fp32 (Wan's
+    modulation, time embedding, affine norms: the bits the fake-quant model computed with), else ``export.dtype``."""
+    return torch.float32 if held == torch.float32 else export_dtype
+
+
+def held_in_fp32(diffusers_name: str, model_dtype: torch.dtype) -> bool:
+    """Whether a diffusers Wan model loaded in ``model_dtype`` holds this tensor in fp32 (diffusers keeps
+    `WanTransformer3DModel._keep_in_fp32_modules` in fp32, matched by module name)."""
+    from diffusers import WanTransformer3DModel
+
+    keep = set(WanTransformer3DModel._keep_in_fp32_modules)
+    return model_dtype == torch.float32 or bool(keep.intersection(diffusers_name.split(".")))
+
+
 def scheme_of_dtype(dtype: torch.dtype) -> str | None:
     return next((s for s, d in CODE_DTYPES.items() if d == dtype), None)
 
@@ -154,7 +169,8 @@ def expected_tensors(diffusers_kwargs: dict, smoothing: bool) -> dict[str, Expec
 
 def run_configs(scheme: str, ckpt_dir: str, smoothing: bool) -> dict[str, dict]:
     """Ready lightx2v run-config fragments (merge into a Wan2.1 run config whose model_path is the
-    original Wan2.1 folder): the current API and the pre-2025-10 ``mm_config`` form."""
+    original Wan2.1 folder): the current API and the ``mm_config`` form lightx2v read from 2025-06-16 to
+    2025-10-17 (which loads a folder only through its ``*.index.json``: the exporter writes one for every layout)."""
     extra = {"quant_method": ADVANCED_PTQ} if smoothing else {}
     return {
         "lightx2v_config.json": {"dit_quantized": True, "dit_quant_scheme": f"{scheme}-vllm",

@@ -2,7 +2,8 @@
 
 What is written (docs/lightx2v-contract.md), into ``export.dir`` (default ``<run_dir>/export``):
 - native Wan2.1 tensor names; every block linear as int8 / float8_e4m3fn codes [out, in], ``weight_scale``
-  fp32 [out, 1] (bf16-representable) and a float bias; every other tensor in ``export.dtype``;
+  fp32 [out, 1] (bf16-representable) and a float bias; every other tensor as the evaluated model holds it:
+  fp32 where it keeps fp32 (modulation, time embedding, affine norms), else in ``export.dtype``;
 - with runtime smoothing, ``blocks.N.affine_norm1/3.{weight,bias}`` = the 1/s the fake-quant model applied
   (fp32 [D], all ones for a block or group that was not smoothed, because lightx2v then reads them for
   every block), and ``"quant_method": "advanced_ptq"`` in ``config.json``. The flag is written exactly when
@@ -11,11 +12,13 @@ What is written (docs/lightx2v-contract.md), into ``export.dir`` (default ``<run
 - ``config.json`` (Wan2.1's keys + model_type, merged by lightx2v), lightx2v run-config fragments for the
   current and the pre-2025-10 API, ``LIGHTX2V.md``, and ``manifest.json`` last;
 - ``export.layout=single``: one ``diffusion_pytorch_model.safetensors``; ``blocks``: ``block_{i}.safetensors``
-  + ``non_block.safetensors`` + ``diffusion_pytorch_model.safetensors.index.json`` (disk offload, and the
-  index older lightx2v versions read).
+  + ``non_block.safetensors`` (disk offload); both with ``diffusion_pytorch_model.safetensors.index.json``,
+  the only way lightx2v versions of 2025-06-16 to 2025-10-17 (``mm_config``) load a folder;
+- ``reference/block_outputs.safetensors`` (`lightx2v_reference`): the evaluated model's own block outputs on
+  seeded inputs, in fp32, so `vqx verify-export` can check the folder's values on its own, any time.
 The codes and scales are the QuantLinear buffers themselves, so dequantizing them gives bit for bit the
 weights the fake-quant model used. Before the folder is renamed into place, `verify.verify_export` checks it
-and compares lightx2v's math on the files with the evaluated model's blocks (``export.verify``).
+and compares lightx2v's math on the files with the recorded outputs (``export.verify``).
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from ..models.adapter import ModelAdapter, adapter_for
 from ..quant.formats import Format, format_from_config
 from ..quant.linear import QuantLinear
 from ..stages import EXPORTERS, Exporter, RunState
-from . import contract
+from . import contract, lightx2v_reference
+from .block_compare import spread
 from .folder import (ExportFolderSchema, check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder,
                      target_dir)
+from .lightx2v_reference import REFERENCE_FILE
 from .manifest import write_manifest
 from .verify import DEFAULT_TOLERANCE, verify_export
 
@@ -55,10 +60,10 @@ NON_BLOCK_FILE = "non_block.safetensors"
 class LightX2VExportSchema(ExportFolderSchema):
     name: str = "lightx2v"
     layout: str = choice("single", "blocks")  # blocks: block_{i}.safetensors + non_block.safetensors + index
-    dtype: str = choice("bfloat16", "float32")  # every tensor that is not codes, scales or smoothing vectors
+    dtype: str = choice("bfloat16", "float32")  # float tensors the evaluated model holds in 16 bits (fp32 ones stay fp32)
     verify: bool = True  # check the folder (and lightx2v's math against the evaluated blocks) before it lands
     verify_tolerance: float = bounded(DEFAULT_TOLERANCE, 0.0, None, exclusive_low=True)  # max relative error per block
-    verify_blocks: Optional[int] = bounded(None, 1, None)  # compare this many evenly spread blocks; null: all
+    verify_blocks: Optional[int] = bounded(None, 1, None)  # record (and compare) this many evenly spread blocks; null: all
 
 
 register_schema("export", "lightx2v", LightX2VExportSchema)
@@ -161,20 +166,24 @@ def block_tensors(adapter: ModelAdapter, block: torch.nn.Module, index: int, lin
             raise Fault(f"blocks.{index}.{local}: weight scales are not bf16-representable; the codes were chosen "
                         f"for scales lightx2v cannot hold")
         out[f"{p}.weight_scale"] = scale
-        out[f"{p}.bias"] = q.bias.detach().to(dtype).cpu().contiguous()
+        out[f"{p}.bias"] = _float(q.bias, dtype)
     for key, t in block.state_dict().items():
         if any(key.startswith(local + ".") for local in quant):
             continue  # codes, scale, input_smooth_inv: written above or as affine_norm vectors
-        out[adapter.native_key(f"{adapter.block_name(index)}.{key}")] = t.detach().to(dtype).cpu().contiguous()
+        out[adapter.native_key(f"{adapter.block_name(index)}.{key}")] = _float(t, dtype)
     for vec, inv in (smoothing or {}).items():
         out[f"blocks.{index}.{vec}.weight"] = inv.clone()
         out[f"blocks.{index}.{vec}.bias"] = inv.clone()  # h = LN(x)(1+scale)a + shift b: both 1/s
     return out
 
 
+def _float(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to(contract.stored_dtype(t.dtype, dtype)).cpu().contiguous()
+
+
 def non_block_tensors(transformer: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     adapter = adapter_for(transformer)
-    return {adapter.native_key(k): t.detach().to(dtype).cpu().contiguous()
+    return {adapter.native_key(k): _float(t, dtype)
             for k, t in transformer.state_dict().items() if not k.startswith(adapter.blocks_attr + ".")}
 
 
@@ -207,12 +216,14 @@ def write_checkpoint(transformer: torch.nn.Module, folder: Path, family: str, la
         total += _save(rest, folder / NON_BLOCK_FILE)
         counts[NON_BLOCK_FILE] = len(rest)
         weight_map.update(dict.fromkeys(rest, NON_BLOCK_FILE))
-        write_json_atomic(folder / INDEX_FILE, {"metadata": {"total_size": total},
-                                                "weight_map": dict(sorted(weight_map.items()))})
     else:
         pending.update(rest)
-        _save(pending, folder / SINGLE_FILE)
+        total += _save(pending, folder / SINGLE_FILE)
         counts[SINGLE_FILE] = len(pending)
+        weight_map.update(dict.fromkeys(pending, SINGLE_FILE))
+    # lightx2v 2025-06-16..2025-10-17 (mm_config) loads a folder only through this index, whatever the layout
+    write_json_atomic(folder / INDEX_FILE, {"metadata": {"total_size": total},
+                                            "weight_map": dict(sorted(weight_map.items()))})
     return counts
 
 
@@ -223,7 +234,7 @@ def usage_text(scheme: str, target: Path, smoothing: bool, task: str) -> str:
             if smoothing else "")
     return (f"# lightx2v checkpoint (Wan2.1 {task}, {scheme} per-channel weights, per-token dynamic activations)\n\n"
             f"Schemes that read this checkpoint: {', '.join(contract.SCHEMES[scheme])}.\n"
-            f"Before 2025-10 lightx2v named them by mm_type: `{contract.LEGACY_MM_TYPE[scheme]}`.\n\n"
+            f"From 2025-06-16 to 2025-10-17 lightx2v named them by mm_type: `{contract.LEGACY_MM_TYPE[scheme]}`.\n\n"
             f"Merge `lightx2v_config.json` (current API) or `lightx2v_config_pre2025-10.json` into a Wan2.1 {task}\n"
             f"run config; `model_path` stays the original Wan2.1 folder (T5, VAE, CLIP, its config.json);\n"
             f"`dit_quantized_ckpt` is this folder:\n\n    {target}\n{flag}\n"
@@ -258,10 +269,12 @@ def export(state: RunState) -> dict:
         info = {"format": fmt.name, "algorithm": cfg.algorithm.name, "model": cfg.model.name, "task": task,
                 "layout": ecfg.layout, "dtype": ecfg.dtype, "scheme": scheme, "schemes": contract.SCHEMES[scheme],
                 "advanced_ptq": bool(smoothing), "num_layers": len(adapter.blocks(transformer))}
+        blocks = spread(info["num_layers"], ecfg.verify_blocks)
+        lightx2v_reference.record(transformer, tmp / REFERENCE_FILE, blocks, seed=0, scheme=scheme)
         manifest = write_manifest(tmp, "lightx2v", counts, info, cfg)
         if ecfg.verify:
-            verify_report = verify_export(tmp, tolerance=float(ecfg.verify_tolerance), reference=transformer,
-                                          max_blocks=ecfg.verify_blocks)
+            verify_report = verify_export(tmp, tolerance=float(ecfg.verify_tolerance),
+                                          device=str(next(transformer.parameters()).device))
             if not verify_report.ok:
                 raise Fault(f"the lightx2v export failed its own check, so nothing was written to {target}: "
                             + "; ".join(verify_report.problems[:5]))

@@ -2,9 +2,11 @@
 1. ``config.json``: Wan2.1 keys; the task (T2V/I2V) and block count come from it;
 2. every expected tensor (name, dtype, shape) for that architecture, nothing else; codes int8 or
    float8_e4m3fn (one kind, the manifest's format), no NaN codes; scales fp32 [out, 1], positive, finite,
-   bf16-representable; float tensors finite; smoothing vectors (fp32, weight == bias) exactly when
-   ``quant_method: advanced_ptq`` is set; the shard index, when there is one, lists every tensor's file;
-3. then, unless asked not to, lightx2v's math against the fake-quant blocks (`block_compare`).
+   bf16-representable; float tensors finite, fp32 where the evaluated model holds them in fp32, else in the
+   manifest's dtype; smoothing vectors (fp32, weight == bias) exactly when ``quant_method: advanced_ptq`` is set;
+   the shard index, when there is one, lists every tensor's file;
+3. then, unless asked not to, lightx2v's math on the tensors against the evaluated model's recorded block
+   outputs (`block_compare`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..models.adapter import adapter_named
+from ..runtime import torch_dtype
 from . import contract
 from .block_compare import compare_blocks
 from .checks import MAX_LINES, ST_DTYPES, VERIFIERS, Report, TensorFiles, VerifyJob, names, read_json
@@ -22,7 +26,8 @@ from .checks import MAX_LINES, ST_DTYPES, VERIFIERS, Report, TensorFiles, Verify
 @VERIFIERS.register("lightx2v")
 @torch.no_grad()
 def verify_lightx2v(job: VerifyJob, report: Report) -> None:
-    folder, files = job.folder, job.files
+    folder = job.folder
+    files = [n for n in job.files if "/" not in n]  # what lightx2v merges (the recorded reference is in a subfolder)
     wan_cfg = read_json(folder / "config.json", report)
     if wan_cfg is None:
         return
@@ -63,8 +68,7 @@ def verify_lightx2v(job: VerifyJob, report: Report) -> None:
     _check_values(tf, expected, present, scheme, report)
     if report.problems or not job.compute:
         return
-    compare_blocks(tf, wan_cfg, dkw, scheme, job.manifest, report, job.seed, job.reference, job.device,
-                   job.max_blocks)
+    compare_blocks(folder, tf, wan_cfg, dkw, scheme, report, job.device, job.max_blocks)
 
 
 def _architecture(wan_cfg: dict, tf: TensorFiles) -> dict:
@@ -98,6 +102,8 @@ def _check_dtypes_shapes(tf: TensorFiles, expected: dict, present: set, manifest
     float_dtype = contract.EXPORT_DTYPES.get(manifest.get("dtype"))
     if float_dtype is None:
         report.problems.append(f"manifest dtype={manifest.get('dtype')!r} is not valid; valid: {', '.join(contract.EXPORT_DTYPES)}")
+    model_dtype = torch_dtype(((manifest.get("run_config") or {}).get("model") or {}).get("dtype"), default=torch.bfloat16)
+    to_diffusers = adapter_named("wan").diffusers_key
     code_dtypes = {}
     for key in sorted(present & set(expected)):
         st_dtype, shape = tf.meta(key)
@@ -109,9 +115,13 @@ def _check_dtypes_shapes(tf: TensorFiles, expected: dict, present: set, manifest
             code_dtypes.setdefault(dtype, key)
             continue
         want = {"scale": torch.float32, "smooth": torch.float32, "float": float_dtype}[exp.kind]
+        kept = exp.kind == "float" and contract.held_in_fp32(to_diffusers(key), model_dtype)
+        if kept:
+            want = torch.float32
         if want is not None and dtype != want:
-            report.problems.append(f"{key}: dtype {dtype or st_dtype}, expected {want}"
-                                   + (" (lightx2v reads scales as fp32)" if exp.kind == "scale" else ""))
+            why = {"scale": " (lightx2v reads scales as fp32)",
+                   "float": " (the evaluated model holds it in fp32)" if kept else ""}.get(exp.kind, "")
+            report.problems.append(f"{key}: dtype {dtype or st_dtype}, expected {want}{why}")
     schemes = {contract.scheme_of_dtype(d) for d in code_dtypes}
     if None in schemes:
         bad = [f"{k} ({d})" for d, k in code_dtypes.items() if contract.scheme_of_dtype(d) is None]

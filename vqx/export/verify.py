@@ -11,21 +11,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from . import dequantized, lightx2v_verify  # noqa: F401  (register their verifiers)
 from .block_compare import DEFAULT_TOLERANCE
 from .checks import VERIFIERS, Report, VerifyJob
 from .manifest import check_files, read_manifest
 
 
-def verify_export(folder: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0,
-                  reference: torch.nn.Module | None = None, compute: bool = True, device: str | None = None,
-                  max_blocks: int | None = None) -> Report:
-    """Check an export folder. ``reference``: the fake-quant transformer to compare with (else one rebuilt
-    from the folder); ``device``: where lightx2v's GEMMs run (default: the reference's, else cuda if
-    available); ``max_blocks``: compare that many evenly spread blocks (default all; every tensor of every
-    block is checked regardless)."""
+def verify_export(folder: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, compute: bool = True,
+                  device: str | None = None, max_blocks: int | None = None) -> Report:
+    """Check an export folder on its own. ``device``: where lightx2v's math runs (default cuda if available);
+    ``max_blocks``: compare that many evenly spread recorded blocks (default all; every tensor of every block is
+    checked regardless)."""
     folder = Path(folder)
     report = Report(folder, tolerance)
     manifest, problems = read_manifest(folder)
@@ -39,5 +35,5 @@ def verify_export(folder: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, s
         report.problems.append(f"manifest kind={report.kind!r} is not valid; valid: {', '.join(VERIFIERS)}")
         return report
     files = sorted(n for n in manifest["files"] if n.endswith(".safetensors") and (folder / n).is_file())
-    verifier(VerifyJob(folder, manifest, files, seed, reference, compute, device, max_blocks), report)
+    verifier(VerifyJob(folder, manifest, files, compute, device, max_blocks), report)
     return report

@@ -203,12 +203,13 @@ class ModelAdapter:
     def check_model_folder(self, model) -> None:
         """Checks of ``model.path`` to run before any prompt file inside it is read (one-line UserError)."""
 
-    def check_outliers(self, scale: float) -> None:
-        """Validate ``model.outliers.scale`` before anything is built."""
+    def check_outliers(self, scale: float, sites: list[str]) -> str | None:
+        """Validate ``model.outliers.scale`` and ``.sites`` before anything is built (one-line UserError); returns
+        why the injected model holds a module no checkpoint of the family has (it cannot be exported), or None."""
         raise NotImplementedError(f"model family {self.name} cannot inject activation outliers")
 
-    def inject_outliers(self, transformer: nn.Module, channels: int, scale: float, seed: int) -> None:
-        """Activation outlier channels that leave the float model's outputs unchanged (benchmarks)."""
+    def inject_outliers(self, transformer: nn.Module, channels: int, scale: float, seed: int, sites: list[str]) -> None:
+        """Activation outlier channels at ``sites`` that leave the float model's outputs unchanged (benchmarks)."""
         raise NotImplementedError(f"model family {self.name} cannot inject activation outliers")
 
     # ---- names and run-time structure -----------------------------------------------------------------
@@ -225,6 +226,11 @@ class ModelAdapter:
         """Give quantized blocks (all, or the indices in ``blocks``) the family's fused forward, which quantizes
         each input group once; returns how many blocks have it. Without one, linears quantize their own inputs."""
         return 0
+
+    def unfused_block(self, block: nn.Module) -> nn.Module:
+        """``block`` (changed in place) with the family's plain forward again: every linear quantizing its own
+        input, as a reference computation wants."""
+        return block
 
 
 _ADAPTERS: dict[str, ModelAdapter] = {}  # transformer class path -> adapter

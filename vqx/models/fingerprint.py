@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from ..config.schema import OutlierSchema
+
 
 def tensors_fingerprint(module: torch.nn.Module) -> str:
     """sha256 over every parameter and buffer (names, dtypes, shapes and bytes). Fine for small models."""
@@ -47,7 +49,11 @@ def model_fingerprint(model_cfg: DictConfig, transformer: torch.nn.Module) -> st
     o = model_cfg.get("outliers")
     if not (o and o.channels):
         return base
-    return hashlib.sha256(f"{base}|outliers|{o.channels}|{float(o.scale)}|{o.seed}".encode()).hexdigest()
+    key = f"{base}|outliers|{o.channels}|{float(o.scale)}|{o.seed}"
+    sites = list(o.get("sites") or [])
+    if sites != OutlierSchema().sites:  # the default sites keep the keys they always had
+        key += f"|{','.join(sites)}"
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def synthetic_fingerprint(model_cfg: DictConfig, transformer: torch.nn.Module) -> str:

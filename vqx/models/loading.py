@@ -38,5 +38,6 @@ def load_pipeline(model: DictConfig):
         check_finite_weights(pipe.transformer)  # on the device: fast even for 14B
     outliers = model.get("outliers")
     if outliers and outliers.channels:
-        adapter.inject_outliers(pipe.transformer, int(outliers.channels), float(outliers.scale), int(outliers.seed))
+        adapter.inject_outliers(pipe.transformer, int(outliers.channels), float(outliers.scale), int(outliers.seed),
+                                list(outliers.sites))
     return pipe

@@ -101,15 +101,17 @@ class WanAdapter(ModelAdapter):
 
             check_mini_folder(Path(str(model.path)).expanduser())
 
-    def check_outliers(self, scale: float) -> None:
-        from .outliers import check_scale
+    def check_outliers(self, scale: float, sites: list[str]) -> str | None:
+        from .outliers import check_scale, check_sites, structure_change
 
         check_scale(scale)
+        check_sites(sites)
+        return structure_change(sites)
 
-    def inject_outliers(self, transformer: nn.Module, channels: int, scale: float, seed: int) -> None:
+    def inject_outliers(self, transformer: nn.Module, channels: int, scale: float, seed: int, sites: list[str]) -> None:
         from .outliers import inject_outliers
 
-        inject_outliers(transformer, channels, scale, seed)
+        inject_outliers(transformer, channels, scale, seed, tuple(sites))
 
     def native_key(self, key: str) -> str:
         return layers.native_key(key)
@@ -121,4 +123,9 @@ class WanAdapter(ModelAdapter):
         from .fused import install
 
         return install(transformer, blocks)
+
+    def unfused_block(self, block: nn.Module) -> nn.Module:
+        from .fused import uninstall
+
+        return uninstall(block)
 

@@ -131,6 +131,18 @@ FusedWanTransformerBlock.__name__ = "WanTransformerBlock"
 FusedFeedForward.__name__ = "FeedForward"
 
 
+def uninstall(block: nn.Module) -> nn.Module:
+    """One block back to diffusers' own forward, each linear quantizing its own input (in place)."""
+    if isinstance(block, FusedWanTransformerBlock):
+        block.__class__ = WanTransformerBlock
+    if isinstance(block.ffn, FusedFeedForward):
+        block.ffn.__class__ = FeedForward
+    for m in block.modules():
+        if hasattr(m, "_shared"):
+            m._shared = None
+    return block
+
+
 def install(transformer: nn.Module, blocks=None) -> int:
     """Give blocks (all, or the indices in ``blocks``) shared group inputs and the fused forward; returns how
     many blocks have it. Idempotent; blocks of other classes are left alone. Call again after replacing

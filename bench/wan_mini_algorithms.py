@@ -1,0 +1,206 @@
+"""Every algorithm x format x outlier setting on wan_mini's eval prompts, per video, paired against RTN.
+
+One call produces the README's wan_mini table (issue 17): for each point its mean LPIPS / PSNR / SSIM over the
+videos, and per video the paired difference to RTN of the same format and outlier setting (the same prompt,
+seed and 16-bit reference), next to that video's noise floor (the reference against a second 16-bit run). A
+video counts as worse than RTN when its LPIPS exceeds RTN's by more than its own noise-floor LPIPS.
+
+    python bench/wan_mini_algorithms.py --note "..."                        # the whole grid on the GPU (--jobs 4)
+    python bench/wan_mini_algorithms.py --smoke --note "script check"      # wan_tiny on CPU, 2 points, 2 videos
+    python bench/wan_mini_algorithms.py --algorithms rtn,smoothquant --formats w8a8 --outliers none --note "..."
+
+Points run in-process, spread over ``--jobs`` worker processes that share one cache_dir (capture, float-model
+statistics, 16-bit references and noise floors are built once per outlier setting). Writes
+bench/results/<--out> (rows: one per point, with per-video scores; "markdown": the tables) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, write_results
+
+ALGORITHMS = {  # label -> run.py overrides
+    "rtn": ["algorithm=rtn"],
+    "smoothquant": ["algorithm=smoothquant"],  # the default: alpha=auto (identity among the candidates)
+    # the search at its most literal: every alpha of the grid scored on the block over every calibration call
+    "smoothquant_full_search": ["algorithm=smoothquant", "algorithm.shortlist=0", "calib.search_calls=null"],
+    "smoothquant_0.75": ["algorithm=smoothquant", "algorithm.alpha=0.75"],  # the old default, fixed
+    "smoothquant_0.5": ["algorithm=smoothquant", "algorithm.alpha=0.5"],
+    "awq": ["algorithm=awq"],
+    "gptq": ["algorithm=gptq"],
+    "smoothquant_gptq": ["algorithm=smoothquant_gptq"],
+}
+OUTLIERS = {  # label -> run.py overrides (8 of 256 channels 32x larger, the float model unchanged bit for bit)
+    "none": [],
+    "attention": ["model.outliers.channels=8"],  # the default sites: attn2.to_q, attn1/attn2.to_out.0 inputs
+    "ffn_text": ["model.outliers.channels=8", "model.outliers.sites=[ffn_out,cross_attn_text]"],
+}
+FORMATS = ["w8a8", "fp8"]
+
+
+def _point_overrides(algorithm: str, fmt: str, outliers: str) -> list[str]:
+    return [*ALGORITHMS[algorithm], f"format={fmt}", *OUTLIERS[outliers]]
+
+
+def _worker(jobs: list[tuple], base: list[str], work: str, queue) -> None:
+    """Run the points in ``jobs`` one after another in this process; put each one's summary on ``queue``."""
+    sys.path.insert(0, str(ROOT))
+    from hydra import compose, initialize_config_dir
+
+    import vqx.plugins  # noqa: F401
+    from vqx import experiment
+
+    for key, overrides in jobs:
+        t0 = time.perf_counter()
+        try:
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=[*base, *overrides])
+            m = experiment.run(cfg, Path(work) / "runs" / "-".join(key))
+            queue.put((key, _summary(m, time.perf_counter() - t0), None))
+        except Exception as e:  # a failed point is reported, the others go on
+            queue.put((key, None, f"{type(e).__name__}: {e}"))
+
+
+def _summary(m: dict, wall_s: float) -> dict:
+    videos = [{"index": v["index"], "prompt": v["prompt"], "lpips": v["lpips"], "psnr": v["psnr"], "ssim": v["ssim"],
+               "floor_lpips": (v.get("noise_floor") or {}).get("lpips"), "floor_psnr": (v.get("noise_floor") or {}).get("psnr")}
+              for v in m["videos"]]
+    blocks = m.get("blocks") or []
+    return {"lpips": m["lpips"], "psnr": m["psnr"], "ssim": m["ssim"], "videos": videos,
+            "noise_floor": {k: m["noise_floor"].get(k) for k in ("lpips", "psnr", "ssim")},
+            "layer_error_mean": (m.get("layer_error") or {}).get("mean"),
+            "block_error": [b["error"] for b in blocks], "block_error_rtn": [b["error_rtn"] for b in blocks],
+            "block_fallbacks": sum(b["fallback"] for b in blocks),
+            "groups_identity": sum(1 for g in m["groups"] if g.get("alpha", 1) is None or g.get("ratio", 1) == 0.0),
+            "groups": len(m["groups"]), "quantize_s": m["timings"].get("quantize_s"), "wall_s": round(wall_s, 1)}
+
+
+def _paired(row: dict, rtn: dict | None) -> dict:
+    """Per video: this point minus RTN (PSNR dB, LPIPS), and whether it is worse than RTN beyond the noise floor."""
+    if rtn is None:
+        return {}
+    by_index = {v["index"]: v for v in rtn["videos"]}
+    diffs = []
+    for v in row["videos"]:
+        r = by_index[v["index"]]
+        d_lpips = v["lpips"] - r["lpips"]
+        floor = v["floor_lpips"]
+        diffs.append({"index": v["index"], "d_psnr": v["psnr"] - r["psnr"], "d_lpips": d_lpips,
+                      "worse_beyond_floor": floor is not None and d_lpips > floor})
+    d_psnr = [d["d_psnr"] for d in diffs]
+    return {"vs_rtn": diffs, "d_psnr_mean": statistics.fmean(d_psnr), "d_psnr_min": min(d_psnr),
+            "d_lpips_mean": statistics.fmean(d["d_lpips"] for d in diffs),
+            "videos_worse_beyond_floor": sum(d["worse_beyond_floor"] for d in diffs)}
+
+
+def _markdown(rows: list[dict]) -> str:
+    out = ["| outliers | format | algorithm | LPIPS | PSNR dB | SSIM | dPSNR vs RTN: mean / worst video | "
+           "videos worse than RTN beyond the floor | block fallbacks |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            out.append(f"| {r['outliers']} | {r['format']} | {r['algorithm']} | failed: {r['error'][:80]} |||||| ")
+            continue
+        paired = (f"{r['d_psnr_mean']:+.2f} / {r['d_psnr_min']:+.2f}" if "d_psnr_mean" in r else "-")
+        worse = f"{r['videos_worse_beyond_floor']} of {len(r['videos'])}" if "d_psnr_mean" in r else "-"
+        out.append(f"| {r['outliers']} | {r['format']} | {r['algorithm']} | {r['lpips']:.4f} | {r['psnr']:.2f} | "
+                   f"{r['ssim']:.4f} | {paired} | {worse} | {r['block_fallbacks']} |")
+    floors = {r["outliers"]: r["noise_floor"] for r in rows if not r.get("error")}
+    for name, f in floors.items():
+        out.append(f"| {name} | noise floor | | {f['lpips']:.4f} | {f['psnr']:.2f} | {f['ssim']:.4f} | | | |")
+    out += ["", "Per video, PSNR dB (paired difference to RTN in brackets; noise-floor PSNR in the header):", ""]
+    ok = [r for r in rows if not r.get("error")]
+    if ok:
+        n = len(ok[0]["videos"])
+        for outliers in dict.fromkeys(r["outliers"] for r in ok):
+            group = [r for r in ok if r["outliers"] == outliers]
+            floor = [v["floor_psnr"] for v in group[0]["videos"]]
+            out.append(f"| {outliers} | format | algorithm | " + " | ".join(
+                f"v{i} (floor {f:.1f})" if f is not None else f"v{i}" for i, f in enumerate(floor[:n])) + " |")
+            out.append("|---|---|---|" + "---|" * n)
+            for r in group:
+                cells = []
+                for k, v in enumerate(r["videos"]):
+                    d = r["vs_rtn"][k]["d_psnr"] if "vs_rtn" in r else None
+                    cells.append(f"{v['psnr']:.2f}" + (f" ({d:+.2f})" if d is not None and r["algorithm"] != "rtn" else ""))
+                out.append(f"| | {r['format']} | {r['algorithm']} | " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--note", required=True, help="what this measurement is for (stored in the results)")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS), help=f"comma list of {', '.join(ALGORITHMS)}")
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--outliers", default=",".join(OUTLIERS), help=f"comma list of {', '.join(OUTLIERS)}")
+    p.add_argument("--samples", type=int, default=8, help="eval prompts (wan_mini has 8)")
+    p.add_argument("--jobs", type=int, default=4, help="worker processes sharing the device and the cache")
+    p.add_argument("--smoke", action="store_true", help="wan_tiny on CPU, rtn and smoothquant, w8a8, 2 videos")
+    p.add_argument("--workdir", default=None, help="run dirs and cache (default: a temporary folder)")
+    p.add_argument("--out", default="wan_mini_algorithms.json", help="file name under bench/results/")
+    p.add_argument("overrides", nargs="*", help="run.py overrides for every point (e.g. calib.search_calls=null)")
+    args = p.parse_args()
+
+    algorithms, formats, outliers = args.algorithms.split(","), args.formats.split(","), args.outliers.split(",")
+    base = ["model=wan_mini", "export=none", "logger=none", "eval=video", f"eval.num_samples={args.samples}",
+            "eval.save_videos=false"]
+    if args.smoke:
+        algorithms, formats, outliers = ["rtn", "smoothquant"], ["w8a8"], ["none", "attention"]
+        base = ["model=wan_tiny", "model.device=cpu", "export=none", "logger=none", "eval=video", "eval.num_samples=2",
+                "eval.save_videos=false"]
+        args.jobs = 1
+    for name, valid in ((algorithms, ALGORITHMS), (outliers, OUTLIERS)):
+        bad = [x for x in name if x not in valid]
+        if bad:
+            p.error(f"unknown {bad[0]!r}; valid: {', '.join(valid)}")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vqx_wan_mini_algorithms_"))
+    base += [f"cache_dir={work / 'cache'}", *args.overrides]
+
+    points = [((o, f, a), _point_overrides(a, f, o)) for o in outliers for f in formats for a in algorithms]
+    # the first point of each outlier setting builds its references: run those first, one per worker
+    firsts = {key[0]: (key, ov) for key, ov in reversed(points)}
+    order = [firsts[o] for o in outliers] + [pt for pt in points if pt not in firsts.values()]
+    shares = [order[k::args.jobs] for k in range(args.jobs)]
+    print(f"{len(points)} points on {args.jobs} workers; work dir {work}", flush=True)
+    t0 = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(share, base, str(work), queue)) for share in shares if share]
+    for proc in procs:
+        proc.start()
+    results = {}
+    for _ in range(len(points)):
+        key, summary, error = queue.get()
+        results[key] = (summary, error)
+        print(f"{'/'.join(key)}: " + (error or f"PSNR {summary['psnr']:.2f} LPIPS {summary['lpips']:.4f} "
+                                      f"({summary['wall_s']} s)"), flush=True)
+    for proc in procs:
+        proc.join()
+
+    rows = []
+    for (o, f, a), _ in points:
+        summary, error = results[(o, f, a)]
+        row = {"outliers": o, "format": f, "algorithm": a, "overrides": _point_overrides(a, f, o)}
+        if error:
+            rows.append({**row, "error": error})
+            continue
+        rtn = results.get((o, f, "rtn"), (None, None))[0]
+        rows.append({**row, **summary, **_paired(summary, rtn if a != "rtn" else summary)})
+    markdown = _markdown(rows)
+    path = write_results(args.out, rows, {"note": args.note, "command": " ".join(sys.argv), "base_overrides": base,
+                                          "wall_s": round(time.perf_counter() - t0, 1), "markdown": markdown,
+                                          "worse_than_rtn": "a video's LPIPS above RTN's by more than its noise-floor LPIPS"})
+    print(markdown)
+    print(f"written {path}")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
