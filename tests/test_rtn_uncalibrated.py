@@ -50,7 +50,8 @@ def test_rtn_reports_on_a_small_sample_with_the_same_weights(tmp_path):
     assert "a small sample, 1 prompt at 2 denoising steps" in sample["layer_report"]
     assert len(sample["layers"]) == len(full["layers"]) == 20
     for a, b in zip(sample["layers"], full["layers"]):  # the same rounding, measured on other tokens
-        assert a["name"] == b["name"] and 0 < a["output_error"] < 0.2
+        # RTN W8A8 on wan_tiny measured 0.0032-0.0093 (sample) and 0.0032-0.0099 (full): half the smallest, 1.6x the largest
+        assert a["name"] == b["name"] and 0.0016 < a["output_error"] < 0.016 and 0.0016 < b["output_error"] < 0.016
         assert a["output_error"] == a["output_error_rtn"]
     weights = {mode: _weights(tmp_path / mode) for mode in runs}
     for mode in ("full", "none"):
