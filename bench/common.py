@@ -94,7 +94,11 @@ def write_results(name: str | Path, rows, extra: dict | None = None, note: str |
     path = Path(name)
     path = path if path.is_absolute() else RESULTS / path
     extra = dict(extra or {})
-    clash = {"environment", "note", "rows"} & set(extra)
+    if "note" in extra:  # scripts that pass their --note along with the other fields
+        if note is not None:
+            raise ValueError("write_results: a note given twice (note= and extra['note'])")
+        note = extra.pop("note")
+    clash = {"environment", "rows"} & set(extra)
     if clash:
         raise ValueError(f"write_results: extra may not hold {sorted(clash)}")
     write_json_atomic(path, {"environment": environment(), "note": note, **extra, "rows": rows})
