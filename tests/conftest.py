@@ -13,6 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under xdist, split the cores between the workers: each worker and the runs it starts (subprocesses inherit
+    OMP_NUM_THREADS) use cores / workers intra-op threads, instead of every worker spinning a pool as wide as the
+    machine (2 workers x 2 threads on 2 cores oversubscribes them). An OMP_NUM_THREADS the user set is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+
+
 def pin_tiny(overrides):
     """``overrides`` plus model=wan_tiny unless they name a model: the suite tests the machinery on the random
     tiny Wan (fast); the default model (wan_mini) has its own tests."""
