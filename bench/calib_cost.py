@@ -8,6 +8,7 @@ Prints a table and writes bench/results/calib_cost.json.
     python bench/calib_cost.py --arch 1.3B --algorithms smoothquant,gptq
     python bench/calib_cost.py --smoke               # tiny sizes on CPU: checks the script runs
     python bench/calib_cost.py --arch 14B --num-layers 4 --out calib_cost_14b.json   # 4 of 40 blocks, scaled
+    python bench/calib_cost.py --arch 1.3B algorithm.alpha=0.75 --out calib_cost_alpha075.json  # any overrides last
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _missing_blocks_ballast(transformer, arch: str, device: str):
     return torch.empty(missing * block_bytes, dtype=torch.uint8, device=device)
 
 
-def measure(arch: str, algorithms: list[str], smoke: bool, num_layers: int | None) -> list[dict]:
+def measure(arch: str, algorithms: list[str], smoke: bool, num_layers: int | None, overrides: list[str]) -> list[dict]:
     from vqx.algorithms.runner import _residency, quantize_blockwise
     from vqx.cache import DiskCache
     from vqx.calib.capture import load_or_capture
@@ -56,7 +57,7 @@ def measure(arch: str, algorithms: list[str], smoke: bool, num_layers: int | Non
     with tempfile.TemporaryDirectory() as cache_dir:
         cache = DiskCache(cache_dir)
         for algorithm in algorithms:
-            cfg = compose([f"model={MODEL_OPTION[arch]}", "model.path=/unused", f"algorithm={algorithm}", *extra])
+            cfg = compose([f"model={MODEL_OPTION[arch]}", "model.path=/unused", f"algorithm={algorithm}", *extra, *overrides])
             with Stopwatch() as build:
                 pipe = build_synthetic_pipeline(arch, torch.bfloat16, device, num_layers=num_layers)
             ballast = _missing_blocks_ballast(pipe.transformer, arch, device)
@@ -70,6 +71,7 @@ def measure(arch: str, algorithms: list[str], smoke: bool, num_layers: int | Non
                 quantize_blockwise(pipe.transformer, capture, targets, schemes, cfg.algorithm, cfg.calib)
             rows.append({
                 "arch": arch, "blocks": len(pipe.transformer.blocks), "algorithm": algorithm, "format": cfg.format.name,
+                "overrides": overrides, "alpha": cfg.algorithm.get("alpha"),
                 "prompts": cfg.calib.num_prompts, "capture_steps": cfg.calib.steps,
                 "resolution": f"{cfg.calib.width}x{cfg.calib.height}x{cfg.calib.num_frames}",
                 "full_blocks": WAN_ARCHS[arch]["num_layers"], "block_inputs_on": home,
@@ -96,10 +98,11 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default="calib_cost.json", help="results file under bench/results/")
     add_note_argument(ap)
+    ap.add_argument("overrides", nargs="*", help="run.py overrides of the calibration and the recipe (e.g. algorithm.alpha=0.75)")
     args = ap.parse_args()
     rows = []
     for arch in args.arch.split(","):
-        rows += measure(arch, args.algorithms.split(","), args.smoke, 2 if args.smoke else args.num_layers)
+        rows += measure(arch, args.algorithms.split(","), args.smoke, 2 if args.smoke else args.num_layers, args.overrides)
     cols = ["arch", "blocks", "algorithm", "calls", "capture_s", "algorithm_s", "total_s", "peak_gpu_gib", "peak_host_rss_gib"]
     print()
     print_table(rows, cols)
