@@ -178,4 +178,4 @@ def _check_values(tf: TensorFiles, expected: dict, present: set, scheme: str, re
         unrounded = [k for k in smooth if not torch.equal(tf.get(k).to(torch.bfloat16).float(), tf.get(k).float())]
         if unrounded:
             report.notes.append(f"{len(unrounded)} smoothing vector(s) are not bf16-representable; lightx2v rounds "
-                                f"them to bf16, a small difference from the fake-quant model (included in the check)")
+                                f"them to bf16 in its bf16 mode, a small difference from the fake-quant model (the fp32 check does not include it)")
