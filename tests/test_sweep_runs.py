@@ -118,3 +118,29 @@ def test_single_run_failure_writes_error_json_and_success_clears_it(vqx_run, tmp
     r = vqx_run([*FAST, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"], timeout=300)
     assert r.returncode == 0, r.stderr
     assert not (run_dir / "error.json").exists() and (run_dir / "metrics.json").is_file()
+
+
+def test_multirun_with_a_failed_job_exits_1_after_the_rest(vqx_run, tmp_path):
+    r = vqx_run(sweep_args(tmp_path, "algorithm=rtn", "export=none", "eval=none", "logger=none",
+                           "model=wan2.1_t2v_1.3b", f"model.path={tmp_path / 'no_model'}"), timeout=300)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("vqx: error: 1 of 1 sweep jobs failed (job 0,") and "no_model is not a folder" in last
+    assert (tmp_path / "sweep" / "0" / "error.json").is_file()
+
+
+def test_failed_jobs_are_counted_over_every_batch(capsys):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from vqx.app import FailedJob, exit_if_jobs_failed
+
+    def job(value):
+        return JobReturn(status=JobStatus.COMPLETED, _return_value=value)
+
+    exit_if_jobs_failed([[job({"lpips": 0.1}), job({"lpips": 0.2})]])  # all good: returns
+    exit_if_jobs_failed(None)  # Optuna's sweeper returns nothing
+    with pytest.raises(SystemExit) as e:
+        exit_if_jobs_failed([[job({"lpips": 0.1})], [job(FailedJob(3, "multirun/x/3", "boom")), job({"lpips": 1})]])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == ("vqx: error: 1 of 3 sweep jobs failed (job 3, multirun/x/3: boom; each "
+                                       "failed job's error.json says why)\n")
