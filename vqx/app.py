@@ -92,6 +92,7 @@ def run_job(cfg: DictConfig) -> dict | float | None:
     from . import distributed, experiment, torchrun
     from .config.validate import apply_renames
     from .track import runs
+    from .track.run_log import log_failure
 
     hc = HydraConfig.get()
     torchrun.check_job(hc)
@@ -100,6 +101,7 @@ def run_job(cfg: DictConfig) -> dict | float | None:
     optuna = multirun and "optuna" in str(hc.sweeper.get("_target_", "")).lower()
     # under torchrun a failed job stops every rank: the others cannot go on to the next job without it
     go_on = multirun and not distributed.is_distributed()
+    checked = False  # past the checks that need no model (`experiment.prepare`)
     try:
         apply_renames(cfg)  # old option names first, so a resumed sweep typed with them matches its saved config
         metrics = runs.completed_metrics(run_dir, cfg) if runs.resume_enabled(cfg) and multirun else None
@@ -108,12 +110,21 @@ def run_job(cfg: DictConfig) -> dict | float | None:
             log.info("skipping completed job %s: %s holds a complete run of this config (resume=false reruns it)",
                      hc.job.num, run_dir)
         else:
-            metrics = experiment.run(cfg, run_dir)
+            prepared = experiment.prepare(cfg, run_dir)
+            checked = True
+            metrics = experiment.run(cfg, run_dir, prepared)
         if distributed.is_main():
             runs.clear_error(run_dir)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
         e = as_vqx_error(exc)  # out of memory, disk full: one line saying what to change, in error.json too
+        if not checked and not multirun and not isinstance(e, KeyboardInterrupt):
+            # a bad setting: the one line is the whole answer; no run dir of Hydra's files (a sweep keeps the
+            # job's error.json: its report lists the failed jobs)
+            if distributed.is_main():
+                runs.discard_unused_run_dir(run_dir)
+            report_and_exit(e)
         runs.write_error(run_dir, e)  # by whichever rank failed: it knows why
+        log_failure(one_line(str(e)) or type(e).__name__)  # run.log ends with the error too
         if go_on and not isinstance(e, KeyboardInterrupt):
             log.error("job %s failed: %s", hc.job.num, one_line(str(e)))
             sys.stderr.write(f"vqx: job {hc.job.num} ({run_dir}) failed: {one_line(str(e))}\n")
