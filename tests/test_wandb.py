@@ -103,6 +103,8 @@ def test_three_job_sweep_logs_offline_runs_inside_the_sweep_dir(vqx_run, tmp_pat
         metrics = json.loads((job / "metrics.json").read_text())
         assert metrics["status"] == "complete"
         (run_folder,) = (job / "wandb").glob("offline-run-*")
+        # the end-of-run summary names the offline run and how to upload it
+        assert f"W&B: offline run {run_folder}; upload it with `wandb sync {run_folder}`" in (job / "run.log").read_text()
         records = wandb_records(run_folder)
         assert records["run"][0].run.run_group == "sweep"  # grouped by the multirun (its dir's name here)
         config = config_of(records)
