@@ -53,13 +53,14 @@ def test_explicit_modes_still_win(tmp_path, umask):
 
 
 def test_run_outputs_and_export_are_readable(vqx_run, tmp_path, umask):
-    """A wan_tiny run with a lightx2v export under umask 0022: every file 0644, every folder 0755."""
+    """A wan_tiny run with a lightx2v export and videos under umask 0022: every file 0644, every folder 0755."""
     run_dir = tmp_path / "run"
-    r = vqx_run(["algorithm=rtn", "export=lightx2v", "eval=none", "logger=none", f"hydra.run.dir={run_dir}",
-                 f"cache_dir={tmp_path / 'cache'}"])
+    r = vqx_run(["algorithm=rtn", "export=lightx2v", "eval=video", "eval.num_samples=1", "eval.noise_floor=none",
+                 "logger=none", f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"])
     assert r.returncode == 0, r.stderr
     got = modes(run_dir)
-    for name in ("config.yaml", "metrics.json", "run.log", "export", "export/manifest.json", "export/config.json"):
+    for name in ("config.yaml", "metrics.json", "run.log", "per_frame.png", "videos", "export",
+                 "export/manifest.json", "export/config.json", "export/diffusion_pytorch_model.safetensors"):
         assert name in got, sorted(got)
     wrong = {name: oct(m) for name, m in got.items()
              if m != (0o755 if (run_dir / name).is_dir() else 0o644)}
