@@ -136,3 +136,16 @@ def test_fixed_alpha_neither_searches_nor_guards(tiny_t2v, tmp_path):
     result = _quantize(copy.deepcopy(tiny_t2v), tmp_path, {"name": "sq", "steps": ["smoothquant"], "alpha": 0.5})
     assert result.blocks == [] and result.runtime_smoothing
     assert {g["alpha"] for g in result.groups} == {0.5}
+
+
+def test_a_block_kept_float_is_left_alone_by_the_search(tiny_t2v, tmp_path):
+    """format.skip_first_blocks=1 with the searched default: block 0 has no targets, so no step runs on it (the
+    search once asked it for a block error it had no scorer for) and block 1 is searched and guarded as usual."""
+    pipe = copy.deepcopy(tiny_t2v)
+    calib = _calib()
+    capture = load_or_capture(pipe, calib, "t2v", {"test": "block_search", "id": id(pipe)}, DiskCache(tmp_path))
+    targets = [t for t in quant_targets(pipe.transformer, LayerSelection()) if t.block != 0]
+    result = quantize_blockwise(pipe.transformer, capture, targets, get_scheme("w8a8"),
+                                OmegaConf.create({"name": "sq", "steps": ["smoothquant"], "alpha": "auto"}), calib)
+    assert result.quantized and not any(n.startswith("blocks.0.") for n in result.quantized)
+    assert [b["block"] for b in result.blocks] == [1]

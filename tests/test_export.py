@@ -553,14 +553,14 @@ def test_run_then_verify_export(vqx_run, tmp_path, args, corrupt):
 
 
 def test_run_refuses_before_building_a_model(vqx_run, tmp_path):
-    r = vqx_run(["export=lightx2v", "format=w8a16", f"hydra.run.dir={tmp_path}"])
+    run_dir = tmp_path / "run"
+    r = vqx_run(["export=lightx2v", "format=w8a16", f"hydra.run.dir={run_dir}"])
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "format=w8a16" in lines[0] and "w8a8, fp8" in lines[0]
-    assert not (tmp_path / "export").exists() and not (tmp_path / "metrics.json").exists()
-    (tmp_path / "export").mkdir()
-    (tmp_path / "export" / "manifest.json").write_text("{}")
-    r = vqx_run(["export=lightx2v", f"hydra.run.dir={tmp_path}"])
-    assert r.returncode == 2 and "export.overwrite=true" in r.stderr and str(tmp_path / "export") in r.stderr
+    assert not run_dir.exists()  # refused before the run started: no run dir at all
+    (run_dir / "export").mkdir(parents=True)
+    (run_dir / "export" / "manifest.json").write_text("{}")
+    r = vqx_run(["export=lightx2v", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 2 and "export.overwrite=true" in r.stderr and str(run_dir / "export") in r.stderr
     assert "model wan_tiny" not in r.stdout + r.stderr  # refused before the model was built
-

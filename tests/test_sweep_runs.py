@@ -110,14 +110,64 @@ def test_optuna_with_an_objective_no_job_reports_stops_with_one_line(vqx_run, tm
     assert "Traceback" not in r.stderr
 
 
-def test_single_run_failure_writes_error_json_and_success_clears_it(vqx_run, vqx_run_in_process, tmp_path):
-    run_dir = tmp_path / "run"
-    r = vqx_run_in_process(["model=wan2.1_t2v_1.3b", f"model.path={tmp_path / 'no_model'}", f"hydra.run.dir={run_dir}"])
+def test_single_run_failure_writes_error_json_and_success_clears_it(vqx_run, tmp_path):
+    run_dir, not_a_folder = tmp_path / "run", tmp_path / "file"
+    not_a_folder.write_text("x")  # the cache folder is a file: found at calibration, after the checks
+    r = vqx_run([*FAST, f"hydra.run.dir={run_dir}", f"cache_dir={not_a_folder}"])
     assert r.returncode == 2
     error = json.loads((run_dir / "error.json").read_text())
-    assert error == {"error": error["error"], "type": "UserError"} and "no_model is not a folder" in error["error"]
+    assert error == {"error": error["error"], "type": "UserError"} and str(not_a_folder) in error["error"]
     assert error["error"] in r.stderr  # the same one line the user saw
 
     r = vqx_run([*FAST, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"])
     assert r.returncode == 0, r.stderr
     assert not (run_dir / "error.json").exists() and (run_dir / "metrics.json").is_file()
+
+
+def test_multirun_with_a_failed_job_exits_1_after_the_rest(vqx_run_in_process, tmp_path):
+    # the job is refused before any model is built: in-process
+    r = vqx_run_in_process(sweep_args(tmp_path, "algorithm=rtn", "export=none", "eval=none", "logger=none",
+                                      "model=wan2.1_t2v_1.3b", f"model.path={tmp_path / 'no_model'}"))
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("vqx: error: 1 of 1 sweep jobs failed (job 0,") and "no_model is not a folder" in last
+    assert (tmp_path / "sweep" / "0" / "error.json").is_file()
+
+
+def test_failed_jobs_are_counted_over_every_batch(capsys):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from vqx.app import FailedJob, exit_if_jobs_failed
+
+    def job(value):
+        return JobReturn(status=JobStatus.COMPLETED, _return_value=value)
+
+    exit_if_jobs_failed([[job({"lpips": 0.1}), job({"lpips": 0.2})]])  # all good: returns
+    exit_if_jobs_failed(None)  # Optuna's sweeper returns nothing
+    with pytest.raises(SystemExit) as e:
+        exit_if_jobs_failed([[job({"lpips": 0.1})], [job(FailedJob(3, "multirun/x/3", "boom")), job({"lpips": 1})]])
+    assert e.value.code == 1
+    assert capsys.readouterr().err == ("vqx: error: 1 of 3 sweep jobs failed (job 3, multirun/x/3: boom; each "
+                                       "failed job's error.json says why)\n")
+
+
+@pytest.mark.parametrize("args", [["model=wan2.1_t2v_1.3b", "model.path=NO_MODEL", "logger=wandb"],
+                                  ["format=fp_e3m4", "export=lightx2v"], ["calib.num_prompts=0"]])
+def test_a_bad_setting_leaves_no_run_dir(vqx_run_in_process, tmp_path, args):
+    """Refused after composition (a model folder, an export refusal, a bad value): one line, exit 2, and no run dir
+    (no empty run.log, no error.json, no W&B run)."""
+    run_dir = tmp_path / "outputs" / "run"
+    args = [a.replace("NO_MODEL", str(tmp_path / "no_model")) for a in args]
+    r = vqx_run_in_process([*args, f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"], env={"WANDB_API_KEY": ""})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("vqx: error: ")
+    assert not run_dir.exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_bad_setting_keeps_an_earlier_runs_dir(vqx_run_in_process, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text("{}")
+    r = vqx_run_in_process(["calib.num_prompts=0", f"hydra.run.dir={run_dir}"])
+    assert r.returncode == 2, r.stderr
+    assert (run_dir / "metrics.json").read_text() == "{}" and not (run_dir / "error.json").exists()

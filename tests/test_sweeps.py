@@ -90,7 +90,19 @@ def test_optuna_sweep_searches_alpha_for_lowest_lpips():
 
 
 def test_command_line_value_replaces_the_swept_one():
-    assert expand(sweep_config("formats").hydra.sweeper.params, "format=fp8") == [["format=fp8"]]
+    assert expand(sweep_config("formats").hydra.sweeper.params, "format=fp8") == [["export=none", "format=fp8"]]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "sweeps" / "sweep").glob("*.yaml")))
+def test_ready_sweeps_export_nothing_unless_asked(name):
+    """A 26-job sweep must not write 26 checkpoints; `export=lightx2v` on the command line still exports."""
+    params = sweep_config(name).hydra.sweeper.params
+    assert params["export"] == "none"
+    if "interval(" not in " ".join(map(str, params.values())):  # the basic sweeper's jobs (Optuna samples its own)
+        jobs = expand(params)
+        assert jobs and all("export=none" in job for job in jobs)
+        assert all("export=lightx2v" in job and "export=none" not in job
+                   for job in expand(params, "export=lightx2v"))
 
 
 def test_sweep_dir_option_from_the_command_line(vqx_run_in_process):

@@ -71,6 +71,8 @@ def test_three_job_sweep_logs_offline_runs_inside_the_sweep_dir(vqx_run, tmp_pat
         metrics = json.loads((job / "metrics.json").read_text())
         assert metrics["status"] == "complete"
         (run_folder,) = (job / "wandb").glob("offline-run-*")
+        # the end-of-run summary names the offline run and how to upload it
+        assert f"W&B: offline run {run_folder}; upload it with `wandb sync {run_folder}`" in (job / "run.log").read_text()
         records = wandb_records(run_folder)
         assert records["run"][0].run.run_group == "sweep"  # grouped by the multirun (its dir's name here)
         config = config_of(records)
@@ -99,23 +101,24 @@ def test_three_job_sweep_logs_offline_runs_inside_the_sweep_dir(vqx_run, tmp_pat
 
 
 def test_failing_job_is_finished_with_exit_code_1_and_reported(vqx_run, tmp_path):
-    """A job whose model folder does not exist fails at load time; the sweep goes on and the report says why."""
-    sweep = tmp_path / "sweep"
-    r = vqx_run(["-m", "model=wan_tiny,wan2.1_t2v_1.3b", f"model.path={tmp_path / 'no_such_model'}", "logger=wandb",
-                 *FAST, f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'}"], env=NO_CREDENTIALS)
-    assert r.returncode == 0, r.stderr
-    assert "job 1" in r.stderr and "no_such_model is not a folder" in r.stderr
+    """A job whose cache folder is a file fails at calibration; the sweep goes on, exits 1, and the report says why."""
+    sweep, blocker = tmp_path / "sweep", tmp_path / "blocker"
+    blocker.write_text("x")  # a file where job 1's cache folder should be
+    r = vqx_run(["-m", "logger=wandb", *FAST, f"hydra.sweep.dir={sweep}", f"cache_dir={tmp_path / 'cache'},{blocker}"],
+                env=NO_CREDENTIALS)
+    assert r.returncode == 1, r.stderr
+    assert "job 1" in r.stderr and "a part of the path is a file, not a folder" in r.stderr
     assert json.loads((sweep / "0" / "metrics.json").read_text())["status"] == "complete"
     assert not (sweep / "0" / "error.json").exists()
     assert not (sweep / "1" / "metrics.json").exists()
     error = json.loads((sweep / "1" / "error.json").read_text())
-    assert error["type"] == "UserError" and "is not a folder" in error["error"] and "\n" not in error["error"]
+    assert error["type"] == "UserError" and "a file, not a folder" in error["error"] and "\n" not in error["error"]
 
     (run_folder,) = (sweep / "1" / "wandb").glob("offline-run-*")
     records = wandb_records(run_folder)
     assert records["exit"][0].exit.exit_code == 1
     summary = summary_of(records)
-    assert summary["status"] == "failed" and "is not a folder" in summary["error"]
+    assert summary["status"] == "failed" and "Not a directory" in summary["error"] and str(blocker) in summary["error"]
 
     c = compare(sweep)
     assert c.returncode == 0, c.stderr
@@ -123,7 +126,7 @@ def test_failing_job_is_finished_with_exit_code_1_and_reported(vqx_run, tmp_path
     tables = report_tables(sweep / "report.html")
     assert sorted(row[0] for row in tables["jobs"][1:]) == ["0", "1"]
     (failed,) = tables["failed"][1:]
-    assert failed[0] == "1" and "UserError" in failed[1] and "no_such_model is not a folder" in failed[1]
+    assert failed[0] == "1" and "UserError" in failed[1] and "a file, not a folder" in failed[1]
 
 
 def test_logger_none_never_imports_wandb(tmp_path):

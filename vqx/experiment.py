@@ -24,22 +24,28 @@ from .io import write_json_atomic, write_text_atomic
 from .models.adapter import LayerSelection, adapter_for
 from .models.fingerprint import model_fingerprint
 from .models.loading import load_pipeline
-from .models.adapter import LayerSelection, QuantTarget, adapter_for
+from .models.adapter import LayerSelection, QuantTarget, adapter_for, adapter_named
 from .quant.formats import Format, format_from_config
 from .quant.scheme import Scheme
 from .stages import EVALUATORS, EXPORTERS, LOGGERS, Evaluator, Exporter, RunState
+from .track.run_log import log_header, log_summary
 
 log = logging.getLogger("vqx")
 
 
 class Timings(dict):
+    """Seconds per stage (``<stage>_s``), each also logged (run.log) when the stage ends or fails."""
+
     @contextmanager
     def __call__(self, stage: str):
         t0 = time.perf_counter()
+        ok = False
         try:
             yield
+            ok = True
         finally:
             self[f"{stage}_s"] = round(time.perf_counter() - t0, 3)
+            log.info("stage %s %s in %.1f s", stage, "done" if ok else "failed", self[f"{stage}_s"])
 
 
 def steps_need_data(cfg: DictConfig, fmt: Format) -> bool:
@@ -84,26 +90,39 @@ def plan_targets(transformer, fmt: Format) -> tuple[list[QuantTarget], dict[str,
     return [t for t in every if t.name in schemes], schemes
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run every stage; write ``config.yaml`` first and ``metrics.json`` last (only when all succeeded).
-
-    Under torchrun every rank runs the stages on its share of the work (calibration prompts, eval samples) and
-    rank 0 alone writes the run dir: config, export, videos, W&B, metrics."""
+def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Exporter, Evaluator, object]:
+    """Every check that needs no model (settings, prompt files, the model folder, what the exporter and
+    evaluator accept, the logger's mode): a bad value fails here, before anything is written or started.
+    Returns the run's exporter, evaluator and (not yet started) logger."""
     validate(cfg)
+    # a local model folder: complete, readable headers, weights matching their config (seconds; wan_mini's was
+    # checked by validate, before its prompt files are read)
+    adapter_named(cfg.model.family).check_model_folder(cfg.model)
     fmt = format_from_config(cfg.format)
     if needs_calibration(cfg, fmt):  # a bad prompt file fails now, not after the model is loaded
         load_prompt_set(cfg.calib.path, cfg.model.task, "calib", limit=cfg.calib.num_prompts)
-    main = distributed.is_main()
     check_ranks(cfg)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    torch.manual_seed(cfg.seed)
     exporter = EXPORTERS.lookup(cfg.export.name)
     exporter.check(cfg)
     evaluator = EVALUATORS.lookup(cfg.eval.name)(cfg, run_dir)
     evaluator.check()
-    logger = LOGGERS.lookup(cfg.logger.name if main else "none")(cfg, run_dir)
+    logger = LOGGERS.lookup(cfg.logger.name if distributed.is_main() else "none")(cfg, run_dir)
+    return exporter, evaluator, logger
+
+
+def run(cfg: DictConfig, run_dir: Path, prepared: tuple | None = None) -> dict:
+    """Run every stage; write ``config.yaml`` first and ``metrics.json`` last (only when all succeeded).
+    ``prepared``: what `prepare` returned, when the caller checked the config first.
+
+    Under torchrun every rank runs the stages on its share of the work (calibration prompts, eval samples) and
+    rank 0 alone writes the run dir: config, export, videos, W&B, metrics."""
+    exporter, evaluator, logger = prepared if prepared is not None else prepare(cfg, run_dir)
+    main = distributed.is_main()
+    log_header(cfg)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(cfg.seed)
     logger.start()
     try:
         metrics = _run_stages(cfg, run_dir, exporter, evaluator)
@@ -114,6 +133,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if main:
         write_json_atomic(run_dir / "metrics.json", metrics)
         log.info("metrics written to %s", run_dir / "metrics.json")
+        log_summary(metrics, run_dir)
     return metrics
 
 

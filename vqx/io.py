@@ -3,6 +3,8 @@
 Files: `atomic_path` (and `write_text_atomic`, `write_json_atomic`) write beside the target and rename.
 Folders: `staged_dir` builds one in a hidden temporary folder beside its final place and `publish_dir` renames
 it there; the on-disk cache, exports and wan_mini training all publish their folders this way.
+What lands gets the permissions a plain ``open()`` / ``mkdir()`` would give under the process umask (0644 / 0755
+with umask 0022), not the 0600 / 0700 the temporary files and folders are created with.
 """
 
 from __future__ import annotations
@@ -15,6 +17,29 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """What ``open(path, "w")`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def default_dir_mode() -> int:
+    """What ``mkdir`` gives a new folder: 0777 less the umask."""
+    return 0o777 & ~current_umask()
 
 
 def fsync_dir(path: Path) -> None:
@@ -35,7 +60,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = ".tmp", mode: int | Non
     """Yield a temporary path beside ``target``; on success it is fsynced and renamed onto ``target``.
 
     ``suffix``: the temporary name's (encoders pick a container by it); ``mode``: permissions to set before the
-    rename (the temporary file is created 0600).
+    rename (default: a plain new file's under the umask, `default_file_mode`; the temporary file is created 0600).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -46,8 +71,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = ".tmp", mode: int | Non
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp_path, mode)
+        os.chmod(tmp_path, default_file_mode() if mode is None else mode)
         os.replace(tmp_path, target)
         fsync_dir(target.parent)
     finally:
@@ -105,12 +129,19 @@ def publish_dir(tmp: Path, final: Path, fsync_files: bool = False, mode: tuple[i
     """Rename the finished folder ``tmp`` onto ``final`` (beside it, so one file system). An existing ``final`` is
     renamed aside first and removed after: ``final`` is the old folder, briefly absent, or the new one, never a mix.
 
-    ``fsync_files``: flush every file first (large outputs); ``mode``: (files, folders) permissions to set first
-    (atomic writes create files 0600; a folder meant to be shared or committed wants 0644/0755).
+    ``fsync_files``: flush every file first (large outputs); ``mode``: (files, folders) permissions to set on
+    everything first; default: a plain new file's and folder's under the umask (`default_file_mode`,
+    `default_dir_mode`; executables keep their x bits as the umask allows): the temporary folder is created 0700
+    and some writers (safetensors >= 0.7) create their files 0600 through temporary files of their own.
     """
-    for p in [tmp, *tmp.rglob("*")] if (fsync_files or mode) else ():
-        if mode is not None:
-            p.chmod(mode[1] if p.is_dir() else mode[0])
+    files, dirs = mode if mode is not None else (default_file_mode(), default_dir_mode())
+    for p in [tmp, *tmp.rglob("*")]:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            p.chmod(dirs)
+        else:
+            p.chmod(dirs if mode is None and p.stat().st_mode & 0o100 else files)
         if fsync_files and p.is_file():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())

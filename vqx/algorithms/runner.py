@@ -198,7 +198,8 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
         if guard:
             identity = scratch(ctx)  # the block before any step: what round-to-nearest quantizes
             ctx.scorer = BlockScorer(reference, inputs, capture.indices, search_calls, device, model_dtype)
-        run_steps(ctx, plan)
+        if block_targets:  # a block the format keeps float: nothing for a step to choose (nor a block to score)
+            run_steps(ctx, plan)
         input_scales = static_input_scales(ctx)
         if guard:
             input_scales = _guard(ctx, identity, reference, inputs, calib, result, input_scales, rtn_input_scales)

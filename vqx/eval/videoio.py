@@ -75,7 +75,7 @@ def write_mp4(path: str | os.PathLike, video: np.ndarray, fps: int = 16) -> str:
     h, w = frames.shape[1:3]
     library = video_library()
     # encoders pick the container from the temporary file's suffix; the videos are meant to be shared
-    with atomic_path(path, suffix=Path(path).suffix, mode=0o644) as tmp:
+    with atomic_path(path, suffix=Path(path).suffix) as tmp:
         if library == "imageio-ffmpeg":
             import imageio_ffmpeg
 

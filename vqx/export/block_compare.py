@@ -173,7 +173,7 @@ def compare_blocks(folder: Path, tf: TensorFiles, wan_cfg: dict, dkw: dict, sche
         if scales:
             n, d = max(scales.items(), key=lambda kv: kv[1])
             report.problems.append(f"blocks.{i}: the per-token activation scales of {', '.join(sorted(scales))} differ "
-                                   f"from the evaluated model's by up to {d:.3g} (relative, at {n}; ulps: < "
+                                   f"from the evaluated model's by up to {d:.3g} (relative, at {n}; a correct export: < "
                                    f"{SCALE_RTOL:g}): a tensor before them (smoothing vector, norm) differs")
         if not math.isfinite(err) or err > report.tolerance:
             report.problems.append(f"blocks.{i}: lightx2v's math on the exported tensors differs from the evaluated "

@@ -177,5 +177,6 @@ def _check_values(tf: TensorFiles, expected: dict, present: set, scheme: str, re
     if smooth and not report.problems:
         unrounded = [k for k in smooth if not torch.equal(tf.get(k).to(torch.bfloat16).float(), tf.get(k).float())]
         if unrounded:
-            report.notes.append(f"{len(unrounded)} smoothing vector(s) are not bf16-representable; lightx2v rounds "
-                                f"them to bf16, a small difference from the fake-quant model (included in the check)")
+            report.notes.append(f"{len(unrounded)} smoothing vector(s) are not bf16-representable; lightx2v's bf16 "
+                                f"mode rounds them, a small difference from the fake-quant model that the fp32 "
+                                f"check does not include")

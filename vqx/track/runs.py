@@ -4,7 +4,9 @@ already complete (resume), and the number an Optuna sweep minimizes."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,28 @@ def write_error(run_dir: Path, exc: BaseException) -> None:
 def clear_error(run_dir: Path) -> None:
     """A job that now succeeded must not keep a previous attempt's error.json."""
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
+
+
+HYDRA_FILES = {".hydra", "run.log"}  # what Hydra writes into a run dir before the job starts
+
+
+def discard_unused_run_dir(run_dir: Path) -> bool:
+    """Remove ``run_dir`` if it holds nothing but what Hydra wrote for a job that never started (its ``.hydra/``
+    and ``run.log``); a folder holding anything else (an earlier run's results) is left as it is."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - HYDRA_FILES:
+        return False
+    for handler in logging.getLogger().handlers:  # Hydra's run.log handler: close it before its file goes
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.absolute():
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    (run_dir / "run.log").unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        return False
+    return True
 
 
 def resume_enabled(cfg: DictConfig) -> bool:

@@ -184,10 +184,18 @@ class WandbLogger(Logger):
         finally:
             try:
                 run.finish(exit_code=0 if error is None else 1)
+                log.info("%s", self.where(run))
             except Exception as e:  # noqa: BLE001  (the job's own results come first)
                 log.warning("W&B run did not finish cleanly: %s", one_line(str(e)))
             if self._own_data_dir:
                 os.environ.pop("WANDB_DATA_DIR", None)
+
+    def where(self, run) -> str:
+        """One line: the online run's page, or the offline run's folder and the command that uploads it."""
+        if self.mode == "offline":
+            folder = Path(run.dir).parent  # <run dir>/wandb/offline-run-*/files -> the run folder
+            return f"W&B: offline run {folder}; upload it with `wandb sync {folder}`"
+        return f"W&B: {getattr(run, 'url', None) or run.id}"
 
     def _log_results(self, run, metrics: dict) -> None:
         import wandb

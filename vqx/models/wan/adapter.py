@@ -94,12 +94,16 @@ class WanAdapter(ModelAdapter):
         return load_diffusers_folder(Path(model.path).expanduser(), model.task, dtype)
 
     def check_model_folder(self, model) -> None:
-        if model.source == "mini":  # says how to train it; then the checks of any diffusers folder apply
-            from pathlib import Path
+        from pathlib import Path
 
+        if model.source == "mini":  # says how to train it; then the checks of any diffusers folder apply
             from .checkpoint import check_mini_folder
 
             check_mini_folder(Path(str(model.path)).expanduser())
+        elif model.source == "diffusers":  # complete, readable headers, weights matching their config: seconds
+            from .checkpoint import check_diffusers_folder
+
+            check_diffusers_folder(Path(str(model.path)).expanduser(), model.task)
 
     def check_outliers(self, scale: float, sites: list[str]) -> str | None:
         from .outliers import check_scale, check_sites, structure_change
