@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..runtime import resolve_device
 from . import contract, lightx2v_math
 from .checks import Report, TensorFiles
-from .lightx2v_reference import GRID, INPUTS, REFERENCE_FILE
+from .lightx2v_reference import GRID, INPUTS, METADATA_KEY, REFERENCE_FILE
 
 # Max relative error of a block's update (lockstep, fp32) between lightx2v's math on the files and the evaluated
 # block's recorded output. Measured on correct exports (bench/verify_floor.py; bench/results/verify_floor*.json):
@@ -128,7 +128,8 @@ def recorded(folder: Path, wan_cfg: dict, report: Report) -> Recorded | None:
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            ref = Recorded({k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("alias", "{}")))
+            info = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+            ref = Recorded({k: f.get_tensor(k) for k in f.keys()}, info.get("alias", {}))
     except Exception as e:  # noqa: BLE001  (any corrupt file: one line)
         report.problems.append(f"{REFERENCE_FILE}: unreadable ({str(e).splitlines()[0][:160]})")
         return None

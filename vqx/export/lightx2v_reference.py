@@ -31,6 +31,7 @@ GRID = (1, 4, 6)  # latent frames, height, width after patching: 24 tokens (> 16
 TEXT_TOKENS_T2V = 64  # T2V cross-attention takes any length; diffusers' I2V splits off all but Wan's 512
 IMAGE_TOKENS = 32  # > 16: torch._int_mm on CUDA needs more than 16 rows
 INPUTS = ("x", "embed0", "context", "context_img")
+METADATA_KEY = "vqx_reference"
 
 
 def block_inputs(dim: int, i2v: bool, seed: int) -> dict[str, torch.Tensor]:
@@ -113,9 +114,9 @@ def record(transformer: torch.nn.Module, path: Path, blocks: list[int], seed: in
             tensors[f"{key}.act_codes"], tensors[f"{key}.act_scale"] = codes.cpu(), scale.cpu()
         del block
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", "grid": ",".join(map(str, GRID)), "seed": str(seed),
-                                            "dtype": "float32", "alias": json.dumps(alias, sort_keys=True),
-                                            "producer": f"vqx {__version__}"})
+    # one metadata key: safetensors writes a multi-key table in hash order, which differs between processes
+    info = {"grid": list(GRID), "seed": seed, "dtype": "float32", "alias": alias, "producer": f"vqx {__version__}"}
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
     return len(tensors)
 
 
