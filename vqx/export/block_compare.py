@@ -158,7 +158,8 @@ def compare_blocks(folder: Path, tf: TensorFiles, wan_cfg: dict, dkw: dict, sche
     blocks = sorted(ref.outputs)
     blocks = [blocks[j] for j in spread(len(blocks), max_blocks)]
     for i in tqdm(blocks, desc="verify", unit="block", leave=False):
-        missing = [n for n in linears if n.startswith(f"blocks.{i}.") and n[len(f"blocks.{i}."):] not in ref.block_codes(i)]
+        codes = ref.block_codes(i)
+        missing = [n for n in linears if n.startswith(f"blocks.{i}.") and n[len(f"blocks.{i}."):] not in codes]
         if missing:
             report.problems.append(f"{REFERENCE_FILE}: no recorded activation codes for {', '.join(missing[:3])}")
             continue

@@ -106,11 +106,11 @@ def record(transformer: torch.nn.Module, path: Path, blocks: list[int], seed: in
         for native, x in captured.items():
             codes, scale = lightx2v_math.act_quant(x, scheme, "vllm")
             key = f"blocks.{i}.{native}"
-            found = seen.get((tuple(codes.shape), codes.view(torch.int8).cpu().numpy().tobytes(), scale.cpu().numpy().tobytes()))
-            if found is not None:
-                alias[key] = found
+            content = (tuple(codes.shape), codes.view(torch.int8).cpu().numpy().tobytes(), scale.cpu().numpy().tobytes())
+            if content in seen:
+                alias[key] = seen[content]
                 continue
-            seen[(tuple(codes.shape), codes.view(torch.int8).cpu().numpy().tobytes(), scale.cpu().numpy().tobytes())] = key
+            seen[content] = key
             tensors[f"{key}.act_codes"], tensors[f"{key}.act_scale"] = codes.cpu(), scale.cpu()
         del block
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,10 @@ def _swap(t: dict, pairs: list[tuple[str, str]]) -> list[str]:
 
 
 def inverted_vectors(t, a, b):
-    return [k for k in list(t) if k.startswith(f"blocks.{a}.affine_norm") and not t.__setitem__(k, 1 / t[k])]
+    keys = [k for k in t if k.startswith(f"blocks.{a}.affine_norm")]
+    for k in keys:
+        t[k] = 1 / t[k]
+    return keys
 
 
 def vectors_1pct(t, a, b):
