@@ -62,9 +62,10 @@ def run_vqx_in_process(args, cwd=None, env=None, pin_model=True):
     saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv[:], os.getcwd()
     out, err = io.StringIO(), io.StringIO()
     code = 0
+    run_env = _run_env(env)  # from the test's environment, before it is replaced
     try:
         os.environ.clear()
-        os.environ.update(_run_env(env))
+        os.environ.update(run_env)
         os.chdir(cwd or ROOT)
         sys.argv = [str(ROOT / "run.py"), *args]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
