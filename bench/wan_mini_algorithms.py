@@ -100,6 +100,22 @@ def _paired(row: dict, rtn: dict | None) -> dict:
             "videos_worse_beyond_floor": sum(d["worse_beyond_floor"] for d in diffs)}
 
 
+def _rows(points: list[tuple], results: dict) -> list[dict]:
+    """One row per point measured so far, in grid order, with its paired differences to RTN."""
+    rows = []
+    for (o, f, a), _ in points:
+        if (o, f, a) not in results:
+            continue
+        summary, error = results[(o, f, a)]
+        row = {"outliers": o, "format": f, "algorithm": a, "overrides": _point_overrides(a, f, o)}
+        if error:
+            rows.append({**row, "error": error})
+            continue
+        rtn = results.get((o, f, "rtn"), (None, None))[0]
+        rows.append({**row, **summary, **_paired(summary, rtn if a != "rtn" else summary)})
+    return rows
+
+
 def _markdown(rows: list[dict]) -> str:
     out = ["| outliers | format | algorithm | LPIPS | PSNR dB | SSIM | dPSNR vs RTN: mean / worst video | "
            "videos worse than RTN beyond the floor | block fallbacks |", "|---|---|---|---|---|---|---|---|---|"]
@@ -176,27 +192,20 @@ def main() -> int:
     for proc in procs:
         proc.start()
     results = {}
-    for _ in range(len(points)):
+    for done in range(1, len(points) + 1):
         key, summary, error = queue.get()
         results[key] = (summary, error)
         print(f"{'/'.join(key)}: " + (error or f"PSNR {summary['psnr']:.2f} LPIPS {summary['lpips']:.4f} "
                                       f"({summary['wall_s']} s)"), flush=True)
+        # rewritten after every point, so a run cut short (a time limit) still leaves what it measured
+        rows = _rows(points, results)
+        markdown = _markdown(rows)
+        path = write_results(args.out, rows, {
+            "note": args.note, "command": " ".join(sys.argv), "base_overrides": base,
+            "points_done": f"{done} of {len(points)}", "wall_s": round(time.perf_counter() - t0, 1),
+            "markdown": markdown, "worse_than_rtn": "a video's LPIPS above RTN's by more than its noise-floor LPIPS"})
     for proc in procs:
         proc.join()
-
-    rows = []
-    for (o, f, a), _ in points:
-        summary, error = results[(o, f, a)]
-        row = {"outliers": o, "format": f, "algorithm": a, "overrides": _point_overrides(a, f, o)}
-        if error:
-            rows.append({**row, "error": error})
-            continue
-        rtn = results.get((o, f, "rtn"), (None, None))[0]
-        rows.append({**row, **summary, **_paired(summary, rtn if a != "rtn" else summary)})
-    markdown = _markdown(rows)
-    path = write_results(args.out, rows, {"note": args.note, "command": " ".join(sys.argv), "base_overrides": base,
-                                          "wall_s": round(time.perf_counter() - t0, 1), "markdown": markdown,
-                                          "worse_than_rtn": "a video's LPIPS above RTN's by more than its noise-floor LPIPS"})
     print(markdown)
     print(f"written {path}")
     return 1 if any(r.get("error") for r in rows) else 0
