@@ -162,6 +162,15 @@ def test_nvfp4_with_a_non_power_of_two_global_scale():
     assert torch.equal(codes, want_codes) and torch.equal(scale, want_s8 / (2688.0 / x.bfloat16().abs().max()).to(F32))
 
 
+def test_nvfp4_global_scale_is_the_references_bf16_expression():
+    """``2688.0 / amax_bf16`` is bf16 arithmetic evaluated as reciprocal then product: not one rounding."""
+    for amax, want in [(3.4375, 784.0), (1000.0, 2.6875), (2688.0, 1.0), (0.37, 7264.0)]:
+        t = torch.tensor(amax)
+        assert float(global_scale_of(t[None, None], NVFP4_W)) == want == float((2688.0 / t.bfloat16()).float())
+    assert float(torch.tensor(2688.0 / 3.4375).bfloat16()) == 780.0  # a single rounding would give 780
+    assert float(global_scale_of(torch.zeros(2, 16), NVFP4_W)) == 1.0
+
+
 def test_nvfp4_calibrated_activation_global_scale_saturates_group_scales_at_448():
     """A token above the calibrated absmax: its group scale saturates at 448 (the kernel's satfinite e4m3) and its
     codes at 6, where the reference's unclamped cast would give NaN."""

@@ -201,13 +201,14 @@ def _e8m0(amax: torch.Tensor, grid: NumberGrid, rule: str) -> torch.Tensor:
 
 
 def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
-    """lightx2v's NVFP4 global scale of a tensor (or calibrated activation) absmax: ``2688 / amax`` as its converter
-    computes it on a bf16 tensor (tools/convert/quant/quant.py: ``2688.0 / torch.max(torch.abs(w))``, a bf16
-    division) and as its loader computes ``2688.0 / input_absmax`` after casting the stored value to bf16: so both
-    the absmax and the quotient are rounded to bf16 (the stored value survives the loader's bf16 cast). An all-zero
-    tensor gets 1.0 (the reference would divide by zero). fp32 scalar."""
-    amax = amax.detach().float().to(torch.bfloat16).float()
-    g = (torch.full_like(amax, NVFP4_GLOBAL_AMAX) / amax).to(torch.bfloat16).float()
+    """lightx2v's NVFP4 global scale of a tensor (or calibrated activation) absmax, ``2688.0 / amax`` as its
+    converter computes it on a bf16 tensor (tools/convert/quant/quant.py: ``2688.0 / torch.max(torch.abs(w))``) and
+    its loader after casting the stored ``input_absmax`` to bf16. That expression is bf16 arithmetic, and PyTorch
+    evaluates ``number / tensor`` as ``tensor.reciprocal() * number``: 1/amax is rounded to bf16, then the product
+    again (not one correctly rounded quotient: amax 3.4375 gives 784, not 780). vqx does the same so the stored
+    value is the one lightx2v uses. An all-zero tensor gets 1.0 (the reference would divide by zero). fp32 scalar."""
+    amax = amax.detach().float().to(torch.bfloat16)
+    g = (torch.reciprocal(amax) * NVFP4_GLOBAL_AMAX).float()  # bf16 reciprocal, bf16 product, as `2688.0 / amax`
     return torch.where(amax == 0, torch.ones_like(g), g)
 
 
