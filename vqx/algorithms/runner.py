@@ -34,8 +34,9 @@ from ..calib.stats import GroupStats
 from ..errors import Fault
 from ..models.adapter import BlockInputs, QuantTarget, adapter_for
 from ..quant.linear import QuantLinear
-from ..quant.scheme import Scheme, choose_scales
+from ..quant.scheme import Scheme
 from . import shared_stats
+from .act_calib import calibrated_input_scales, needs_samples
 from .materialize import materialize
 from .registry import BlockContext, BlockHooks, plan_steps, run_steps, stats_needed
 from .shared_stats import shareable
@@ -132,7 +133,10 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
     last = max(by_block) if by_block else -1
 
     shared = None
-    if cache is not None and capture.identity is not None and shareable(plan, calib):
+    # a percentile or search over the token sample needs the float pass's full sample, not the cached report sample
+    calibrated = any(s is not None and s.activation is not None and s.activation.calibrated for s in schemes.values())
+    if cache is not None and capture.identity is not None and shareable(plan, calib) \
+            and not (calibrated and needs_samples(calib)):
         key = shared_stats.identity(capture.identity, {i: [g.name for g in gs] for i, gs in block_groups.items()},
                                     calib, dtype, device)
 
@@ -172,13 +176,13 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
             t.module.float()
         block_schemes = {n: schemes.get(t.name) for n, t in block_targets.items()}
         ctx = BlockContext(i, block, groups, block_targets, stats, block_schemes, hooks=hooks)
-        rtn_input_scales = _static_input_scales(ctx)  # before the steps rescale the statistics
+        rtn_input_scales = calibrated_input_scales(ctx, calib)  # before the steps rescale the statistics
         run_steps(ctx, plan)
         if ctx.runtime_smoothing:
             result.runtime_smoothing[i] = ctx.runtime_smoothing
         quantized = materialize(transformer, list(block_targets.values()), schemes, ctx.chosen_codes,
                                 {i: ctx.runtime_smoothing} if ctx.runtime_smoothing else {}, compute_dtype=model_dtype,
-                                input_scales=_static_input_scales(ctx))
+                                input_scales=calibrated_input_scales(ctx, calib))
         for n, t in block_targets.items():
             if t.name not in quantized:  # left float (format=none): back to the model dtype
                 t.module.to(model_dtype[n])
@@ -271,19 +275,6 @@ def _check_same_on_all_ranks(block, ctx: BlockContext, i: int) -> None:
     if len(set(digests)) > 1:
         raise Fault(f"the torchrun ranks quantized block {i} differently (a nondeterministic kernel, or unlike GPUs); "
                     "calibrate on one GPU, then evaluate with torchrun (the capture is cached)")
-
-
-def _static_input_scales(ctx: BlockContext) -> dict[str, torch.Tensor]:
-    """Full name -> the calibrated per-tensor input scale of each target whose scheme has static activations:
-    from its group's absmax over all calibration calls (after the block's smoothing, which rescales them)."""
-    out = {}
-    for g in ctx.groups:
-        for local in g.linears:
-            scheme = ctx.schemes.get(local)
-            if scheme is None or scheme.activation is None or scheme.activation.dynamic:
-                continue
-            out[ctx.full_name(local)] = choose_scales(ctx.stats[g.name].absmax.float()[None, :], scheme.activation).reshape(())
-    return out
 
 
 @torch.no_grad()
