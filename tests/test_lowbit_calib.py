@@ -53,7 +53,9 @@ def test_absmax_statistic_is_the_max_over_every_call():
     assert set(got) == {"blocks.0.a", "blocks.0.b"} and float(got["blocks.0.a"]) == float(want)
     ctx, _ = _context("nvfp4", _calls())
     got = calibrated_input_scales(ctx, _calib())
-    assert float(got["blocks.0.b"]) == float((2688.0 / torch.tensor(50.0).bfloat16()).float())  # the loader's G
+    assert float(got["blocks.0.b"]) == 50.0  # lightx2v's input_absmax; QuantLinear derives the loader's G from it
+    q = QuantLinear(ctx.block.b, SCHEMES["nvfp4"], input_scale=got["blocks.0.b"])
+    assert float(q.input_absmax) == 50.0 and float(q.input_scale) == float((2688.0 / torch.tensor(50.0).bfloat16()).float())
 
 
 def test_percentile_statistic_is_a_percentile_of_token_absmax():
@@ -108,7 +110,7 @@ def test_mse_statistic_for_nvfp4_searches_the_activation_global_scale():
             g_w = (2688.0 / w.bfloat16().abs().max()).float()
             wc, ws = ref_nvfp4_quant(w, g_w)
             err += float(((xdq @ (wc * (ws / g_w).repeat_interleave(16, 1)).T) - (x @ w.T)).pow(2).sum())
-        errs[k] = (err, g_act)
+        errs[k] = (err, amax.bfloat16().float())
     best = min(errs, key=lambda k: errs[k][0])
     assert float(got["blocks.0.a"]) == float(errs[best][1])
 
@@ -119,7 +121,8 @@ def test_nvfp4_quant_linear_with_a_calibrated_global_scale_is_the_reference_matm
     with torch.no_grad():
         lin.weight.copy_(torch.randn(24, 64, generator=g))
     g_act = torch.tensor(2688.0 / 4.0)  # calibrated on absmax 4
-    q = QuantLinear(lin, SCHEMES["nvfp4"], input_scale=g_act)
+    q = QuantLinear(lin, SCHEMES["nvfp4"], input_scale=torch.tensor(4.0))
+    assert float(q.input_scale) == float(g_act)
     x = torch.randn(7, 64, generator=g) * 2
     x[0, 0] = 9.0  # above the calibrated range: its group saturates
     xc, xs = ref_nvfp4_quant(x, g_act)
@@ -129,5 +132,5 @@ def test_nvfp4_quant_linear_with_a_calibrated_global_scale_is_the_reference_matm
     xdq = xc * (xs / g_act).repeat_interleave(16, 1)
     wdq = wc * (ws / g_w).repeat_interleave(16, 1)
     assert torch.equal(q(x), nn.functional.linear(xdq, wdq, lin.bias))
-    with pytest.raises(ValueError, match="needs a calibrated global scale"):
+    with pytest.raises(ValueError, match="needs a calibrated input_absmax"):
         QuantLinear(lin, SCHEMES["nvfp4"])

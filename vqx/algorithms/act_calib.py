@@ -8,7 +8,8 @@ of an NVFP4-style scheme, chosen per input group from the statistics over the wh
 - ``mse``: of the clipped absmaxes ``absmax x r``, r = 1, ..., ``calib.act_clip_min`` (``calib.act_grid`` steps),
   the one whose value gives the lowest quantized output error of the group's linears on the token sample
   (weights as they will be quantized: the step's chosen codes, else round to nearest); the absmax wins ties.
-The value is then the scheme's: ``absmax / qmax`` in its scale dtype (static), or `nvfp4_global_scale`.
+The value is then the scheme's: ``absmax / qmax`` in its scale dtype (static), or (NVFP4) the absmax itself,
+rounded to bf16 as lightx2v's loader reads ``input_absmax`` (QuantLinear derives the global scale from it).
 Linears of a group that share an activation scheme share the value, so the group's input is quantized once.
 """
 
@@ -26,10 +27,11 @@ STATISTICS = ("absmax", "percentile", "mse")
 
 
 def value_of(amax: torch.Tensor, act: TensorScheme) -> torch.Tensor:
-    """The calibrated per-tensor value of activation scheme ``act`` for an absmax (fp32 scalar)."""
+    """The calibrated per-tensor value of activation scheme ``act`` for an absmax (fp32 scalar): what `QuantLinear`
+    takes as ``input_scale``."""
     amax = amax.detach().float().reshape(())
     if act.global_scale:
-        return nvfp4_global_scale(amax)
+        return amax.to(torch.bfloat16).float()
     return choose_scales(amax.reshape(1, 1), TensorScheme(act.grid, "tensor", scale_dtype=act.scale_dtype,
                                                           amax_floor=act.amax_floor)).reshape(())
 
@@ -88,6 +90,12 @@ def calibrated_input_scales(ctx: BlockContext, calib) -> dict[str, torch.Tensor]
     return out
 
 
+def _quantizer_value(amax: torch.Tensor, act: TensorScheme) -> torch.Tensor:
+    """What `fake_quantize` takes: the static scale, or the global scale of the (bf16) absmax."""
+    value = value_of(amax, act)
+    return nvfp4_global_scale(value) if act.global_scale else value
+
+
 def _search(ctx: BlockContext, locals_: list[str], act: TensorScheme, x: torch.Tensor, amax: torch.Tensor,
             calib) -> torch.Tensor:
     layers = []
@@ -101,7 +109,7 @@ def _search(ctx: BlockContext, locals_: list[str], act: TensorScheme, x: torch.T
     xs = x.to(layers[0][0].device)
     best, best_err = amax, None
     for cand in _candidates(amax, calib):
-        err = _output_error(xs, layers, act, value_of(cand, act).to(xs.device))
+        err = _output_error(xs, layers, act, _quantizer_value(cand, act).to(xs.device))
         if best_err is None or err < best_err:
             best, best_err = cand, err
     return best

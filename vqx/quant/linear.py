@@ -19,7 +19,7 @@ from torch import nn
 from . import fastpath
 from .fastpath import QuantSpec
 from .numbers import check_finite
-from .scheme import Scheme, TensorScheme, dequantize, global_scale_of, quantize
+from .scheme import Scheme, TensorScheme, dequantize, global_scale_of, nvfp4_global_scale, quantize
 
 _CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
@@ -43,7 +43,9 @@ class QuantLinear(nn.Module):
         multiplied by 1/s before quantization, as lightx2v's affine_norm vectors do (the weight columns
         were already multiplied by s). ``dtype``: the compute dtype (default: the float weight's).
         ``input_scale``: the calibrated per-tensor activation value of a scheme that needs one
-        (`TensorScheme.calibrated`): its static scale, or (NVFP4) its global scale."""
+        (`TensorScheme.calibrated`): its static scale, or (NVFP4) the activation absmax its global scale comes from
+        (lightx2v's ``input_absmax``; the layer keeps it as ``input_absmax`` and the global scale 2688 / absmax,
+        `scheme.nvfp4_global_scale`, as ``input_scale``)."""
         super().__init__()
         if scheme.weight is None:
             raise ValueError(f"scheme {scheme.name} quantizes no weights")
@@ -66,12 +68,19 @@ class QuantLinear(nn.Module):
         self.act_grid = scheme.activation_grid
         if self.act_scheme is not None and self.act_scheme.calibrated:
             if input_scale is None:
-                what = "a calibrated global scale" if self.act_scheme.global_scale else "a calibrated input_scale"
+                what = "a calibrated input_absmax" if self.act_scheme.global_scale else "a calibrated input_scale"
                 raise ValueError(f"scheme {scheme.name} has {'static' if not self.act_scheme.dynamic else 'NVFP4'} "
                                  f"activations: it needs {what}")
-            self.register_buffer("input_scale", input_scale.float().reshape(()).clone())
+            value = input_scale.detach().float().reshape(()).clone()
+            if self.act_scheme.global_scale:
+                # stored as lightx2v's loader reads it back (through bf16), the global scale derived as it derives it
+                self.register_buffer("input_absmax", value.to(torch.bfloat16).float())
+                value = nvfp4_global_scale(self.input_absmax)
+            else:
+                self.input_absmax = None
+            self.register_buffer("input_scale", value)
         else:
-            self.input_scale = None
+            self.input_scale = self.input_absmax = None
         self._static_key = None if self.input_scale is None else float(self.input_scale)
         if input_smooth is not None:
             self.register_buffer("input_smooth_inv", (1.0 / input_smooth.float()).contiguous())
