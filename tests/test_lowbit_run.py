@@ -30,3 +30,17 @@ def test_every_lowbit_format_runs_end_to_end(vqx_run, tmp_path, model):
         groups = seen[f]["groups"]
         assert groups and all(g["act_absmax"] > 0 for g in groups), f
     assert not any("act_absmax" in g for g in seen["mxfp8"]["groups"])
+
+
+def test_awq_with_group_clipping_then_gptq_beats_rounding_for_every_lowbit_format(vqx_run, tmp_path):
+    r = vqx_run(["-m", "model=wan_tiny", f"format={','.join(LOWBIT)}", "algorithm=awq_gptq", "algorithm.clip=true",
+                 "export=none", "eval=none", "logger=none", f"hydra.sweep.dir={tmp_path}",
+                 f"cache_dir={tmp_path / 'cache'}"], timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    seen = set()
+    for job in sorted(p for p in tmp_path.iterdir() if p.name.isdigit()):
+        m = json.loads((job / "metrics.json").read_text())
+        seen.add(m["format"])
+        assert m["layer_error"]["mean"] < 0.9 * m["layer_error_rtn"]["mean"], m["format"]
+        assert all(layer.get("method") == "gptq" for layer in m["layers"])
+    assert seen == set(LOWBIT)
