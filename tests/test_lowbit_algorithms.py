@@ -158,3 +158,16 @@ def test_act_order_with_a_grouped_format_is_refused_before_any_work(vqx_run, tmp
         "vqx: error: format=nvfp4: algorithm.act_order=true with group scales needs algorithm.static_groups=true "
         "(scales chosen as the sweep reaches a group would follow the permuted column order; kernels read "
         "contiguous groups)")
+
+
+def test_searches_quantize_weight_only_layers_with_their_own_scheme():
+    """AWQ's and SmoothQuant's losses for an int4-g128 weight-only layer use int4 groups and 16-bit inputs, not the
+    W8A8 stand-in a float layer gets."""
+    from torch import nn
+
+    from vqx.algorithms.registry import BlockContext
+    from vqx.quant.formats import SEARCH_PROXY
+
+    ctx = BlockContext(0, nn.Module(), [], {}, {}, {"a": SCHEMES["w4a16_g128"], "b": None, "c": SCHEMES["nvfp4"]})
+    assert ctx.search_scheme("a") is SCHEMES["w4a16_g128"] and ctx.search_scheme("c") is SCHEMES["nvfp4"]
+    assert ctx.search_scheme("b") is SEARCH_PROXY

@@ -65,7 +65,7 @@ SCHEMES: dict[str, Scheme] = {
     ]
 }
 NO_QUANT = "none"  # a rule's scheme that keeps the layer float
-# Search losses need quantization: for a layer kept float or weight-only, this scheme stands in as the proxy.
+# Search losses need quantization: for a layer kept float, this scheme stands in as the proxy.
 SEARCH_PROXY = SCHEMES["w8a8"]
 
 
