@@ -67,7 +67,7 @@ def test_validation_messages(override, message):
 
 
 BAD_CLI = [
-    (["format=int3"], "format=int3 is not an option of 'format'; valid: fp8, fp8_w, fp_e2m5, fp_e3m4, none, w8a16, w8a8"),
+    (["format=int3"], "format=int3 is not an option of 'format'; valid: fp8, fp8_b128, fp8_static, fp8_w, fp_e2m5, fp_e3m4, mxfp4, mxfp6, mxfp8, none, nvfp4, w4a16_g128, w4a8, w8a16, w8a8"),
     (["model=wan_giant"], "model=wan_giant is not an option of 'model'; valid: wan2.1_i2v_14b_480p"),
     (["+unknown_key=1"], "unknown key 'unknown_key'; valid top-level keys: model, algorithm"),
     (["format.nope=1"], "Key 'nope' not in 'FormatSchema'"),

@@ -444,7 +444,9 @@ def test_killed_export_leaves_nothing_that_verifies(t2v_int8_smooth, tmp_path):
 
 @pytest.mark.parametrize("fmt_name", [f for f in FORMAT_RULES if lx.refusal(format_from_config(run_cfg("t2v", f, None).format))])
 def test_unexportable_formats_are_refused_before_work(tmp_path, fmt_name):
-    assert fmt_name in ("none", "w8a16", "fp8_w", "fp_e3m4", "fp_e2m5")
+    # the low-bit formats (issue 19) are refused until their lightx2v layouts are wired into export=lightx2v
+    assert fmt_name in ("none", "w8a16", "fp8_w", "fp_e3m4", "fp_e2m5", "nvfp4", "mxfp8", "mxfp6", "mxfp4",
+                        "w4a16_g128", "w4a8", "fp8_static", "fp8_b128")
     with pytest.raises(UserError) as e:
         lx.check(run_cfg("t2v", fmt_name, tmp_path / "export"))
     msg = str(e.value)

@@ -76,7 +76,7 @@ def test_todays_formats_are_schemes_with_identical_numbers(name):
 
 
 def test_e8m0_scales_follow_the_ocp_mx_exponent_rule():
-    ts = TensorScheme("fp4_e2m1", "group", group_size=4, scale_dtype="e8m0")
+    ts = TensorScheme("fp4_e2m1", "group", group_size=4, scale_dtype="e8m0", e8m0_rule="floor")
     # absmax 6 -> 2^(2-2)=1; 7.9 -> 2^(2-2)=1 (7.9 saturates to 6); 8 -> 2^(3-2)=2; 0.1 -> 2^(-4-2); 0 -> 2^-127
     x = torch.tensor([[6.0, 1, 0, 0], [7.9, 0, 0, 0], [8.0, -3.0, 0, 0], [0.1, 0.05, 0, 0], [0, 0, 0, 0]]).reshape(5, 4)
     codes, scale = quantize(x, ts)
@@ -93,15 +93,15 @@ def test_e2m1_grid_rounds_to_nearest_even_and_saturates():
     assert math.isnan(got[-1])
 
 
-def test_nvfp4_style_scales_are_e4m3_times_a_global_scale():
+def test_nvfp4_scales_are_e4m3_values_over_a_bf16_global_scale():
     ts = TensorScheme("fp4_e2m1", "group", group_size=16, scale_dtype="e4m3", global_scale=True)
     x = _edge_matrix()
     g = global_scale_of(x, ts)
-    assert float(g) == pytest.approx(float(x.abs().max()) / (6 * 448), rel=1e-7)
+    assert float(g) == float(torch.tensor(2688.0).div(x.abs().max().bfloat16().float()).bfloat16())
     codes, scale = quantize(x, ts, g)
-    e4m3 = scale / g
-    assert torch.equal(e4m3.to(torch.float8_e4m3fn).float() * g, scale)  # every group scale is an e4m3 value times g
-    assert float(e4m3.max()) <= 448 and bool((scale > 0).all())
+    e4m3 = (scale * g).to(torch.float8_e4m3fn).float()
+    assert torch.equal(e4m3 / g, scale)  # every effective scale is an e4m3 value over the global scale
+    assert float(e4m3.max()) <= 448 and bool((scale >= 0).all())
     assert float(codes.abs().max()) <= 6
 
 
@@ -110,6 +110,12 @@ def test_bad_schemes_are_one_line_errors():
         TensorScheme("int4", "group")
     with pytest.raises(ValueError, match="does not split into group blocks of 1 x 48"):
         quantize(torch.ones(2, 64), TensorScheme("int4", "group", group_size=48))
+    with pytest.raises(ValueError, match="e4m3 group scales need global_scale=true"):
+        TensorScheme("fp4_e2m1", "group", group_size=16, scale_dtype="e4m3")
+    with pytest.raises(ValueError, match="e8m0_rule='round' is not valid; valid: ceil, floor"):
+        TensorScheme("fp4_e2m1", "group", group_size=32, scale_dtype="e8m0", e8m0_rule="round")
+    with pytest.raises(ValueError, match="amax_floor=-1 is not valid"):
+        TensorScheme("fp8_e4m3", "token", amax_floor=-1)
     with pytest.raises(ValueError, match="unknown number grid 'int3'"):
         TensorScheme("int3", "channel")
     with pytest.raises(ValueError, match="unknown key 'groupsize'"):

@@ -104,7 +104,7 @@ def test_recipe_parameters_resolve_per_step_then_flat_then_defaults():
                     "steps": ["smoothquant", {"name": "smoothquant", "alpha": 0.3}, {"name": "gptq", "damp": 0.05}]})
     assert [(s.name, vars(s.params)) for s in p] == [
         ("smoothquant", {"alpha": 0.6, "shortlist": 4}), ("smoothquant", {"alpha": 0.3, "shortlist": 4}),
-        ("gptq", {"damp": 0.05, "block_size": 128, "act_order": False})]
+        ("gptq", {"damp": 0.05, "block_size": 128, "act_order": False, "static_groups": False})]
 
 
 @pytest.mark.parametrize("algo,message", [

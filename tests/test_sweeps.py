@@ -55,14 +55,18 @@ def test_alpha_sweep_covers_0_3_to_0_9_for_each_format():
     assert seen == {(f, a) for f in ("w8a8", "fp8") for a in ALPHAS}
 
 
-def test_formats_sweep_covers_deployable_and_research_formats():
+def test_formats_sweep_covers_every_quantizing_format():
     jobs = expand(sweep_config("formats").hydra.sweeper.params)
     formats = []
     for overrides in jobs:
         cfg = job_config("formats", overrides)
         validate(cfg)
+        assert cfg.export.name == "none"  # several formats have no lightx2v scheme
         formats.append(cfg.format.name)
-    assert formats == ["w8a8", "fp8", "fp_e3m4", "fp_e2m5"]
+    options = sorted(f.stem for f in (ROOT / "conf" / "format").glob("*.yaml") if f.stem != "none")
+    assert sorted(formats) == options and len(formats) == 14
+    assert formats[:4] == ["w8a8", "fp8", "fp8_static", "fp8_b128"]
+    assert job_config("formats", ["format=fp8", "export=lightx2v"]).export.name == "lightx2v"
 
 
 @needs("rtn", "smoothquant", "awq", "gptq", "smoothquant_gptq")
@@ -109,7 +113,7 @@ def test_sweep_dir_option_from_the_command_line(vqx_run_in_process):
     """What users type: `--config-dir sweeps +sweep=NAME` (run.py's command line, in-process: it composes only)."""
     r = vqx_run_in_process(["--config-dir", "sweeps", "+sweep=formats", "--cfg", "hydra"])
     assert r.returncode == 0, r.stderr
-    assert "format: w8a8,fp8,fp_e3m4,fp_e2m5" in r.stdout
+    assert "format: w8a8,fp8,fp8_static,fp8_b128,mxfp8,mxfp6,w4a16_g128,w4a8,mxfp4,nvfp4,w8a16,fp8_w,fp_e3m4,fp_e2m5" in r.stdout
 
 
 def test_slurm_launcher_composes():

@@ -49,9 +49,10 @@ class Timings(dict):
 
 
 def steps_need_data(cfg: DictConfig, fmt: Format) -> bool:
-    """Whether quantizing itself reads calibration data: steps that read statistics, static activation scales."""
-    static = any(s.activation is not None and not s.activation.dynamic for s in fmt.schemes())
-    return steps_need_calibration(plan_steps(cfg.algorithm)) or static
+    """Whether quantizing itself reads calibration data: steps that read statistics, calibrated activation values
+    (fp8_static's static scale, NVFP4's activation global scale)."""
+    calibrated = any(s.activation is not None and s.activation.calibrated for s in fmt.schemes())
+    return steps_need_calibration(plan_steps(cfg.algorithm)) or calibrated
 
 
 def needs_calibration(cfg: DictConfig, fmt: Format) -> bool:

@@ -1,5 +1,5 @@
-"""AWQ for W8A8/FP8: per input group, s = mean|X|^ratio (normalized), the ratio searched on a grid 0, 1/grid, ..., 1
-(ratio 0 is s = 1: the identity). The grid is ranked by the group's output error with quantized weights AND
+"""AWQ for any scheme: per input group, s = mean|X|^ratio (normalized), the ratio searched on a grid 0, 1/grid, ...,
+1 (ratio 0 is s = 1: the identity). The grid is ranked by the group's output error with quantized weights AND
 activations, summed over all the token sample (not the first sample only); the ``shortlist`` best ratios are then
 scored on the quantized block's output over calibration calls (`block_search`; 0: every ratio), group after group,
 and a group keeps the identity unless one lowers the block error. Scales are placed as in SmoothQuant. Optional
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.schema import bounded
-from ..quant.scheme import dequantize, quantize_with, scales_of
+from ..quant.scheme import choose_scales, dequantize, global_scale_of, quantize_with
 from .block_search import shortlisted
 from .losses import group_quant_loss
 from .registry import BlockContext, register_step
@@ -67,10 +67,11 @@ def awq(ctx: BlockContext) -> None:
 
 @torch.no_grad()
 def search_clipping(ctx: BlockContext, current: float) -> None:
-    """Per weight scale block (an output channel, a group), the clip ratio of its absmax that minimizes the
-    block's share of the output error on samples: the error of output row r restricted to the block's input
-    columns, summed over the block's rows (ratio 1, no clipping, is on the grid). A linear keeps its clipped codes
-    only where they lower the quantized block's output error ``current`` (`block_search`), linear by linear."""
+    """Per weight scale block (an output channel, a group, a 2-D block), the clip ratio of its absmax that minimizes
+    the block's share of the output error on samples: the error of output row r restricted to the block's input
+    columns, summed over the block's rows (ratio 1, no clipping, is on the grid). A global scale (NVFP4) stays the
+    unclipped weight's. A linear keeps its clipped codes only where they lower the quantized block's output error
+    ``current`` (`block_search`), linear by linear."""
     ratios = [1.0 - i * (1.0 - ctx.params.clip_min) / ctx.params.clip_grid for i in range(ctx.params.clip_grid + 1)]
     for group in ctx.groups:
         x = ctx.stats[group.name].sample_matrix()
@@ -88,9 +89,10 @@ def search_clipping(ctx: BlockContext, current: float) -> None:
             ratio_best = torch.ones((n_row, n_col), device=w.device)
             codes_best = torch.zeros_like(w)
             ref = xs @ w.T if n_col == 1 else None
+            g = global_scale_of(w, ts) if ts.global_scale else None
             for r in ratios:
-                scale = scales_of(w, ts, clip=r)
-                codes = quantize_with(w, ts, scale)
+                scale = choose_scales(w, ts, g, clip=r)
+                codes = quantize_with(w, ts, scale, g)
                 wdq = dequantize(codes, scale, ts)
                 if n_col == 1:  # per channel: the whole row's output error
                     err = ((xs @ wdq.T) - ref).pow(2).sum(dim=0)[:, None]

@@ -33,7 +33,8 @@ from torch import nn
 from .. import distributed
 from ..calib.blocks import run_block
 from ..models.adapter import BlockInputs, set_submodule
-from .materialize import quantized_linear, runtime_vector_of, static_input_scales
+from .act_calib import calibrated_input_scales
+from .materialize import quantized_linear, runtime_vector_of
 from .registry import BlockContext
 
 Transform = Callable[[BlockContext], None]
@@ -67,13 +68,13 @@ def scratch(ctx: BlockContext) -> BlockContext:
         output_scale=dict(ctx.output_scale), choices={}, scorer=None)
 
 
-def quantize_scratch(ctx: BlockContext, dtypes: dict[str, torch.dtype]) -> nn.Module:
+def quantize_scratch(ctx: BlockContext, dtypes: dict[str, torch.dtype], calib) -> nn.Module:
     """Quantize the targets of a scratch context's block in place, as `materialize` would (see the module doc for
     a block with nothing quantized), and return the block (it runs as the diffusers block with QuantLinears)."""
     schemes = {n: ctx.schemes.get(n) for n in ctx.targets}
     if all(s is None for s in schemes.values()):
         schemes = {n: ctx.search_scheme(n) for n in ctx.targets}
-    scales = static_input_scales(ctx, schemes)
+    scales = calibrated_input_scales(ctx, calib, schemes)
     vector_of = runtime_vector_of(ctx.groups)
     for local, t in ctx.targets.items():
         codes, scale = ctx.chosen_codes.get(t.name, (None, None))
@@ -104,11 +105,13 @@ class BlockScorer:
     """Block errors of candidate transforms over one block's calibration calls (see the module doc)."""
 
     def __init__(self, reference: nn.Module, inputs: list[BlockInputs], indices: list[int], search: list[int],
-                 device: torch.device, dtypes: dict[str, torch.dtype]):
+                 device: torch.device, dtypes: dict[str, torch.dtype], calib):
         """``reference``: the float block before any step; ``inputs``: this rank's block inputs, one per call;
         ``indices``: each call's index in the whole capture; ``search``: the capture indices searches score on;
-        ``dtypes``: block-relative target name -> the dtype its quantized layer computes in."""
+        ``dtypes``: block-relative target name -> the dtype its quantized layer computes in; ``calib``: the
+        calibration settings (calibrated activation values are computed as the run computes them)."""
         self.reference, self.inputs, self.indices, self.device, self.dtypes = reference, inputs, indices, device, dtypes
+        self.calib = calib
         chosen = set(search)
         self.search = [k for k, c in enumerate(indices) if c in chosen]  # this rank's share of them
         self.search_total = len(chosen)
@@ -127,7 +130,7 @@ class BlockScorer:
         trial = scratch(ctx)
         if transform is not None:
             transform(trial)
-        block = quantize_scratch(trial, self.dtypes)
+        block = quantize_scratch(trial, self.dtypes, self.calib)
         rows = []
         for k in self.search:
             x = self.inputs[k].to(self.device, non_blocking=True)
@@ -142,8 +145,8 @@ class BlockScorer:
         """(block error of ``ctx``'s block as the steps left it, block error of ``identity``: the block before any
         step, i.e. round-to-nearest), both on every calibration call. ``on_reference(k, F(x))`` sees each call's
         float output (the runner propagates it under calib.propagate=fp)."""
-        chosen = quantize_scratch(scratch(ctx), self.dtypes)
-        rtn = quantize_scratch(scratch(identity), self.dtypes)
+        chosen = quantize_scratch(scratch(ctx), self.dtypes, self.calib)
+        rtn = quantize_scratch(scratch(identity), self.dtypes, self.calib)
         rows = []
         for k, inp in enumerate(self.inputs):
             x = inp.to(self.device, non_blocking=True)

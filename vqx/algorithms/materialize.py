@@ -31,21 +31,6 @@ def runtime_vector_of(groups) -> dict[str, str]:
     return {name: g.fold for g in groups if g.kind == "runtime" for name in g.linears}
 
 
-def static_input_scales(ctx: BlockContext, schemes: dict[str, Scheme | None] | None = None) -> dict[str, torch.Tensor]:
-    """Full name -> the calibrated per-tensor input scale of each target whose scheme (``schemes``, default the
-    block's) has static activations: from its group's absmax over all calibration calls (after the block's smoothing,
-    which rescales them)."""
-    schemes = ctx.schemes if schemes is None else schemes
-    out = {}
-    for g in ctx.groups:
-        for local in g.linears:
-            scheme = schemes.get(local)
-            if local not in ctx.targets or scheme is None or scheme.activation is None or scheme.activation.dynamic:
-                continue
-            out[ctx.full_name(local)] = choose_scales(ctx.stats[g.name].absmax.float()[None, :], scheme.activation).reshape(())
-    return out
-
-
 def materialize(transformer: torch.nn.Module, targets: list[QuantTarget], schemes: Scheme | dict[str, Scheme | None] | None,
                 chosen_codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 runtime_smoothing: dict[int, dict[str, torch.Tensor]] | None = None,

@@ -88,10 +88,11 @@ class BlockContext:
         return self.scorer.error(self, transform)
 
     def search_scheme(self, local: str) -> Scheme:
-        """The scheme a search loss quantizes ``local`` with: its own, or a W8A8 proxy where it has no
-        quantized activations (kept float, weight-only)."""
+        """The scheme a search loss quantizes ``local`` with: its own (a weight-only scheme with 16-bit inputs, as
+        the layer runs: AWQ's own setting, and int4 groups' search needs its own grid), or a W8A8 proxy where it is
+        kept float."""
         scheme = self.schemes.get(local)
-        return scheme if scheme is not None and scheme.activation is not None else SEARCH_PROXY
+        return scheme if scheme is not None and scheme.weight is not None else SEARCH_PROXY
 
 
 StepFn = Callable[[BlockContext], None]

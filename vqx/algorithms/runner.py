@@ -41,8 +41,9 @@ from ..models.adapter import BlockInputs, QuantTarget, adapter_for
 from ..quant.linear import QuantLinear
 from ..quant.scheme import Scheme
 from . import shared_stats
+from .act_calib import calibrated_input_scales, needs_samples
 from .block_search import BlockScorer, scratch, spread_calls
-from .materialize import materialize, static_input_scales
+from .materialize import materialize
 from .registry import BlockContext, BlockHooks, plan_steps, run_steps, stats_needed
 from .shared_stats import shareable
 
@@ -141,15 +142,18 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
     result = QuantResult()
     last = max(by_block) if by_block else -1
 
-    static = any(s is not None and s.activation is not None and not s.activation.dynamic for s in schemes.values())
-    if capture is None and (stats_needed(plan) or hooks or static):
-        raise ValueError(f"algorithm {algo.name} with these schemes reads calibration data (statistics, or static "
+    # static activation scales (fp8_static) and NVFP4's activation global scale come from calibration statistics
+    calibrated = any(s is not None and s.activation is not None and s.activation.calibrated for s in schemes.values())
+    if capture is None and (stats_needed(plan) or hooks or calibrated):
+        raise ValueError(f"algorithm {algo.name} with these schemes reads calibration data (statistics, or calibrated "
                          "activation scales); no capture was given")
     search_calls = spread_calls(capture.total_calls, calib.get("search_calls")) if guarded else []
     shared, inputs = None, None
     if capture is None:
         pass  # nothing reads activations: no block inputs, no float pass
-    elif cache is not None and capture.identity is not None and shareable(plan, calib):
+    # a percentile or search over the token sample needs the float pass's full sample, not the cached report sample
+    elif cache is not None and capture.identity is not None and shareable(plan, calib) \
+            and not (calibrated and needs_samples(calib)):
         key = shared_stats.identity(capture.identity, {i: [g.name for g in gs] for i, gs in block_groups.items()},
                                     calib, dtype, device)
 
@@ -193,14 +197,14 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
             t.module.float()
         block_schemes = {n: schemes.get(t.name) for n, t in block_targets.items()}
         ctx = BlockContext(i, block, groups, block_targets, stats, block_schemes, hooks=hooks)
-        rtn_input_scales = static_input_scales(ctx)  # before the steps rescale the statistics
+        rtn_input_scales = calibrated_input_scales(ctx, calib)  # before the steps rescale the statistics
         identity = None
         if guard:
             identity = scratch(ctx)  # the block before any step: what round-to-nearest quantizes
-            ctx.scorer = BlockScorer(reference, inputs, capture.indices, search_calls, device, model_dtype)
+            ctx.scorer = BlockScorer(reference, inputs, capture.indices, search_calls, device, model_dtype, calib)
         if block_targets:  # a block the format keeps float: nothing for a step to choose (nor a block to score)
             run_steps(ctx, plan)
-        input_scales = static_input_scales(ctx)
+        input_scales = calibrated_input_scales(ctx, calib)
         if guard:
             input_scales = _guard(ctx, identity, reference, inputs, calib, result, input_scales, rtn_input_scales)
         if ctx.runtime_smoothing:

@@ -140,6 +140,14 @@ class CalibSchema:
     layer_report: str = choice("sample", "full", "none")
     propagate: str = choice("fp", "quant")  # block i+1 sees block i's float or quantized outputs
     seed: int = 0
+    # Calibrated activation values (fp8_static's static scale, NVFP4's activation global scale), per input group
+    # from the statistics over the whole capture: the absmax; a percentile of the per-token absmax of the token
+    # sample; or "mse", the clip of the absmax (a grid down to act_clip_min) with the lowest quantized output error
+    # of the group's linears on the token sample.
+    act_statistic: str = choice("absmax", "percentile", "mse")
+    act_percentile: float = bounded(99.9, 0.0, 100.0, exclusive_low=True)
+    act_grid: int = bounded(20, 1, 1000)
+    act_clip_min: float = bounded(0.3, 0.0, 1.0, exclusive_low=True)
 
 
 @dataclass

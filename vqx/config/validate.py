@@ -124,9 +124,16 @@ def _check_rules(cfg: DictConfig) -> None:
         raise UserError(f"format={cfg.format.name}: {e}") from None
     _check_format_name(fmt)
     try:
-        plan_steps(cfg.algorithm, check_value=_check_value)
+        plan = plan_steps(cfg.algorithm, check_value=_check_value)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if any(s.weight is not None and s.weight.granularity in ("group", "block") for s in fmt.schemes()):
+        from ..algorithms.gptq import act_order_refusal
+
+        for p in plan:
+            why = act_order_refusal(getattr(p.params, "act_order", False), getattr(p.params, "static_groups", True))
+            if why:
+                raise UserError(f"format={fmt.name}: {why}")
     if cfg.model.outliers.channels:
         from ..models.adapter import adapter_named
 

@@ -20,6 +20,14 @@ from .scheme import Scheme, TensorScheme
 
 _INT8_W = TensorScheme("int8", "channel", scale_dtype="bf16")  # bf16-representable: lightx2v reads them via bf16
 _FP8_W = TensorScheme("fp8_e4m3", "channel", scale_dtype="bf16")
+# NVFP4 (lightx2v `nvfp4`): E2M1 in groups of 16 along K, e4m3 group scales under a bf16 global scale; activations
+# the same per token-group, their global scale calibrated (lightx2v reads it as `input_absmax`).
+_NVFP4 = dict(group_size=16, scale_dtype="e4m3", global_scale=True)
+# OCP MX (lightx2v `mxfp8`, `mxfp6-mxfp8`, `mxfp4`): groups of 32 along K, e8m0 scales as its kernels round them.
+_MX = dict(group_size=32, scale_dtype="e8m0")
+# int4 symmetric in groups of 128 (lightx2v `int4-g128-marlin` reads fp16 scales: bf16-representable ones survive
+# its loader's bf16 cast and are exact in fp16 above 2^-14).
+_INT4_G128 = TensorScheme("int4", "group", group_size=128, scale_dtype="bf16")
 
 SCHEMES: dict[str, Scheme] = {
     s.name: s
@@ -34,10 +42,30 @@ SCHEMES: dict[str, Scheme] = {
                "research 8-bit float e3m4, weights and activations (fake-quant only)"),
         Scheme("fp_e2m5", TensorScheme("fp_e2m5", "channel", scale_dtype="bf16"), TensorScheme("fp_e2m5", "token"),
                "research 8-bit float e2m5, weights and activations (fake-quant only)"),
+        Scheme("nvfp4", TensorScheme("fp4_e2m1", "group", **_NVFP4), TensorScheme("fp4_e2m1", "token_group", **_NVFP4),
+               "NVFP4: E2M1 weights and activations in groups of 16, e4m3 group scales, global scales (activations: calibrated)"),
+        Scheme("mxfp8", TensorScheme("fp8_e4m3", "group", **_MX), TensorScheme("fp8_e4m3", "token_group", **_MX),
+               "MXFP8: e4m3 weights and activations in groups of 32 with e8m0 scales"),
+        Scheme("mxfp6", TensorScheme("fp6_e3m2", "group", **_MX), TensorScheme("fp8_e4m3", "token_group", **_MX),
+               "MXFP6 weights (e3m2) x MXFP8 activations, groups of 32 with e8m0 scales (lightx2v mxfp6-mxfp8)"),
+        Scheme("mxfp4", TensorScheme("fp4_e2m1", "group", **_MX), TensorScheme("fp4_e2m1", "token_group", **_MX),
+               "MXFP4: E2M1 weights and activations in groups of 32 with e8m0 scales"),
+        Scheme("w4a16_g128", _INT4_G128, None, "int4 weights in groups of 128, 16-bit activations (weight-only)"),
+        Scheme("w4a8", _INT4_G128, TensorScheme("fp8_e4m3", "token"),
+               "int4 weights in groups of 128 x fp8 e4m3 activations per token (research: no lightx2v scheme)"),
+        Scheme("fp8_static", TensorScheme("fp8_e4m3", "tensor", scale_dtype="bf16"),
+               TensorScheme("fp8_e4m3", "tensor", dynamic=False, scale_dtype="bf16"),
+               "fp8 e4m3 weights per tensor x fp8 activations with one calibrated static scale (lightx2v fp8-pertensor)"),
+        # lightx2v fp8-b128-deepgemm: weights as deepgemm's per_block_cast_to_fp8 (block absmax clamped to >= 1e-4;
+        # its fp32 scales are read through the loader's bf16 cast, so vqx rounds them to bf16 first and quantizes
+        # with the rounded scale), activations as sglang's per-token-group quantizer (absmax >= 1e-10, x / scale).
+        Scheme("fp8_b128", TensorScheme("fp8_e4m3", "block", block=(128, 128), scale_dtype="bf16", amax_floor=1e-4),
+               TensorScheme("fp8_e4m3", "token_group", group_size=128, amax_floor=1e-10),
+               "fp8 e4m3 weights in 128x128 blocks x fp8 activations per token-group of 128"),
     ]
 }
 NO_QUANT = "none"  # a rule's scheme that keeps the layer float
-# Search losses need quantization: for a layer kept float or weight-only, this scheme stands in as the proxy.
+# Search losses need quantization: for a layer kept float, this scheme stands in as the proxy.
 SEARCH_PROXY = SCHEMES["w8a8"]
 
 

@@ -19,16 +19,16 @@ from torch import nn
 from . import fastpath
 from .fastpath import QuantSpec
 from .numbers import check_finite
-from .scheme import Scheme, TensorScheme, dequantize, quantize_with, scales_of
+from .scheme import Scheme, TensorScheme, dequantize, global_scale_of, nvfp4_global_scale, quantize
 
 _CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
 def quantize_weight(weight: torch.Tensor, ts: TensorScheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight codes (fp32 [out, in]) and scales (fp32 [out / br, in / bc]) under ``ts``."""
+    """Weight codes (fp32 [out, in]) and scales (fp32 [out / br, in / bc]) under ``ts`` (NVFP4: with the weight's
+    own global scale, `scheme.global_scale_of`)."""
     check_finite(weight, "weight")
-    scale = scales_of(weight, ts)
-    return quantize_with(weight, ts, scale), scale
+    return quantize(weight, ts)
 
 
 class QuantLinear(nn.Module):
@@ -42,7 +42,10 @@ class QuantLinear(nn.Module):
         ``input_smooth``: per-input-channel s of a smoothing that no float tensor can absorb; the input is
         multiplied by 1/s before quantization, as lightx2v's affine_norm vectors do (the weight columns
         were already multiplied by s). ``dtype``: the compute dtype (default: the float weight's).
-        ``input_scale``: the calibrated scale of a static activation scheme."""
+        ``input_scale``: the calibrated per-tensor activation value of a scheme that needs one
+        (`TensorScheme.calibrated`): its static scale, or (NVFP4) the activation absmax its global scale comes from
+        (lightx2v's ``input_absmax``; the layer keeps it as ``input_absmax`` and the global scale 2688 / absmax,
+        `scheme.nvfp4_global_scale`, as ``input_scale``)."""
         super().__init__()
         if scheme.weight is None:
             raise ValueError(f"scheme {scheme.name} quantizes no weights")
@@ -50,6 +53,10 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if codes is None:
             codes, scale = quantize_weight(linear.weight.data, scheme.weight)
+        if scheme.weight.global_scale:  # the global scale the codes were chosen with (the exporter writes it)
+            self.register_buffer("weight_global_scale", global_scale_of(linear.weight.data, scheme.weight))
+        else:
+            self.weight_global_scale = None
         storage = scheme.weight_grid.storage_dtype or torch.bfloat16  # research grids are exact in bf16
         self.register_buffer("weight_codes", codes.to(storage).contiguous())
         self.register_buffer("weight_scale", scale.float().contiguous())
@@ -59,12 +66,21 @@ class QuantLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.to(dtype).clone(), requires_grad=False)
         self.act_scheme = scheme.activation
         self.act_grid = scheme.activation_grid
-        if self.act_scheme is not None and not self.act_scheme.dynamic:
+        if self.act_scheme is not None and self.act_scheme.calibrated:
             if input_scale is None:
-                raise ValueError(f"scheme {scheme.name} has static activations: it needs a calibrated input_scale")
-            self.register_buffer("input_scale", input_scale.float().reshape(()).clone())
+                what = "a calibrated input_absmax" if self.act_scheme.global_scale else "a calibrated input_scale"
+                raise ValueError(f"scheme {scheme.name} has {'static' if not self.act_scheme.dynamic else 'NVFP4'} "
+                                 f"activations: it needs {what}")
+            value = input_scale.detach().float().reshape(()).clone()
+            if self.act_scheme.global_scale:
+                # stored as lightx2v's loader reads it back (through bf16), the global scale derived as it derives it
+                self.register_buffer("input_absmax", value.to(torch.bfloat16).float())
+                value = nvfp4_global_scale(self.input_absmax)
+            else:
+                self.input_absmax = None
+            self.register_buffer("input_scale", value)
         else:
-            self.input_scale = None
+            self.input_scale = self.input_absmax = None
         self._static_key = None if self.input_scale is None else float(self.input_scale)
         if input_smooth is not None:
             self.register_buffer("input_smooth_inv", (1.0 / input_smooth.float()).contiguous())

@@ -1,0 +1,167 @@
+"""lightx2v's low-bit checkpoint tensors, read back by a reader written from lightx2v's kernels (not from the writer):
+the scale offsets of ``get_sf_out_address``, the nibble order of ``cvt.rn.satfinite.e2m1x2``, the MXFP6 byte layout
+of ``mxfp6_quant_kernels_sm120.cu``, and the E2M1 / E3M2 / e8m0 encodings by their definitions."""
+
+import pytest
+import torch
+from torch import nn
+
+from vqx.export.lightx2v_lowbit import LOWBIT_SCHEMES, linear_tensors, lowbit_scheme
+from vqx.quant.formats import SCHEMES
+from vqx.quant.linear import QuantLinear
+
+N, K = 200, 96  # 200 rows: two 128-row scale tiles, the second padded; K/32 = 3 scale columns, padded to 4
+
+
+# ---- the independent reader ---------------------------------------------------------------------------
+
+def sf_offset(m: int, k: int, scale_cols: int) -> int:
+    """lightx2v's get_sf_out_address: [m tiles, k tiles, 32 (m % 32), 4 (m % 128 // 32), 4 (k % 4)]."""
+    k_tiles = (scale_cols + 3) // 4
+    return (m // 128) * (k_tiles * 512) + (k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + (k % 4)
+
+
+def read_scales(stored: torch.Tensor, rows: int, cols: int) -> list[list[int]]:
+    flat = stored.view(torch.uint8).flatten().tolist()
+    return [[flat[sf_offset(m, k, cols)] for k in range(cols)] for m in range(rows)]
+
+
+def decode_e2m1(nibble: int) -> float:
+    mag = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0][nibble & 7]
+    return -mag if nibble & 8 else mag
+
+
+def decode_e3m2(bits: int) -> float:
+    sign, exp, man = bits >> 5, (bits >> 2) & 7, bits & 3
+    mag = man / 4 * 2.0 ** -2 if exp == 0 else (1 + man / 4) * 2.0 ** (exp - 3)
+    return -mag if sign else mag
+
+
+def read_fp4(weight: torch.Tensor) -> list[list[float]]:
+    out = []
+    for row in weight.tolist():
+        vals = []
+        for byte in row:
+            vals += [decode_e2m1(byte & 0xF), decode_e2m1(byte >> 4)]  # element 2i low, 2i+1 high
+        out.append(vals)
+    return out
+
+
+def read_fp6(weight: torch.Tensor) -> list[list[float]]:
+    out = []
+    for row in weight.tolist():
+        vals = []
+        for i in range(0, len(row), 3):
+            p0, p1, p2 = row[i:i + 3]
+            a, b = p0 & 63, (p0 >> 6) | ((p1 & 15) << 2)
+            c, d = (p1 >> 4) | ((p2 & 3) << 4), p2 >> 2
+            vals += [decode_e3m2(v) for v in (a, b, c, d)]
+        out.append(vals)
+    return out
+
+
+def _linear(name: str, seed: int = 0) -> QuantLinear:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(K, N)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(N, K, generator=g) * torch.logspace(-2, 1, K))
+        lin.weight[3] = 0.0  # all-zero groups
+        lin.weight[4, :16] = -1e-6  # tiny negatives: negative-zero codes
+    scheme = SCHEMES[name]
+    calibrated = scheme.activation is not None and scheme.activation.calibrated
+    value = torch.tensor(5.0 if name == "nvfp4" else 0.01).bfloat16().float()  # as calibration gives them
+    return QuantLinear(lin, scheme, input_scale=value if calibrated else None)
+
+
+def _codes(q):
+    return q.weight_codes.float().tolist()
+
+
+# ---- round trips ----------------------------------------------------------------------------------------
+
+def test_nvfp4_tensors_read_back_to_the_codes_and_scales():
+    q = _linear("nvfp4")
+    t = linear_tensors(q, "blocks.0.self_attn.q")
+    assert sorted(t) == ["blocks.0.self_attn.q." + k for k in
+                         ("bias", "input_absmax", "weight", "weight_global_scale", "weight_scale")]
+    w, s = t["blocks.0.self_attn.q.weight"], t["blocks.0.self_attn.q.weight_scale"]
+    assert w.dtype == torch.uint8 and w.shape == (N, K // 2)
+    assert s.dtype == torch.float8_e4m3fn and s.shape == (256, 8)  # K/16 = 6 scale columns, padded to 8
+    assert read_fp4(w) == _codes(q)
+    g = t["blocks.0.self_attn.q.weight_global_scale"]
+    assert g.shape == () and float(g) == float(q.weight_global_scale)
+    e4m3 = torch.tensor(read_scales(s, N, K // 16), dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    assert torch.equal(e4m3 / g, q.weight_scale)
+    padded = s.view(torch.uint8).flatten().tolist()
+    used = {sf_offset(m, k, K // 16) for m in range(N) for k in range(K // 16)}
+    assert all(v == 0 for i, v in enumerate(padded) if i not in used)  # the padding is zeros
+    assert float(t["blocks.0.self_attn.q.input_absmax"]) == 5.0
+    # -1e-6 under a global scale for |w| ~ 10: its e4m3 group scale underflows to 0 and the codes are -0, which keep
+    # the sign bit (0x88: two negative-zero nibbles) as the kernel's cvt does; the all-zero row packs to 0x00
+    assert float(q.weight_scale[4, 0]) == 0 and w[4, :8].tolist() == [0x88] * 8 and w[3].eq(0).all()
+
+
+@pytest.mark.parametrize("name,reader,width", [("mxfp4", read_fp4, K // 2), ("mxfp6", read_fp6, 3 * K // 4)])
+def test_mx_packed_tensors_read_back(name, reader, width):
+    q = _linear(name)
+    t = linear_tensors(q, "p")
+    w, s = t["p.weight"], t["p.weight_scale"]
+    assert w.dtype == torch.uint8 and w.shape == (N, width)
+    assert s.dtype == torch.float8_e8m0fnu and s.shape == (256, 4)
+    assert reader(w) == _codes(q)
+    exps = torch.tensor(read_scales(s, N, K // 32), dtype=torch.float64)
+    assert torch.equal(torch.exp2(exps - 127).float(), q.weight_scale)
+    assert float(q.weight_scale[3, 0]) == 2.0 ** -127  # an all-zero group: e8m0 code 0
+
+
+def test_mxfp8_weight_is_e4m3_bits():
+    q = _linear("mxfp8")
+    t = linear_tensors(q, "p")
+    assert t["p.weight"].dtype == torch.uint8 and t["p.weight"].shape == (N, K)
+    assert t["p.weight"].view(torch.float8_e4m3fn).float().tolist() == _codes(q)
+    exps = torch.tensor(read_scales(t["p.weight_scale"], N, K // 32), dtype=torch.float64)
+    assert torch.equal(torch.exp2(exps - 127).float(), q.weight_scale)
+
+
+def test_fp8_per_tensor_and_b128_tensors():
+    q = _linear("fp8_static")
+    t = linear_tensors(q, "p")
+    assert t["p.weight"].dtype == torch.float8_e4m3fn and t["p.weight"].float().tolist() == _codes(q)
+    assert t["p.weight_scale"].shape == () and t["p.input_scale"].shape == (1,)
+    assert float(t["p.input_scale"]) == float(torch.tensor(0.01).bfloat16())
+    q.input_scale.fill_(0.01)  # not bf16-representable: the loader would read another scale
+    with pytest.raises(ValueError, match="p.input_scale is not bf16-representable"):
+        linear_tensors(q, "p")
+    lin = nn.Linear(256, 384)
+    q = QuantLinear(lin, SCHEMES["fp8_b128"])
+    t = linear_tensors(q, "p")
+    assert t["p.weight_scale"].shape == (3, 2) and t["p.weight_scale"].dtype == torch.float32
+    assert torch.equal(t["p.weight"].float(), q.weight_codes.float())
+
+
+def test_the_reader_sees_swapped_nibbles_and_an_unswizzled_scale():
+    q = _linear("mxfp4")
+    t = linear_tensors(q, "p")
+    w = t["p.weight"]
+    swapped = (w >> 4) | ((w & 0xF) << 4)
+    assert read_fp4(swapped) != _codes(q)
+    s = t["p.weight_scale"].view(torch.uint8)
+    plain = torch.zeros_like(s)
+    plain[:N, :K // 32] = s.flatten()[[sf_offset(m, k, K // 32) for m in range(N) for k in range(K // 32)]].reshape(N, -1)
+    assert read_scales(plain, N, K // 32) != read_scales(s, N, K // 32)  # row-major scales are not the layout
+
+
+def test_schemes_without_a_lightx2v_low_bit_layout_are_refused():
+    for name in ("w4a16_g128", "w4a8", "w8a8"):
+        q = _linear(name)
+        with pytest.raises(ValueError, match=f"p: scheme {name} has no lightx2v low-bit scheme; valid: nvfp4, mxfp8"):
+            linear_tensors(q, "p")
+    assert {lowbit_scheme(SCHEMES[s.name]) for s in LOWBIT_SCHEMES.values()} == set(LOWBIT_SCHEMES)
+
+
+def test_export_lightx2v_refuses_w4a8_in_one_line(vqx_run_in_process, tmp_path):
+    r = vqx_run_in_process(["format=w4a8", "export=lightx2v", "eval=none", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("vqx: error: export=lightx2v cannot write format=w4a8: lightx2v has no scheme for w4a8")
+    assert not (tmp_path / "run" / "export").exists()
