@@ -430,7 +430,7 @@ KILLED_EXPORT = textwrap.dedent("""
 def test_killed_export_leaves_nothing_that_verifies(t2v_int8_smooth, tmp_path):
     out = tmp_path / "export"
     r = subprocess.run([sys.executable, "-c", KILLED_EXPORT.format(tests=str(ROOT / "tests"), out=str(out))],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 9, r.stderr
     assert not out.exists()
     partial = [p for p in tmp_path.iterdir()]
@@ -532,13 +532,13 @@ def verify_cli(*args):
     env = {**os.environ}
     env.pop("VQX_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "vqx", "verify-export", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT, env=env)
+                          text=True, cwd=ROOT, env=env)
 
 
 @pytest.mark.parametrize("args,corrupt", [(["export=lightx2v", "format=fp8"], True),
                                           (["model=wan_tiny_i2v", "export=lightx2v", "export.layout=blocks"], False)])
 def test_run_then_verify_export(vqx_run, tmp_path, args, corrupt):
-    r = vqx_run([*args, f"hydra.run.dir={tmp_path}"])
+    r = vqx_run([*args, "eval=none", "logger=none", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["export"]["dir"] == str(tmp_path / "export") and metrics["export"]["verify"]["ok"]
