@@ -149,3 +149,23 @@ def test_a_block_kept_float_is_left_alone_by_the_search(tiny_t2v, tmp_path):
                                 OmegaConf.create({"name": "sq", "steps": ["smoothquant"], "alpha": "auto"}), calib)
     assert result.quantized and not any(n.startswith("blocks.0.") for n in result.quantized)
     assert [b["block"] for b in result.blocks] == [1]
+
+
+@pytest.mark.parametrize("algo", [{"name": "sq", "steps": ["smoothquant"], "alpha": 0.5},
+                                  {"name": "awq", "steps": ["awq"], "grid": 4, "shortlist": 0}])
+def test_groups_restrict_smoothing_to_the_named_input_groups(outlier_pipe, tmp_path, algo):
+    """algorithm.groups=[...]: the step smooths only those groups (LLMC's sites, say); an unnamed group's linear is
+    quantized from its original weight (round to nearest, bit for bit) and records no choice."""
+    from vqx.quant.linear import quantize_weight
+
+    only = ["self_attn_in", "cross_attn_q"]
+    pipe = copy.deepcopy(outlier_pipe)
+    before = {n: m.weight.detach().clone() for n, m in pipe.transformer.named_modules() if n.endswith("attn2.to_out.0")}
+    result = _quantize(pipe, tmp_path, {**algo, "groups": only})
+    chosen = {g["group"] for g in result.groups}
+    assert chosen == set(only)
+    assert before
+    for name, w in before.items():  # cross_attn_out (value rows -> output columns) was left alone
+        codes, scale = quantize_weight(w.float(), get_scheme("w8a8").weight)
+        q = result.quantized[name]
+        assert torch.equal(q.weight_codes, codes) and torch.equal(q.weight_scale.float(), scale.float())

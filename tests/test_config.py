@@ -58,6 +58,9 @@ def test_old_option_names_still_work_with_one_deprecation_line(caplog):
     ("format.name=int4", "format.name='int4' is unknown; valid: none, w8a8, fp8"),
     ("model.family=hunyuan", "model.family='hunyuan' has no model adapter; valid: wan"),
     ("algorithm.steps=[magic]", "algorithm step 'magic' is unknown; valid steps: awq, gptq, rtn, smoothquant"),
+    ("algorithm.groups=[ffn_out]", "algorithm.groups=['ffn_out'] has unknown group 'ffn_out'; valid for model=wan_tiny: "
+                                   "self_attn_in, self_attn_out, cross_attn_q, cross_attn_out, ffn_in"),
+    ("algorithm.groups=[]", "algorithm.groups=[] names no group; valid for model=wan_tiny"),
 ])
 def test_validation_messages(override, message):
     with pytest.raises(UserError) as e:

@@ -9,6 +9,7 @@ clipping search per weight scale block, kept per linear only where it lowers the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -17,7 +18,7 @@ from ..quant.scheme import choose_scales, dequantize, global_scale_of, quantize_
 from .block_search import shortlisted
 from .losses import group_quant_loss
 from .registry import BlockContext, register_step
-from .smoothing import apply_smoothing, clamp_scale, smoothable
+from .smoothing import apply_smoothing, clamp_scale, smoothable, smoothing_groups_param
 
 
 @dataclass
@@ -28,7 +29,8 @@ class AWQParams:
     clip_grid: int = bounded(10, 1, 100)
     # how many of the grid's ratios (best per-linear loss first, ratio 0 aside) are scored on the block output; 0: all
     shortlist: int = bounded(4, 0, None)
-
+    # the input groups smoothed, by name; null: every group with a fold
+    groups: Optional[list[str]] = smoothing_groups_param()
 
 
 def awq_scale(mean_abs: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -42,7 +44,7 @@ def awq(ctx: BlockContext) -> None:
     ratios = [i / ctx.params.grid for i in range(ctx.params.grid + 1)]
     current = ctx.block_error()  # the block as it is: every group's identity (ratio 0)
     for group in ctx.groups:
-        if not smoothable(group):
+        if not smoothable(group, ctx.params.groups):
             continue
         stats = ctx.stats[group.name]
         x = stats.sample_matrix()

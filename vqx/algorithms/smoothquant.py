@@ -12,7 +12,7 @@ error only goes down from round-to-nearest's; the runner checks the result on ev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -20,7 +20,7 @@ from ..config.schema import bounded
 from .block_search import shortlisted
 from .losses import group_quant_loss
 from .registry import BlockContext, register_step
-from .smoothing import apply_smoothing, clamp_scale, group_weight_absmax, smoothable
+from .smoothing import apply_smoothing, clamp_scale, group_weight_absmax, smoothable, smoothing_groups_param
 
 ALPHA_GRID = [round(0.05 * i, 2) for i in range(21)]
 
@@ -30,6 +30,8 @@ class SmoothQuantParams:
     alpha: Any = field(default="auto", metadata={"range": (0.0, 1.0), "or_auto": True})  # or a number in [0, 1]
     # alpha=auto: how many of the grid's alphas (best per-linear loss first) are scored on the block output; 0: all
     shortlist: int = bounded(4, 0, None)
+    # the input groups smoothed, by name (e.g. [self_attn_in, cross_attn_q, ffn_in]); null: every group with a fold
+    groups: Optional[list[str]] = smoothing_groups_param()
 
 
 def parse_alpha(value: Any) -> float | str:
@@ -60,7 +62,7 @@ def smoothquant(ctx: BlockContext) -> None:
     alpha_cfg = parse_alpha(ctx.params.alpha)
     current = ctx.block_error() if alpha_cfg == "auto" else None  # the block as it is: every group's identity
     for group in ctx.groups:
-        if not smoothable(group):
+        if not smoothable(group, ctx.params.groups):
             continue
         stats = ctx.stats[group.name]
         w_absmax = group_weight_absmax(ctx, group)

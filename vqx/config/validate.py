@@ -127,6 +127,7 @@ def _check_rules(cfg: DictConfig) -> None:
         plan = plan_steps(cfg.algorithm, check_value=_check_value)
     except ValueError as e:
         raise UserError(str(e)) from None
+    _check_smoothing_groups(cfg, plan)
     if any(s.weight is not None and s.weight.granularity in ("group", "block") for s in fmt.schemes()):
         from ..algorithms.gptq import act_order_refusal
 
@@ -148,6 +149,21 @@ def _check_rules(cfg: DictConfig) -> None:
         from ..models.adapter import adapter_named
 
         adapter_named(cfg.model.family).check_model_folder(cfg.model)
+
+
+def _check_smoothing_groups(cfg: DictConfig, plan) -> None:
+    """A step's ``groups`` (SmoothQuant, AWQ) names input groups the model can smooth, at least one."""
+    from ..models.adapter import adapter_named
+
+    for p in plan:
+        names = getattr(p.params, "groups", None)
+        if names is None:
+            continue
+        valid = adapter_named(cfg.model.family).smoothing_groups(cfg.model.task)
+        bad = [n for n in names if n not in valid]
+        if bad or not names:
+            what = "names no group" if not names else f"has unknown group {bad[0]!r}"
+            raise UserError(f"algorithm.groups={list(names)} {what}; valid for model={cfg.model.name}: {', '.join(valid)}")
 
 
 def _check_format_name(fmt) -> None:

@@ -189,6 +189,11 @@ class ModelAdapter:
         """Tokens of a video of that size (the self-attention's sequence length)."""
         raise NotImplementedError
 
+    def smoothing_groups(self, task: str) -> list[str]:
+        """Names of the block input groups a smoothing factor can be folded for (``InputGroup.kind`` set), in
+        block order, for a model of ``task``: what SmoothQuant's and AWQ's ``groups`` parameter may name."""
+        raise NotImplementedError
+
     def check_frames(self, num_frames: int) -> str | None:
         """Why the family cannot generate ``num_frames`` frames (None: it can)."""
         return None
