@@ -21,7 +21,6 @@ from .prompts import load_prompt_set
 from .config.validate import validate
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
-from .models.adapter import LayerSelection, adapter_for
 from .models.fingerprint import model_fingerprint
 from .models.loading import load_pipeline
 from .models.adapter import LayerSelection, QuantTarget, adapter_for, adapter_named
@@ -149,9 +148,23 @@ def check_ranks(cfg: DictConfig) -> None:
 def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: Evaluator) -> dict:
     timings = Timings()
     t_start = time.perf_counter()
-
     with timings("load"):
         pipe = load_pipeline(cfg.model)
+    state = quantize_pipeline(cfg, run_dir, pipe, evaluator, timings)
+    with timings("export"):  # the quantized model is the same on every rank: rank 0 writes it once
+        state.metrics["export"] = exporter.export(state) if distributed.is_main() else {}
+    with timings("eval"):
+        state.metrics.update(evaluator.evaluate(state))
+    timings["total_s"] = round(time.perf_counter() - t_start, 3)
+    state.metrics["timings"] = dict(timings)
+    state.metrics["ranks"] = distributed.world_size()
+    return state.metrics
+
+
+def quantize_pipeline(cfg: DictConfig, run_dir: Path, pipe, evaluator: Evaluator, timings: Timings) -> RunState:
+    """The run's middle stages on a loaded pipeline: the evaluator's 16-bit references (before anything changes),
+    calibration, the algorithm block by block. ``pipe``'s transformer is quantized in place. Returns the state
+    export and evaluation read, its ``metrics`` holding what the quantization reports (layers, groups, blocks)."""
     transformer = pipe.transformer
     num_blocks = len(adapter_for(transformer).blocks(transformer))
     fmt = format_from_config(cfg.format, num_blocks=num_blocks)
@@ -199,14 +212,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
         "blocks": result.blocks,
         "layers": layers,
     })
-    with timings("export"):  # the quantized model is the same on every rank: rank 0 writes it once
-        state.metrics["export"] = exporter.export(state) if distributed.is_main() else {}
-    with timings("eval"):
-        state.metrics.update(evaluator.evaluate(state))
-    timings["total_s"] = round(time.perf_counter() - t_start, 3)
-    state.metrics["timings"] = dict(timings)
-    state.metrics["ranks"] = distributed.world_size()
-    return state.metrics
+    return state
 
 
 def _summary(values: list[float]) -> dict:

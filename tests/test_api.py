@@ -1,0 +1,56 @@
+"""The Python API (vqx.Experiment): the run's stages as calls, the same checks and the same results as run.py."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vqx
+from vqx.errors import UserError
+
+TINY = {"model": "wan_tiny", "eval": "none", "algorithm": "smoothquant", "calib": {"num_prompts": 1, "steps": 2}}
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_options_compose_like_the_command_line(tmp_path):
+    cfg = vqx.compose("model.outliers.channels=8", model="wan_tiny", format="nvfp4", algorithm={"alpha": 0.5},
+                      calib={"num_prompts": 1, "act_statistic": "percentile"}, export="none")
+    assert (cfg.model.name, cfg.format.name, cfg.algorithm.alpha, cfg.calib.num_prompts) == ("wan_tiny", "nvfp4", 0.5, 1)
+    assert cfg.calib.act_statistic == "percentile" and cfg.model.outliers.channels == 8
+    assert cfg.logger.name == "none"  # a notebook logs nothing unless asked
+    assert vqx.compose(logger="wandb").logger.name == "wandb"
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"format": "int3"}, "format=int3 is not an option of 'format'; valid: fp8,"),
+    ({"calib": {"num_prompts": 0}}, "calib.num_prompts=0 is out of range; it must be >= 1"),
+    ({"algorithm": {"groups": ["ffn_out"]}}, "algorithm.groups=['ffn_out'] has unknown group 'ffn_out'"),
+])
+def test_bad_settings_raise_the_command_lines_one_line_error_before_anything_runs(tmp_path, options, message):
+    with pytest.raises(UserError) as e:
+        vqx.Experiment(run_dir=tmp_path / "run", **{**TINY, **options})
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_stages_called_one_by_one_export_what_run_py_exports(tmp_path):
+    """Experiment.quantize + export on a pipeline the caller loaded writes the same tensors, bit for bit, as the
+    whole job (`Experiment.run`, i.e. python run.py) with the same settings; the quantized pipeline stays usable."""
+    settings = {**TINY, "algorithm": {"alpha": 0.5}, "cache_dir": str(tmp_path / "cache")}
+    exp = vqx.Experiment(run_dir=tmp_path / "api", **settings)
+    pipe = exp.load()
+    q = exp.quantize(pipe)
+    assert q.pipe is pipe and q.metrics["quantized_layers"] == 20 and q.quantized
+    summary = exp.export(q, tmp_path / "api_export")
+    assert summary["verify"]["ok"] and q.metrics["export"] is summary
+
+    metrics = vqx.Experiment(run_dir=tmp_path / "job", **settings).run()
+    assert metrics["layer_error"] == q.metrics["layer_error"] and metrics["groups"] == q.metrics["groups"]
+    a, b = _tensors(tmp_path / "api_export"), _tensors(tmp_path / "job" / "export")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "job" / "metrics.json").is_file() and not (tmp_path / "api" / "metrics.json").exists()
