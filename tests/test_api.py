@@ -54,3 +54,43 @@ def test_stages_called_one_by_one_export_what_run_py_exports(tmp_path):
     a, b = _tensors(tmp_path / "api_export"), _tensors(tmp_path / "job" / "export")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "job" / "metrics.json").is_file() and not (tmp_path / "api" / "metrics.json").exists()
+
+
+def _latents(pipe):
+    out = pipe("a red square moves right", height=32, width=32, num_frames=5, num_inference_steps=2,
+               output_type="latent", generator=torch.Generator().manual_seed(0))
+    return out.frames
+
+
+@pytest.mark.parametrize("settings", [{"format": "w8a8", "algorithm": {"alpha": 0.5}},  # runtime smoothing vectors
+                                      {"format": "fp8", "algorithm": "rtn"}],
+                         ids=["w8a8-smoothquant", "fp8-rtn"])
+def test_load_gives_back_the_evaluated_model_bit_for_bit(tmp_path, settings):
+    exp = vqx.Experiment(run_dir=tmp_path / "run", **{**TINY, "cache_dir": str(tmp_path / "cache"), **settings})
+    q = exp.quantize(exp.load())
+    exp.export(q, tmp_path / "export")
+    want = _latents(q.pipe)
+
+    fresh = exp.load()
+    with torch.no_grad():  # every tensor the model holds must come from the folder
+        for p in fresh.transformer.parameters():
+            p.add_(1.0)
+    loaded = vqx.load(tmp_path / "export", fresh)
+    assert torch.equal(_latents(loaded), want)
+    layers = {n: m for n, m in loaded.transformer.named_modules() if type(m).__name__ == "QuantLinear"}
+    assert layers.keys() == q.quantized.keys() and len(layers) == 20
+    for name, m in layers.items():  # the exported 1/s itself, where the run smoothed
+        inv = q.quantized[name].input_smooth_inv
+        assert (m.input_smooth_inv is None) == (inv is None) and (inv is None or torch.equal(m.input_smooth_inv, inv))
+
+
+def test_load_refuses_what_it_cannot_load(tmp_path):
+    exp = vqx.Experiment(run_dir=tmp_path / "run", **{**TINY, "algorithm": "rtn", "cache_dir": str(tmp_path / "cache")})
+    q = exp.quantize(exp.load())
+    exp.export(q, tmp_path / "export")
+    other = vqx.Experiment(**{**TINY, "model": "wan_tiny_i2v"}).load()
+    with pytest.raises(UserError, match=r"export holds no blocks\.0\.cross_attn\.k_img\.weight.*load the export into a "
+                                        r"pipeline of the model it was made from"):
+        vqx.load(tmp_path / "export", other)
+    with pytest.raises(UserError, match="has no manifest.json: not a finished vqx export"):
+        vqx.load(tmp_path, exp.load())

@@ -1,13 +1,14 @@
 """vqx: post-training quantization experiments for video diffusion transformers.
 
-``vqx.Experiment(...)`` runs the stages from Python (vqx.api); ``python run.py`` from the shell."""
+From Python (vqx.api): ``vqx.Experiment(...)`` runs the stages, ``vqx.load(export_dir, pipe)`` loads an export back;
+from the shell: ``python run.py``."""
 
 __version__ = "0.1.0"
-__all__ = ["Experiment", "compose", "__version__"]
+__all__ = ["Experiment", "compose", "load", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("Experiment", "compose"):  # imported on first use: `import vqx` stays light
+    if name in ("Experiment", "compose", "load"):  # imported on first use: `import vqx` stays light
         from . import api
 
         return getattr(api, name)

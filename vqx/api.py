@@ -7,6 +7,7 @@
     q = exp.quantize(pipe)            # quantized in place; q.metrics: layers, groups, blocks (as metrics.json)
     q.pipe("a red square moves right", num_inference_steps=10, ...)   # generate with the quantized model
     exp.export(q)                     # export= of the experiment (lightx2v by default), verified; or export(q, dir)
+    vqx.load("runs/nb/export", exp.load())   # an export=lightx2v folder back as the fake-quant pipeline
     scores = exp.evaluate(q)          # eval= of the experiment: LPIPS / PSNR / SSIM against the 16-bit model
     metrics = exp.run()               # or all of it, exactly as `python run.py` (writes config.yaml, metrics.json)
 
@@ -137,3 +138,14 @@ class Experiment:
 
 def _with_cfg(state, cfg: DictConfig):
     return dataclasses.replace(state, cfg=cfg)  # the same pipeline, layers and metrics dict
+
+
+def load(export_dir: str | Path, pipe):
+    """Install the ``export=lightx2v`` folder ``export_dir`` into ``pipe`` (a pipeline of the model it was made
+    from, e.g. ``Experiment(...).load()``), in place: its transformer then computes what the run's quantized one
+    computed, bit for bit. Returns ``pipe``. A folder that fails `vqx verify-export`'s file checks, or does not fit
+    the model, raises UserError (one line)."""
+    from .export.lightx2v_load import load_lightx2v
+
+    load_lightx2v(export_dir, pipe)
+    return pipe
