@@ -165,3 +165,34 @@ def test_export_lightx2v_refuses_w4a8_in_one_line(vqx_run_in_process, tmp_path):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("vqx: error: export=lightx2v cannot write format=w4a8: lightx2v has no scheme for w4a8")
     assert not (tmp_path / "run" / "export").exists()
+
+
+# ---- vqx's own reader (verify-export, vqx.load): tensors -> the evaluated weights ----------------------------
+
+@pytest.mark.parametrize("name", sorted(LOWBIT_SCHEMES))
+def test_vqx_reader_gives_back_the_evaluated_weight_bit_for_bit(name):
+    from vqx.export.lightx2v_lowbit_read import expected_linear, read_linear
+    from vqx.quant.scheme import dequantize
+
+    vqx_name = LOWBIT_SCHEMES[name].name
+    q = _linear(vqx_name) if name != "fp8-b128-deepgemm" else _linear_b128()
+    n, k = q.out_features, q.in_features
+    tensors = linear_tensors(q, "p")
+    want = expected_linear(name, n, k)
+    assert {f"p.{s}" for s in want} | {"p.bias"} == set(tensors)
+    for suffix, (dtype, shape) in want.items():
+        assert (tensors[f"p.{suffix}"].dtype, tuple(tensors[f"p.{suffix}"].shape)) == (dtype, shape), suffix
+    got = read_linear(tensors.__getitem__, "p", name, n, k)
+    assert torch.equal(dequantize(got["codes"], got["scale"], q.scheme.weight), q.dequantized_weight_fp32())
+    calibrated = q.input_absmax if name == "nvfp4" else q.input_scale
+    assert (got["input_scale"] is None) == (calibrated is None)
+    if calibrated is not None:
+        assert torch.equal(got["input_scale"].reshape(()), calibrated.float().reshape(()))
+
+
+def _linear_b128() -> QuantLinear:
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(256, 384)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(384, 256, generator=g) * torch.logspace(-2, 1, 256))
+    return QuantLinear(lin, SCHEMES["fp8_b128"])
