@@ -63,8 +63,10 @@ def _latents(pipe):
 
 
 @pytest.mark.parametrize("settings", [{"format": "w8a8", "algorithm": {"alpha": 0.5}},  # runtime smoothing vectors
-                                      {"format": "fp8", "algorithm": "rtn"}],
-                         ids=["w8a8-smoothquant", "fp8-rtn"])
+                                      {"format": "fp8", "algorithm": "rtn"},
+                                      {"format": "nvfp4", "algorithm": {"alpha": 0.5}},  # calibrated global scales
+                                      {"format": "mxfp6", "algorithm": "rtn"}],
+                         ids=["w8a8-smoothquant", "fp8-rtn", "nvfp4-smoothquant", "mxfp6-rtn"])
 def test_load_gives_back_the_evaluated_model_bit_for_bit(tmp_path, settings):
     exp = vqx.Experiment(run_dir=tmp_path / "run", **{**TINY, "cache_dir": str(tmp_path / "cache"), **settings})
     q = exp.quantize(exp.load())

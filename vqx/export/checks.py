@@ -91,7 +91,7 @@ def read_json(path: Path, report: Report) -> Any:
 # safetensors' dtype names
 ST_DTYPES = {"I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16, "F16": torch.float16,
              "F32": torch.float32, "F64": torch.float64, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8,
-             "F8_E5M2": torch.float8_e5m2, "BOOL": torch.bool, "I16": torch.int16}
+             "F8_E5M2": torch.float8_e5m2, "BOOL": torch.bool, "I16": torch.int16, "F8_E8M0": torch.float8_e8m0fnu}
 
 
 class TensorFiles:

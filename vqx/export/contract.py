@@ -135,8 +135,9 @@ def meta_transformer(diffusers_kwargs: dict):
 
 @dataclass(frozen=True)
 class Expected:
-    kind: str  # "codes" | "scale" | "float" | "smooth"
+    kind: str  # "codes" | "scale" | "float" | "smooth" | "lowbit" (a low-bit scheme's tensor: exactly ``dtype``)
     shape: tuple[int, ...]
+    dtype: torch.dtype | None = None
 
 
 def quantized_linears(model: torch.nn.Module) -> list[str]:
@@ -144,8 +145,11 @@ def quantized_linears(model: torch.nn.Module) -> list[str]:
     return [t.native_name for t in adapter_for(model).quant_targets(model, LayerSelection())]
 
 
-def expected_tensors(diffusers_kwargs: dict, smoothing: bool) -> dict[str, Expected]:
-    """Every tensor of a lightx2v checkpoint for this architecture: native name -> kind and shape."""
+def expected_tensors(diffusers_kwargs: dict, smoothing: bool, lowbit: str | None = None) -> dict[str, Expected]:
+    """Every tensor of a lightx2v checkpoint for this architecture: native name -> kind and shape. ``lowbit``: the
+    low-bit scheme (lightx2v's name) whose tensors each block linear holds instead of int8/fp8 codes and scales."""
+    from .lightx2v_lowbit_read import expected_linear
+
     model = meta_transformer(diffusers_kwargs)
     adapter = adapter_for(model)
     linears = set(quantized_linears(model))
@@ -153,7 +157,10 @@ def expected_tensors(diffusers_kwargs: dict, smoothing: bool) -> dict[str, Expec
     for key, t in model.state_dict().items():
         name = adapter.native_key(key)
         prefix, _, leaf = name.rpartition(".")
-        if prefix in linears and leaf == "weight":
+        if prefix in linears and leaf == "weight" and lowbit is not None:
+            for suffix, (dtype, shape) in expected_linear(lowbit, *t.shape).items():
+                out[f"{prefix}.{suffix}"] = Expected("lowbit", shape, dtype)
+        elif prefix in linears and leaf == "weight":
             out[name] = Expected("codes", tuple(t.shape))
             out[f"{prefix}.weight_scale"] = Expected("scale", (t.shape[0], 1))
         else:
@@ -172,6 +179,9 @@ def run_configs(scheme: str, ckpt_dir: str, smoothing: bool) -> dict[str, dict]:
     original Wan2.1 folder): the current API and the ``mm_config`` form lightx2v read from 2025-06-16 to
     2025-10-17 (which loads a folder only through its ``*.index.json``: the exporter writes one for every layout)."""
     extra = {"quant_method": ADVANCED_PTQ} if smoothing else {}
+    if scheme not in SCHEMES:  # a low-bit scheme: named as such; the pre-2025-10 mm_config API had none of them
+        return {"lightx2v_config.json": {"dit_quantized": True, "dit_quant_scheme": scheme,
+                                         "dit_quantized_ckpt": ckpt_dir, **extra}}
     return {
         "lightx2v_config.json": {"dit_quantized": True, "dit_quant_scheme": f"{scheme}-vllm",
                                  "dit_quantized_ckpt": ckpt_dir, **extra},

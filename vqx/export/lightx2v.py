@@ -2,7 +2,9 @@
 
 What is written (docs/lightx2v-contract.md), into ``export.dir`` (default ``<run_dir>/export``):
 - native Wan2.1 tensor names; every block linear as int8 / float8_e4m3fn codes [out, in], ``weight_scale``
-  fp32 [out, 1] (bf16-representable) and a float bias; every other tensor as the evaluated model holds it:
+  fp32 [out, 1] (bf16-representable) and a float bias, or under a low-bit scheme (nvfp4, mxfp8, mxfp6-mxfp8,
+  mxfp4, fp8-pertensor, fp8-b128-deepgemm) the tensors `lightx2v_lowbit` builds; every other tensor as the
+  evaluated model holds it:
   fp32 where it keeps fp32 (modulation, time embedding, affine norms), else in ``export.dtype``;
 - with runtime smoothing, ``blocks.N.affine_norm1/3.{weight,bias}`` = the 1/s the fake-quant model applied
   (fp32 [D], all ones for a block or group that was not smoothed, because lightx2v then reads them for
@@ -15,7 +17,9 @@ What is written (docs/lightx2v-contract.md), into ``export.dir`` (default ``<run
   + ``non_block.safetensors`` (disk offload); both with ``diffusion_pytorch_model.safetensors.index.json``,
   the only way lightx2v versions of 2025-06-16 to 2025-10-17 (``mm_config``) load a folder;
 - ``reference/block_outputs.safetensors`` (`lightx2v_reference`): the evaluated model's own block outputs on
-  seeded inputs, in fp32, so `vqx verify-export` can check the folder's values on its own, any time.
+  seeded inputs, in fp32, so `vqx verify-export` can check the folder's values on its own, any time; for a
+  low-bit scheme (whose matmul vqx does not emulate yet) ``reference/weights.json`` instead: each linear's
+  evaluated fp32 weight by hash and its calibrated activation value.
 The codes and scales are the QuantLinear buffers themselves, so dequantizing them gives bit for bit the
 weights the fake-quant model used. Before the folder is renamed into place, `verify.verify_export` checks it
 and compares lightx2v's math on the files with the recorded outputs (``export.verify``).
@@ -38,14 +42,15 @@ from ..config.schema import bounded, choice, register_schema
 from ..errors import Fault, UserError
 from ..io import write_json_atomic, write_text_atomic
 from ..models.adapter import ModelAdapter, adapter_for
-from ..quant.formats import Format, format_from_config
+from ..quant.formats import SCHEMES, Format, format_from_config
 from ..quant.linear import QuantLinear
 from ..stages import EXPORTERS, Exporter, RunState
 from . import contract, lightx2v_reference
 from .block_compare import spread
 from .folder import (ExportFolderSchema, check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder,
                      target_dir)
-from .lightx2v_reference import REFERENCE_FILE
+from .lightx2v_lowbit import LOWBIT_SCHEMES, linear_tensors, lowbit_scheme
+from .lightx2v_reference import REFERENCE_FILE, WEIGHTS_FILE
 from .manifest import write_manifest
 from .verify import DEFAULT_TOLERANCE, verify_export
 
@@ -72,22 +77,32 @@ register_schema("export", "lightx2v", LightX2VExportSchema)
 def refusal(fmt: Format) -> str | None:
     """Why lightx2v cannot load this format (None: it can): one scheme it has a kernel for, on every layer."""
     schemes = fmt.schemes()
-    loads = f"formats lightx2v loads: {', '.join(s.name for s in contract.LIGHTX2V_SCHEMES.values())} (or use export=dequantized / export=none)"
+    writable = [*contract.LIGHTX2V_SCHEMES.values(), *LOWBIT_SCHEMES.values()]
+    loads = f"formats lightx2v loads: {', '.join(s.name for s in writable)} (or use export=dequantized / export=none)"
     if not schemes:
         why = "it quantizes nothing"
     elif len(schemes) > 1:
         why = (f"it mixes schemes {', '.join(s.name for s in schemes)} and lightx2v runs one scheme per checkpoint")
-    elif contract.lightx2v_family(schemes[0]) is not None:
+    elif lightx2v_scheme(schemes[0]) is not None:
         return None
     else:
         s = schemes[0]
-        if s.weight_grid.storage_dtype is None:
+        if (s.weight, s.activation) == (SCHEMES["w4a16_g128"].weight, SCHEMES["w4a16_g128"].activation):
+            why = ("lightx2v's int4-g128-marlin reads Marlin's tile-permuted int4 packing, which vqx does not write "
+                   "yet")
+        elif s.weight_grid.storage_dtype is None:
             why = f"{s.weight.grid} is a research grid with no storage dtype (fake-quant only)"
         elif s.activation is None:
             why = "it is weight-only and lightx2v has no 16-bit-activation scheme for this checkpoint"
         else:
             why = f"lightx2v has no scheme for {s.name} ({s.weight.describe()} weights)"
     return f"export=lightx2v cannot write format={fmt.name}: {why}; {loads}"
+
+
+def lightx2v_scheme(scheme) -> str | None:
+    """The lightx2v scheme an export of ``scheme`` is written for: "int8" / "fp8" (per-channel, several kernels
+    read it) or a low-bit scheme's own name ("nvfp4", "mxfp8", ...); None: lightx2v has none vqx writes."""
+    return contract.lightx2v_family(scheme) or lowbit_scheme(scheme)
 
 
 def check(cfg: DictConfig) -> None:
@@ -113,14 +128,14 @@ def check(cfg: DictConfig) -> None:
 
 def _quant_linears(block: torch.nn.Module, index: int, linears: dict[str, str], family: str) -> dict[str, QuantLinear]:
     """Block-relative diffusers name -> QuantLinear, refusing a block linear that is not quantized."""
-    want = contract.CODE_DTYPES[family]
+    want = contract.CODE_DTYPES.get(family)  # None: a low-bit scheme (its tensors are built per layer)
     out = {}
     for local in linears:
         q = block.get_submodule(local)
         if not isinstance(q, QuantLinear):
             raise UserError(f"blocks.{index}.{local} is not quantized ({type(q).__name__}); lightx2v reads codes for "
                             f"every block linear, so export=lightx2v needs them all quantized")
-        if q.weight_codes.dtype != want or q.bias is None or contract.lightx2v_family(q.scheme) != family:
+        if (want is not None and q.weight_codes.dtype != want) or q.bias is None or lightx2v_scheme(q.scheme) != family:
             raise Fault(f"blocks.{index}.{local} holds {q.weight_codes.dtype} codes of scheme {q.scheme.name} "
                         f"(bias: {q.bias is not None}); lightx2v {family} reads {want} codes of one scheme with a bias")
         out[local] = q
@@ -160,6 +175,13 @@ def block_tensors(adapter: ModelAdapter, block: torch.nn.Module, index: int, lin
     out: dict[str, torch.Tensor] = {}
     for local, q in quant.items():
         p = f"blocks.{index}.{linears[local]}"
+        if family in LOWBIT_SCHEMES:
+            try:
+                out.update(linear_tensors(q, p))
+            except ValueError as e:
+                raise Fault(f"{e}") from None
+            out[f"{p}.bias"] = _float(q.bias, dtype)
+            continue
         out[f"{p}.weight"] = q.weight_codes.detach().cpu().contiguous()
         scale = q.weight_scale.detach().to(torch.float32).cpu().reshape(-1, 1).contiguous()
         if not torch.equal(scale.to(torch.bfloat16).float(), scale):  # lightx2v reads scales through bf16
@@ -227,7 +249,28 @@ def write_checkpoint(transformer: torch.nn.Module, folder: Path, family: str, la
     return counts
 
 
+LOWBIT_GPUS = {  # what runs each low-bit scheme's lightx2v kernels (docs/lightx2v-lowbit-contract.md)
+    "nvfp4": "lightx2v_kernel's NVFP4 GEMM, built for sm_120a (RTX 50-class) only",
+    "mxfp8": "lightx2v_kernel's MX GEMMs, built for sm_120a (RTX 50-class) only",
+    "mxfp6-mxfp8": "lightx2v_kernel's MX GEMMs, built for sm_120a (RTX 50-class) only",
+    "mxfp4": "lightx2v_kernel's MX GEMMs, built for sm_120a (RTX 50-class) only",
+    "fp8-pertensor": "FP8 tensor cores (Ada, Hopper, Blackwell)",
+    "fp8-b128-deepgemm": "DeepGEMM's block-scaled FP8 GEMM (Hopper)",
+}
+
+
 def usage_text(scheme: str, target: Path, smoothing: bool, task: str) -> str:
+    if scheme in LOWBIT_SCHEMES:
+        return (f"# lightx2v checkpoint (Wan2.1 {task}, scheme `{scheme}`, vqx format {LOWBIT_SCHEMES[scheme].name})\n\n"
+                f"Runs on: {LOWBIT_GPUS[scheme]}.\n"
+                f"On other GPUs vqx evaluates it with fake quantization (the numbers of lightx2v's reference\n"
+                f"quantizers), not lightx2v's kernels.\n\n"
+                f"Merge `lightx2v_config.json` into a Wan2.1 {task} run config; `model_path` stays the original Wan2.1\n"
+                f"folder; `dit_quantized_ckpt` is this folder:\n\n    {target}\n\n"
+                + ("The checkpoint carries per-block smoothing vectors (affine_norm1/affine_norm3) and `config.json`\n"
+                   "sets `\"quant_method\": \"advanced_ptq\"`.\n\n" if smoothing else "")
+                + f"Check it any time with `vqx verify-export {target}` (the unpacked weights against the evaluated ones,\n"
+                f"bit for bit; lightx2v's {scheme} matmul itself is not emulated yet).\n")
     flag = ("\nThe checkpoint carries per-block smoothing vectors (affine_norm1/affine_norm3): `config.json` here sets\n"
             "`\"quant_method\": \"advanced_ptq\"` and lightx2v merges it because `dit_quantized_ckpt` points at this folder.\n"
             "Do not point it at a single file, or copy the flag into your run config (the fragments here carry it).\n"
@@ -252,7 +295,7 @@ def export(state: RunState) -> dict:
     adapter = adapter_for(transformer)
     task = "i2v" if adapter.is_i2v(transformer) else "t2v"
     target = target_dir(ecfg, state.run_dir)
-    scheme = contract.lightx2v_family(fmt.schemes()[0])
+    scheme = lightx2v_scheme(fmt.schemes()[0])
     dtype = contract.EXPORT_DTYPES[ecfg.dtype]
     smoothing = smoothing_vectors(transformer, state.runtime_smoothing or {})
     wan_cfg = contract.wan_config(dict(transformer.config), task, bool(smoothing))
@@ -267,10 +310,13 @@ def export(state: RunState) -> dict:
             write_json_atomic(tmp / name, body)
         write_text_atomic(tmp / "LIGHTX2V.md", usage_text(scheme, target, bool(smoothing), task))
         info = {"format": fmt.name, "algorithm": cfg.algorithm.name, "model": cfg.model.name, "task": task,
-                "layout": ecfg.layout, "dtype": ecfg.dtype, "scheme": scheme, "schemes": contract.SCHEMES[scheme],
+                "layout": ecfg.layout, "dtype": ecfg.dtype, "scheme": scheme, "schemes": contract.SCHEMES.get(scheme, [scheme]),
                 "advanced_ptq": bool(smoothing), "num_layers": len(adapter.blocks(transformer))}
-        blocks = spread(info["num_layers"], ecfg.verify_blocks)
-        lightx2v_reference.record(transformer, tmp / REFERENCE_FILE, blocks, seed=0, scheme=scheme)
+        if scheme in LOWBIT_SCHEMES:
+            lightx2v_reference.record_weights(transformer, tmp / WEIGHTS_FILE)
+        else:
+            blocks = spread(info["num_layers"], ecfg.verify_blocks)
+            lightx2v_reference.record(transformer, tmp / REFERENCE_FILE, blocks, seed=0, scheme=scheme)
         manifest = write_manifest(tmp, "lightx2v", counts, info, cfg)
         if ecfg.verify:
             verify_report = verify_export(tmp, tolerance=float(ecfg.verify_tolerance),
@@ -282,7 +328,7 @@ def export(state: RunState) -> dict:
     log.info("lightx2v checkpoint (%s, %s layout, %s%s) written to %s", scheme, ecfg.layout, task,
              ", advanced_ptq" if smoothing else "", target)
     summary = {"kind": "lightx2v", "dir": str(target), "layout": ecfg.layout, "scheme": scheme,
-               "schemes": contract.SCHEMES[scheme], "advanced_ptq": bool(smoothing),
+               "schemes": contract.SCHEMES.get(scheme, [scheme]), "advanced_ptq": bool(smoothing),
                "files": len(manifest["files"]), "tensors": manifest["tensors"], "bytes": total_bytes}
     if verify_report is not None:
         summary["verify"] = verify_report.summary()

@@ -2,7 +2,8 @@
 
 The folder is checked first, as `vqx verify-export` checks it without lightx2v's math (manifest, every file's
 hash, names, dtypes and shapes). Then every quantized linear of the folder becomes a `QuantLinear` holding the
-folder's codes, scales and bias, with the 1/s its ``affine_norm1/3`` vector carries (the very fp32 values the
+folder's codes, scales and bias (low-bit schemes unpacked by `lightx2v_lowbit_read`, with their calibrated
+activation value), with the 1/s its ``affine_norm1/3`` vector carries (the very fp32 values the
 run's layers multiplied by, not a reciprocal of a reciprocal); every other tensor is copied into the model. The
 blocks get the fused forward `materialize` installs, so the pipeline computes what the run's quantized pipeline
 computed, bit for bit (tests/test_api.py), given the same model dtype.
@@ -22,12 +23,14 @@ from ..models.adapter import LayerSelection, adapter_for
 from . import contract
 from .checks import TensorFiles
 from .folder import MANIFEST
+from .lightx2v_lowbit import LOWBIT_SCHEMES
+from .lightx2v_lowbit_read import expected_linear, read_linear
 from .verify import verify_export
 
 
 def load_lightx2v(folder: str | Path, pipe) -> dict:
     """Install the export in ``folder`` into ``pipe``'s transformer (in place); returns what was loaded:
-    ``{"quantized": name -> QuantLinear, "scheme": "int8"|"fp8", "smoothing": bool}``."""
+    ``{"quantized": name -> QuantLinear, "scheme": "int8"|"fp8"|a low-bit scheme, "smoothing": bool}``."""
     folder = Path(folder)
     report = verify_export(folder, compute=False)
     if report.kind is not None and report.kind != "lightx2v":
@@ -43,10 +46,24 @@ def load_lightx2v(folder: str | Path, pipe) -> dict:
     adapter = adapter_for(transformer)
     state = transformer.state_dict()
     targets = adapter.quant_targets(transformer, LayerSelection())
-    schemes, codes, taken = {}, {}, set()
+    lowbit = manifest.get("scheme") if manifest.get("scheme") in LOWBIT_SCHEMES else None
+    schemes, codes, input_values, global_scales, taken = {}, {}, {}, {}, set()
     for t in targets:
         prefix = adapter.native_key(f"{t.name}.weight")[: -len(".weight")]
         weight = _tensor(tensors, f"{prefix}.weight", folder)
+        if lowbit is not None:
+            n, k = t.module.weight.shape
+            suffixes = expected_linear(lowbit, n, k)
+            for suffix in suffixes:
+                _tensor(tensors, f"{prefix}.{suffix}", folder)
+            got = read_linear(tensors.get, prefix, lowbit, n, k)
+            schemes[t.name], codes[t.name] = LOWBIT_SCHEMES[lowbit], (got["codes"], got["scale"])
+            if got["input_scale"] is not None:
+                input_values[t.name] = got["input_scale"]
+            if got["global_scale"] is not None:
+                global_scales[t.name] = got["global_scale"]
+            taken |= {f"{prefix}.{suffix}" for suffix in suffixes}
+            continue
         family = contract.scheme_of_dtype(weight.dtype)
         if family is None:  # a layer the format kept float: an ordinary tensor, copied below
             continue
@@ -83,14 +100,15 @@ def load_lightx2v(folder: str | Path, pipe) -> dict:
 
     chosen = [t for t in targets if t.name in schemes]
     runtime = {i: {v: 1.0 / inv for v, inv in vecs.items()} for i, vecs in smoothing.items()}
-    quantized = materialize(transformer, chosen, schemes, codes, runtime)
+    quantized = materialize(transformer, chosen, schemes, codes, runtime, input_scales=input_values)
+    for name, g in global_scales.items():  # the codes' own global scale (the float weight it came from is gone)
+        quantized[name].weight_global_scale.copy_(g.to(quantized[name].weight_global_scale.device))
     fold_of = {n: g.fold for g in adapter.input_groups(transformer) if g.kind == "runtime" for n in g.linears}
     for t in chosen:  # the exported 1/s itself (1 / (1 / inv) need not round back to inv)
         q = quantized[t.name]
         if q.input_smooth_inv is not None:
             q.input_smooth_inv.copy_(smoothing[t.block][fold_of[t.local_name]].to(q.input_smooth_inv.device))
-    family = {contract.lightx2v_family(s) for s in schemes.values()}
-    return {"quantized": quantized, "scheme": family.pop() if len(family) == 1 else sorted(family),
+    return {"quantized": quantized, "scheme": lowbit or contract.lightx2v_family(next(iter(schemes.values()))),
             "smoothing": bool(smoothing)}
 
 

@@ -126,3 +126,34 @@ def _capture(store: dict, native: str):
         inv = module.input_smooth_inv
         store[native] = x if inv is None else x * inv  # what the layer quantizes (its 1/s applied, in fp32)
     return hook
+
+
+WEIGHTS_FILE = "reference/weights.json"  # low-bit exports: each linear's evaluated weight, by hash
+
+
+def weight_digest(weight_fp32: torch.Tensor) -> str:
+    """sha256 of a dequantized weight's fp32 bytes (row-major)."""
+    import hashlib
+
+    return hashlib.sha256(weight_fp32.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def record_weights(transformer: torch.nn.Module, path: Path) -> int:
+    """For a low-bit export, whose matmul vqx does not emulate yet: native linear name -> sha256 of the fp32 weight
+    the evaluated QuantLinear multiplied by (codes x scales), so `vqx verify-export` can check that the folder's
+    tensors, unpacked, give back exactly those weights. Returns the number of linears."""
+    from ..io import write_json_atomic
+
+    adapter = adapter_for(transformer)
+    digests, inputs = {}, {}
+    for i, block in enumerate(adapter.blocks(transformer)):
+        for local, native in adapter.block_linears(transformer).items():
+            q = block.get_submodule(local)
+            if isinstance(q, QuantLinear):
+                digests[f"blocks.{i}.{native}"] = weight_digest(q.dequantized_weight_fp32())
+                value = q.input_absmax if q.input_absmax is not None else q.input_scale
+                if value is not None:  # the calibrated activation value (NVFP4's absmax, a static scale), exactly
+                    inputs[f"blocks.{i}.{native}"] = float(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"vqx_version": __version__, "sha256_fp32_weight": digests, "input_value": inputs})
+    return len(digests)

@@ -16,10 +16,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..models.adapter import adapter_named
+from ..models.adapter import LayerSelection, adapter_for, adapter_named
+from ..quant.scheme import dequantize
 from ..runtime import torch_dtype
 from . import contract
 from .block_compare import compare_blocks
+from .lightx2v_lowbit import LOWBIT_SCHEMES
+from .lightx2v_lowbit_read import read_linear
+from .lightx2v_reference import WEIGHTS_FILE, weight_digest
 from .checks import MAX_LINES, ST_DTYPES, VERIFIERS, Report, TensorFiles, VerifyJob, names, read_json
 
 
@@ -52,7 +56,8 @@ def verify_lightx2v(job: VerifyJob, report: Report) -> None:
         report.problems.append("config.json sets quant_method=advanced_ptq but the checkpoint holds no affine_norm "
                                "vectors: lightx2v would look them up and fail")
     dkw = _architecture(wan_cfg, tf)
-    expected = contract.expected_tensors(dkw, smoothing)
+    lowbit = job.manifest.get("scheme") if job.manifest.get("scheme") in LOWBIT_SCHEMES else None
+    expected = contract.expected_tensors(dkw, smoothing, lowbit)
     missing, unexpected = set(expected) - present, present - set(expected)
     if missing:
         report.problems.append(f"{len(missing)} expected tensor(s) missing: {names(missing)}")
@@ -68,7 +73,38 @@ def verify_lightx2v(job: VerifyJob, report: Report) -> None:
     _check_values(tf, expected, present, scheme, report)
     if report.problems or not job.compute:
         return
-    compare_blocks(folder, tf, wan_cfg, dkw, scheme, report, job.device, job.max_blocks)
+    if lowbit:
+        _check_lowbit_weights(folder, tf, dkw, lowbit, report)
+    else:
+        compare_blocks(folder, tf, wan_cfg, dkw, scheme, report, job.device, job.max_blocks)
+
+
+def _check_lowbit_weights(folder: Path, tf: TensorFiles, dkw: dict, scheme: str, report: Report) -> None:
+    """Every low-bit linear unpacked (`lightx2v_lowbit_read`, not the writer's code) and dequantized as vqx
+    dequantizes: codes on the grid and finite scales give back, bit for bit, the weight the run evaluated (its
+    recorded hash). lightx2v's low-bit matmul itself is not emulated yet (a note says so)."""
+    digests = read_json(folder / WEIGHTS_FILE, report)
+    if digests is None:
+        return
+    recorded, inputs = digests.get("sha256_fp32_weight") or {}, digests.get("input_value") or {}
+    ts = LOWBIT_SCHEMES[scheme].weight
+    model = contract.meta_transformer(dkw)
+    shapes = {t.native_name: tuple(t.module.weight.shape) for t in adapter_for(model).quant_targets(model, LayerSelection())}
+    bad = []
+    for prefix, (n, k) in tqdm(sorted(shapes.items()), desc="unpack", unit="linear", leave=False, disable=len(shapes) < 100):
+        got = read_linear(tf.get, prefix, scheme, n, k)
+        if not (torch.isfinite(got["codes"]).all() and torch.isfinite(got["scale"]).all()):
+            bad.append(f"{prefix}: non-finite codes or scales after unpacking")
+        elif weight_digest(dequantize(got["codes"], got["scale"], ts)) != recorded.get(prefix):
+            bad.append(f"{prefix}: the unpacked weight is not the evaluated one"
+                       + ("" if prefix in recorded else f" ({WEIGHTS_FILE} has no entry)"))
+        elif got["input_scale"] is not None and float(got["input_scale"]) != inputs.get(prefix):
+            bad.append(f"{prefix}: calibrated activation value {float(got['input_scale'])!r}, the evaluated layer "
+                       f"used {inputs.get(prefix)!r}")
+    report.problems += bad[:MAX_LINES] + ([f"... and {len(bad) - MAX_LINES} more"] if len(bad) > MAX_LINES else [])
+    report.info["linears_unpacked"] = len(shapes)
+    report.notes.append(f"{scheme}: every linear unpacked and checked against the evaluated weight bit for bit; "
+                        f"lightx2v's {scheme} matmul is not emulated yet")
 
 
 def _architecture(wan_cfg: dict, tf: TensorFiles) -> dict:
@@ -114,6 +150,11 @@ def _check_dtypes_shapes(tf: TensorFiles, expected: dict, present: set, manifest
         if exp.kind == "codes":
             code_dtypes.setdefault(dtype, key)
             continue
+        if exp.kind == "lowbit":
+            if dtype != exp.dtype:
+                report.problems.append(f"{key}: dtype {dtype or st_dtype}, expected {exp.dtype} (lightx2v's "
+                                       f"{manifest.get('scheme')} loader)")
+            continue
         want = {"scale": torch.float32, "smooth": torch.float32, "float": float_dtype}[exp.kind]
         kept = exp.kind == "float" and contract.held_in_fp32(to_diffusers(key), model_dtype)
         if kept:
@@ -122,6 +163,8 @@ def _check_dtypes_shapes(tf: TensorFiles, expected: dict, present: set, manifest
             why = {"scale": " (lightx2v reads scales as fp32)",
                    "float": " (the evaluated model holds it in fp32)" if kept else ""}.get(exp.kind, "")
             report.problems.append(f"{key}: dtype {dtype or st_dtype}, expected {want}{why}")
+    if any(e.kind == "lowbit" for e in expected.values()):
+        return manifest.get("scheme")
     schemes = {contract.scheme_of_dtype(d) for d in code_dtypes}
     if None in schemes:
         bad = [f"{k} ({d})" for d, k in code_dtypes.items() if contract.scheme_of_dtype(d) is None]
@@ -152,6 +195,8 @@ def _check_values(tf: TensorFiles, expected: dict, present: set, scheme: str, re
             bad_lines += 1
             continue
         problem = None
+        if kind == "lowbit":
+            continue  # unpacked and checked as a whole linear (_check_lowbit_weights)
         if kind == "codes":
             if t.dtype == torch.float8_e4m3fn and torch.isnan(t.float()).any():
                 problem = f"{int(torch.isnan(t.float()).sum())} NaN code(s)"
