@@ -422,3 +422,17 @@ def test_storage_and_memory_errors_map_to_one_line(capsys, exc, code, text):
     err = capsys.readouterr().err
     assert e.value.code == code and text in err and err.count("\n") == 1
     assert as_vqx_error(ValueError("x")).__class__ is ValueError  # bugs stay bugs
+
+
+def test_ctrl_c_maps_to_exit_130_even_when_c_code_turned_it_into_another_error():
+    from vqx.errors import Interrupted, as_vqx_error
+
+    assert isinstance(as_vqx_error(KeyboardInterrupt()), Interrupted) and Interrupted.exit_code == 130
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+    except ValueError as e:
+        assert isinstance(as_vqx_error(e), Interrupted)
+    assert not isinstance(as_vqx_error(ValueError("a plain bug")), Interrupted)

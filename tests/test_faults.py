@@ -28,18 +28,18 @@ def _env(cache: Path) -> dict:
     return env
 
 
-def run(args, cache: Path, log: Path, kill_when=None) -> str:
-    """Run `python run.py ARGS`; with ``kill_when``, SIGKILL its process group as soon as kill_when() is true.
-    Returns "killed" or "exit <code>". pytest-timeout bounds the wait; the process group never outlives it."""
+def run(args, cache: Path, log: Path, kill_when=None, sig=signal.SIGKILL) -> str:
+    """Run `python run.py ARGS`; with ``kill_when``, send ``sig`` to its process group as soon as kill_when() is
+    true. Returns "killed" (SIGKILL) or "exit <code>". pytest-timeout bounds the wait; the group never outlives it."""
     with open(log, "w") as out:
         p = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=_env(cache), stdout=out,
                              stderr=subprocess.STDOUT, start_new_session=True)  # its own group: ffmpeg children die too
         try:
             while p.poll() is None:
                 if kill_when is not None and kill_when():
-                    os.killpg(p.pid, signal.SIGKILL)
+                    os.killpg(p.pid, sig)
                     p.wait()
-                    return "killed"
+                    return "killed" if sig == signal.SIGKILL else f"exit {p.returncode}"
                 time.sleep(0.002)
         finally:
             if p.poll() is None:  # interrupted (the test's timeout): take the group down with the test
@@ -114,3 +114,23 @@ def test_kill_at_each_stage_then_rerun_gives_the_unkilled_result(tmp_path):
     assert not (run_dir / "error.json").exists()  # a success clears the killed attempts' error record
     assert len([p for p in (cache / "calib_capture").rglob(MANIFEST)]) == 1
     assert len([p for p in (cache / "eval_video").rglob(MANIFEST)]) == 1
+
+
+def test_ctrl_c_exits_130_in_one_line_and_keeps_the_finished_cache(tmp_path):
+    """SIGINT (what Ctrl-C sends) once the calibration capture is in the cache: exit 130, one line saying so, the
+    run dir's error.json says so, and the same command afterwards reads the capture instead of capturing again."""
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    cmd = [*ARGS, "export=none", f"hydra.run.dir={run_dir}"]
+    log = tmp_path / "int.log"
+    def published():  # a manifest under its final name (the entry is written in a hidden folder, then renamed)
+        found = (cache / "calib_capture").rglob(MANIFEST) if (cache / "calib_capture").is_dir() else []
+        return any(not any(part.startswith(".") for part in m.relative_to(cache).parts) for m in found)
+
+    assert run(cmd, cache, log, kill_when=published, sig=signal.SIGINT) == "exit 130", log.read_text()[-3000:]
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith("vqx: error: interrupted (Ctrl-C); the cache keeps every calibration capture"), last
+    assert "interrupted (Ctrl-C)" in json.loads((run_dir / "error.json").read_text())["error"]
+    assert_nothing_half_done(run_dir, cache)
+    log = tmp_path / "again.log"
+    assert run(cmd, cache, log) == "exit 0", log.read_text()[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["calibration"]["cache_hit"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .errors import UserError, as_vqx_error, one_line, report_and_exit
+from .errors import Interrupted, UserError, as_vqx_error, one_line, report_and_exit
 
 log = logging.getLogger("vqx")
 
@@ -65,7 +65,7 @@ def one_line_hydra_errors():
             if e.__cause__ is not None and str(e.__cause__) not in text:
                 text += "\n" + str(e.__cause__)
             report_and_exit(UserError(reword_hydra_error(text)))
-        except Exception as e:  # noqa: BLE001  (anything else: one line, exit 1)
+        except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001  (anything else: one line, exit 1; Ctrl-C: 130)
             report_and_exit(e)
         exit_if_jobs_failed(result)  # a multirun's batches of job results; anything else passes through
         return result
@@ -117,7 +117,7 @@ def run_job(cfg: DictConfig) -> dict | float | None:
             runs.clear_error(run_dir)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
         e = as_vqx_error(exc)  # out of memory, disk full: one line saying what to change, in error.json too
-        if not checked and not multirun and not isinstance(e, KeyboardInterrupt):
+        if not checked and not multirun and not isinstance(e, Interrupted):
             # a bad setting: the one line is the whole answer; no run dir of Hydra's files (a sweep keeps the
             # job's error.json: its report lists the failed jobs)
             if distributed.is_main():
@@ -125,7 +125,7 @@ def run_job(cfg: DictConfig) -> dict | float | None:
             report_and_exit(e)
         runs.write_error(run_dir, e)  # by whichever rank failed: it knows why
         log_failure(one_line(str(e)) or type(e).__name__)  # run.log ends with the error too
-        if go_on and not isinstance(e, KeyboardInterrupt):
+        if go_on and not isinstance(e, Interrupted):  # Ctrl-C stops the sweep too
             log.error("job %s failed: %s", hc.job.num, one_line(str(e)))
             sys.stderr.write(f"vqx: job {hc.job.num} ({run_dir}) failed: {one_line(str(e))}\n")
             return float("inf") if optuna else FailedJob(hc.job.num, str(run_dir), one_line(str(e)))

@@ -2,6 +2,7 @@
 
 `UserError` (exit 2): the input is wrong and the message says how to fix it.
 `Fault` (exit 1): something broke while running (NaN activations, disk full, out of memory).
+`Interrupted` (exit 130, the shell's code for Ctrl-C): the user stopped the run.
 Anything else is a bug and is reported the same way, with the traceback only under VQX_DEBUG=1.
 """
 
@@ -24,6 +25,14 @@ class UserError(VqxError):
 
 class Fault(VqxError):
     exit_code = 1
+
+
+class Interrupted(VqxError):
+    exit_code = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+INTERRUPTED = ("interrupted (Ctrl-C); the cache keeps every calibration capture, statistic and reference that was "
+               "finished (each is written whole or not at all), so the same command goes on from there")
 
 
 def debug_enabled() -> bool:
@@ -65,6 +74,8 @@ def as_vqx_error(exc: BaseException) -> BaseException:
     VqxErrors that say what to change; anything else is returned as is."""
     if isinstance(exc, VqxError):
         return exc
+    if _interrupted(exc):
+        return _chained(Interrupted(INTERRUPTED), exc)
     text = str(exc)
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
         where = "GPU" if "cuda" in (type(exc).__name__ + text).lower() else "host"
@@ -73,6 +84,18 @@ def as_vqx_error(exc: BaseException) -> BaseException:
     if storage is not None:
         return storage
     return exc
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """A Ctrl-C, or an error raised while one was being handled (C code that was interrupted mid-way can turn the
+    KeyboardInterrupt into an error of its own, e.g. torch's "could not determine the shape of object type")."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def storage_error(exc: BaseException, path: str | os.PathLike | None = None) -> VqxError | None:
