@@ -134,3 +134,26 @@ def test_ctrl_c_exits_130_in_one_line_and_keeps_the_finished_cache(tmp_path):
     log = tmp_path / "again.log"
     assert run(cmd, cache, log) == "exit 0", log.read_text()[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["calibration"]["cache_hit"]
+
+
+def test_a_second_run_into_a_busy_run_dir_is_refused_and_touches_nothing(tmp_path, vqx_run_in_process):
+    """Two runs into one dir cannot interleave: the second stops in one line (exit 2) and leaves the first one's
+    files (its error.json included) as they are; the lock goes with the first run."""
+    from vqx.track.runs import LOCK_FILE, RunDirLock
+
+    run_dir = tmp_path / "run"
+    first = RunDirLock(run_dir)  # a live run holds the dir
+    (run_dir / "error.json").write_text('{"error": "the first run\'s"}')
+    args = ["algorithm=rtn", "export=none", "eval=none", "logger=none", f"hydra.run.dir={run_dir}"]
+    r = vqx_run_in_process(args)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"vqx: error: {run_dir} is in use by another vqx run (pid {os.getpid()} on {os.uname().nodename}); wait for "
+        "it to finish or give this run another hydra.run.dir")
+    assert (run_dir / "error.json").read_text() == '{"error": "the first run\'s"}'
+    assert not (run_dir / "metrics.json").exists()
+    first.release()
+    r = vqx_run_in_process(args)
+    assert r.returncode == 0, r.stderr
+    assert (run_dir / "metrics.json").is_file() and not (run_dir / LOCK_FILE).exists()
+    assert not (run_dir / "error.json").exists()  # the run that succeeded cleared the earlier record

@@ -102,6 +102,7 @@ def run_job(cfg: DictConfig) -> dict | float | None:
     # under torchrun a failed job stops every rank: the others cannot go on to the next job without it
     go_on = multirun and not distributed.is_distributed()
     checked = False  # past the checks that need no model (`experiment.prepare`)
+    lock = None  # rank 0 holds the run dir for the run (`runs.RunDirLock`)
     try:
         apply_renames(cfg)  # old option names first, so a resumed sweep typed with them matches its saved config
         metrics = runs.completed_metrics(run_dir, cfg) if runs.resume_enabled(cfg) and multirun else None
@@ -110,13 +111,20 @@ def run_job(cfg: DictConfig) -> dict | float | None:
             log.info("skipping completed job %s: %s holds a complete run of this config (resume=false reruns it)",
                      hc.job.num, run_dir)
         else:
+            lock = runs.RunDirLock(run_dir) if distributed.is_main() else None
             prepared = experiment.prepare(cfg, run_dir)
             checked = True
             metrics = experiment.run(cfg, run_dir, prepared)
         if distributed.is_main():
             runs.clear_error(run_dir)
+        if lock is not None:
+            lock.release()
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
         e = as_vqx_error(exc)  # out of memory, disk full: one line saying what to change, in error.json too
+        if lock is not None:
+            lock.release()
+        if isinstance(e, runs.RunDirBusy):  # the dir is another live run's: leave everything in it alone
+            report_and_exit(e)
         if not checked and not multirun and not isinstance(e, Interrupted):
             # a bad setting: the one line is the whole answer; no run dir of Hydra's files (a sweep keeps the
             # job's error.json: its report lists the failed jobs)

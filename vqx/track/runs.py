@@ -1,12 +1,14 @@
 """What a job leaves in its run dir besides its results: why it failed (``error.json``), whether it is
-already complete (resume), and the number an Optuna sweep minimizes."""
+already complete (resume), the number an Optuna sweep minimizes, and the lock that keeps a second run out of it."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,40 @@ def clear_error(run_dir: Path) -> None:
 
 
 HYDRA_FILES = {".hydra", "run.log"}  # what Hydra writes into a run dir before the job starts
+LOCK_FILE = ".vqx.lock"
+
+
+class RunDirBusy(UserError):
+    """Another live run holds the run dir: this one must not write anything into it (not even error.json)."""
+
+
+class RunDirLock:
+    """An exclusive lock on a run dir for the run's lifetime (``flock``: the kernel drops it when the process ends,
+    however it ends, so a killed run leaves no stale lock). ``release`` removes the lock file."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / LOCK_FILE
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            holder = self.path.read_text().strip() or "another process"
+            raise RunDirBusy(f"{run_dir} is in use by another vqx run ({holder}); wait for it to finish or give this "
+                             "run another hydra.run.dir") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: a waiting run then locks a fresh file
+            os.close(self.fd)
+            self.fd = None
 
 
 def discard_unused_run_dir(run_dir: Path) -> bool:
