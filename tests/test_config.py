@@ -106,3 +106,16 @@ def test_the_real_process_exits_2_with_one_line(vqx_run, tmp_path, args, message
     run_dir = tmp_path / "run"
     _one_line_refusal(vqx_run([*args, f"hydra.run.dir={run_dir}"]), message)
     assert not (run_dir / "metrics.json").exists()
+
+
+def test_help_is_vqxs_own_page_and_its_examples_are_valid(vqx_run_in_process):
+    r = vqx_run_in_process(["--help"], pin_model=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("vqx: post-training quantization of Wan video diffusion transformers")
+    assert "format: fp8, fp8_b128, fp8_static" in r.stdout and "Compose your configuration" not in r.stdout
+    examples = [line.strip().split()[2:] for line in r.stdout.splitlines() if line.startswith("  python run.py ")]
+    assert len(examples) == 3
+    for overrides in examples:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        validate(cfg)  # settings only: a real checkpoint's folder is checked when a run starts

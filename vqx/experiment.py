@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import __version__, distributed
 from .algorithms.registry import needs_calibration as steps_need_calibration, plan_steps
@@ -125,7 +126,9 @@ def run(cfg: DictConfig, run_dir: Path, prepared: tuple | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     logger.start()
     try:
-        metrics = _run_stages(cfg, run_dir, exporter, evaluator)
+        # console log lines go through tqdm.write while a progress bar is live, above it instead of through it
+        with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+            metrics = _run_stages(cfg, run_dir, exporter, evaluator)
     except BaseException as e:
         logger.finish(None, f"{type(e).__name__}: {e}")
         raise
