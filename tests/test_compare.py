@@ -144,3 +144,26 @@ def test_bad_dir_is_a_one_line_error(tmp_path, capsys, make, message):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_jobs_of_two_models_rank_apart_with_floor_spread_and_links(tmp_path):
+    """Runs of different models are never ranked against each other; format and algorithm are columns once (not
+    again as overrides); the noise floor and the spread over videos are columns; each job links to its folder."""
+    root = tmp_path / "multirun"
+    for i, (model, lpips) in enumerate([("wan_mini", 0.004), ("wan_mini", 0.003), ("wan_tiny", 0.0001)]):
+        metrics = {"status": "complete", "model": model, "format": "w8a8", "algorithm": "rtn", "lpips": lpips,
+                   "lpips_std": lpips / 2, "psnr": 40.0 + i, "noise_floor": {"lpips": 0.0009, "psnr": 46.5},
+                   "layer_error": {"mean": 0.01, "max": 0.02}}
+        make_job(root, str(i), [f"model={model}", "format=w8a8", "algorithm=rtn", f"seed={i}"],
+                 {"model": {"name": model}, "format": {"name": "w8a8"}, "algorithm": {"name": "rtn"}}, metrics)
+    assert vqx_main(["compare", str(root)]) == 0
+    tables = report_tables(root / "report.html")
+    header, *rows = tables["jobs"]
+    assert header.count("format") == 1 and header.count("algorithm") == 1 and header.count("model") == 1
+    assert {"LPIPS std", "LPIPS floor", "PSNR floor", "seed"} <= set(header)
+    by_job = {r[0]: dict(zip(header, r)) for r in rows}
+    assert by_job["1"]["LPIPS std"] == "0.0015" and by_job["1"]["LPIPS floor"] == "0.0009"
+    best = {r[0]: r[1] for r in tables["best"][1:]}
+    assert best == {"wan_mini / w8a8": "1", "wan_tiny / w8a8": "2"}
+    html = (root / "report.html").read_text()
+    assert "Best configuration per model and format" in html and "<a href='0/'>0</a>" in html

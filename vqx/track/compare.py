@@ -45,6 +45,10 @@ class Job:
         return str((self.metrics or {}).get("format") or _get(self.config, "format.name") or self.overrides.get("format", "?"))
 
     @property
+    def model(self) -> str:
+        return str((self.metrics or {}).get("model") or _get(self.config, "model.name") or self.overrides.get("model", "?"))
+
+    @property
     def algorithm(self) -> str:
         return str((self.metrics or {}).get("algorithm") or _get(self.config, "algorithm.name") or self.overrides.get("algorithm", "?"))
 

@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import math
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,6 +20,10 @@ COLUMNS = [
     ("lpips", "LPIPS", "{:.4f}", "perceptual distance to the 16-bit videos (lower is better)"),
     ("psnr", "PSNR", "{:.2f}", "dB against the 16-bit videos (higher is better)"),
     ("ssim", "SSIM", "{:.4f}", "structural similarity to the 16-bit videos (higher is better)"),
+    ("lpips_std", "LPIPS std", "{:.4f}", "spread of LPIPS over the job's videos (standard deviation)"),
+    ("noise_floor_lpips", "LPIPS floor", "{:.4f}", "LPIPS of the 16-bit model against a second 16-bit run: "
+     "differences below it are noise"),
+    ("noise_floor_psnr", "PSNR floor", "{:.2f}", "PSNR of the 16-bit model against a second 16-bit run"),
     ("layer_error_mean", "layer err mean", "{:.3e}", "mean relative output error of the quantized linears"),
     ("layer_error_max", "layer err max", "{:.3e}", "largest relative output error of one linear"),
     ("quantized_layers", "quantized", "{:.0f}", "linears quantized"),
@@ -34,9 +39,12 @@ def ranking_metric(jobs: list[Job]) -> str:
 
 
 def best_per_format(complete: list[Job]) -> dict[str, tuple[Job, str]]:
+    """The best job of each format ("model / format" when the jobs span models: runs of different models are
+    never ranked against each other) and the metric it was ranked by."""
+    several_models = len({j.model for j in complete}) > 1
     by_format: dict[str, list[Job]] = defaultdict(list)
     for job in complete:
-        by_format[job.format].append(job)
+        by_format[f"{job.model} / {job.format}" if several_models else job.format].append(job)
     best = {}
     for fmt, jobs in sorted(by_format.items()):
         metric = ranking_metric(jobs)
@@ -170,6 +178,7 @@ function sortBy(th) {
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0 1.5em; }
+.scroll { overflow-x: auto; max-width: 100%; }  /* wide tables scroll inside the page at laptop width */
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
 td.text, th.text { text-align: left; }
 th.sortable { cursor: pointer; background: #f0f0f0; user-select: none; }
@@ -209,13 +218,17 @@ def varying_overrides(jobs: list[Job]) -> list[str]:
     return sorted(k for k in {k for j in jobs for k in j.overrides} if len({j.overrides.get(k) for j in jobs}) > 1)
 
 
-def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str], note: str | None, title: str) -> str:
+def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str], note: str | None, title: str,
+           out_dir: Path) -> str:
+    """The report's HTML; ``out_dir``: where it is written (each job's name links to its folder from there)."""
     complete = [j for j in jobs if j.failure is None]
     failed = [j for j in jobs if j.failure is not None]
     best = best_per_format(complete)
     best_dirs = {b.dir for b, _ in best.values()}
     varying = varying_overrides(jobs)
     common = {k: jobs[0].overrides.get(k) for k in sorted({k for j in jobs for k in j.overrides}) if k not in varying}
+    varying = [k for k in varying if k not in ("model", "format", "algorithm")]  # they have their own columns
+    several_models = len({j.model for j in jobs}) > 1
     columns = [c for c in COLUMNS if any(j.value(c[0]) is not None for j in complete)]
 
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>vqx compare</title><style>{STYLE}</style>"
@@ -226,7 +239,7 @@ def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str],
         out.append("<p>Overrides shared by every job: " + " ".join(
             f"<code>{html.escape(f'{k}={v}' if v is not None else k)}</code>" for k, v in common.items()) + "</p>")
 
-    out.append("<h2>Best configuration per format</h2>")
+    out.append("<h2>Best configuration per " + ("model and format" if several_models else "format") + "</h2>")
     if best:
         out.append("<table id='best'><thead><tr><th class='text'>format</th><th class='text'>job</th>"
                    "<th class='text'>ranked by</th><th>value</th><th class='text'>overrides</th></tr></thead><tbody>")
@@ -239,19 +252,24 @@ def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str],
     else:
         out.append("<p class='note'>No complete job has LPIPS or a layer error to rank by.</p>")
 
-    out.append("<h2>All jobs</h2><p class='note'>Click a header to sort. Highlighted: the best job of its format. "
+    out.append("<h2>All jobs</h2><p class='note'>Click a header to sort; a job's name opens its folder. Highlighted: "
+               "the best job of its format. "
                + " ".join(f"<b>{html.escape(h)}</b>: {html.escape(d)}." for _, h, _, d in columns) + "</p>")
-    head = [("job", "text"), ("status", "text"), ("format", "text"), ("algorithm", "text")]
+    head = [("job", "text"), ("status", "text")] + ([("model", "text")] if several_models else [])
+    head += [("format", "text"), ("algorithm", "text")]
     head += [(k, "text") for k in varying] + [(h, "") for _, h, _, _ in columns]
-    out.append("<table id='jobs'>" + _sortable_head(head) + "<tbody>")
+    out.append("<div class='scroll'><table id='jobs'>" + _sortable_head(head) + "<tbody>")
     for job in jobs:
         cls = "best" if job.dir in best_dirs else ("failed" if job.failure else "")
-        row = [_cell(job.name, cls="text"), _cell("complete" if job.failure is None else "failed", cls="text"),
-               _cell(job.format, cls="text"), _cell(job.algorithm, cls="text")]
+        link = html.escape(os.path.relpath(job.dir, out_dir).replace(os.sep, "/") + "/", quote=True)
+        row = [f"<td class='text'><a href='{link}'>{html.escape(job.name)}</a></td>",
+               _cell("complete" if job.failure is None else "failed", cls="text")]
+        row += [_cell(job.model, cls="text")] if several_models else []
+        row += [_cell(job.format, cls="text"), _cell(job.algorithm, cls="text")]
         row += [_cell(job.overrides.get(k, ""), _as_number(job.overrides.get(k)), cls="text") for k in varying]
         row += [_cell(_fmt(key, job.value(key)), job.value(key) if job.value(key) is not None else "") for key, *_ in columns]
         out.append(f"<tr class='{cls}'>" + "".join(row) + "</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
 
     if failed:
         out.append("<h2>Failed or partial jobs</h2><table id='failed'><thead><tr><th class='text'>job</th>"
@@ -311,5 +329,5 @@ def write_report(jobs: list[Job], out: Path, title: str) -> list[Path]:
     table = out.with_suffix(".md")
     write_text_atomic(table, render_markdown(jobs))
     written.append(table)
-    write_text_atomic(out, render(jobs, plots, files, note, title))
+    write_text_atomic(out, render(jobs, plots, files, note, title, out.parent))
     return written
