@@ -167,3 +167,12 @@ def test_jobs_of_two_models_rank_apart_with_floor_spread_and_links(tmp_path):
     assert best == {"wan_mini / w8a8": "1", "wan_tiny / w8a8": "2"}
     html = (root / "report.html").read_text()
     assert "Best configuration per model and format" in html and "<a href='0/'>0</a>" in html
+    assert not list(root.glob("report_*.png"))  # one algorithm, one format, no alpha: no axis was swept
+
+
+def test_alpha_is_plotted_only_when_it_was_swept(tmp_path):
+    root = tmp_path / "multirun"
+    sq_job(root, "0", "w8a8", 0.5, lpips=0.2, psnr=30.0)
+    sq_job(root, "1", "fp8", 0.5, lpips=0.1, psnr=32.0)
+    assert vqx_main(["compare", str(root)]) == 0
+    assert sorted(p.name for p in root.glob("report_*.png")) == ["report_algorithm_format_grid.png"]

@@ -74,7 +74,7 @@ def alpha_plots(complete: list[Job]) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     with_alpha = [j for j in complete if j.alpha is not None]
-    if not with_alpha:
+    if len({j.alpha for j in with_alpha}) < 2:  # alpha was not swept: nothing to draw against it
         return {}
     metrics = [m for m in ("lpips", "psnr") if any(j.value(m) is not None for j in with_alpha)] or ["layer_error_mean"]
     several_algorithms = len({j.algorithm for j in with_alpha}) > 1
@@ -141,7 +141,14 @@ def make_plots(complete: list[Job]) -> tuple[dict[str, bytes], str | None]:
         matplotlib.use("Agg")  # no display: files only
     except ImportError:
         return {}, "plots need matplotlib (pip install -e '.[sweep]')"
-    return {**alpha_plots(complete), **grid_plot(complete)}, None
+    models = sorted({j.model for j in complete})
+    if len(models) == 1:
+        return {**alpha_plots(complete), **grid_plot(complete)}, None
+    plots = {}  # one set per model: runs of different models are never drawn against each other
+    for model in models:
+        of_model = [j for j in complete if j.model == model]
+        plots.update({f"{name}_{model}": png for name, png in {**alpha_plots(of_model), **grid_plot(of_model)}.items()})
+    return plots, None
 
 
 # ---- HTML ---------------------------------------------------------------------------------------
