@@ -176,3 +176,26 @@ def test_alpha_is_plotted_only_when_it_was_swept(tmp_path):
     sq_job(root, "1", "fp8", 0.5, lpips=0.1, psnr=32.0)
     assert vqx_main(["compare", str(root)]) == 0
     assert sorted(p.name for p in root.glob("report_*.png")) == ["report_algorithm_format_grid.png"]
+
+
+def test_each_jobs_frame_strip_is_embedded_shrunk(tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "multirun"
+    for i in range(2):
+        job = sq_job(root, str(i), "w8a8", 0.5 + i / 4, lpips=0.1, psnr=30.0)
+        metrics = json.loads((job / "metrics.json").read_text())
+        if i == 0:  # job 1 has no strip (eval.save_videos=false): it is simply not shown
+            (job / "videos").mkdir()
+            Image.fromarray(np.full((3 * 100, 3 * 240, 3), 200, np.uint8)).save(job / "videos" / "000_strip.png")
+            metrics["videos"] = [{"index": 0, "strip": "videos/000_strip.png"}]
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    assert vqx_main(["compare", str(root)]) == 0
+    html = (root / "report.html").read_text()
+    assert "<h2>Frames</h2>" in html and html.count("<figure>") == 1 and "<figcaption>0: w8a8 smoothquant" in html
+    b64 = re.search(r"<figure><img alt='0' src='data:image/png;base64,([^']+)'>", html).group(1)
+    assert Image.open(io.BytesIO(base64.b64decode(b64))).size == (360, 150)  # 720 x 300 shrunk to 360 wide

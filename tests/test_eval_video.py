@@ -5,6 +5,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -173,6 +174,11 @@ def _check_eval_outputs(run_dir: Path, samples: int, frames: int = 5):
             video = read_video(run_dir / f)
             assert video.shape[0] == frames and video.shape[1] >= 128
     assert (run_dir / "per_frame.png").is_file()
+    for v in m["videos"]:  # reference | quantized | difference, first / middle / last frame (content: test_eval_metrics)
+        ref = read_video(run_dir / v["files"]["reference"])
+        strip = np.asarray(Image.open(run_dir / v["strip"]))
+        assert strip.dtype == np.uint8 and strip.shape[2] == 3 and strip.shape[0] % 3 == 0 and strip.shape[1] % 3 == 0
+        assert strip.shape[0] <= 3 * ref.shape[1] and strip.shape[1] // 3 <= ref.shape[2]  # raw frames, not upscaled
     return m
 
 

@@ -38,7 +38,7 @@ from .generation import EvalSamples, generate_sample
 from .lpips_weights import features_state_dict
 from .noise_floor import NOISE_FLOORS, check_noise_floor, floor_summary, noise_floor_context, resolve_noise_floor
 from .references import ReferenceCache
-from .videoio import NO_VIDEO_LIBRARY, side_by_side, to_float, video_library, write_mp4
+from .videoio import NO_VIDEO_LIBRARY, frame_strip, side_by_side, to_float, video_library, write_mp4, write_png
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,13 @@ def write_sample_videos(run_dir: Path, i: int, ref: np.ndarray, quant: np.ndarra
     write_mp4(run_dir / files["quantized"], quant, fps)
     write_mp4(run_dir / files["side_by_side"], side_by_side(ref, quant, gain), fps)
     return files
+
+
+def write_strip(run_dir: Path, i: int, ref: np.ndarray, quant: np.ndarray, gain: float) -> str:
+    """videos/NNN_strip.png (`videoio.frame_strip`: what `vqx compare` shows per job); its path relative to ``run_dir``."""
+    name = f"videos/{i:03d}_strip.png"
+    write_png(run_dir / name, frame_strip(ref, quant, gain))
+    return name
 
 
 @EVALUATORS.register("video")
@@ -184,6 +191,7 @@ class VideoEvaluator(Evaluator):
             for entry, floor, frames in [r for r in results or [] if r is not None]:
                 if frames is not None:
                     entry["files"] = write_sample_videos(self.run_dir, entry["index"], *frames, e.fps, e.diff_gain)
+                    entry["strip"] = write_strip(self.run_dir, entry["index"], *frames, e.diff_gain)
                 if floor is not None:
                     floors.append(floor)
                 videos.append(entry)

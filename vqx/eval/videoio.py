@@ -36,6 +36,23 @@ def side_by_side(ref: np.ndarray, test: np.ndarray, gain: float) -> np.ndarray:
     return np.concatenate([ref, test, np.clip(np.round(diff), 0, 255).astype(np.uint8)], axis=2)
 
 
+def frame_strip(ref: np.ndarray, test: np.ndarray, gain: float) -> np.ndarray:
+    """uint8 [3H, 3W, 3]: the first, middle and last frames of `side_by_side`, one above the other (a still that
+    shows at a glance where the quantized video departs from the reference)."""
+    panels = side_by_side(ref, test, gain)
+    picks = sorted({0, len(panels) // 2, len(panels) - 1})
+    return np.ascontiguousarray(np.concatenate([panels[k] for k in picks], axis=0))
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> str:
+    """An RGB uint8 image as a PNG, atomically."""
+    from PIL import Image
+
+    with atomic_path(Path(path)) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return str(path)
+
+
 def displayable(video: np.ndarray) -> np.ndarray:
     """Upscale small videos (nearest) so the short side is >= MIN_DISPLAY_SIDE, pad to multiples of 16."""
     h, w = video.shape[1:3]

@@ -194,6 +194,8 @@ tr.best td { background: #d9f2d9; font-weight: 600; }
 tr.failed td { background: #fbe3e3; }
 code { background: #f4f4f4; padding: 0 3px; }
 img { max-width: 48%; margin: 0 1% 1em 0; border: 1px solid #ddd; }
+.strips { display: flex; flex-wrap: wrap; gap: 8px; }
+figure { margin: 0; font-size: 12px; } figure img { max-width: 100%; margin: 0; image-rendering: pixelated; }
 .note { color: #555; }
 """
 
@@ -218,6 +220,29 @@ def _sortable_head(headers: list[tuple[str, str]]) -> str:
     cells = "".join(f'<th class="sortable {cls}" onclick="sortBy(this)" title="click to sort">{html.escape(h)}</th>'
                     for h, cls in headers)
     return f"<thead><tr>{cells}</tr></thead>"
+
+
+STRIP_WIDTH = 360  # px: a strip is shrunk to this width in the report (the full-size PNG stays in the job's folder)
+
+
+def _strip_png(job: Job) -> bytes | None:
+    """The job's first frame strip (videos/000_strip.png), shrunk for the report; None without one."""
+    videos = (job.metrics or {}).get("videos") or []
+    name = videos[0].get("strip") if videos and isinstance(videos[0], dict) else None
+    if not name or not (job.dir / name).is_file():
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(job.dir / name) as image:
+            image = image.convert("RGB")
+            if image.width > STRIP_WIDTH:
+                image = image.resize((STRIP_WIDTH, round(image.height * STRIP_WIDTH / image.width)), Image.BILINEAR)
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+    except OSError:  # an unreadable strip is left out; the table still shows the job
+        return None
+    return buf.getvalue()
 
 
 def varying_overrides(jobs: list[Job]) -> list[str]:
@@ -285,6 +310,18 @@ def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str],
             out.append("<tr class='failed'>" + _cell(job.name, cls="text") + _cell(job.failure, cls="text")
                        + _cell(" ".join(f"{k}={v}" for k, v in job.overrides.items()), cls="text") + "</tr>")
         out.append("</tbody></table>")
+
+    strips = [(job, _strip_png(job)) for job in complete]
+    strips = [(job, png) for job, png in strips if png is not None]
+    if strips:
+        out.append("<h2>Frames</h2><p class='note'>Each job's first video: reference | quantized | difference "
+                   "(amplified, eval.diff_gain), first, middle and last frame.</p><div class='strips'>")
+        for job, png in strips:
+            b64 = base64.b64encode(png).decode()
+            out.append(f"<figure><img alt='{html.escape(job.name)}' src='data:image/png;base64,{b64}'>"
+                       f"<figcaption>{html.escape(job.name)}: {html.escape(job.format)} {html.escape(job.algorithm)}"
+                       "</figcaption></figure>")
+        out.append("</div>")
 
     out.append("<h2>Plots</h2>")
     if note:
