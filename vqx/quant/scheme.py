@@ -322,7 +322,7 @@ def fake_quantize(x: torch.Tensor, ts: TensorScheme, scale: torch.Tensor | None 
     """Quantize-dequantize along the last dimension (any leading shape), fp32 math, result in ``x.dtype``.
     ``scale``: a calibrated per-tensor value: the static scale of a static scheme, or the global scale of an
     NVFP4-style scheme (without one, the tensor's own global scale: search losses on samples)."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]).float()  # upcast once: the scales and the codes both read the fp32 values
     if ts.global_scale:
         g = global_scale_of(x2, ts) if scale is None else scale.float().reshape(())
         scale = choose_scales(x2, ts, g)
