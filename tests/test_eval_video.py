@@ -272,3 +272,14 @@ def test_eval_kernel_gemm_refuses_weight_only_formats(vqx_run_in_process, tmp_pa
     assert r.returncode == 2 and "eval.gemm=kernel needs 8-bit weights and activations" in r.stderr
     assert "eval.backend is deprecated; use eval.gemm=kernel" in r.stdout
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("fmt,gpus", [("nvfp4", "lightx2v_kernel's NVFP4 GEMM, built for sm_120a (RTX 50-class) only"),
+                                      ("fp8_b128", "DeepGEMM's block-scaled FP8 GEMM (Hopper)")])
+def test_eval_kernel_gemm_refusal_names_the_gpus_a_lowbit_format_needs(vqx_run_in_process, tmp_path, fmt, gpus):
+    r = vqx_run_in_process([f"format={fmt}", "export=none", "logger=none", "eval.gemm=kernel",
+                            f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"vqx: error: eval.gemm=kernel needs 8-bit weights and activations (format=w8a8 or fp8), not format={fmt} "
+        f"(lightx2v runs it on {gpus}); use eval.gemm=fake, the same numbers emulated")

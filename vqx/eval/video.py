@@ -106,8 +106,12 @@ class VideoEvaluator(Evaluator):
                                    SamplerSettings.from_config(e), model.task == "i2v")
         fmt = format_from_config(self.cfg.format)
         if e.gemm == "kernel" and not all(kernel_scheme(s) for s in fmt.schemes()):
+            from ..export.lightx2v import deployment_gpus
+
+            where = deployment_gpus(fmt)
             raise UserError(f"eval.gemm=kernel needs 8-bit weights and activations (format=w8a8 or fp8), not "
-                            f"format={fmt.name}; use eval.gemm=fake")
+                            f"format={fmt.name}" + (f" (lightx2v runs it on {where})" if where else "")
+                            + "; use eval.gemm=fake, the same numbers emulated")
         check_noise_floor(e.noise_floor, self.device)
         self.floor_count = 0 if e.noise_floor == "none" else min(len(self.samples), e.noise_floor_samples or len(self.samples))
         if e.save_videos and video_library() is None:

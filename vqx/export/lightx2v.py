@@ -259,6 +259,13 @@ LOWBIT_GPUS = {  # what runs each low-bit scheme's lightx2v kernels (docs/lightx
 }
 
 
+def deployment_gpus(fmt: Format) -> str | None:
+    """Which GPUs run ``fmt`` in lightx2v, for a low-bit format vqx only emulates (None otherwise)."""
+    schemes = fmt.schemes()
+    name = lightx2v_scheme(schemes[0]) if len(schemes) == 1 else None
+    return LOWBIT_GPUS.get(name)
+
+
 def usage_text(scheme: str, target: Path, smoothing: bool, task: str) -> str:
     if scheme in LOWBIT_SCHEMES:
         return (f"# lightx2v checkpoint (Wan2.1 {task}, scheme `{scheme}`, vqx format {LOWBIT_SCHEMES[scheme].name})\n\n"
