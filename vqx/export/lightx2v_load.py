@@ -50,12 +50,11 @@ def load_lightx2v(folder: str | Path, pipe) -> dict:
     schemes, codes, input_values, global_scales, taken = {}, {}, {}, {}, set()
     for t in targets:
         prefix = adapter.native_key(f"{t.name}.weight")[: -len(".weight")]
-        weight = _tensor(tensors, f"{prefix}.weight", folder)
         if lowbit is not None:
             n, k = t.module.weight.shape
             suffixes = expected_linear(lowbit, n, k)
             for suffix in suffixes:
-                _tensor(tensors, f"{prefix}.{suffix}", folder)
+                _require(tensors, f"{prefix}.{suffix}", folder)
             got = read_linear(tensors.get, prefix, lowbit, n, k)
             schemes[t.name], codes[t.name] = LOWBIT_SCHEMES[lowbit], (got["codes"], got["scale"])
             if got["input_scale"] is not None:
@@ -64,6 +63,7 @@ def load_lightx2v(folder: str | Path, pipe) -> dict:
                 global_scales[t.name] = got["global_scale"]
             taken |= {f"{prefix}.{suffix}" for suffix in suffixes}
             continue
+        weight = _tensor(tensors, f"{prefix}.weight", folder)
         family = contract.scheme_of_dtype(weight.dtype)
         if family is None:  # a layer the format kept float: an ordinary tensor, copied below
             continue
@@ -112,7 +112,11 @@ def load_lightx2v(folder: str | Path, pipe) -> dict:
             "smoothing": bool(smoothing)}
 
 
-def _tensor(tensors: TensorFiles, key: str, folder: Path) -> torch.Tensor:
+def _require(tensors: TensorFiles, key: str, folder: Path) -> None:
     if key not in tensors.where:
         raise UserError(f"{folder} holds no {key}; load the export into a pipeline of the model it was made from")
+
+
+def _tensor(tensors: TensorFiles, key: str, folder: Path) -> torch.Tensor:
+    _require(tensors, key, folder)
     return tensors.get(key)

@@ -12,9 +12,7 @@ from typing import Callable
 
 import torch
 
-from .lightx2v_lowbit import LOWBIT_SCHEMES
-
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes by 3-bit pattern (exponent 2 bits, mantissa 1)
+from .lightx2v_lowbit import E2M1_VALUES, LOWBIT_SCHEMES
 
 
 def _pad(n: int, multiple: int) -> int:
@@ -50,7 +48,7 @@ def unswizzle(scales: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 def e2m1(bits: torch.Tensor) -> torch.Tensor:
     """4-bit patterns (sign in bit 3) -> fp32 values."""
-    mag = torch.tensor(E2M1)[(bits & 7).long()]
+    mag = torch.tensor(E2M1_VALUES)[(bits & 7).long()]  # magnitudes by 3-bit pattern (2 exponent bits, 1 mantissa)
     return torch.where((bits & 8) != 0, -mag, mag)
 
 

@@ -15,6 +15,7 @@ The file sits in a subfolder because lightx2v merges every ``*.safetensors`` at 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
+from ..io import write_json_atomic
 from ..models.adapter import adapter_for
 from ..quant.linear import QuantLinear
 from . import contract, lightx2v_math
@@ -133,8 +135,6 @@ WEIGHTS_FILE = "reference/weights.json"  # low-bit exports: each linear's evalua
 
 def weight_digest(weight_fp32: torch.Tensor) -> str:
     """sha256 of a dequantized weight's fp32 bytes (row-major)."""
-    import hashlib
-
     return hashlib.sha256(weight_fp32.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
@@ -142,8 +142,6 @@ def record_weights(transformer: torch.nn.Module, path: Path) -> int:
     """For a low-bit export, whose matmul vqx does not emulate yet: native linear name -> sha256 of the fp32 weight
     the evaluated QuantLinear multiplied by (codes x scales), so `vqx verify-export` can check that the folder's
     tensors, unpacked, give back exactly those weights. Returns the number of linears."""
-    from ..io import write_json_atomic
-
     adapter = adapter_for(transformer)
     digests, inputs = {}, {}
     for i, block in enumerate(adapter.blocks(transformer)):
