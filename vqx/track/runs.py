@@ -45,7 +45,9 @@ class RunDirBusy(UserError):
 
 class RunDirLock:
     """An exclusive lock on a run dir for the run's lifetime (``flock``: the kernel drops it when the process ends,
-    however it ends, so a killed run leaves no stale lock). ``release`` removes the lock file."""
+    however it ends, so a killed run leaves no stale lock). ``release`` removes the lock file. Not filelock.FileLock
+    (vqx.cache's): the holder's pid is written into the lock file for the refusal message, and a contender must open
+    it without truncating it."""
 
     def __init__(self, run_dir: Path):
         import fcntl
