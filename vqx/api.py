@@ -30,7 +30,6 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import UserError
 from .runtime import repo_root
 
-_GROUPS = ("model", "algorithm", "format", "calib", "export", "eval", "logger")
 
 
 def _overrides(options: dict[str, Any]) -> list[str]:
@@ -89,7 +88,9 @@ class Experiment:
         self._exporter, self._evaluator, self._logger = experiment.prepare(self.cfg, self.run_dir)
 
     def __repr__(self) -> str:
-        picks = ", ".join(f"{g}={self.cfg[g].name}" for g in _GROUPS)
+        from .config.schema import GROUPS
+
+        picks = ", ".join(f"{g}={self.cfg[g].name}" for g in GROUPS)
         return f"Experiment({picks}, run_dir={str(self.run_dir)!r})"
 
     def load(self):
@@ -118,7 +119,8 @@ class Experiment:
         cfg.export = export_cfg
         exporter = stages.EXPORTERS.lookup(cfg.export.name)
         exporter.check(cfg)
-        summary = exporter.export(_with_cfg(state, cfg))
+        with suspended(state.attention):  # exports record 16-bit attention (the engine picks its own kernel)
+            summary = exporter.export(_with_cfg(state, cfg))
         state.metrics["export"] = summary
         return summary
 

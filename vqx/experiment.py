@@ -25,6 +25,7 @@ from .io import write_json_atomic, write_text_atomic
 from .models.fingerprint import model_fingerprint
 from .models.loading import load_pipeline
 from .models.adapter import LayerSelection, QuantTarget, adapter_for, adapter_named
+from .quant.attention_plan import AttentionPlan, AttentionRuntime, plan_from_config, suspended
 from .quant.formats import Format, format_from_config
 from .quant.scheme import Scheme
 from .stages import EVALUATORS, EXPORTERS, LOGGERS, Evaluator, Exporter, RunState
@@ -100,6 +101,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[Exporter, Evaluator, object
     # checked by validate, before its prompt files are read)
     adapter_named(cfg.model.family).check_model_folder(cfg.model)
     fmt = format_from_config(cfg.format)
+    attention_plan(cfg)  # sites and steps
     if needs_calibration(cfg, fmt):  # a bad prompt file fails now, not after the model is loaded
         load_prompt_set(cfg.calib.path, cfg.model.task, "calib", limit=cfg.calib.num_prompts)
     check_ranks(cfg)
@@ -154,7 +156,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
     with timings("load"):
         pipe = load_pipeline(cfg.model)
     state = quantize_pipeline(cfg, run_dir, pipe, evaluator, timings)
-    with timings("export"):  # the quantized model is the same on every rank: rank 0 writes it once
+    with timings("export"), suspended(state.attention):  # the same model on every rank: rank 0 writes it once
         state.metrics["export"] = exporter.export(state) if distributed.is_main() else {}
     with timings("eval"):
         state.metrics.update(evaluator.evaluate(state))
@@ -196,7 +198,14 @@ def quantize_pipeline(cfg: DictConfig, run_dir: Path, pipe, evaluator: Evaluator
     layers = result.layers
     errors = [e["output_error"] for e in layers]
 
-    state = RunState(cfg, run_dir, pipe, fmt, targets, result.quantized, result.runtime_smoothing)
+    runtime = None
+    plan = attention_plan(cfg)
+    if plan is not None:
+        runtime = AttentionRuntime(plan)
+        adapter = adapter_for(transformer)
+        runtime.install(adapter, adapter.transformers(pipe))
+
+    state = RunState(cfg, run_dir, pipe, fmt, targets, result.quantized, result.runtime_smoothing, attention=runtime)
     state.metrics.update({
         "status": "complete",
         "vqx_version": __version__,
@@ -205,6 +214,7 @@ def quantize_pipeline(cfg: DictConfig, run_dir: Path, pipe, evaluator: Evaluator
         "format": fmt.name,
         "algorithm": cfg.algorithm.name,
         "quantized_layers": len(result.quantized),
+        "attention": plan.describe() if plan is not None else {"name": "none"},
         "calibration": None if capture is None else {
             "calls": capture.total_calls, "prompts": calib.num_prompts, "steps": calib.steps,
             "cache_hit": capture.cache_hit},
@@ -216,6 +226,16 @@ def quantize_pipeline(cfg: DictConfig, run_dir: Path, pipe, evaluator: Evaluator
         "layers": layers,
     })
     return state
+
+
+def attention_plan(cfg: DictConfig) -> AttentionPlan | None:
+    """The run's quantized attention (None: 16-bit); "last" of ``full_precision_steps`` is the last step of the
+    evaluation's sampler (the model's, without an evaluation)."""
+    steps = cfg.eval.steps if "steps" in cfg.eval else cfg.model.sampler.steps
+    try:
+        return plan_from_config(cfg.attention, int(steps), adapter_named(cfg.model.family).attention_site_names)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _summary(values: list[float]) -> dict:

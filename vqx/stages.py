@@ -31,6 +31,7 @@ class RunState:
     quantized: dict[str, torch.nn.Module]  # name -> QuantLinear
     runtime_smoothing: dict[int, dict[str, torch.Tensor]]  # see QuantContext.runtime_smoothing
     metrics: dict[str, Any] = field(default_factory=dict)
+    attention: Any = None  # the installed quantized attention (vqx.quant.attention_plan.AttentionRuntime), or None
 
 
 # An exporter checks in `check` (called before any model is built) that it can write the run's

@@ -151,6 +151,30 @@ class CalibSchema:
 
 
 @dataclass
+class AttentionSchema:
+    """Quantized attention (vqx.quant.attention), emulated in every attention call of the quantized model at
+    evaluation; ``none`` leaves attention in 16 bits. The options set SageAttention's numbers; every knob can be
+    overridden."""
+
+    name: str = "none"
+    qk: str = choice("int8", "fp8", "nvfp4")  # Q and K: int8 / fp8 e4m3 per token group, nvfp4 1x16 along the head dim
+    pv: str = choice("fp16", "fp8", "nvfp4")  # P and V: fp16, fp8 e4m3 (V per channel, P scaled to 448), nvfp4 1x16
+    q_granularity: str = choice("block", "warp", "thread")  # tokens sharing a Q scale: block_q, warp_q, per thread
+    k_granularity: str = choice("block", "thread")  # block_k tokens per K scale, or 4 interleaved scales per block
+    block_q: int = bounded(128, 1, None)
+    warp_q: int = bounded(16, 8, None, multiple_of=8)
+    block_k: int = bounded(64, 8, None, multiple_of=8)
+    block_kv: int = bounded(64, 16, None, multiple_of=16)  # key tile of the online softmax (P is quantized per tile)
+    smooth_k: bool = True  # subtract K's token mean first (softmax is invariant to it)
+    smooth_q: bool = False  # subtract Q's per-128-token mean, add mean_q . k back in fp32 (SageAttention3)
+    q_prescale: bool = False  # quantize Q * sm_scale * log2(e) (SageAttention1's Triton kernel)
+    scale_eps: float = bounded(0.0, 0.0, None)  # added to int8 scales (SageAttention2's per-thread quantizers: 1e-7)
+    sites: list[str] = field(default_factory=lambda: ["self", "cross"])  # the model adapter's attention sites
+    # denoising steps whose attention stays 16-bit: first, last, or a step index (negative: from the end)
+    full_precision_steps: list[Any] = field(default_factory=list)
+
+
+@dataclass
 class ExportSchema:
     name: str = "none"
 
@@ -168,7 +192,7 @@ class LoggerSchema:
 # ``${vqx_repo:assets/x}`` in a config: that path inside the vqx checkout, absolute (runs start anywhere).
 OmegaConf.register_new_resolver("vqx_repo", lambda relative: str(repo_path(relative)), replace=True)
 
-GROUPS = ("model", "algorithm", "format", "calib", "export", "eval", "logger")
+GROUPS = ("model", "algorithm", "format", "attention", "calib", "export", "eval", "logger")
 
 _registered: dict[tuple[str, str], type] = {}
 # (group, old option name) -> its new name: the old yaml stays, `validate.apply_renames` renames and warns
@@ -187,6 +211,7 @@ for _group, _schema in {
     "model": ModelSchema,
     "format": FormatSchema,
     "algorithm": AlgorithmSchema,
+    "attention": AttentionSchema,
     "calib": CalibSchema,
     "export": ExportSchema,
     "eval": EvalSchema,

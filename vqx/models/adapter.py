@@ -148,6 +148,14 @@ class ModelAdapter:
         """A block's attention modules by role ("self", "cross")."""
         raise NotImplementedError
 
+    attention_site_names: tuple[str, ...] = ("self", "cross")  # the keys of `attention_sites`
+
+    def install_attention(self, transformer: nn.Module, attend_by_site: dict) -> int:
+        """Run the attention of the named sites of every block through ``attend_by_site[site]``
+        (vqx.quant.attention_plan.SiteAttention: ``active()`` and ``(q, k, v) -> out``, q/k/v [B, L, H, D]);
+        returns how many attention modules changed."""
+        raise NotImplementedError(f"model family {self.name} cannot quantize its attention")
+
     def quant_targets(self, transformer: nn.Module, selection: LayerSelection) -> list[QuantTarget]:
         blocks = self.blocks(transformer)
         linears = self.block_linears(transformer)

@@ -53,6 +53,11 @@ class WanAdapter(ModelAdapter):
     def attention_sites(self, block: nn.Module) -> dict[str, nn.Module]:
         return {"self": block.attn1, "cross": block.attn2}
 
+    def install_attention(self, transformer: nn.Module, attend_by_site: dict) -> int:
+        from .attention import install
+
+        return sum(install(self.attention_sites(block), attend_by_site) for block in transformer.blocks)
+
     def first_block_inputs(self, transformer: nn.Module, call: dict[str, torch.Tensor],
                            cache: dict | None = None) -> BlockInputs:
         """Block inputs (hidden, (encoder states, timestep projection, rotary embedding)); the encoder states

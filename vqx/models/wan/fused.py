@@ -28,11 +28,16 @@ from torch import nn
 from ...quant.fastpath import QuantizedActivation
 from ...quant.shared import SharedInput, SharedInputBlock, global_hooks, has_hooks, share_inputs, spec_of
 from . import ops
+from .attention import QuantAttnProcessor
 from .layers import input_groups, is_i2v
 
 
 def _plain_processor(attn: nn.Module) -> bool:
-    return type(attn.processor).__name__ == "WanAttnProcessor" and not getattr(attn, "fused_projections", False)
+    """diffusers' WanAttnProcessor (or vqx's twin with a replaceable attention), unfused projections: the block's
+    tensor goes straight to the projections."""
+    proc = attn.processor
+    return ((type(proc).__name__ == "WanAttnProcessor" or isinstance(proc, QuantAttnProcessor))
+            and not getattr(attn, "fused_projections", False))
 
 
 class FusedWanTransformerBlock(SharedInputBlock, WanTransformerBlock):
@@ -53,8 +58,11 @@ class FusedWanTransformerBlock(SharedInputBlock, WanTransformerBlock):
         query = ops.rope(query, *rotary_emb)
         key = ops.rope(key, *rotary_emb)
         proc = attn.processor
-        out = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                    backend=proc._attention_backend, parallel_config=proc._parallel_config)
+        if isinstance(proc, QuantAttnProcessor):
+            out = proc.attention(query, key, value, proc._parallel_config)
+        else:
+            out = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                        backend=proc._attention_backend, parallel_config=proc._parallel_config)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 

@@ -1,0 +1,208 @@
+"""Quantized attention (attention=...): the emulation against a slow loop reference, the presets' numbers, the
+switch that leaves 16-bit attention bit-identical, full-precision steps, and runs that compose it."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import yaml
+
+import vqx
+from vqx.errors import UserError
+from vqx.quant.attention import AttentionScheme, attention
+from vqx.quant.attention_plan import AttentionPlan, AttentionRuntime, resolve_steps
+
+from attention_reference import reference_attention
+from conftest import ROOT
+
+PRESETS = ("sage1", "sage2", "sage2_k_int8_v_fp8", "fp8", "nvfp4")
+TINY = {"model": "wan_tiny", "eval": "none", "export": "none", "calib": {"num_prompts": 1, "steps": 2}}
+
+
+def preset(name: str, **changes) -> AttentionScheme:
+    """The scheme the shipped conf/attention/<name>.yaml sets."""
+    node = yaml.safe_load((ROOT / "conf" / "attention" / f"{name}.yaml").read_text())
+    node = {k: v for k, v in node.items() if k not in ("defaults", "name")}
+    return dataclasses.replace(AttentionScheme(name=name, **node), **changes)
+
+
+def qkv(lq=70, lk=150, d=32, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, lq, d, generator=g)
+    k = torch.randn(1, 2, lk, d, generator=g) * 2 + 0.5  # an offset the K smoothing removes
+    v = torch.randn(1, 2, lk, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def close_in_bf16(got: torch.Tensor, want_fp32: torch.Tensor) -> None:
+    """Equal in bf16 but for accumulation order: measured on these shapes, at most 0.05% of the values differ, by
+    one bf16 step (max 9e-4 of the largest output); allowed: 0.5% of the values, 2 steps."""
+    want = want_fp32.to(torch.bfloat16).float()
+    got = got.float()
+    differ = got != want
+    assert differ.float().mean() <= 0.005
+    step = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)  # one bf16 ulp of each value
+    assert ((got - want).abs() <= 2 * step).all()
+
+
+@pytest.mark.parametrize("small_blocks", [False, True], ids=["preset_blocks", "small_blocks"])
+@pytest.mark.parametrize("name", PRESETS)
+def test_eager_emulation_equals_the_loop_reference(name, small_blocks):
+    """Several scale groups, partial groups and a partial last key tile (small_blocks: 16-token groups, 32-key tiles)."""
+    scheme = preset(name, **(dict(block_q=16, block_k=16, block_kv=32, warp_q=8) if small_blocks else {}))
+    q, k, v = qkv()
+    close_in_bf16(attention(q, k, v, scheme), reference_attention(q, k, v, scheme))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_adversarial_inputs_match_the_reference_and_stay_finite(name):
+    scheme = preset(name, block_kv=32)
+    q, k, v = qkv(lq=40, lk=96, seed=1)
+    cases = {
+        "all-equal keys": (q, k[:, :, :1].expand_as(k).contiguous(), v),  # smoothed K is 0: uniform weights
+        "one huge logit": (q, k.clone(), v),
+        "zero queries": (torch.zeros_like(q), k, v),
+        "zero values": (q, k, torch.zeros_like(v)),
+    }
+    big = cases["one huge logit"][1]
+    big[:, :, 77] = q[:, :, :1].float().sign().to(q.dtype).squeeze(2) * 60  # one key aligned with the first query
+    for what, (qq, kk, vv) in cases.items():
+        got = attention(qq, kk, vv, scheme)
+        assert torch.isfinite(got).all(), what
+        close_in_bf16(got, reference_attention(qq, kk, vv, scheme))
+    # all-equal keys: every query averages the values as the P.V GEMM reads them (what P's rounding leaves equal)
+    uniform = attention(q, cases["all-equal keys"][1], v, scheme).float()
+    assert torch.allclose(uniform, uniform[:, :, :1].expand_as(uniform))
+    assert torch.allclose(uniform[:, :, 0], v.float().mean(dim=2), atol=0.06)
+    # the huge logit: the first query reads value 77 (P one-hot up to rounding)
+    hot = attention(q, big, v, scheme).float()[:, :, 0]
+    assert torch.allclose(hot, v[:, :, 77].float(), atol=0.1 * v.float().abs().max())
+
+
+def test_presets_differ_where_sageattention_differs():
+    """Each knob the presets set changes the numbers (a preset silently equal to another would hide a wiring bug)."""
+    q, k, v = qkv(lq=64, lk=256, d=64, seed=2)
+    outs = {name: attention(q, k, v, preset(name)) for name in PRESETS}
+    for a in PRESETS:
+        for b in PRESETS:
+            if a < b:
+                assert not torch.equal(outs[a], outs[b]), (a, b)
+    exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    err = {n: ((o.float() - exact).norm() / exact.norm()).item() for n, o in outs.items()}
+    # fewer bits, larger error (measured 0.018 sage1, 0.033 sage2, 0.069 fp8, 0.24 nvfp4 on such data)
+    assert err["sage1"] < err["sage2"] < err["fp8"] < err["nvfp4"] < 0.5
+
+
+def test_granularity_groups_follow_the_kernels_layout():
+    from vqx.quant.attention import k_groups, q_groups
+
+    s = preset("sage2")
+    q = q_groups(32, s)  # per thread: tokens t and t + 8 of a 16-token warp share a scale
+    assert q[:16].tolist() == list(range(8)) * 2 and q[16:].tolist() == list(range(8, 16)) * 2
+    k = k_groups(256, s)  # 4 scales per 128 keys, token pairs (8i+2t, 8i+2t+1) on scale t
+    assert k[:8].tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and k[128:136].tolist() == [4, 4, 5, 5, 6, 6, 7, 7]
+    assert q_groups(300, preset("sage1")).max() == 2 and k_groups(300, preset("sage1")).max() == 4
+
+
+def test_bad_scheme_values_are_one_line_errors():
+    with pytest.raises(ValueError, match=r"attention.qk='int4' is not valid; valid: int8, fp8, nvfp4"):
+        preset("sage1", qk="int4")
+    with pytest.raises(ValueError, match="head dim that is a multiple of 16, not 24"):
+        attention(*qkv(d=24), preset("nvfp4"))
+
+
+# ---- steps, sites, the switch -----------------------------------------------------------------------------
+
+def test_full_precision_steps_resolve_names_and_indices():
+    assert resolve_steps(["first", "last"], 10) == (0, 9)
+    assert resolve_steps([-2, 3, "first", 3], 10) == (0, 3, 8)
+    for bad in ("middle", 10, -11, True):
+        with pytest.raises(ValueError, match=f"attention.full_precision_steps has {bad!r}; valid: first, last"):
+            resolve_steps([bad], 10)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"attention": "sage3"}, "attention=sage3 is not an option of 'attention'; valid: fp8, none, nvfp4, sage1,"),
+    ({"attention": "sage2", "+attention.bits": 4}, "unknown key 'attention.bits'; valid keys of attention: name, qk, pv,"),
+    (["attention=sage2", "attention.sites=[self,joint]"], "attention.sites=['self', 'joint'] has unknown site 'joint'; valid: self, cross"),
+    (["attention=sage2", "attention.full_precision_steps=[first,50]"], "attention.full_precision_steps has 50; valid"),
+    (["attention=sage1", "attention.block_k=12"], "attention.block_k=12 must be a multiple of 8"),
+    (["attention=sage1", "attention.pv=fp4"], "attention.pv='fp4' is not valid; valid choices: fp16, fp8, nvfp4"),
+])
+def test_bad_attention_settings_fail_before_anything_runs(tmp_path, options, message):
+    args = options if isinstance(options, list) else [f"{k}={v}" for k, v in options.items()]
+    with pytest.raises(UserError) as e:
+        vqx.Experiment(*args, run_dir=tmp_path / "run", **TINY)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def _tiny_pipe():
+    from vqx.models.wan.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline("t2v", seed=0, dtype=torch.bfloat16)
+
+
+def _latents(pipe, steps=4):
+    return pipe("a red square moves right", height=32, width=32, num_frames=5, num_inference_steps=steps,
+                guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+
+
+def test_inactive_quantized_attention_is_bit_identical_and_steps_switch_it():
+    """An installed runtime that is suspended (or at a full-precision step) computes diffusers' attention bit for
+    bit; at the other steps every site runs the emulation, once per block, site and guidance branch."""
+    from vqx.models.adapter import adapter_for
+
+    pipe = _tiny_pipe()
+    want = _latents(pipe)
+    plan = AttentionPlan(preset("sage2"), ("self", "cross"), resolve_steps(["first", "last"], 4), 4)
+    runtime = AttentionRuntime(plan)
+    adapter = adapter_for(pipe.transformer)
+    assert runtime.install(adapter, adapter.transformers(pipe)) == 4  # 2 blocks x 2 sites
+    runtime.suspended = True
+    assert torch.equal(_latents(pipe), want) and runtime.calls == {}
+    runtime.suspended = False
+    quantized = _latents(pipe)
+    assert not torch.equal(quantized, want)
+    assert runtime.calls == {"self": 2 * 2 * 2, "cross": 2 * 2 * 2}  # steps 1, 2 x 2 branches x 2 blocks
+    runtime.calls.clear()
+    assert torch.equal(_latents(pipe), quantized)  # a new trajectory restarts the step count
+    assert runtime.calls == {"self": 8, "cross": 8}
+
+
+def test_self_site_only_leaves_cross_attention_16_bit():
+    from vqx.models.adapter import adapter_for
+
+    pipe = _tiny_pipe()
+    runtime = AttentionRuntime(AttentionPlan(preset("sage1"), ("self",), (), 4))
+    adapter = adapter_for(pipe.transformer)
+    assert runtime.install(adapter, adapter.transformers(pipe)) == 2
+    _latents(pipe)
+    assert runtime.calls == {"self": 4 * 2 * 2}
+    procs = [type(b.attn2.processor).__name__ for b in pipe.transformer.blocks]
+    assert procs == ["WanAttnProcessor", "WanAttnProcessor"]
+
+
+# ---- runs ---------------------------------------------------------------------------------------------------
+
+def test_attention_only_and_with_linears_compose_end_to_end(tmp_path):
+    """format=none + attention (attention-only), and attention with a linear format and algorithm: the run reports
+    the plan, the quantized attention runs in evaluation, and the videos move away from attention=none's."""
+    base = {**TINY, "eval": "video", "cache_dir": str(tmp_path / "cache")}
+    ev = ["eval.num_samples=1", "eval.noise_floor=none", "eval.save_videos=false"]
+    runs = {}
+    for label, options in {"none": {"format": "none", "algorithm": "rtn"},
+                           "attn_only": {"format": "none", "algorithm": "rtn", "attention": "nvfp4"},
+                           "linears": {"format": "w8a8", "algorithm": "smoothquant"},
+                           "both": {"format": "w8a8", "algorithm": "smoothquant", "attention": "sage2",
+                                    "attention.full_precision_steps": "[first]"}}.items():
+        args = ev + [f"{k}={v}" for k, v in options.items() if "." in k]
+        opts = {k: v for k, v in options.items() if "." not in k}
+        runs[label] = vqx.Experiment(*args, run_dir=tmp_path / label, **{**base, **opts}).run()
+    assert runs["none"]["attention"] == {"name": "none"} and runs["none"]["lpips"] == 0.0
+    assert runs["attn_only"]["attention"]["name"] == "nvfp4" and runs["attn_only"]["quantized_layers"] == 0
+    assert runs["attn_only"]["lpips"] > 0 and runs["attn_only"]["psnr"] < math.inf
+    both = runs["both"]["attention"]
+    assert both["name"] == "sage2" and both["full_precision_steps"] == [0] and both["sites"] == ["self", "cross"]
+    assert runs["both"]["lpips"] != runs["linears"]["lpips"]

@@ -1,0 +1,247 @@
+"""Quantized attention, emulated: what SageAttention-style kernels compute, in PyTorch ops.
+
+`attention(q, k, v, scheme)` takes q [B, H, Lq, D], k/v [B, H, Lk, D] (any float dtype) and returns the output
+in q's dtype. The quantization points follow the kernels' code (thu-ml/SageAttention; the files are named by
+each scheme below):
+
+- Q and K are quantized with one scale per group of tokens (per head), symmetric absmax: int8
+  (``scale = absmax / 127``), fp8 e4m3 (``absmax / 448``), or NVFP4 (E2M1 in 1x16 blocks along the head dim
+  with e4m3 block scales ``e4m3(absmax / 6)``, SageAttention3). K may first be smoothed by its token mean
+  (softmax is invariant to it); SageAttention3 also subtracts Q's per-128-token mean and adds ``mean_q . k`` back
+  to the scores in fp32.
+- The scores are dequantized in fp32 and the softmax runs online over key tiles of ``block_kv`` tokens, as the
+  kernels do: a tile's probabilities P are exponentiated against the running row max *after* that tile, and it
+  is this unnormalized P that is quantized (fp8: scaled so a row's max is 448; NVFP4: so it is 448 * 6, then
+  1x16 microscaled along the keys). The row sums use P before quantization (the kernels sum the fp32 values).
+- P . V: fp16 with the tile's product rounded to fp16 (SageAttention1's Triton kernel accumulates each tile in
+  fp16 and adds it to an fp32 accumulator); fp8 e4m3 with V scaled per channel (``absmax over tokens / 448``,
+  SageAttention2); NVFP4 with V in 1x16 blocks along the tokens (SageAttention3).
+
+What is not emulated: the order of fp32 accumulation inside the tensor-core GEMMs (and Hopper's reduced-precision
+fp8 accumulator); the tile loop is evaluated as one sum over tiles weighted by ``exp2(m_tile - m_final)``,
+identical in exact arithmetic to the kernels' rescale-as-you-go.
+
+Rounding that surprises: SageAttention's int8 quantizers round half away from zero (``x / s + 0.5 * sign(x)``,
+then truncation), not half to even like vqx's linear int8; the per-thread quantizers add 1e-7 to the scale; the
+K mean is subtracted in the input dtype (so the smoothed K is rounded to bf16 before quantization).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .numbers import FP8_E4M3_MAX, minifloat_round
+
+LOG2E = 1.44269504  # SageAttention's constant (exp via exp2)
+FP8_P_OFFSET = 8.807  # log2(448): SageAttention2 subtracts it from the row max so P spans [0, 448] (S_FP8_OFFSET)
+FP4_MAX = 6.0
+NVFP4_BLOCK = 16
+SAGE3_Q_GROUP = 128  # SageAttention3's per-block Q mean (triton_group_mean's GROUP_SIZE) and its padding
+
+QK_FORMATS = ("int8", "fp8", "nvfp4")
+PV_FORMATS = ("fp16", "fp8", "nvfp4")
+Q_GRANULARITIES = ("block", "warp", "thread")
+K_GRANULARITIES = ("block", "thread")
+
+
+@dataclass(frozen=True)
+class AttentionScheme:
+    """How one attention call is quantized (the `attention` config group's numbers)."""
+
+    name: str
+    qk: str  # int8 | fp8 | nvfp4
+    pv: str  # fp16 | fp8 | nvfp4
+    q_granularity: str = "block"  # block: block_q tokens per scale; warp: warp_q; thread: SageAttention2's per-thread
+    k_granularity: str = "block"  # block: block_k tokens per scale; thread: 4 scales per block_k tokens
+    block_q: int = 128
+    warp_q: int = 16
+    block_k: int = 64
+    block_kv: int = 64  # key tile of the online softmax (the kernel's BLOCK_N / CTA_K)
+    smooth_k: bool = True
+    smooth_q: bool = False  # SageAttention3: subtract Q's per-128-token mean, add mean_q . k back in fp32
+    q_prescale: bool = False  # SageAttention1 (Triton): Q is multiplied by sm_scale * log2(e) before quantizing
+    scale_eps: float = 0.0  # added to int8 scales (SageAttention2's per-thread quantizers: 1e-7)
+
+    def __post_init__(self):
+        for field, value, valid in (("qk", self.qk, QK_FORMATS), ("pv", self.pv, PV_FORMATS),
+                                    ("q_granularity", self.q_granularity, Q_GRANULARITIES),
+                                    ("k_granularity", self.k_granularity, K_GRANULARITIES)):
+            if value not in valid:
+                raise ValueError(f"attention.{field}={value!r} is not valid; valid: {', '.join(valid)}")
+        for field in ("block_q", "warp_q", "block_k", "block_kv"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"attention.{field}={getattr(self, field)} must be >= 1")
+        if self.q_granularity == "thread" and self.warp_q % 8:
+            raise ValueError(f"attention.warp_q={self.warp_q} must be a multiple of 8 with q_granularity=thread")
+        if self.k_granularity == "thread" and self.block_k % 8:
+            raise ValueError(f"attention.block_k={self.block_k} must be a multiple of 8 with k_granularity=thread")
+
+
+# ---- token groups that share a scale ----------------------------------------------------------------------
+
+def q_groups(n: int, scheme: AttentionScheme, device=None) -> torch.Tensor:
+    """Scale group of each query token. ``thread``: SageAttention2's per-thread layout, where the tokens of a
+    warp_q-token tile with the same index mod 8 share a scale (quant_query_per_thread_int8_kernel)."""
+    t = torch.arange(n, device=device)
+    if scheme.q_granularity == "block":
+        return t // scheme.block_q
+    if scheme.q_granularity == "warp":
+        return t // scheme.warp_q
+    return (t // scheme.warp_q) * 8 + t % 8
+
+
+def k_groups(n: int, scheme: AttentionScheme, device=None) -> torch.Tensor:
+    """Scale group of each key token. ``thread``: 4 scales per block_k tokens, token pairs interleaved
+    (tokens 8i+2t and 8i+2t+1 share scale t; quant_key_per_thread_int8_kernel)."""
+    t = torch.arange(n, device=device)
+    if scheme.k_granularity == "block":
+        return t // scheme.block_k
+    return (t // scheme.block_k) * 4 + (t % 8) // 2
+
+
+def group_absmax(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D] fp32 -> the absmax of each token's group, per head, broadcast back to [B, H, L, 1]."""
+    token_max = x.abs().amax(dim=-1)  # [B, H, L]
+    n_groups = int(groups.max()) + 1
+    out = torch.zeros(*token_max.shape[:2], n_groups, dtype=token_max.dtype, device=x.device)
+    out.scatter_reduce_(2, groups.expand_as(token_max), token_max, reduce="amax", include_self=True)
+    return out.gather(2, groups.expand_as(token_max)).unsqueeze(-1)
+
+
+# ---- element quantizers (fp32 in, dequantized fp32 out) ------------------------------------------------
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    return torch.trunc(x + 0.5 * torch.where(x >= 0, 1.0, -1.0))
+
+
+def quantize_int8(x: torch.Tensor, groups: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """SageAttention's int8 quantizer: ``s = absmax / 127 (+ eps)``, codes rounded half away from zero.
+    An all-zero group gets codes 0 (the kernel would divide by zero)."""
+    scale = group_absmax(x, groups) / 127.0 + eps
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(_round_half_away(x / safe), -127.0, 127.0) * safe
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes of ``x / scale`` (round to nearest even, saturating), dequantized."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(x / safe, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float() * safe
+
+
+def quantize_nvfp4(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """SageAttention3's FP4 quantizer along ``dim`` (its length a multiple of 16): per 16 values
+    ``sf = e4m3(absmax / 6)``, codes ``e2m1(x * (1 / sf))`` (the kernel multiplies by the reciprocal),
+    saturating; no global scale."""
+    x = x.movedim(dim, -1)
+    blocks = x.unflatten(-1, (-1, NVFP4_BLOCK))
+    sf = (blocks.abs().amax(dim=-1, keepdim=True) / FP4_MAX).to(torch.float8_e4m3fn).float()
+    inv = torch.where(sf == 0, torch.zeros_like(sf), 1.0 / sf)
+    codes = minifloat_round(blocks * inv, 2, 1)
+    return (codes * sf).flatten(-2).movedim(-1, dim)
+
+
+def _pad_tokens(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = (-x.shape[2]) % multiple
+    return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+# ---- the attention ---------------------------------------------------------------------------------------
+
+def quantize_qk(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):
+    """(dequantized Q fp32, dequantized K fp32, fp32 score bias or None), the scores being
+    ``Q K^T (+ bias)`` before ``sm_scale``; with q_prescale Q already carries sm_scale * log2(e)."""
+    d = q.shape[-1]
+    if s.smooth_k:  # in the input dtype, as SageAttention does (k - k.mean(seq)), then fp32
+        k = k - k.mean(dim=2, keepdim=True)
+    bias = None
+    if s.smooth_q:  # SageAttention3: Q padded to 128 tokens with zeros, the pads counted in the last group's mean
+        lq = q.shape[2]
+        qp = _pad_tokens(q, SAGE3_Q_GROUP)
+        groups = qp.unflatten(2, (-1, SAGE3_Q_GROUP))
+        qm = groups.float().mean(dim=3, keepdim=True).to(q.dtype)
+        q = (groups - qm).flatten(2, 3)[:, :, :lq]
+        qm = qm.squeeze(3).repeat_interleave(SAGE3_Q_GROUP, dim=2)[:, :, :lq]
+        bias = torch.matmul(qm, k.transpose(-1, -2)).float()  # delta_s, computed in the input dtype
+    qf, kf = q.float(), k.float()
+    if s.q_prescale:
+        qf = qf * ((d ** -0.5) * LOG2E)
+    if s.qk == "int8":
+        qf = quantize_int8(qf, q_groups(qf.shape[2], s, qf.device), s.scale_eps)
+        kf = quantize_int8(kf, k_groups(kf.shape[2], s, kf.device), s.scale_eps)
+    elif s.qk == "fp8":
+        qf = quantize_fp8(qf, group_absmax(qf, q_groups(qf.shape[2], s, qf.device)) / FP8_E4M3_MAX)
+        kf = quantize_fp8(kf, group_absmax(kf, k_groups(kf.shape[2], s, kf.device)) / FP8_E4M3_MAX)
+    else:
+        if d % NVFP4_BLOCK:
+            raise ValueError(f"attention nvfp4 needs a head dim that is a multiple of 16, not {d}")
+        qf, kf = quantize_nvfp4(qf, -1), quantize_nvfp4(kf, -1)
+    return qf, kf, bias
+
+
+def quantize_v(v: torch.Tensor, s: AttentionScheme) -> torch.Tensor:
+    """V as the P . V GEMM reads it (fp32, dequantized)."""
+    vf = v.float()
+    if s.pv == "fp16":
+        return v.half().float()
+    if s.pv == "fp8":  # per channel over the tokens (per_channel_fp8, scale_max 448)
+        return quantize_fp8(vf, vf.abs().amax(dim=2, keepdim=True) / FP8_E4M3_MAX)
+    return quantize_nvfp4(_pad_tokens(vf, NVFP4_BLOCK), 2)[:, :, :vf.shape[2]]
+
+
+def quantize_p(p: torch.Tensor, s: AttentionScheme) -> torch.Tensor:
+    """A tile's unnormalized probabilities [.., Lq, tile] (max 448 for fp8, 2688 for nvfp4) as P . V reads them."""
+    if s.pv == "fp16":
+        return p.half().float()
+    if s.pv == "fp8":
+        return torch.clamp(p, max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+    return quantize_nvfp4(p, -1)
+
+
+def p_log2_offset(s: AttentionScheme) -> float:
+    """log2 of the value a row's max maps to in P: 448 (fp8), 448 * 6 (nvfp4), 1 (fp16)."""
+    if s.pv == "fp8":
+        return FP8_P_OFFSET
+    if s.pv == "nvfp4":
+        return math.log2(FP8_E4M3_MAX * FP4_MAX)
+    return 0.0
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: AttentionScheme,
+              q_chunk: int = 1024) -> torch.Tensor:
+    """Emulated quantized attention (module doc); q [B, H, Lq, D], k/v [B, H, Lk, D] -> [B, H, Lq, D] in q's dtype.
+    Queries are processed ``q_chunk`` rows at a time (memory: one chunk's scores)."""
+    s = scheme
+    out_dtype = q.dtype
+    d, lk = q.shape[-1], k.shape[2]
+    qf, kf, bias = quantize_qk(q, k, s)
+    vf = quantize_v(v, s)
+    log2_scale = 1.0 if s.q_prescale else (d ** -0.5) * LOG2E
+    tile = s.block_kv
+    n_tiles = -(-lk // tile)
+    pad = n_tiles * tile - lk
+    offset = p_log2_offset(s)
+    out = torch.empty(*q.shape[:3], vf.shape[-1], dtype=out_dtype, device=q.device)
+    for start in range(0, q.shape[2], q_chunk):
+        rows = slice(start, start + q_chunk)
+        scores = torch.matmul(qf[:, :, rows], kf.transpose(-1, -2))
+        if bias is not None:
+            scores = scores + bias[:, :, rows]
+        scores = scores * log2_scale  # log2 units
+        scores = torch.nn.functional.pad(scores, (0, pad), value=-math.inf).unflatten(-1, (n_tiles, tile))
+        m_run = torch.cummax(scores.amax(dim=-1), dim=-1).values  # running row max after each tile
+        p = torch.exp2(scores - (m_run - offset).unsqueeze(-1))  # [B, H, rows, tiles, tile]
+        row_sum_tile = p.sum(dim=-1)
+        pq = quantize_p(p, s)
+        weight = torch.exp2(m_run - m_run[..., -1:])  # each tile's rescale to the final max
+        vt = torch.nn.functional.pad(vf, (0, 0, 0, pad)).unflatten(2, (n_tiles, tile))  # [B, H, tiles, tile, D]
+        if s.pv == "fp16":  # each tile's product rounded to fp16 before the fp32 accumulator
+            part = torch.einsum("bhqtk,bhtkd->bhqtd", pq, vt).half().float()
+            acc = (part * weight.unsqueeze(-1)).sum(dim=3)
+        else:
+            acc = torch.matmul((pq * weight.unsqueeze(-1)).flatten(-2), vt.flatten(2, 3))
+        total = (row_sum_tile * weight).sum(dim=-1, keepdim=True)
+        out[:, :, rows] = (acc / total).to(out_dtype)
+    return out
