@@ -206,3 +206,31 @@ def test_attention_only_and_with_linears_compose_end_to_end(tmp_path):
     both = runs["both"]["attention"]
     assert both["name"] == "sage2" and both["full_precision_steps"] == [0] and both["sites"] == ["self", "cross"]
     assert runs["both"]["lpips"] != runs["linears"]["lpips"]
+
+
+@pytest.mark.parametrize("attention,sites,want", [
+    ("sage2", "[self,cross]", {"self_attn_1_type": "sage_attn2", "cross_attn_1_type": "sage_attn2"}),
+    ("nvfp4", "[self]", {"self_attn_1_type": "sage_attn3"}),
+    ("fp8", "[self,cross]", {}),
+])
+def test_export_fragments_name_lightx2v_attention_types(tmp_path, attention, sites, want):
+    """The run-config fragments select lightx2v's kernel for the quantized sites; LIGHTX2V.md says which GPUs run
+    those numbers, or that lightx2v has no kernel (fp8); the export still verifies (it records 16-bit attention)."""
+    import json
+
+    exp = vqx.Experiment(f"attention={attention}", f"attention.sites={sites}", "attention.full_precision_steps=[last]",
+                         run_dir=tmp_path / "run", **{**TINY, "algorithm": "rtn", "export": "lightx2v"})
+    q = exp.quantize()
+    summary = exp.export(q)
+    assert summary["verify"]["ok"]
+    out = tmp_path / "run" / "export"
+    for name in ("lightx2v_config.json", "lightx2v_config_pre2025-10.json"):
+        body = json.loads((out / name).read_text())
+        assert {k: v for k, v in body.items() if k.endswith("_attn_1_type") or k.endswith("_attn_2_type")} == want
+    notes = (out / "LIGHTX2V.md").read_text()
+    assert f"## Attention (vqx attention={attention})" in notes
+    assert "lightx2v has no per-step attention type" in notes
+    if attention == "fp8":
+        assert "Not set in the fragments: lightx2v has no FP8 attention kernel" in notes
+    if sites == "[self]":
+        assert "vqx kept the cross attention 16-bit" in notes

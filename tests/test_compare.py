@@ -199,3 +199,24 @@ def test_each_jobs_frame_strip_is_embedded_shrunk(tmp_path):
     assert "<h2>Frames</h2>" in html and html.count("<figure>") == 1 and "<figcaption>0: w8a8 smoothquant" in html
     b64 = re.search(r"<figure><img alt='0' src='data:image/png;base64,([^']+)'>", html).group(1)
     assert Image.open(io.BytesIO(base64.b64decode(b64))).size == (360, 150)  # 720 x 300 shrunk to 360 wide
+
+
+def test_attention_sweep_splits_linears_attention_and_both(tmp_path):
+    """A format x attention sweep: per format and attention mode, the linears-only, attention-only and combined jobs
+    side by side (HTML and Markdown); a pair without its attention-only job gets no row."""
+    root = tmp_path / "multirun"
+    runs = {("none", "none"): (0.0, 99.0), ("w8a8", "none"): (0.002, 41.0), ("none", "sage2"): (0.004, 38.0),
+            ("w8a8", "sage2"): (0.005, 37.0), ("nvfp4", "none"): (0.03, 30.0), ("nvfp4", "nvfp4"): (0.06, 27.0)}
+    for n, ((fmt, attn), (lpips, psnr)) in enumerate(runs.items()):
+        metrics = {"status": "complete", "format": fmt, "algorithm": "smoothquant", "lpips": lpips, "psnr": psnr,
+                   "attention": {"name": attn} if attn == "none" else {"name": attn, "sites": ["self", "cross"],
+                                                                        "full_precision_steps": []},
+                   "noise_floor": {"lpips": 0.0007}}
+        make_job(root, str(n), [f"format={fmt}", f"attention={attn}"], {"format": {"name": fmt}}, metrics)
+    assert vqx_main(["compare", str(root)]) == 0
+    header, *rows = report_tables(root / "report.html")["split"]
+    assert header == ["format", "algorithm", "attention", "LPIPS linears only", "LPIPS attention only", "LPIPS both",
+                      "PSNR linears only", "PSNR attention only", "PSNR both", "LPIPS floor"]
+    assert rows == [["w8a8", "smoothquant", "sage2", "0.0020", "0.0040", "0.0050", "41.00", "38.00", "37.00", "0.0007"]]
+    md = (root / "report.md").read_text()
+    assert "| w8a8 | smoothquant | sage2 | 0.0020 / 0.0040 / 0.0050 | 41.00 / 38.00 / 37.00 |" in md

@@ -113,6 +113,7 @@ class Experiment:
         """Write ``state`` as ``export=`` says (``options`` set its keys, e.g. ``layout="blocks"``) into
         ``directory`` (default ``export.dir``, else ``<run_dir>/export``); returns the export's summary."""
         from . import stages
+        from .quant.attention_plan import suspended
 
         cfg = self.cfg.copy()
         export_cfg = OmegaConf.merge(cfg.export, {**options, **({"dir": str(directory)} if directory else {})})

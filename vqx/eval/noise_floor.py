@@ -105,6 +105,22 @@ def noise_floor_context(method: str):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+def attention_kernels(method: str | None, default: str | None, runtime) -> dict:
+    """Which attention each side of the comparison ran: the reference and the floor are both 16-bit (a quantized
+    attention is installed after them), the quantized videos may not be (``runtime``: the run's
+    vqx.quant.attention_plan.AttentionRuntime or None)."""
+    sdpa = f"16-bit, torch SDPA ({SDPA_METHODS[default][2]} kernel)" if default else "16-bit, torch SDPA"
+    floor = (None if method is None else sdpa + " in TF32" if method == "tf32"
+             else f"16-bit, torch SDPA ({SDPA_METHODS[method][2]} kernel)")
+    if runtime is None:
+        quantized = sdpa
+    else:
+        plan = runtime.plan
+        steps = f", 16-bit at steps {list(plan.full_precision_steps)}" if plan.full_precision_steps else ""
+        quantized = f"attention={plan.scheme.name} emulated (vqx.quant.attention) at {', '.join(plan.sites)}{steps}"
+    return {"reference": sdpa, "noise_floor": floor, "quantized": quantized}
+
+
 def floor_summary(method: str | None, default: str | None, floors: list[dict]) -> dict:
     """metrics.json's ``noise_floor``: the floor videos' scores against their references, aggregated."""
     if method is None:

@@ -36,7 +36,8 @@ from ..stages import EVALUATORS, Evaluator, RunState
 from . import metrics as M
 from .generation import EvalSamples, generate_sample
 from .lpips_weights import features_state_dict
-from .noise_floor import NOISE_FLOORS, check_noise_floor, floor_summary, noise_floor_context, resolve_noise_floor
+from .noise_floor import (NOISE_FLOORS, attention_kernels, check_noise_floor, floor_summary, noise_floor_context,
+                          resolve_noise_floor)
 from .references import ReferenceCache
 from .videoio import NO_VIDEO_LIBRARY, frame_strip, side_by_side, to_float, video_library, write_mp4, write_png
 
@@ -206,6 +207,7 @@ class VideoEvaluator(Evaluator):
 
         out = M.aggregate(videos)
         out["noise_floor"] = floor_summary(self.floor, self.floor_default, floors)
+        out["noise_floor"]["attention"] = attention_kernels(self.floor, self.floor_default, state.attention)
         plot = None
         if e.save_videos:
             from .plot import plot_per_frame

@@ -49,6 +49,7 @@ from . import contract, lightx2v_reference
 from .block_compare import spread
 from .folder import (ExportFolderSchema, check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder,
                      target_dir)
+from .lightx2v_attention import attention_keys, attention_notes
 from .lightx2v_lowbit import LOWBIT_SCHEMES, linear_tensors, lowbit_scheme
 from .lightx2v_reference import REFERENCE_FILE, WEIGHTS_FILE
 from .manifest import write_manifest
@@ -314,8 +315,9 @@ def export(state: RunState) -> dict:
         counts = write_checkpoint(transformer, tmp, scheme, ecfg.layout, dtype, smoothing)
         write_json_atomic(tmp / "config.json", wan_cfg)
         for name, body in contract.run_configs(scheme, str(target), bool(smoothing)).items():
-            write_json_atomic(tmp / name, body)
-        write_text_atomic(tmp / "LIGHTX2V.md", usage_text(scheme, target, bool(smoothing), task))
+            write_json_atomic(tmp / name, {**body, **attention_keys(cfg.attention, task)})
+        write_text_atomic(tmp / "LIGHTX2V.md", usage_text(scheme, target, bool(smoothing), task)
+                          + attention_notes(cfg.attention, task))
         info = {"format": fmt.name, "algorithm": cfg.algorithm.name, "model": cfg.model.name, "task": task,
                 "layout": ecfg.layout, "dtype": ecfg.dtype, "scheme": scheme, "schemes": contract.SCHEMES.get(scheme, [scheme]),
                 "advanced_ptq": bool(smoothing), "num_layers": len(adapter.blocks(transformer))}

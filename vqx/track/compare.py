@@ -53,6 +53,19 @@ class Job:
         return str((self.metrics or {}).get("algorithm") or _get(self.config, "algorithm.name") or self.overrides.get("algorithm", "?"))
 
     @property
+    def attention(self) -> str:
+        """The quantized attention, with its sites and 16-bit steps where they are not the defaults; "none"."""
+        a = (self.metrics or {}).get("attention")
+        if not isinstance(a, dict):
+            return str(_get(self.config, "attention.name") or self.overrides.get("attention", "none"))
+        label = str(a.get("name", "none"))
+        if a.get("sites") not in (None, ["self", "cross"]):
+            label += f" sites={','.join(a['sites'])}"
+        if a.get("full_precision_steps"):
+            label += f" 16-bit steps={a['full_precision_steps']}"
+        return label
+
+    @property
     def alpha(self) -> float | None:
         return _num(_get(self.config, "algorithm.alpha"))
 

@@ -250,6 +250,45 @@ def varying_overrides(jobs: list[Job]) -> list[str]:
     return sorted(k for k in {k for j in jobs for k in j.overrides} if len({j.overrides.get(k) for j in jobs}) > 1)
 
 
+def attention_split(complete: list[Job]) -> list[dict]:
+    """Per job that quantizes both linears and attention: the jobs of the same sweep that quantize only the linears
+    (same model, format, algorithm; attention none) and only the attention (same model and attention; format
+    none), so the loss of each part and of both read side by side. Rows only where all three ran."""
+    rows = []
+    for both in complete:
+        if both.attention == "none" or both.format == "none":
+            continue
+        linear = next((j for j in complete if (j.model, j.format, j.algorithm, j.attention)
+                       == (both.model, both.format, both.algorithm, "none")), None)
+        attn = next((j for j in complete if (j.model, j.format, j.attention) == (both.model, "none", both.attention)), None)
+        if linear is not None and attn is not None:
+            rows.append({"model": both.model, "format": both.format, "algorithm": both.algorithm,
+                         "attention": both.attention, "linear": linear, "attention_only": attn, "both": both})
+    return rows
+
+
+SPLIT_PARTS = (("linear", "linears only"), ("attention_only", "attention only"), ("both", "both"))
+
+
+def render_split(rows: list[dict], several_models: bool) -> str:
+    head = ([("model", "text")] if several_models else []) + [("format", "text"), ("algorithm", "text"),
+                                                              ("attention", "text")]
+    head += [(f"{HEADERS[m]} {label}", "") for m in ("lpips", "psnr") for _, label in SPLIT_PARTS]
+    head += [("LPIPS floor", "")]
+    out = ["<h2>Linear vs attention quantization</h2><p class='note'>Each row: the jobs of one format and attention "
+           "mode that quantize the linears only (attention none), the attention only (format none) and both.</p>",
+           "<table id='split'>" + _sortable_head(head) + "<tbody>"]
+    for r in rows:
+        cells = ([_cell(r["model"], cls="text")] if several_models else [])
+        cells += [_cell(r["format"], cls="text"), _cell(r["algorithm"], cls="text"), _cell(r["attention"], cls="text")]
+        cells += [_cell(_fmt(m, r[part].value(m)), r[part].value(m)) for m in ("lpips", "psnr") for part, _ in SPLIT_PARTS]
+        floor = r["both"].value("noise_floor_lpips")
+        cells.append(_cell(_fmt("lpips", floor), floor if floor is not None else ""))
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
 def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str], note: str | None, title: str,
            out_dir: Path) -> str:
     """The report's HTML; ``out_dir``: where it is written (each job's name links to its folder from there)."""
@@ -303,6 +342,10 @@ def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str],
         out.append(f"<tr class='{cls}'>" + "".join(row) + "</tr>")
     out.append("</tbody></table></div>")
 
+    split = attention_split(complete)
+    if split:
+        out.append(render_split(split, several_models))
+
     if failed:
         out.append("<h2>Failed or partial jobs</h2><table id='failed'><thead><tr><th class='text'>job</th>"
                    "<th class='text'>reason</th><th class='text'>overrides</th></tr></thead><tbody>")
@@ -352,6 +395,13 @@ def render_markdown(jobs: list[Job]) -> str:
         row += [_fmt(c, j.value(c)) for c in metrics] + [_fmt(c, j.value(f"noise_floor_{c}")) for c in floor]
         row.append(_fmt("layer_error_mean", j.value("layer_error_mean")))
         lines.append("| " + " | ".join(row) + " |")
+    split = attention_split(complete)
+    if split:
+        lines += ["", "| format | algorithm | attention | LPIPS linears / attention / both | PSNR linears / attention / both |",
+                  "|---|---|---|---|---|"]
+        for r in split:
+            cells = [" / ".join(_fmt(m, r[part].value(m)) for part, _ in SPLIT_PARTS) for m in ("lpips", "psnr")]
+            lines.append(f"| {r['format']} | {r['algorithm']} | {r['attention']} | {cells[0]} | {cells[1]} |")
     failed = [j for j in jobs if j.failure is not None]
     if failed:
         lines += ["", "Failed or partial: " + "; ".join(f"{j.name} ({j.failure})" for j in failed)]
