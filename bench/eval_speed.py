@@ -13,6 +13,8 @@ Rows (backend x format x variant):
   kernels, each input group quantized once, fused into the op before it.
 - fake|kernel / w8a8|fp8 / eager: the same model with ``VQX_QUANT_IMPL=eager`` (PyTorch ops, group
   sharing only): the CPU / no-triton fallback.
+- fake / none / attn_<mode>: the bf16 model (fused elementwise) with quantized attention (``attention=<mode>``
+  emulated at both sites); kernel / fp8 / attn_<mode>: the same with fp8 GEMMs.
 
 Before timing, the script checks on the GPU that the Triton paths give the reference codes bit for bit
 (vqx.quant.fastpath's kernel checks, codes of sampled activations against `numbers.quantize`, and each
@@ -63,6 +65,9 @@ def parse_args():
     p.add_argument("--out", type=Path, default=None, help="results file name under bench/results/")
     p.add_argument("--attention", default="default", choices=["default", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"],
                    help="attention kernel of every row, bf16 baseline included (default: what diffusers' SDPA picks)")
+    p.add_argument("--attention-modes", default="sage1,sage2,fp8,nvfp4",
+                   help="quantized-attention rows (vqx attention= presets, comma-separated; '' for none): each alone on "
+                        "the bf16 model and with the fp8 kernel-backend linears")
     p.add_argument("--note", default=None, help="a note stored in the results file (e.g. 'the GPU was shared')")
     args = p.parse_args()
     if args.repeats is None:
@@ -81,7 +86,8 @@ def main() -> int:
 
     from common import device_name, print_table, write_results
     from vqx.algorithms.materialize import materialize
-    from vqx.models.adapter import LayerSelection, quant_targets
+    from vqx.models.adapter import LayerSelection, adapter_for, quant_targets
+    from vqx.quant.attention_plan import AttentionPlan, AttentionRuntime, attention_preset
     from vqx.models.wan.fused import install
     from vqx.quant import fastpath
     from vqx.quant.backends import fallbacks, set_backend
@@ -152,6 +158,8 @@ def main() -> int:
             return model(**inputs, return_dict=False)[0]
 
     rows, checks, failures = [], {}, []
+    modes = [m for m in args.attention_modes.split(",") if m]
+    runtimes = {m: AttentionRuntime(AttentionPlan(attention_preset(m), ("self", "cross"), (), 1)) for m in modes}
     names = ["tiny"] if args.smoke else (args.only or list(MODELS))
     attention = contextlib.ExitStack()  # closed after the last model
     if args.attention != "default":  # every row, the bf16 baseline too: the ratios compare like with like
@@ -224,6 +232,9 @@ def main() -> int:
         if not same:
             failures.append(f"{name}: bf16 fused forward differs from diffusers'")
         timed(fused_bf16, "bf16", "none", "fused", fused_impl)
+        for mode in modes:  # fake-quant attention alone: the fused elementwise model + the emulated attention
+            runtimes[mode].install(adapter_for(fused_bf16), [fused_bf16])
+            timed(fused_bf16, "fake", "none", f"attn_{mode}", fused_impl)
         del fused_bf16
 
         for fmt in FORMATS:
@@ -246,6 +257,10 @@ def main() -> int:
                 timed(model, backend, fmt, "fused", fused_impl)
                 if not args.no_eager:
                     timed(model, backend, fmt, "eager", "eager")
+            if fmt == "fp8":  # the stretch goal's row: fp8 GEMMs and a quantized attention
+                for mode in modes:
+                    runtimes[mode].install(adapter_for(model), [model])
+                    timed(model, "kernel", fmt, f"attn_{mode}", fused_impl)
             rel = ((outs["kernel"] - outs["fake"]).norm() / outs["fake"].norm()).item()
             mc[f"kernel_vs_fake_rel_error_{fmt}"] = rel
             mc[f"fake_{fmt}_vs_bf16_rel_error"] = ((outs["fake"] - ref_out.float()).norm() / ref_out.float().norm()).item()
@@ -270,11 +285,15 @@ def main() -> int:
                 r["ratio_vs_bf16"] = r["ms"] / base_rows["eager"] if r["ms"] and base_rows.get("eager") else None
                 r["ratio_vs_bf16_fused"] = r["ms"] / base_rows["fused"] if r["ms"] and base_rows.get("fused") else None
 
+    attn_checks = [r for r in kernel_checks if r["kernel"] == "qattn"]
+    failures += [f"quantized attention kernel check failed: {r}" for r in attn_checks if not r["bit_exact"]]
     notes = ("1.3B: all 30 blocks; 14B: 8 of its 40 blocks (per-call ms of a block subset, as docs/anchors.md). "
              "ratio_vs_bf16: against diffusers' bf16 model; ratio_vs_bf16_fused: against the bf16 model with the same "
              "fused elementwise kernels. fused = vqx's default CUDA path (Triton); eager = VQX_QUANT_IMPL=eager. "
              f"FFN GELU fused with its quantization: {gelu_fused}. Attention kernel of every row: "
-             f"{'SDPA default choice' if args.attention == 'default' else args.attention}.")
+             f"{'SDPA default choice' if args.attention == 'default' else args.attention}. attn_<mode>: vqx's emulated "
+             "quantized attention (attention=<mode>, the fused Triton kernel where its check passed: kernel_checks "
+             "'qattn') at both attention sites; fake/none = attention only, kernel/fp8 = with fp8 GEMMs.")
     if args.smoke:
         notes = "SMOKE RUN (tiny model, CPU, Triton interpreter): no speed claims. " + notes
     out_name = str(args.out) if args.out else ("eval_speed_smoke.json" if args.smoke else "eval_speed.json")

@@ -111,30 +111,30 @@ def group_absmax(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return out.gather(2, groups.expand_as(token_max)).unsqueeze(-1)
 
 
-# ---- element quantizers (fp32 in, dequantized fp32 out) ------------------------------------------------
+# ---- element quantizers (fp32 in; codes and per-token scales out, or dequantized values) ----------------
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.trunc(x + 0.5 * torch.where(x >= 0, 1.0, -1.0))
 
 
-def quantize_int8(x: torch.Tensor, groups: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """SageAttention's int8 quantizer: ``s = absmax / 127 (+ eps)``, codes rounded half away from zero.
-    An all-zero group gets codes 0 (the kernel would divide by zero)."""
+def int8_codes(x: torch.Tensor, groups: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SageAttention's int8 quantizer: ``s = absmax / 127 (+ eps)``, codes rounded half away from zero; returns
+    (fp32 codes, each token's scale [.., L, 1]). An all-zero group gets codes 0 (the kernel would divide by 0)."""
     scale = group_absmax(x, groups) / 127.0 + eps
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return torch.clamp(_round_half_away(x / safe), -127.0, 127.0) * safe
+    return torch.clamp(_round_half_away(x / safe), -127.0, 127.0), scale
 
 
-def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """e4m3 codes of ``x / scale`` (round to nearest even, saturating), dequantized."""
+def fp8_codes(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes of ``x / scale`` as fp32 (round to nearest even, saturating), and the scale."""
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return torch.clamp(x / safe, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float() * safe
+    return torch.clamp(x / safe, -FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float(), scale
 
 
 def quantize_nvfp4(x: torch.Tensor, dim: int) -> torch.Tensor:
     """SageAttention3's FP4 quantizer along ``dim`` (its length a multiple of 16): per 16 values
     ``sf = e4m3(absmax / 6)``, codes ``e2m1(x * (1 / sf))`` (the kernel multiplies by the reciprocal),
-    saturating; no global scale."""
+    saturating; no global scale. Returns the dequantized values (exact in bf16: 2 + 4 significant bits)."""
     x = x.movedim(dim, -1)
     blocks = x.unflatten(-1, (-1, NVFP4_BLOCK))
     sf = (blocks.abs().amax(dim=-1, keepdim=True) / FP4_MAX).to(torch.float8_e4m3fn).float()
@@ -150,45 +150,60 @@ def _pad_tokens(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 # ---- the attention ---------------------------------------------------------------------------------------
 
+@dataclass
+class Quantized:
+    """Q, K and V as the kernels' GEMMs read them, fp32: int8 / fp8 codes with per-token (Q, K) or per-channel (V)
+    scales, or dequantized values (nvfp4, fp16) with no scale; every value is exact in bf16."""
+
+    q: torch.Tensor  # [B, H, Lq, D]
+    q_scale: torch.Tensor | None  # [B, H, Lq, 1]
+    k: torch.Tensor  # [B, H, Lk, D]
+    k_scale: torch.Tensor | None  # [B, H, Lk, 1]
+    v: torch.Tensor  # [B, H, Lk, D]
+    v_scale: torch.Tensor | None  # [B, H, 1, D]
+    q_mean: torch.Tensor | None  # SageAttention3: each query's group mean [B, H, Lq, D] (input dtype) ...
+    k_smoothed: torch.Tensor | None  # ... and the smoothed K (input dtype): scores get q_mean . k_smoothed
+    log2_scale: float  # scores -> log2 units
+    p_offset: float  # log2 of P's row max (`p_log2_offset`)
+
+
 def quantize_qk(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):
-    """(dequantized Q fp32, dequantized K fp32, fp32 score bias or None), the scores being
-    ``Q K^T (+ bias)`` before ``sm_scale``; with q_prescale Q already carries sm_scale * log2(e)."""
+    """(Q, its per-token scales, K, its scales, Q's group means, the smoothed K): Q's codes with q_prescale
+    already carry sm_scale * log2(e)."""
     d = q.shape[-1]
     if s.smooth_k:  # in the input dtype, as SageAttention does (k - k.mean(seq)), then fp32
         k = k - k.mean(dim=2, keepdim=True)
-    bias = None
+    q_mean = None
     if s.smooth_q:  # SageAttention3: Q padded to 128 tokens with zeros, the pads counted in the last group's mean
         lq = q.shape[2]
-        qp = _pad_tokens(q, SAGE3_Q_GROUP)
-        groups = qp.unflatten(2, (-1, SAGE3_Q_GROUP))
+        groups = _pad_tokens(q, SAGE3_Q_GROUP).unflatten(2, (-1, SAGE3_Q_GROUP))
         qm = groups.float().mean(dim=3, keepdim=True).to(q.dtype)
         q = (groups - qm).flatten(2, 3)[:, :, :lq]
-        qm = qm.squeeze(3).repeat_interleave(SAGE3_Q_GROUP, dim=2)[:, :, :lq]
-        bias = torch.matmul(qm, k.transpose(-1, -2)).float()  # delta_s, computed in the input dtype
+        q_mean = qm.squeeze(3).repeat_interleave(SAGE3_Q_GROUP, dim=2)[:, :, :lq]
     qf, kf = q.float(), k.float()
     if s.q_prescale:
         qf = qf * ((d ** -0.5) * LOG2E)
     if s.qk == "int8":
-        qf = quantize_int8(qf, q_groups(qf.shape[2], s, qf.device), s.scale_eps)
-        kf = quantize_int8(kf, k_groups(kf.shape[2], s, kf.device), s.scale_eps)
+        qc, qs = int8_codes(qf, q_groups(qf.shape[2], s, qf.device), s.scale_eps)
+        kc, ks = int8_codes(kf, k_groups(kf.shape[2], s, kf.device), s.scale_eps)
     elif s.qk == "fp8":
-        qf = quantize_fp8(qf, group_absmax(qf, q_groups(qf.shape[2], s, qf.device)) / FP8_E4M3_MAX)
-        kf = quantize_fp8(kf, group_absmax(kf, k_groups(kf.shape[2], s, kf.device)) / FP8_E4M3_MAX)
+        qc, qs = fp8_codes(qf, group_absmax(qf, q_groups(qf.shape[2], s, qf.device)) / FP8_E4M3_MAX)
+        kc, ks = fp8_codes(kf, group_absmax(kf, k_groups(kf.shape[2], s, kf.device)) / FP8_E4M3_MAX)
     else:
         if d % NVFP4_BLOCK:
             raise ValueError(f"attention nvfp4 needs a head dim that is a multiple of 16, not {d}")
-        qf, kf = quantize_nvfp4(qf, -1), quantize_nvfp4(kf, -1)
-    return qf, kf, bias
+        (qc, qs), (kc, ks) = (quantize_nvfp4(qf, -1), None), (quantize_nvfp4(kf, -1), None)
+    return qc, qs, kc, ks, q_mean, (k if q_mean is not None else None)
 
 
-def quantize_v(v: torch.Tensor, s: AttentionScheme) -> torch.Tensor:
-    """V as the P . V GEMM reads it (fp32, dequantized)."""
+def quantize_v(v: torch.Tensor, s: AttentionScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """V as the P . V GEMM reads it: (fp32 values or codes, per-channel scale or None)."""
     vf = v.float()
     if s.pv == "fp16":
-        return v.half().float()
+        return v.half().float(), None
     if s.pv == "fp8":  # per channel over the tokens (per_channel_fp8, scale_max 448)
-        return quantize_fp8(vf, vf.abs().amax(dim=2, keepdim=True) / FP8_E4M3_MAX)
-    return quantize_nvfp4(_pad_tokens(vf, NVFP4_BLOCK), 2)[:, :, :vf.shape[2]]
+        return fp8_codes(vf, vf.abs().amax(dim=2, keepdim=True) / FP8_E4M3_MAX)
+    return quantize_nvfp4(_pad_tokens(vf, NVFP4_BLOCK), 2)[:, :, :vf.shape[2]], None
 
 
 def quantize_p(p: torch.Tensor, s: AttentionScheme) -> torch.Tensor:
@@ -209,39 +224,61 @@ def p_log2_offset(s: AttentionScheme) -> float:
     return 0.0
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: AttentionScheme,
-              q_chunk: int = 1024) -> torch.Tensor:
-    """Emulated quantized attention (module doc); q [B, H, Lq, D], k/v [B, H, Lk, D] -> [B, H, Lq, D] in q's dtype.
-    Queries are processed ``q_chunk`` rows at a time (memory: one chunk's scores)."""
-    s = scheme
-    out_dtype = q.dtype
-    d, lk = q.shape[-1], k.shape[2]
-    qf, kf, bias = quantize_qk(q, k, s)
-    vf = quantize_v(v, s)
-    log2_scale = 1.0 if s.q_prescale else (d ** -0.5) * LOG2E
+def quantize_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: AttentionScheme) -> Quantized:
+    qc, qs, kc, ks, q_mean, k_smoothed = quantize_qk(q, k, s)
+    vc, vs = quantize_v(v, s)
+    log2_scale = 1.0 if s.q_prescale else (q.shape[-1] ** -0.5) * LOG2E
+    return Quantized(qc, qs, kc, ks, vc, vs, q_mean, k_smoothed, log2_scale, p_log2_offset(s))
+
+
+def scores(x: Quantized, rows: slice) -> torch.Tensor:
+    """fp32 scores of the query rows, in log2 units: ``dot(q, k) * (q_scale * k_scale)`` as SageAttention
+    dequantizes (the integer dot is exact in fp32), plus SageAttention3's ``q_mean . k`` (computed in the input
+    dtype, as its torch.matmul)."""
+    out = torch.matmul(x.q[:, :, rows], x.k.transpose(-1, -2))
+    if x.q_scale is not None:
+        out = out * (x.q_scale[:, :, rows] * x.k_scale.transpose(-1, -2))
+    if x.q_mean is not None:
+        out = out + torch.matmul(x.q_mean[:, :, rows], x.k_smoothed.transpose(-1, -2)).float()
+    return out * x.log2_scale
+
+
+def attention_eager(x: Quantized, s: AttentionScheme, out_dtype: torch.dtype, q_chunk: int = 1024) -> torch.Tensor:
+    """The online softmax over ``block_kv`` key tiles, queries ``q_chunk`` rows at a time (module doc)."""
+    lq, lk = x.q.shape[2], x.k.shape[2]
     tile = s.block_kv
     n_tiles = -(-lk // tile)
     pad = n_tiles * tile - lk
-    offset = p_log2_offset(s)
-    out = torch.empty(*q.shape[:3], vf.shape[-1], dtype=out_dtype, device=q.device)
-    for start in range(0, q.shape[2], q_chunk):
+    vt = torch.nn.functional.pad(x.v, (0, 0, 0, pad)).unflatten(2, (n_tiles, tile))  # [B, H, tiles, tile, D]
+    out = torch.empty(*x.q.shape[:3], x.v.shape[-1], dtype=out_dtype, device=x.q.device)
+    for start in range(0, lq, q_chunk):
         rows = slice(start, start + q_chunk)
-        scores = torch.matmul(qf[:, :, rows], kf.transpose(-1, -2))
-        if bias is not None:
-            scores = scores + bias[:, :, rows]
-        scores = scores * log2_scale  # log2 units
-        scores = torch.nn.functional.pad(scores, (0, pad), value=-math.inf).unflatten(-1, (n_tiles, tile))
-        m_run = torch.cummax(scores.amax(dim=-1), dim=-1).values  # running row max after each tile
-        p = torch.exp2(scores - (m_run - offset).unsqueeze(-1))  # [B, H, rows, tiles, tile]
+        sc = torch.nn.functional.pad(scores(x, rows), (0, pad), value=-math.inf).unflatten(-1, (n_tiles, tile))
+        m_run = torch.cummax(sc.amax(dim=-1), dim=-1).values  # running row max after each tile
+        p = torch.exp2(sc - (m_run - x.p_offset).unsqueeze(-1))  # [B, H, rows, tiles, tile]
         row_sum_tile = p.sum(dim=-1)
         pq = quantize_p(p, s)
         weight = torch.exp2(m_run - m_run[..., -1:])  # each tile's rescale to the final max
-        vt = torch.nn.functional.pad(vf, (0, 0, 0, pad)).unflatten(2, (n_tiles, tile))  # [B, H, tiles, tile, D]
         if s.pv == "fp16":  # each tile's product rounded to fp16 before the fp32 accumulator
             part = torch.einsum("bhqtk,bhtkd->bhqtd", pq, vt).half().float()
             acc = (part * weight.unsqueeze(-1)).sum(dim=3)
         else:
             acc = torch.matmul((pq * weight.unsqueeze(-1)).flatten(-2), vt.flatten(2, 3))
+        if x.v_scale is not None:
+            acc = acc * x.v_scale
         total = (row_sum_tile * weight).sum(dim=-1, keepdim=True)
         out[:, :, rows] = (acc / total).to(out_dtype)
     return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: AttentionScheme,
+              impl: str = "auto") -> torch.Tensor:
+    """Emulated quantized attention (module doc); q [B, H, Lq, D], k/v [B, H, Lk, D] -> [B, H, Lq, D] in q's
+    dtype. ``impl``: "eager" (PyTorch ops), "auto" (on CUDA bf16, the Triton kernel of vqx.quant.attention_kernel
+    where it passed its check; VQX_QUANT_IMPL=eager turns it off), else eager."""
+    x = quantize_inputs(q, k, v, scheme)
+    if impl == "auto" and q.is_cuda:
+        from .attention_kernel import attention_fused
+
+        return attention_fused(x, scheme, q.dtype)
+    return attention_eager(x, scheme, q.dtype)

@@ -60,6 +60,25 @@ def scheme_from_config(node) -> AttentionScheme | None:
     return AttentionScheme(name=str(node.name), **{k: node[k] for k in keys})
 
 
+def attention_preset(name: str) -> AttentionScheme:
+    """The scheme ``attention=<name>`` sets (conf/attention/<name>.yaml over the group's schema), for benchmarks
+    and scripts that pick a preset by name without composing a run."""
+    from omegaconf import OmegaConf
+
+    from ..config.schema import AttentionSchema
+    from ..runtime import repo_path
+
+    path = repo_path(f"conf/attention/{name}.yaml")
+    if not path.is_file():
+        raise ValueError(f"no attention preset {name!r} (conf/attention/{name}.yaml)")
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)
+    scheme = scheme_from_config(OmegaConf.merge(OmegaConf.structured(AttentionSchema), node))
+    if scheme is None:
+        raise ValueError(f"attention preset {name!r} quantizes nothing")
+    return scheme
+
+
 def plan_from_config(node, num_steps: int, valid_sites: tuple[str, ...]) -> AttentionPlan | None:
     """Check and resolve the ``attention`` group (ValueError, one line, on a bad value); None for ``none``."""
     scheme = scheme_from_config(node)
