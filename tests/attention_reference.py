@@ -29,7 +29,7 @@ def nvfp4_rows(x: torch.Tensor) -> torch.Tensor:
     for r in range(x.shape[0]):
         for c in range(0, x.shape[1], 16):
             blk = x[r, c:c + 16]
-            sf = float((blk.abs().max() / 6.0).to(torch.float8_e4m3fn).float())
+            sf = float((blk.abs().max() / 6.0).clamp(max=448.0).to(torch.float8_e4m3fn).float())  # satfinite
             out[r, c:c + 16] = 0.0 if sf == 0 else e2m1(blk * (1.0 / sf)) * sf
     return out
 
@@ -52,26 +52,29 @@ def token_groups(n: int, granularity: str, block: int, warp: int, role: str) -> 
     return [g for g in groups if g]
 
 
-def int8_groups(x: torch.Tensor, groups, eps: float) -> torch.Tensor:
-    out = torch.empty_like(x)
+def int8_groups(x: torch.Tensor, groups, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, each row's scale): s = absmax / 127 + eps, codes rounded half away from zero."""
+    codes, scales = torch.empty_like(x), torch.empty(x.shape[0], 1)
     for g in groups:
         rows = x[g]
         scale = float(rows.abs().max()) / 127.0 + eps
+        scales[g] = scale
         if scale == 0:
-            out[g] = 0.0
+            codes[g] = 0.0
             continue
         y = rows / scale
-        out[g] = torch.sign(y) * torch.floor(y.abs() + 0.5).clamp(max=127) * scale
-    return out
+        codes[g] = torch.sign(y) * torch.floor(y.abs() + 0.5).clamp(max=127)
+    return codes, scales
 
 
-def fp8_groups(x: torch.Tensor, groups) -> torch.Tensor:
-    out = torch.empty_like(x)
+def fp8_groups(x: torch.Tensor, groups) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, scales = torch.empty_like(x), torch.empty(x.shape[0], 1)
     for g in groups:
         rows = x[g]
         scale = float(rows.abs().max()) / 448.0
-        out[g] = 0.0 if scale == 0 else (rows / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
-    return out
+        scales[g] = scale
+        codes[g] = 0.0 if scale == 0 else (rows / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    return codes, scales
 
 
 def one_head(q, k, v, s) -> torch.Tensor:
@@ -92,21 +95,24 @@ def one_head(q, k, v, s) -> torch.Tensor:
     qf, kf, vf = q.float(), k.float(), v.float()
     if s.q_prescale:
         qf = qf * (d ** -0.5 * 1.44269504)
+    # the kernels dequantize the scores, not Q and K: dot(codes) * (q_scale * k_scale)
+    qs, ks = torch.ones(lq, 1), torch.ones(lk, 1)
     if s.qk == "int8":
-        qf = int8_groups(qf, token_groups(lq, s.q_granularity, s.block_q, s.warp_q, "q"), s.scale_eps)
-        kf = int8_groups(kf, token_groups(lk, s.k_granularity, s.block_k, s.warp_q, "k"), s.scale_eps)
+        qf, qs = int8_groups(qf, token_groups(lq, s.q_granularity, s.block_q, s.warp_q, "q"), s.scale_eps)
+        kf, ks = int8_groups(kf, token_groups(lk, s.k_granularity, s.block_k, s.warp_q, "k"), s.scale_eps)
     elif s.qk == "fp8":
-        qf = fp8_groups(qf, token_groups(lq, s.q_granularity, s.block_q, s.warp_q, "q"))
-        kf = fp8_groups(kf, token_groups(lk, s.k_granularity, s.block_k, s.warp_q, "k"))
+        qf, qs = fp8_groups(qf, token_groups(lq, s.q_granularity, s.block_q, s.warp_q, "q"))
+        kf, ks = fp8_groups(kf, token_groups(lk, s.k_granularity, s.block_k, s.warp_q, "k"))
     else:
         qf, kf = nvfp4_rows(qf), nvfp4_rows(kf)
     if s.pv == "fp16":
         vq, p_offset = v.half().float(), 0.0
-    elif s.pv == "fp8":
-        vq = torch.empty_like(vf)
+    elif s.pv == "fp8":  # codes per channel; the kernel scales the output by v_scale at the end
+        vq, v_scale = torch.empty_like(vf), torch.empty(1, d)
         for c in range(d):
             scale = float(vf[:, c].abs().max()) / 448.0
-            vq[:, c] = 0.0 if scale == 0 else (vf[:, c] / scale).to(torch.float8_e4m3fn).float() * scale
+            v_scale[0, c] = scale
+            vq[:, c] = 0.0 if scale == 0 else (vf[:, c] / scale).to(torch.float8_e4m3fn).float()
         p_offset = 8.807
     else:
         padded = torch.cat([vf, vf.new_zeros((-lk) % 16, d)])
@@ -119,6 +125,8 @@ def one_head(q, k, v, s) -> torch.Tensor:
     acc = torch.zeros(lq, d)
     for t in range(0, lk, s.block_kv):
         scores = qf @ kf[t:t + s.block_kv].T
+        if s.qk != "nvfp4":
+            scores = scores * (qs * ks[t:t + s.block_kv].T)
         if bias is not None:
             scores = scores + bias[:, t:t + s.block_kv]
         scores = scores * log2_scale
@@ -136,6 +144,8 @@ def one_head(q, k, v, s) -> torch.Tensor:
             part = nvfp4_rows(pp)[:, :width] @ vq[t:t + s.block_kv]
         acc = acc * alpha + part
         m = m_new
+    if s.pv == "fp8":
+        acc = acc * v_scale
     return acc / l
 
 

@@ -33,13 +33,14 @@ def qkv(lq=70, lk=150, d=32, seed=0, dtype=torch.bfloat16):
 
 def close_in_bf16(got: torch.Tensor, want_fp32: torch.Tensor) -> None:
     """Equal in bf16 but for fp32 accumulation order (which can move a value across a bf16 rounding boundary, or
-    a P code across an fp8 one): measured on these inputs, at most 0.16% of the values differ, by at most 0.0016
-    of their row's largest |output|; allowed: 0.5% of the values, 2**-8 of the row's largest."""
+    a P code across an fp8 one): measured on these inputs, at most 0.16% of the values differ, by at most 0.0043
+    of their row's largest |output| (one value, logits in the thousands); allowed: 0.5% of the values, 2**-7 of
+    the row's largest (the fused kernel's check, vqx.quant.attention_kernel.TOLERANCE)."""
     want = want_fp32.to(torch.bfloat16).float()
     got = got.float()
     assert (got != want).float().mean() <= 0.005
     row = want_fp32.abs().amax(dim=-1, keepdim=True)
-    assert ((got - want).abs() <= row * 2 ** -8).all()
+    assert ((got - want).abs() <= row * 2 ** -7).all()
 
 
 @pytest.mark.parametrize("small_blocks", [False, True], ids=["preset_blocks", "small_blocks"])
@@ -60,6 +61,7 @@ def test_adversarial_inputs_match_the_reference_and_stay_finite(name):
         "one huge logit": (q, k.clone(), v),
         "zero queries": (torch.zeros_like(q), k, v),
         "zero values": (q, k, torch.zeros_like(v)),
+        "beyond nvfp4's range": (q * 30, k * 30, v * 1e3),  # block scales saturate at 448 (satfinite), no NaN
     }
     big = cases["one huge logit"][1]
     big[:, :, 77] = q[:, :, :1].float().sign().to(q.dtype).squeeze(2) * 60  # one key aligned with the first query

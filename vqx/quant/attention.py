@@ -137,7 +137,8 @@ def quantize_nvfp4(x: torch.Tensor, dim: int) -> torch.Tensor:
     saturating; no global scale. Returns the dequantized values (exact in bf16: 2 + 4 significant bits)."""
     x = x.movedim(dim, -1)
     blocks = x.unflatten(-1, (-1, NVFP4_BLOCK))
-    sf = (blocks.abs().amax(dim=-1, keepdim=True) / FP4_MAX).to(torch.float8_e4m3fn).float()
+    # the kernel's __nv_fp8_e4m3 conversion saturates at 448 (blocks above 6 * 448 clip); torch's CUDA cast gives NaN
+    sf = torch.clamp(blocks.abs().amax(dim=-1, keepdim=True) / FP4_MAX, max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
     inv = torch.where(sf == 0, torch.zeros_like(sf), 1.0 / sf)
     codes = minifloat_round(blocks * inv, 2, 1)
     return (codes * sf).flatten(-2).movedim(-1, dim)
