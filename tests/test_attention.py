@@ -35,7 +35,7 @@ def close_in_bf16(got: torch.Tensor, want_fp32: torch.Tensor) -> None:
     """Equal in bf16 but for fp32 accumulation order (which can move a value across a bf16 rounding boundary, or
     a P code across an fp8 one): measured on these inputs, at most 0.16% of the values differ, by at most 0.0043
     of their row's largest |output| (one value, logits in the thousands); allowed: 0.5% of the values, 2**-7 of
-    the row's largest (the fused kernel's check, vqx.quant.attention_kernel.TOLERANCE)."""
+    the row's largest."""
     want = want_fp32.to(torch.bfloat16).float()
     got = got.float()
     assert (got != want).float().mean() <= 0.005
@@ -250,7 +250,7 @@ def test_fused_kernel_matches_the_eager_emulation_on_adversarial_inputs():
     """The Triton kernel (through Triton's CPU interpreter, fp32 GEMM operands) against the eager path on the inputs
     of its own pre-use check: all-equal keys, one huge logit, zero queries and values, large magnitudes are equal
     bit for bit; random inputs differ by accumulation order only (measured at most 3.3e-3 of a row's largest
-    output, sage1's fp16 tile sums; the check allows 2**-7)."""
+    output, sage1's fp16 tile sums; the check allows 2**-6 for fp16 P.V, 2**-7 otherwise)."""
     import json
     import os
     import subprocess
