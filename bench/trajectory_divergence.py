@@ -71,6 +71,7 @@ def _quantized_pipeline(cfg):
         capture = load_or_capture(pipe, calib, cfg.model.task, identity, cache)
     result = quantize_blockwise(tr, capture, targets, schemes, cfg.algorithm, calib, cache)
     set_backend(tr, cfg.eval.gemm if "gemm" in cfg.eval else "fake")
+    experiment.install_attention(cfg, pipe)  # attention=... as the run evaluates it
     return pipe, result
 
 

@@ -198,13 +198,7 @@ def quantize_pipeline(cfg: DictConfig, run_dir: Path, pipe, evaluator: Evaluator
     layers = result.layers
     errors = [e["output_error"] for e in layers]
 
-    runtime = None
-    plan = attention_plan(cfg)
-    if plan is not None:
-        runtime = AttentionRuntime(plan)
-        adapter = adapter_for(transformer)
-        runtime.install(adapter, adapter.transformers(pipe))
-
+    runtime = install_attention(cfg, pipe)
     state = RunState(cfg, run_dir, pipe, fmt, targets, result.quantized, result.runtime_smoothing, attention=runtime)
     state.metrics.update({
         "status": "complete",
@@ -214,7 +208,7 @@ def quantize_pipeline(cfg: DictConfig, run_dir: Path, pipe, evaluator: Evaluator
         "format": fmt.name,
         "algorithm": cfg.algorithm.name,
         "quantized_layers": len(result.quantized),
-        "attention": plan.describe() if plan is not None else {"name": "none"},
+        "attention": runtime.plan.describe() if runtime is not None else {"name": "none"},
         "calibration": None if capture is None else {
             "calls": capture.total_calls, "prompts": calib.num_prompts, "steps": calib.steps,
             "cache_hit": capture.cache_hit},
@@ -236,6 +230,17 @@ def attention_plan(cfg: DictConfig) -> AttentionPlan | None:
         return plan_from_config(cfg.attention, int(steps), adapter_named(cfg.model.family).attention_site_names)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def install_attention(cfg: DictConfig, pipe) -> AttentionRuntime | None:
+    """The run's quantized attention (``attention=``) in every transformer of ``pipe``; None for attention=none."""
+    plan = attention_plan(cfg)
+    if plan is None:
+        return None
+    runtime = AttentionRuntime(plan)
+    adapter = adapter_for(pipe.transformer)
+    runtime.install(adapter, adapter.transformers(pipe))
+    return runtime
 
 
 def _summary(values: list[float]) -> dict:
