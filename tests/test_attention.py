@@ -265,3 +265,37 @@ def test_fused_kernel_matches_the_eager_emulation_on_adversarial_inputs():
         assert ok, (name, worst)
         assert all(worst[case] == 0.0 for case in ("all_equal_keys", "one_huge_logit", "zero_queries", "zero_values")), name
         assert worst["random"] <= 4e-3, name
+
+
+def test_eval_gemm_kernel_runs_sageattentions_kernel_where_installed_and_reports_the_difference(tmp_path, monkeypatch):
+    """eval.gemm=kernel with attention=sage1: the sageattention package's SageAttention1 Triton kernel runs (here a
+    stand-in module that perturbs the emulation by a known amount) and metrics.json reports its difference to the
+    emulation per site; without the package the emulation runs and the report says why."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from vqx.quant.attention import attention as emulated
+
+    calls = []
+
+    def sageattn_qk_int8_pv_fp16_triton(q, k, v, tensor_layout, smooth_k):
+        assert tensor_layout == "NHD" and smooth_k is True
+        calls.append(q.shape)
+        out = emulated(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), preset("sage1")).transpose(1, 2)
+        return out * 1.01  # a kernel 1% off the emulation
+
+    options = {**TINY, "format": "none", "algorithm": "rtn", "eval": "video", "cache_dir": str(tmp_path / "cache")}
+    args = ["attention=sage1", "eval.gemm=kernel", "eval.num_samples=1", "eval.noise_floor=none", "eval.save_videos=false"]
+    module = types.ModuleType("sageattention")
+    module.__spec__ = importlib.machinery.ModuleSpec("sageattention", None)
+    module.sageattn_qk_int8_pv_fp16_triton = sageattn_qk_int8_pv_fp16_triton
+    monkeypatch.setitem(sys.modules, "sageattention", module)
+    kernel = vqx.Experiment(*args, run_dir=tmp_path / "with", **options).run()["attention"]["kernel"]
+    assert kernel["used"] and kernel["why_not"] is None and calls
+    assert set(kernel["relative_difference_to_emulation"]) == {"self", "cross"}
+    assert all(abs(d - 0.01) < 2e-3 for d in kernel["relative_difference_to_emulation"].values())  # bf16 rounding
+
+    monkeypatch.setitem(sys.modules, "sageattention", None)  # import fails
+    kernel = vqx.Experiment(*args, run_dir=tmp_path / "without", **options).run()["attention"]["kernel"]
+    assert not kernel["used"] and "the sageattention package is not importable" in kernel["why_not"]

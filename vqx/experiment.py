@@ -25,7 +25,8 @@ from .io import write_json_atomic, write_text_atomic
 from .models.fingerprint import model_fingerprint
 from .models.loading import load_pipeline
 from .models.adapter import LayerSelection, QuantTarget, adapter_for, adapter_named
-from .quant.attention_plan import AttentionPlan, AttentionRuntime, plan_from_config, suspended
+from .quant.attention_plan import (AttentionPlan, AttentionRuntime, plan_from_config, sageattention_kernel,
+                                   suspended)
 from .quant.formats import Format, format_from_config
 from .quant.scheme import Scheme
 from .stages import EVALUATORS, EXPORTERS, LOGGERS, Evaluator, Exporter, RunState
@@ -208,7 +209,7 @@ def quantize_pipeline(cfg: DictConfig, run_dir: Path, pipe, evaluator: Evaluator
         "format": fmt.name,
         "algorithm": cfg.algorithm.name,
         "quantized_layers": len(result.quantized),
-        "attention": runtime.plan.describe() if runtime is not None else {"name": "none"},
+        "attention": runtime.report() if runtime is not None else {"name": "none"},
         "calibration": None if capture is None else {
             "calls": capture.total_calls, "prompts": calib.num_prompts, "steps": calib.steps,
             "cache_hit": capture.cache_hit},
@@ -237,7 +238,12 @@ def install_attention(cfg: DictConfig, pipe) -> AttentionRuntime | None:
     plan = attention_plan(cfg)
     if plan is None:
         return None
-    runtime = AttentionRuntime(plan)
+    kernel = why = None
+    if cfg.eval.get("gemm") == "kernel":  # the real kernel where there is one; the emulation otherwise, said once
+        kernel, why = sageattention_kernel(plan.scheme)
+        if kernel is None:
+            log.warning("eval.gemm=kernel: attention=%s is emulated: %s", plan.scheme.name, why)
+    runtime = AttentionRuntime(plan, kernel, why)
     adapter = adapter_for(pipe.transformer)
     runtime.install(adapter, adapter.transformers(pipe))
     return runtime

@@ -208,6 +208,8 @@ class VideoEvaluator(Evaluator):
         out = M.aggregate(videos)
         out["noise_floor"] = floor_summary(self.floor, self.floor_default, floors)
         out["noise_floor"]["attention"] = attention_kernels(self.floor, self.floor_default, state.attention)
+        if state.attention is not None:  # now with what ran (eval.gemm=kernel: the real kernel's difference)
+            out["attention"] = state.attention.report()
         plot = None
         if e.save_videos:
             from .plot import plot_per_frame

@@ -120,8 +120,24 @@ class StepClock:
         self.handles.clear()
 
 
+def sageattention_kernel(scheme: AttentionScheme):
+    """(the real kernel for ``scheme``, why not): SageAttention1's Triton kernel from the ``sageattention`` package
+    for attention=sage1 with the preset's numbers, taking q/k/v [B, L, H, D] (its "NHD" layout)."""
+    if scheme != attention_preset("sage1"):
+        return None, f"no real kernel for attention={scheme.name} (only sage1 with its preset numbers)"
+    try:
+        from sageattention import sageattn_qk_int8_pv_fp16_triton
+    except ImportError as e:
+        return None, f"the sageattention package is not importable ({e})"
+
+    def kernel(q, k, v):
+        return sageattn_qk_int8_pv_fp16_triton(q, k, v, tensor_layout="NHD", smooth_k=scheme.smooth_k)
+    return kernel, None
+
+
 class SiteAttention:
-    """``attend(q, k, v)`` for one attention site, q/k/v [B, L, H, D] as diffusers passes them."""
+    """``attend(q, k, v)`` for one attention site, q/k/v [B, L, H, D] as diffusers passes them: the emulation, or
+    the runtime's real kernel (whose first call per site is also emulated, to report their difference)."""
 
     def __init__(self, runtime: "AttentionRuntime", site: str):
         self.runtime, self.site = runtime, site
@@ -129,20 +145,46 @@ class SiteAttention:
     def active(self) -> bool:
         return self.runtime.active()
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.runtime.calls[self.site] = self.runtime.calls.get(self.site, 0) + 1
+    def emulate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.runtime.plan.scheme)
         return out.transpose(1, 2)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rt = self.runtime
+        rt.calls[self.site] = rt.calls.get(self.site, 0) + 1
+        if rt.kernel is None:
+            return self.emulate(q, k, v)
+        try:
+            out = rt.kernel(q, k, v)
+        except Exception as e:  # noqa: BLE001 - e.g. no CUDA device: the emulation serves, and the report says why
+            log.warning("attention=%s: the real kernel failed (%s: %s); emulating instead", rt.plan.scheme.name,
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            rt.kernel, rt.kernel_why = None, f"the real kernel failed: {type(e).__name__}"
+            return self.emulate(q, k, v)
+        if self.site not in rt.kernel_vs_emulation:
+            want = self.emulate(q, k, v).float()
+            rt.kernel_vs_emulation[self.site] = float((out.float() - want).norm() / want.norm().clamp_min(1e-30))
+        return out
 
 
 class AttentionRuntime:
     """A plan installed in a pipeline's transformers (module doc)."""
 
-    def __init__(self, plan: AttentionPlan):
+    def __init__(self, plan: AttentionPlan, kernel=None, kernel_why: str | None = None):
         self.plan = plan
         self.clock = StepClock()
         self.suspended = False
         self.calls: dict[str, int] = {}  # quantized attention calls per site (a check that it ran)
+        self.kernel, self.kernel_why = kernel, kernel_why  # a real kernel (eval.gemm=kernel), or why not
+        self.kernel_vs_emulation: dict[str, float] = {}  # per site: relative L2 difference on its first call
+
+    def report(self) -> dict:
+        """metrics.json's ``attention``: the plan, and with eval.gemm=kernel what ran."""
+        out = self.plan.describe()
+        if self.kernel is not None or self.kernel_why is not None:
+            out["kernel"] = {"used": self.kernel is not None, "why_not": self.kernel_why,
+                             "relative_difference_to_emulation": dict(self.kernel_vs_emulation)}
+        return out
 
     def active(self) -> bool:
         return not self.suspended and self.clock.step not in self.plan.full_precision_steps
