@@ -80,6 +80,19 @@ def test_algorithms_sweep_covers_every_algorithm_for_each_format():
     assert pairs == {(a, f) for a in ("rtn", "smoothquant", "awq", "gptq", "smoothquant_gptq") for f in ("w8a8", "fp8")}
 
 
+def test_attention_sweep_covers_linears_only_attention_only_and_both():
+    """Every format of the sweep with every attention mode: the jobs `vqx compare` splits into linears only
+    (attention none), attention only (format none) and both."""
+    jobs = expand(sweep_config("attention").hydra.sweeper.params)
+    pairs = set()
+    for overrides in jobs:
+        cfg = job_config("attention", overrides)
+        validate(cfg)
+        pairs.add((cfg.format.name, cfg.attention.name))
+    modes = sorted(f.stem for f in (ROOT / "conf" / "attention").glob("*.yaml") if f.stem != "sage2_k_int8_v_fp8")
+    assert pairs == {(f, a) for f in ("none", "w8a8", "fp8", "nvfp4") for a in modes} and len(jobs) == 20
+
+
 @needs("smoothquant")
 def test_optuna_sweep_searches_alpha_for_lowest_lpips():
     cfg = sweep_config("optuna_alpha")
