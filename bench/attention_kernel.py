@@ -41,7 +41,7 @@ def main() -> int:
     from vqx.quant import fastpath
     from vqx.quant.attention import attention, attention_eager, quantize_inputs
     from vqx.quant.attention_kernel import compare
-    from vqx.quant.attention_plan import attention_preset
+    from vqx.config.presets import attention_preset
 
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU, or use --smoke", file=sys.stderr)

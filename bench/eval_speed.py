@@ -86,10 +86,11 @@ def main() -> int:
 
     from common import device_name, print_table, write_results
     from vqx.algorithms.materialize import materialize
+    from vqx.config.presets import attention_preset
     from vqx.models.adapter import LayerSelection, adapter_for, quant_targets
-    from vqx.quant.attention_plan import AttentionPlan, AttentionRuntime, attention_preset
     from vqx.models.wan.fused import install
     from vqx.quant import fastpath
+    from vqx.quant.attention_plan import AttentionPlan, AttentionRuntime
     from vqx.quant.backends import fallbacks, set_backend
     from vqx.quant.formats import get_scheme
 

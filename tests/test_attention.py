@@ -10,7 +10,8 @@ import torch
 import vqx
 from vqx.errors import UserError
 from vqx.quant.attention import AttentionScheme, attention
-from vqx.quant.attention_plan import AttentionPlan, AttentionRuntime, attention_preset, resolve_steps
+from vqx.config.presets import attention_preset
+from vqx.quant.attention_plan import AttentionPlan, AttentionRuntime, resolve_steps
 
 from attention_reference import reference_attention
 
@@ -237,7 +238,7 @@ def test_export_fragments_name_lightx2v_attention_types(tmp_path, attention, sit
 _FUSED_CHECK = """
 import json, torch
 from vqx.quant.attention_kernel import compare
-from vqx.quant.attention_plan import attention_preset
+from vqx.config.presets import attention_preset
 out = {}
 for name in ("sage1", "sage2", "sage2_k_int8_v_fp8", "fp8", "nvfp4"):
     ok, detail = compare(attention_preset(name), 16, torch.bfloat16, torch.device("cpu"))

@@ -19,6 +19,7 @@ from .algorithms.runner import QuantResult, quantize_blockwise
 from .cache import DiskCache
 from .calib.capture import load_or_capture
 from .prompts import load_prompt_set
+from .config.presets import attention_preset
 from .config.validate import validate
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
@@ -240,7 +241,7 @@ def install_attention(cfg: DictConfig, pipe) -> AttentionRuntime | None:
         return None
     kernel = why = None
     if cfg.eval.get("gemm") == "kernel":  # the real kernel where there is one; the emulation otherwise, said once
-        kernel, why = sageattention_kernel(plan.scheme)
+        kernel, why = sageattention_kernel(plan.scheme, attention_preset("sage1"))
         if kernel is None:
             log.warning("eval.gemm=kernel: attention=%s is emulated: %s", plan.scheme.name, why)
     runtime = AttentionRuntime(plan, kernel, why)

@@ -315,9 +315,9 @@ def export(state: RunState) -> dict:
         counts = write_checkpoint(transformer, tmp, scheme, ecfg.layout, dtype, smoothing)
         write_json_atomic(tmp / "config.json", wan_cfg)
         for name, body in contract.run_configs(scheme, str(target), bool(smoothing)).items():
-            write_json_atomic(tmp / name, {**body, **attention_keys(cfg.attention, task)})
+            write_json_atomic(tmp / name, {**body, **attention_keys(cfg.get("attention"), task)})
         write_text_atomic(tmp / "LIGHTX2V.md", usage_text(scheme, target, bool(smoothing), task)
-                          + attention_notes(cfg.attention, task))
+                          + attention_notes(cfg.get("attention"), task))
         info = {"format": fmt.name, "algorithm": cfg.algorithm.name, "model": cfg.model.name, "task": task,
                 "layout": ecfg.layout, "dtype": ecfg.dtype, "scheme": scheme, "schemes": contract.SCHEMES.get(scheme, [scheme]),
                 "advanced_ptq": bool(smoothing), "num_layers": len(adapter.blocks(transformer))}

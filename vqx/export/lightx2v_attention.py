@@ -32,7 +32,7 @@ NO_KERNEL = {
 def attention_keys(attention, task: str) -> dict[str, str]:
     """Run-config keys for the run's quantized attention sites (empty for attention=none or one lightx2v has no
     kernel for: the run config then keeps its own attention types)."""
-    if attention.name not in KERNELS:
+    if attention is None or attention.name not in KERNELS:
         return {}
     kind = KERNELS[attention.name][0]
     keys = {}
@@ -45,7 +45,7 @@ def attention_keys(attention, task: str) -> dict[str, str]:
 
 def attention_notes(attention, task: str) -> str:
     """LIGHTX2V.md's attention section ('' for attention=none)."""
-    name = attention.name
+    name = "none" if attention is None else attention.name
     if name == "none":
         return ""
     lines = [f"\n## Attention (vqx attention={name})\n"]

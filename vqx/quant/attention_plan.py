@@ -60,25 +60,6 @@ def scheme_from_config(node) -> AttentionScheme | None:
     return AttentionScheme(name=str(node.name), **{k: node[k] for k in keys})
 
 
-def attention_preset(name: str) -> AttentionScheme:
-    """The scheme ``attention=<name>`` sets (conf/attention/<name>.yaml over the group's schema), for benchmarks
-    and scripts that pick a preset by name without composing a run."""
-    from omegaconf import OmegaConf
-
-    from ..config.schema import AttentionSchema
-    from ..runtime import repo_path
-
-    path = repo_path(f"conf/attention/{name}.yaml")
-    if not path.is_file():
-        raise ValueError(f"no attention preset {name!r} (conf/attention/{name}.yaml)")
-    node = OmegaConf.load(path)
-    node.pop("defaults", None)
-    scheme = scheme_from_config(OmegaConf.merge(OmegaConf.structured(AttentionSchema), node))
-    if scheme is None:
-        raise ValueError(f"attention preset {name!r} quantizes nothing")
-    return scheme
-
-
 def plan_from_config(node, num_steps: int, valid_sites: tuple[str, ...]) -> AttentionPlan | None:
     """Check and resolve the ``attention`` group (ValueError, one line, on a bad value); None for ``none``."""
     scheme = scheme_from_config(node)
@@ -120,10 +101,10 @@ class StepClock:
         self.handles.clear()
 
 
-def sageattention_kernel(scheme: AttentionScheme):
+def sageattention_kernel(scheme: AttentionScheme, sage1: AttentionScheme):
     """(the real kernel for ``scheme``, why not): SageAttention1's Triton kernel from the ``sageattention`` package
-    for attention=sage1 with the preset's numbers, taking q/k/v [B, L, H, D] (its "NHD" layout)."""
-    if scheme != attention_preset("sage1"):
+    for attention=sage1 with the preset's numbers (``sage1``), taking q/k/v [B, L, H, D] (its "NHD" layout)."""
+    if scheme != sage1:
         return None, f"no real kernel for attention={scheme.name} (only sage1 with its preset numbers)"
     try:
         from sageattention import sageattn_qk_int8_pv_fp16_triton
