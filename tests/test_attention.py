@@ -300,3 +300,11 @@ def test_eval_gemm_kernel_runs_sageattentions_kernel_where_installed_and_reports
     monkeypatch.setitem(sys.modules, "sageattention", None)  # import fails
     kernel = vqx.Experiment(*args, run_dir=tmp_path / "without", **options).run()["attention"]["kernel"]
     assert not kernel["used"] and "the sageattention package is not importable" in kernel["why_not"]
+
+
+def test_the_run_summary_names_the_quantized_attention():
+    from vqx.track.run_log import summary_lines
+
+    base = {"format": "w8a8", "algorithm": "smoothquant", "model": "wan_mini", "quantized_layers": 40}
+    assert "w8a8 smoothquant + attention=sage2 on wan_mini" in summary_lines({**base, "attention": {"name": "sage2"}}, ".")[0]
+    assert "w8a8 smoothquant on wan_mini" in summary_lines({**base, "attention": {"name": "none"}}, ".")[0]

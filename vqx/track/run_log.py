@@ -50,8 +50,10 @@ def log_header(cfg) -> None:
 def summary_lines(metrics: dict, run_dir: Path) -> list[str]:
     """The end-of-run summary: time, scores against the noise floor, layer errors, the export and its check."""
     total = (metrics.get("timings") or {}).get("total_s")
+    attention = (metrics.get("attention") or {}).get("name", "none")
     lines = [f"result: complete{f' in {total:.1f} s' if total is not None else ''}: "
-             f"{metrics.get('format')} {metrics.get('algorithm')} on {metrics.get('model')}, "
+             f"{metrics.get('format')} {metrics.get('algorithm')}"
+             f"{f' + attention={attention}' if attention != 'none' else ''} on {metrics.get('model')}, "
              f"{metrics.get('quantized_layers')} layers quantized; metrics in {Path(run_dir) / 'metrics.json'}"]
     if all(isinstance(metrics.get(k), (int, float)) for k in ("lpips", "psnr", "ssim")):
         scores = (f"scores (mean over {len(metrics.get('videos') or [])} videos): LPIPS {metrics['lpips']:.4f}, "
