@@ -46,6 +46,9 @@ CAUSES = {
                                           "algorithm.groups=[self_attn_in,cross_attn_q,cross_attn_out,ffn_in]"],
     "smoothquant_0.75_no_cross_attn_out": ["algorithm=smoothquant", "algorithm.alpha=0.75",
                                            "algorithm.groups=[self_attn_in,self_attn_out,cross_attn_q,ffn_in]"],
+    # the statistics' time window: only the early (noisiest) or the late denoising steps of the capture
+    "smoothquant_0.75_early_steps": ["algorithm=smoothquant", "algorithm.alpha=0.75", "calib.capture_window=[0,0.3]"],
+    "smoothquant_0.75_late_steps": ["algorithm=smoothquant", "algorithm.alpha=0.75", "calib.capture_window=[0.7,1]"],
 }
 OUTLIERS = {  # label -> run.py overrides (8 of 256 channels 32x larger, the float model unchanged bit for bit)
     "none": [],

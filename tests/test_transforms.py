@@ -99,6 +99,10 @@ def test_capture_steps_cover_the_whole_trajectory():
     assert capture_step_indices(50, 8) == [0, 7, 14, 21, 28, 35, 42, 49]
     assert capture_step_indices(10, None) == list(range(10))
     assert capture_step_indices(4, 10) == [0, 1, 2, 3]
+    # calib.capture_window: a part of the trajectory, its ends included
+    assert capture_step_indices(10, None, (0.0, 0.3)) == [0, 1, 2, 3]
+    assert capture_step_indices(10, 2, (0.0, 0.3)) == [0, 3]
+    assert capture_step_indices(50, 4, (0.7, 1.0)) == [34, 39, 44, 49]
 
 
 def test_capture_records_both_cfg_branches_and_hits_the_cache(tmp_path):

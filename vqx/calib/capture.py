@@ -57,13 +57,16 @@ class Capture:
         return Capture([self.calls[k] for k in keep], [self.meta[k] for k in keep], self.cache_hit, keep, len(self.calls))
 
 
-def capture_step_indices(total_steps: int, capture_steps: int | None) -> list[int]:
-    """``capture_steps`` indices evenly spaced over the whole trajectory, first and last included."""
-    if capture_steps is None or capture_steps >= total_steps:
-        return list(range(total_steps))
+def capture_step_indices(total_steps: int, capture_steps: int | None, window=(0.0, 1.0)) -> list[int]:
+    """``capture_steps`` indices evenly spaced over the window of the trajectory (``calib.capture_window``:
+    fractions of it, [0, 1] the whole), its first and last step included."""
+    first, last = round(window[0] * (total_steps - 1)), round(window[1] * (total_steps - 1))
+    span = last - first + 1
+    if capture_steps is None or capture_steps >= span:
+        return list(range(first, last + 1))
     if capture_steps == 1:
-        return [0]
-    return sorted({round(i * (total_steps - 1) / (capture_steps - 1)) for i in range(capture_steps)})
+        return [first]
+    return sorted({first + round(i * (span - 1) / (capture_steps - 1)) for i in range(capture_steps)})
 
 
 def sampler_settings(calib: DictConfig) -> SamplerSettings:
@@ -152,7 +155,7 @@ def load_or_capture(pipe, calib: DictConfig, task: str, model_identity: dict, ca
     """The capture for these settings, from the cache or freshly recorded (then cached)."""
     samples = load_prompt_set(calib.path, task, "calib", limit=calib.num_prompts)
     settings = sampler_settings(calib)
-    steps = capture_step_indices(settings.steps, calib.capture_steps)
+    steps = capture_step_indices(settings.steps, calib.capture_steps, tuple(calib.get("capture_window", (0.0, 1.0))))
     prompt_keys = adapter_for(pipe).prompt_keys
     identity = {
         "version": CAPTURE_VERSION,

@@ -118,6 +118,8 @@ class CalibSchema:
     num_prompts: int = bounded(8, 1, None)
     steps: int = bounded(10, 1, None)  # denoising steps of the capture trajectory (same noise range as eval)
     capture_steps: Optional[int] = bounded(None, 1, None)  # steps recorded, evenly spaced; null: all
+    # the part of the trajectory recorded, as fractions of its steps ([0, 0.3]: the early, noisiest steps only)
+    capture_window: list[float] = field(default_factory=lambda: [0.0, 1.0])
     height: int = bounded(480, 16, None, multiple_of=16)
     width: int = bounded(832, 16, None, multiple_of=16)
     num_frames: int = bounded(81, 1, None, frames=True)

@@ -143,6 +143,11 @@ def _check_rules(cfg: DictConfig) -> None:
         if changed and cfg.export.name != "none":
             raise UserError(f"model.outliers.sites={list(o.sites)} cannot be exported with export={cfg.export.name}: "
                             f"{changed}; use export=none")
+    window = list(cfg.calib.capture_window)
+    if (len(window) != 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in window)
+            or not 0 <= window[0] <= window[1] <= 1):
+        raise UserError(f"calib.capture_window={window} is not valid; use [start, end] fractions of the trajectory "
+                        "with 0 <= start <= end <= 1, e.g. [0, 0.3]")
     if cfg.model.source == "diffusers" and not cfg.model.path:
         raise UserError(f"model={cfg.model.name} needs model.path=/path/to/a local diffusers folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
     if cfg.model.source == "mini":  # before the prompt files inside it are read, so the message says how to train it
