@@ -49,6 +49,7 @@ CAUSES = {
     # the statistics' time window: only the early (noisiest) or the late denoising steps of the capture
     "smoothquant_0.75_early_steps": ["algorithm=smoothquant", "algorithm.alpha=0.75", "calib.capture_window=[0,0.3]"],
     "smoothquant_0.75_late_steps": ["algorithm=smoothquant", "algorithm.alpha=0.75", "calib.capture_window=[0.7,1]"],
+    "smoothquant_early_steps": ["algorithm=smoothquant", "calib.capture_window=[0,0.3]"],  # the searched default
 }
 OUTLIERS = {  # label -> run.py overrides (8 of 256 channels 32x larger, the float model unchanged bit for bit)
     "none": [],
