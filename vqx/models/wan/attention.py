@@ -1,4 +1,4 @@
-"""Wan's attention with a replaceable attention function (quantized attention, vqx.quant.attention_run).
+"""Wan's attention with a replaceable attention function (quantized attention, vqx.quant.attention_plan).
 
 `QuantAttnProcessor` is diffusers' `WanAttnProcessor`, op for op, except that the attention itself (the
 ``dispatch_attention_fn`` calls, I2V's image attention included) goes through ``attend(q, k, v)`` when that
@@ -7,8 +7,6 @@ leaves every output bit-identical.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -21,12 +19,10 @@ from torch import nn
 
 from . import ops
 
-# attend(q, k, v) with q/k/v [B, L, H, D] as diffusers lays them out; returns [B, Lq, H, D]
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 class QuantAttnProcessor(WanAttnProcessor):
-    """WanAttnProcessor whose attention runs ``attend`` while ``attend.active()`` (module doc)."""
+    """WanAttnProcessor whose attention runs ``attend(q, k, v)`` (q/k/v [B, L, H, D] as diffusers lays them out,
+    returning [B, Lq, H, D]) while ``attend.active()`` (module doc)."""
 
     def __init__(self, attend, base: WanAttnProcessor):
         super().__init__()
