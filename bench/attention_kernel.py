@@ -5,10 +5,14 @@ vs eager on adversarial inputs: all-equal keys, one huge logit, zero queries/val
 magnitudes; worst relative difference per case, against vqx.quant.attention_kernel.TOLERANCE), then, on one
 self-attention call of Wan2.1-1.3B at 480p x 81 (12 heads x 32,760 tokens x 128) and one text cross-attention
 (512 keys): ms of torch SDPA in bf16 (its default kernel), of the fused emulation, and of the eager emulation;
-each ratio against SDPA in the same run. Timing: CUDA events, median of --repeats after --warmup calls.
+each ratio against SDPA in the same run; the fused time is also split into its prep (quantizing Q, K, V) and its
+kernel. --tune times the kernel at each (BLOCK_M, num_warps, num_stages) of a small grid per preset on the
+self-attention shape, each config checked against the eager path first (vqx.quant.attention_kernel.CONFIGS holds the
+winners). Timing: CUDA events, median of --repeats after --warmup calls.
 
     python bench/attention_kernel.py --note "..."              # GPU: writes bench/results/attention_kernel.json
     python bench/attention_kernel.py --smoke --note "script"   # CPU: Triton interpreter, tiny shapes, no speed claims
+    python bench/attention_kernel.py --tune --no-eager --note "..."   # GPU: also the config grid
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from common import add_note_argument, device_name, print_table, write_results
 
 PRESETS = ("sage1", "sage2", "sage2_k_int8_v_fp8", "fp8", "nvfp4")
+TUNE_GRID = [(m, w, st) for m in (64, 128) for w in (4, 8) for st in (2, 3)]
 FULL = {"self": (1, 12, 32760, 128, 32760), "cross": (1, 12, 32760, 128, 512)}  # B, H, Lq, D, Lk
 SMOKE = {"self": (1, 2, 96, 16, 96), "cross": (1, 2, 96, 16, 40)}
 
@@ -32,6 +37,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-eager", action="store_true", help="skip timing the eager emulation (slow at full size)")
+    p.add_argument("--tune", action="store_true", help="time the kernel over TUNE_GRID's configs (self-attention shape)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.smoke:
@@ -40,7 +46,7 @@ def main() -> int:
 
     from vqx.quant import fastpath
     from vqx.quant.attention import attention, attention_eager, quantize_inputs
-    from vqx.quant.attention_kernel import compare
+    from vqx.quant.attention_kernel import compare, kernel_config, kernel_inputs, launch
     from vqx.config.presets import attention_preset
 
     if not args.smoke and not torch.cuda.is_available():
@@ -92,6 +98,15 @@ def main() -> int:
                 scheme = attention_preset(name)
                 ms = timed(lambda: attention(q, k, v, scheme))
                 rows.append(dict(site=site, method=f"{name}_fused", ms=ms, ratio_vs_sdpa=ms / base, shape=[b, h, lq, d, lk]))
+                if checks[name]["within_tolerance"]:  # the split: prep, then the kernel on prepared operands
+                    ms = timed(lambda: kernel_inputs(q, k, v, scheme))
+                    rows.append(dict(site=site, method=f"{name}_prep", ms=ms, ratio_vs_sdpa=ms / base,
+                                     shape=[b, h, lq, d, lk]))
+                    ops = kernel_inputs(q, k, v, scheme)
+                    ms = timed(lambda: launch(ops, scheme))
+                    rows.append(dict(site=site, method=f"{name}_kernel", ms=ms, ratio_vs_sdpa=ms / base,
+                                     config=list(kernel_config(scheme)), shape=[b, h, lq, d, lk]))
+                    del ops
                 if not args.no_eager:
                     ms = timed(lambda: attention_eager(quantize_inputs(q, k, v, scheme), scheme, q.dtype))
                     rows.append(dict(site=site, method=f"{name}_eager", ms=ms, ratio_vs_sdpa=ms / base,
@@ -99,6 +114,8 @@ def main() -> int:
                 print(f"[{time.perf_counter() - t0:6.1f}s] {site} {name} timed", flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    if args.tune:
+        tune_configs(args, rows, shapes["self"], device, timed, failures, t0)
     kernel_checks = [r for r in fastpath.report() if r["kernel"] == "qattn"]
     notes = ("fused: vqx.quant.attention with the Triton kernel (vqx.quant.attention_kernel) after its check; eager: "
              "the PyTorch emulation; both include quantizing Q, K, V. sdpa_bf16: torch SDPA's default kernel.")
@@ -113,6 +130,39 @@ def main() -> int:
         print("CHECKS FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
+
+
+def tune_configs(args, rows, shape, device, timed, failures, t0) -> None:
+    """Kernel time per config of TUNE_GRID on the self-attention shape, after that config's check."""
+    import torch
+
+    from vqx.config.presets import attention_preset
+    from vqx.quant.attention_kernel import compare, kernel_inputs, launch
+
+    b, h, lq, d, lk = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(device, torch.bfloat16) for n in (lq, lk, lk))
+    base = next(r["ms"] for r in rows if r["site"] == "self" and r["method"] == "sdpa_bf16")
+    grid = TUNE_GRID[:1] if args.smoke else TUNE_GRID
+    for name in PRESETS:
+        scheme = attention_preset(name)
+        ops = kernel_inputs(q, k, v, scheme)
+        best = None
+        for config in grid:
+            try:
+                ok, _ = compare(scheme, d, torch.bfloat16, device, config)
+                ms = timed(lambda: launch(ops, scheme, config)) if ok else None
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: that config is not a candidate
+                ok, ms = False, None
+                print(f"  {name} {config}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            rows.append(dict(site="self", method=f"{name}_tune", config=list(config), ms=ms, within_tolerance=ok,
+                             ratio_vs_sdpa=ms / base if ms is not None else None, shape=list(shape)))
+            if ms is not None and (best is None or ms < best[1]):
+                best = (config, ms)
+        print(f"[{time.perf_counter() - t0:6.1f}s] tune {name}: best {best}", flush=True)
+        if best is None:
+            failures.append(f"{name}: no config passed its check")
+        del ops
 
 
 if __name__ == "__main__":

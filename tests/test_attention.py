@@ -237,21 +237,32 @@ def test_export_fragments_name_lightx2v_attention_types(tmp_path, attention, sit
 
 _FUSED_CHECK = """
 import json, torch
-from vqx.quant.attention_kernel import compare
+from vqx.quant.attention import quantize_inputs
+from vqx.quant.attention_kernel import check_inputs, compare, kernel_inputs
 from vqx.config.presets import attention_preset
 out = {}
 for name in ("sage1", "sage2", "sage2_k_int8_v_fp8", "fp8", "nvfp4"):
-    ok, detail = compare(attention_preset(name), 16, torch.bfloat16, torch.device("cpu"))
-    out[name] = [ok, detail["max_rel_diff"]]
+    s = attention_preset(name)
+    ok, detail = compare(s, 16, torch.bfloat16, torch.device("cpu"))
+    unequal = []  # the Triton prep's codes and scales against the eager quantizer's, on diffusers' strided layout
+    for case, qkv in check_inputs(16, torch.bfloat16, "cpu").items():
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv)
+        ops, x = kernel_inputs(q, k, v, s), quantize_inputs(q, k, v, s)
+        for mine, eager in (("q", "q"), ("qs", "q_scale"), ("k", "k"), ("ks", "k_scale"), ("v", "v"), ("vs", "v_scale")):
+            got, want = ops[mine], getattr(x, eager)
+            if (got is None) != (want is None) or (got is not None and not torch.equal(got.float(), want)):
+                unequal.append(f"{case}:{mine}")
+    out[name] = [ok, detail["max_rel_diff"], unequal]
 print(json.dumps(out))
 """
 
 
 def test_fused_kernel_matches_the_eager_emulation_on_adversarial_inputs():
-    """The Triton kernel (through Triton's CPU interpreter, fp32 GEMM operands) against the eager path on the inputs
-    of its own pre-use check: all-equal keys, one huge logit, zero queries and values, large magnitudes are equal
-    bit for bit; random inputs differ by accumulation order only (measured at most 3.3e-3 of a row's largest
-    output, sage1's fp16 tile sums; the check allows 2**-6 for fp16 P.V, 2**-7 otherwise)."""
+    """The fused path (through Triton's CPU interpreter, fp32 GEMM operands) against the eager path on the inputs
+    of its own pre-use check: the prep's int8 / fp8 codes and scales equal the eager quantizer's bit for bit (from
+    q/k/v strided as diffusers passes them); all-equal keys, one huge logit, zero queries and values, large
+    magnitudes give equal outputs; random inputs differ by accumulation order only (measured at most 3.3e-3 of a
+    row's largest output, sage1's fp16 tile sums; the check allows 2**-6, 2**-7 for nvfp4)."""
     import json
     import os
     import subprocess
@@ -262,8 +273,9 @@ def test_fused_kernel_matches_the_eager_emulation_on_adversarial_inputs():
     proc = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name, (ok, worst) in res.items():
+    for name, (ok, worst, unequal) in res.items():
         assert ok, (name, worst)
+        assert not unequal, (name, unequal)
         assert all(worst[case] == 0.0 for case in ("all_equal_keys", "one_huge_logit", "zero_queries", "zero_values")), name
         assert worst["random"] <= 4e-3, name
 

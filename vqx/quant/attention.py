@@ -102,13 +102,17 @@ def k_groups(n: int, scheme: AttentionScheme, device=None) -> torch.Tensor:
     return (t // scheme.block_k) * 4 + (t % 8) // 2
 
 
+def group_max(token_max: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """token_max [B, H, L] (>= 0) -> the max over each token's group, per head, broadcast back to [B, H, L]."""
+    n_groups = int(groups.max()) + 1
+    out = torch.zeros(*token_max.shape[:2], n_groups, dtype=token_max.dtype, device=token_max.device)
+    out.scatter_reduce_(2, groups.expand_as(token_max), token_max, reduce="amax", include_self=True)
+    return out.gather(2, groups.expand_as(token_max))
+
+
 def group_absmax(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """x [B, H, L, D] fp32 -> the absmax of each token's group, per head, broadcast back to [B, H, L, 1]."""
-    token_max = x.abs().amax(dim=-1)  # [B, H, L]
-    n_groups = int(groups.max()) + 1
-    out = torch.zeros(*token_max.shape[:2], n_groups, dtype=token_max.dtype, device=x.device)
-    out.scatter_reduce_(2, groups.expand_as(token_max), token_max, reduce="amax", include_self=True)
-    return out.gather(2, groups.expand_as(token_max)).unsqueeze(-1)
+    return group_max(x.abs().amax(dim=-1), groups).unsqueeze(-1)
 
 
 # ---- element quantizers (fp32 in; codes and per-token scales out, or dequantized values) ----------------
@@ -277,9 +281,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: Attenti
     """Emulated quantized attention (module doc); q [B, H, Lq, D], k/v [B, H, Lk, D] -> [B, H, Lq, D] in q's
     dtype. ``impl``: "eager" (PyTorch ops), "auto" (on CUDA bf16, the Triton kernel of vqx.quant.attention_kernel
     where it passed its check; VQX_QUANT_IMPL=eager turns it off), else eager."""
-    x = quantize_inputs(q, k, v, scheme)
     if impl == "auto" and q.is_cuda:
         from .attention_kernel import attention_fused
 
-        return attention_fused(x, scheme, q.dtype)
-    return attention_eager(x, scheme, q.dtype)
+        return attention_fused(q, k, v, scheme)
+    return attention_eager(quantize_inputs(q, k, v, scheme), scheme, q.dtype)
