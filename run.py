@@ -1,20 +1,8 @@
-"""vqx: quantize a Wan2.1 pipeline, export it for lightx2v, score it. `python run.py --help` lists the groups."""
+"""vqx: quantize a Wan2.1 pipeline, export it for lightx2v, score it. `python run.py --help` lists the groups.
 
-import hydra
-from omegaconf import DictConfig
+The same command line as `vqx run` (vqx.entry), for a checkout."""
 
-import vqx.plugins  # noqa: F401  (registers schemas, algorithms, exporters, evaluators, loggers)
-from vqx import distributed, torchrun
-from vqx.app import one_line_hydra_errors, run_job
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig):
-    return run_job(cfg)  # the Optuna sweeper reads the objective from the return value
-
+from vqx.entry import run_command_line
 
 if __name__ == "__main__":
-    with one_line_hydra_errors():
-        torchrun.prepare()  # under torchrun: join the ranks, agree on the run dir
-        main()
-    distributed.destroy()
+    run_command_line()

@@ -114,7 +114,7 @@ def test_help_is_vqxs_own_page_and_its_examples_are_valid(vqx_run_in_process):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("vqx: post-training quantization of Wan video diffusion transformers")
     assert "format: fp8, fp8_b128, fp8_static" in r.stdout and "Compose your configuration" not in r.stdout
-    examples = [line.strip().split()[2:] for line in r.stdout.splitlines() if line.startswith("  python run.py ")]
+    examples = [line.strip().split()[2:] for line in r.stdout.splitlines() if line.startswith("  vqx run ")]
     assert len(examples) == 3
     for overrides in examples:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

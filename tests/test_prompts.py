@@ -86,8 +86,8 @@ def test_shipped_i2v_images_are_rgb_832x480_and_small():
     assert sum(Path(p).stat().st_size for p in paths) < 3_000_000
 
 
-def test_default_prompt_file_is_in_the_repo_assets():
-    assets = Path(vqx.__file__).resolve().parents[1] / "assets"
+def test_default_prompt_file_is_in_the_package_assets():
+    assets = Path(vqx.__file__).resolve().parent / "assets"  # shipped in the wheel; the checkout's assets/ links here
     assert default_prompt_file("t2v", "calib") == assets / "wan_t2v" / "calib" / "prompts.json"
     assert default_prompt_file("i2v", "eval") == assets / "wan_i2v" / "eval" / "prompts.json"
     with pytest.raises(UserError, match="prompt set split 'train' is not one of calib, eval"):

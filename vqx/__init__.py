@@ -1,7 +1,7 @@
 """vqx: post-training quantization experiments for video diffusion transformers.
 
 From Python (vqx.api): ``vqx.Experiment(...)`` runs the stages, ``vqx.load(export_dir, pipe)`` loads an export back;
-from the shell: ``python run.py``."""
+from the shell: ``vqx run`` (``python run.py`` in a checkout)."""
 
 __version__ = "0.1.0"
 __all__ = ["Experiment", "compose", "load", "__version__"]

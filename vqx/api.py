@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
-from .runtime import repo_root
+from .runtime import package_root
 
 
 
@@ -71,7 +71,7 @@ def compose(*overrides: str, **options: Any) -> DictConfig:
     if GlobalHydra.instance().is_initialized():  # a caller's own Hydra context: ours is separate and temporary
         GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(repo_root() / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(package_root() / "conf"), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=args)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(reword_hydra_error(str(e))) from None

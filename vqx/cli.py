@@ -1,4 +1,5 @@
-"""The `vqx` command (also `python -m vqx`): subcommands around runs. Runs themselves are `python run.py`.
+"""The `vqx` command (also `python -m vqx`): `vqx run ARGS` is a run (Hydra's command line, as `python run.py ARGS`),
+the other subcommands work around runs.
 
 Each subcommand lives in its own module with ``HELP``, ``add_arguments(parser)`` and ``main(args) -> int``.
 """
@@ -21,9 +22,21 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:  # Hydra parses the rest from sys.argv
+        from .entry import run_command_line
+
+        saved, sys.argv = sys.argv, ["vqx run", *argv[1:]]
+        try:
+            run_command_line()
+        finally:
+            sys.argv = saved
+        return 0
     parser = argparse.ArgumentParser(prog="vqx", description="vqx: quantization experiments for Wan2.1 video diffusion models")
     parser.add_argument("--version", action="version", version=f"vqx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", help="a run or a sweep: vqx run [GROUP=OPTION ...] [KEY=VALUE ...] [-m] (Hydra's command "
+                   "line; vqx run --help lists the groups)", add_help=False)
     modules = {}
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)

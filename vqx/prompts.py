@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from .errors import UserError
-from .runtime import repo_path
+from .runtime import package_path
 
 __all__ = ["PromptSample", "default_prompt_file", "load_prompt_set"]
 
@@ -52,10 +52,10 @@ class PromptSample:
 
 
 def default_prompt_file(task: str, split: str) -> Path:
-    """assets/wan_{task}/{split}/prompts.json in the repo (the assets are not part of the wheel)."""
+    """assets/wan_{task}/{split}/prompts.json, shipped inside the vqx package."""
     _check_choice("task", task, TASKS)
     _check_choice("split", split, SPLITS)
-    return repo_path(f"assets/wan_{task}/{split}/prompts.json")
+    return package_path(f"assets/wan_{task}/{split}/prompts.json")
 
 
 def load_prompt_set(path: str | Path | None, task: str, split: str, limit: int | None = None) -> list[PromptSample]:
@@ -74,8 +74,8 @@ def load_prompt_set(path: str | Path | None, task: str, split: str, limit: int |
     if path is None:
         file = default_prompt_file(task, split)
         if not file.is_file():
-            raise UserError(f"default {task} {split} prompt file {file} is missing -- the assets/ folder of "
-                            "a vqx git checkout ships it; install vqx from a checkout or pass a prompt file")
+            raise UserError(f"default {task} {split} prompt file {file} is missing -- the vqx package ships it; "
+                            "reinstall vqx or pass a prompt file")
     else:
         file = Path(path).expanduser().resolve()
     data = _read_json(file)

@@ -1,10 +1,11 @@
-"""Where vqx runs: its checkout, the torch device a setting names, the torch dtype a name names.
+"""Where vqx runs: its package data and cache, the torch device a setting names, the torch dtype a name names.
 
 One helper each, for every module (vqx.quant included: this imports nothing of vqx but `errors`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -15,14 +16,22 @@ from .errors import UserError
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def repo_root() -> Path:
-    """The vqx checkout: conf/ and assets/ live there (they are not part of the wheel)."""
-    return Path(__file__).resolve().parents[1]
+def package_root() -> Path:
+    """The installed vqx package: conf/, sweeps/ and assets/ ship inside it (the checkout's top-level conf, sweeps
+    and assets are links to them, for ``python run.py`` and ``--config-dir sweeps``)."""
+    return Path(__file__).resolve().parent
 
 
-def repo_path(relative: str) -> Path:
-    """``relative`` inside the checkout, absolute (runs start anywhere)."""
-    return repo_root() / relative
+def package_path(relative: str) -> Path:
+    """``relative`` inside the package, absolute (runs start anywhere)."""
+    return package_root() / relative
+
+
+def user_cache_dir() -> Path:
+    """Where runs cache captures and references unless cache_dir / VQX_CACHE_DIR says otherwise: the user's cache
+    ($XDG_CACHE_HOME/vqx, else ~/.cache/vqx), so a run from another directory reads the same cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vqx"
 
 
 def resolve_device(name: str, option: str = "model.device=") -> torch.device:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config.schema import GROUPS
-from ..runtime import repo_path
+from ..runtime import package_path
 
 HELP = "list config groups and their options"
-CONF_DIR = repo_path("conf")
+CONF_DIR = package_path("conf")
 
 
 def describe(option_file: Path) -> str:

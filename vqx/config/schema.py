@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from ..runtime import DTYPES, repo_path
+from ..runtime import DTYPES, package_path, user_cache_dir
 
 
 def choice(*values: str, default: Any = None) -> Any:
@@ -191,8 +191,10 @@ class LoggerSchema:
     name: str = "none"
 
 
-# ``${vqx_repo:assets/x}`` in a config: that path inside the vqx checkout, absolute (runs start anywhere).
-OmegaConf.register_new_resolver("vqx_repo", lambda relative: str(repo_path(relative)), replace=True)
+# ``${vqx_repo:assets/x}`` in a config: that path inside the vqx package, absolute (runs start anywhere).
+OmegaConf.register_new_resolver("vqx_repo", lambda relative: str(package_path(relative)), replace=True)
+# ``${vqx_user_cache:}``: cache_dir's default, the user's cache folder (not the working directory).
+OmegaConf.register_new_resolver("vqx_user_cache", lambda: str(user_cache_dir()), replace=True)
 
 GROUPS = ("model", "algorithm", "format", "attention", "calib", "export", "eval", "logger")
 

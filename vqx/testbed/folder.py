@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runtime import repo_path
+from ..runtime import package_path
 
 
 def default_folder() -> Path:
-    return repo_path("assets/wan_mini")
+    return package_path("assets/wan_mini")

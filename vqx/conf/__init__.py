@@ -1,0 +1,1 @@
+"""vqx's Hydra config groups (a package so Hydra finds them from any directory as pkg://vqx.conf)."""

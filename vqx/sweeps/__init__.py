@@ -1,0 +1,1 @@
+"""Ready sweeps: +sweep=NAME (a package so Hydra finds them from any directory as pkg://vqx.sweeps)."""
