@@ -123,7 +123,8 @@ def test_ready_sweeps_export_nothing_unless_asked(name):
 
 
 def test_sweep_dir_option_from_the_command_line(vqx_run_in_process):
-    """What users type: `--config-dir sweeps +sweep=NAME` (run.py's command line, in-process: it composes only)."""
+    """`--config-dir sweeps +sweep=NAME`, as users typed it before the sweeps shipped in the package, still composes
+    (run.py's command line, in-process: it composes only; tests/test_packaging.py covers `+sweep` without it)."""
     r = vqx_run_in_process(["--config-dir", "sweeps", "+sweep=formats", "--cfg", "hydra"])
     assert r.returncode == 0, r.stderr
     assert "format: w8a8,fp8,fp8_static,fp8_b128,mxfp8,mxfp6,w4a16_g128,w4a8,mxfp4,nvfp4,w8a16,fp8_w,fp_e3m4,fp_e2m5" in r.stdout

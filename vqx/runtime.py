@@ -18,7 +18,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def package_root() -> Path:
     """The installed vqx package: conf/, sweeps/ and assets/ ship inside it (the checkout's top-level conf, sweeps
-    and assets are links to them, for ``python run.py`` and ``--config-dir sweeps``)."""
+    and assets are links to them, so paths in a checkout read as before)."""
     return Path(__file__).resolve().parent
 
 
