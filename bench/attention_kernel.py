@@ -4,7 +4,9 @@ For every attention preset (conf/attention/*.yaml): the kernel check `attention_
 vs eager on adversarial inputs: all-equal keys, one huge logit, zero queries/values, a ragged length, large
 magnitudes; worst relative difference per case, against vqx.quant.attention_kernel.TOLERANCE), then, on one
 self-attention call of Wan2.1-1.3B at 480p x 81 (12 heads x 32,760 tokens x 128) and one text cross-attention
-(512 keys): ms of torch SDPA in bf16 (its default kernel), of the fused emulation, and of the eager emulation;
+(512 keys): ms of torch SDPA in bf16 (its default kernel), of the fused emulation, of the eager emulation, and, where
+the sageattention package is installed, of its SageAttention1 Triton kernel (sage1's numbers) with its relative L2
+difference to the emulation;
 each ratio against SDPA in the same run; the fused time is also split into its prep (quantizing Q, K, V) and its
 kernel. --tune times the kernel at each (BLOCK_M, num_warps, num_stages) of a small grid per preset on the
 self-attention shape, each config checked against the eager path first (vqx.quant.attention_kernel.CONFIGS holds the
@@ -18,6 +20,7 @@ winners). Timing: CUDA events, median of --repeats after --warmup calls.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import statistics
 import sys
@@ -48,6 +51,7 @@ def main() -> int:
     from vqx.quant.attention import attention, attention_eager, quantize_inputs
     from vqx.quant.attention_kernel import compare, kernel_config, kernel_inputs, launch
     from vqx.config.presets import attention_preset
+    from vqx.quant.attention_plan import sageattention_kernel
 
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU, or use --smoke", file=sys.stderr)
@@ -75,6 +79,8 @@ def main() -> int:
                 times.append((time.perf_counter() - s) * 1e3)
         return statistics.median(times)
 
+    sage1 = attention_preset("sage1")  # the real SageAttention1 kernel where the package is installed (GPU only)
+    real, real_why = sageattention_kernel(sage1, sage1) if device.type == "cuda" else (None, "no CUDA device")
     checks, rows, failures = {}, [], []
     with fastpath.use_impl(impl), torch.no_grad():
         for name in PRESETS:
@@ -114,6 +120,15 @@ def main() -> int:
                 print(f"[{time.perf_counter() - t0:6.1f}s] {site} {name} timed", flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if real is not None:  # q/k/v as diffusers passes them: [B, L, H, D] views
+                nhd = [t.transpose(1, 2) for t in (q, k, v)]
+                ms = timed(lambda: real(*nhd))
+                want = attention(q, k, v, sage1).float()
+                diff = float((real(*nhd).transpose(1, 2).float() - want).norm() / want.norm())
+                rows.append(dict(site=site, method="sage1_sageattention", ms=ms, ratio_vs_sdpa=ms / base,
+                                 relative_difference_to_emulation=diff, shape=[b, h, lq, d, lk]))
+                print(f"[{time.perf_counter() - t0:6.1f}s] {site} sageattention: {ms:.3f} ms, relative L2 difference "
+                      f"to the emulation {diff:.2e}", flush=True)
     if args.tune:
         tune_configs(args, rows, shapes["self"], device, timed, failures, t0)
     kernel_checks = [r for r in fastpath.report() if r["kernel"] == "qattn"]
@@ -122,14 +137,23 @@ def main() -> int:
     if args.smoke:
         notes = "SMOKE RUN (CPU, Triton interpreter, tiny shapes): no speed claims. " + notes
     out = args.out or ("attention_kernel_smoke.json" if args.smoke else "attention_kernel.json")
+    sageattention = {"version": _version("sageattention"), "used": real is not None, "why_not": real_why}
     path = write_results(out, rows, {"device": device_name(), "checks": checks, "kernel_checks": kernel_checks,
-                                     "notes": notes, "failures": failures}, note=args.note)
+                                     "sageattention": sageattention, "notes": notes, "failures": failures},
+                         note=args.note)
     print_table(rows, ["site", "method", "ms", "ratio_vs_sdpa"])
     print(f"\nwrote {path} in {time.perf_counter() - t0:.0f} s")
     if failures:
         print("CHECKS FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def tune_configs(args, rows, shape, device, timed, failures, t0) -> None:

@@ -285,6 +285,7 @@ def test_eval_gemm_kernel_runs_sageattentions_kernel_where_installed_and_reports
     stand-in module that perturbs the emulation by a known amount) and metrics.json reports its difference to the
     emulation per site; without the package the emulation runs and the report says why."""
     import importlib.machinery
+    import importlib.metadata
     import sys
     import types
 
@@ -308,6 +309,27 @@ def test_eval_gemm_kernel_runs_sageattentions_kernel_where_installed_and_reports
     assert kernel["used"] and kernel["why_not"] is None and calls
     assert set(kernel["relative_difference_to_emulation"]) == {"self", "cross"}
     assert all(abs(d - 0.01) < 2e-3 for d in kernel["relative_difference_to_emulation"].values())  # bf16 rounding
+
+    # SageAttention 1.x (PyPI's release): its sageattn is that kernel, and it writes into K (it subtracts K's mean
+    # in place; this stand-in zeroes it, so the comparison below fails unless vqx hands it a copy)
+    def sageattn(q, k, v, tensor_layout, smooth_k):
+        out = sageattn_qk_int8_pv_fp16_triton(q, k, v, tensor_layout=tensor_layout, smooth_k=smooth_k)
+        k.zero_()
+        return out
+
+    v1 = types.ModuleType("sageattention")
+    v1.__spec__ = importlib.machinery.ModuleSpec("sageattention", None)
+    v1.sageattn = sageattn
+    monkeypatch.setitem(sys.modules, "sageattention", v1)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.0.6" if name == "sageattention" else "0")
+    calls.clear()
+    kernel = vqx.Experiment(*args, run_dir=tmp_path / "v1", **options).run()["attention"]["kernel"]
+    assert kernel["used"] and calls  # the emulation of the first call saw K as diffusers passed it
+    assert all(abs(d - 0.01) < 2e-3 for d in kernel["relative_difference_to_emulation"].values())
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.2.0")  # a 2.x without the Triton kernel
+    kernel = vqx.Experiment(*args, run_dir=tmp_path / "v2", **options).run()["attention"]["kernel"]
+    assert not kernel["used"] and "sageattention 2.2.0 has no sageattn_qk_int8_pv_fp16_triton" in kernel["why_not"]
 
     monkeypatch.setitem(sys.modules, "sageattention", None)  # import fails
     kernel = vqx.Experiment(*args, run_dir=tmp_path / "without", **options).run()["attention"]["kernel"]

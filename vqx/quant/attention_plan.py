@@ -11,6 +11,7 @@ the same step (the two guidance branches), a smaller one the next step, a larger
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
 from dataclasses import dataclass, field
 
@@ -103,16 +104,27 @@ class StepClock:
 
 def sageattention_kernel(scheme: AttentionScheme, sage1: AttentionScheme):
     """(the real kernel for ``scheme``, why not): SageAttention1's Triton kernel from the ``sageattention`` package
-    for attention=sage1 with the preset's numbers (``sage1``), taking q/k/v [B, L, H, D] (its "NHD" layout)."""
+    for attention=sage1 with the preset's numbers (``sage1``), taking q/k/v [B, L, H, D] (its "NHD" layout):
+    ``sageattn_qk_int8_pv_fp16_triton`` in SageAttention 2.x, ``sageattn`` in 1.x (PyPI's release, the same Triton
+    kernel, which subtracts K's mean from K in place: it gets a copy)."""
     if scheme != sage1:
         return None, f"no real kernel for attention={scheme.name} (only sage1 with its preset numbers)"
     try:
-        from sageattention import sageattn_qk_int8_pv_fp16_triton
+        import sageattention
     except ImportError as e:
         return None, f"the sageattention package is not importable ({e})"
+    sage1_triton = getattr(sageattention, "sageattn_qk_int8_pv_fp16_triton", None)
+    if sage1_triton is None:
+        try:
+            version = importlib.metadata.version("sageattention")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        if not version.startswith("1."):
+            return None, f"sageattention {version} has no sageattn_qk_int8_pv_fp16_triton (2.x) and is not 1.x"
+        sage1_triton = lambda q, k, v, **kw: sageattention.sageattn(q, k.clone(), v, **kw)  # noqa: E731
 
     def kernel(q, k, v):
-        return sageattn_qk_int8_pv_fp16_triton(q, k, v, tensor_layout="NHD", smooth_k=scheme.smooth_k)
+        return sage1_triton(q, k, v, tensor_layout="NHD", smooth_k=scheme.smooth_k)
     return kernel, None
 
 
