@@ -94,3 +94,17 @@ def test_a_wheel_ships_conf_sweeps_assets_and_runs_outside_the_checkout(tmp_path
     cfg = yaml.safe_load((work / "out" / "config.yaml").read_text())
     assert cfg["model"]["path"] == str(site / "vqx" / "assets" / "wan_mini")  # the wheel's model, not the checkout's
     assert (work / "out" / "run.log").is_file() and (tmp_path / "xdg" / "vqx").is_dir()
+
+
+def test_vqx_list_shows_every_option_and_the_ready_sweeps_with_their_descriptions():
+    r = vqx_cli_in_process("list")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for group in ("format", "algorithm", "attention"):
+        for f in (PACKAGE / "conf" / group).glob("*.yaml"):
+            assert any(line.split()[:1] == [f.stem] for line in lines), (group, f.stem)
+    start = lines.index("sweep (vqx run -m +sweep=NAME):")
+    sweeps = {line.split()[0]: line.split(None, 1)[1] for line in lines[start + 1:]}
+    assert set(sweeps) == {f.stem for f in (PACKAGE / "sweeps" / "sweep").glob("*.yaml")}
+    assert sweeps["alpha"].startswith("SmoothQuant's migration strength alpha")  # not Hydra's "@package" line
+    assert vqx_cli_in_process("list", "sweep").stdout.splitlines()[1:] == lines[start + 1:]

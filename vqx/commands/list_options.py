@@ -1,4 +1,5 @@
-"""`vqx list`: the config groups, their options and what each option is (its yaml's first comment)."""
+"""`vqx list`: the config groups, their options and what each option is (its yaml's first comment), and the ready
+sweeps (`vqx run -m +sweep=NAME`)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,28 @@ from ..runtime import package_path
 
 HELP = "list config groups and their options"
 CONF_DIR = package_path("conf")
+SWEEP_DIR = package_path("sweeps/sweep")
+SWEEPS = "sweep"  # listed after the groups: +sweep=NAME, not GROUP=OPTION
 
 
 def describe(option_file: Path) -> str:
-    first = option_file.read_text().splitlines()[:1]
-    return first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+    """The file's first comment line (Hydra's ``# @package`` directive skipped)."""
+    for line in option_file.read_text().splitlines():
+        if not line.startswith("#"):
+            return ""
+        if not line.startswith("# @package"):
+            return line.lstrip("# ").strip()
+    return ""
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("group", nargs="?", choices=GROUPS, help="only this group")
+    parser.add_argument("group", nargs="?", choices=[*GROUPS, SWEEPS], help="only this group (sweep: the ready sweeps)")
 
 
 def main(args) -> int:
-    for group in [args.group] if args.group else GROUPS:
-        print(f"{group}:")
-        for f in sorted((CONF_DIR / group).glob("*.yaml")):
+    for group in [args.group] if args.group else [*GROUPS, SWEEPS]:
+        folder = SWEEP_DIR if group == SWEEPS else CONF_DIR / group
+        print(f"{group}:" if group != SWEEPS else "sweep (vqx run -m +sweep=NAME):")
+        for f in sorted(folder.glob("*.yaml")):
             print(f"  {f.stem:<22} {describe(f)}")
     return 0
