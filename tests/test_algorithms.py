@@ -11,11 +11,12 @@ import vqx.plugins  # noqa: F401
 from vqx import experiment
 from vqx.algorithms.awq import awq_scale
 from vqx.algorithms.gptq import gptq_quantize
-from vqx.algorithms.losses import group_quant_loss
+from vqx.algorithms import losses
+from vqx.algorithms.losses import GroupQuantLoss, group_quant_loss
 from vqx.algorithms.smoothquant import smoothquant_scale
 from vqx.quant.formats import SCHEMES
 from vqx.quant.linear import quantize_weight
-from vqx.quant.scheme import TensorScheme
+from vqx.quant.scheme import TensorScheme, dequantize, fake_quantize
 from conftest import pin_tiny
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -43,6 +44,41 @@ def test_smoothquant_beats_rtn_on_outlier_channels(fmt):
     sq = group_quant_loss(x, [w], f, s)
     # int8 per-token activations lose the small channels next to 60x outliers; smoothing recovers them
     assert sq < 0.5 * rtn, (sq, rtn)
+
+
+def _loss_per_candidate(x, weights, schemes, s, chunk):
+    """The search loss written out for one candidate: every chunk's x W^T recomputed (the former implementation)."""
+    num, den = 0.0, 0.0
+    wq = [(w.float(), dequantize(*quantize_weight(w.float() if s is None else w.float() * s[None, :], sc.weight),
+                                 sc.weight), sc.activation) for w, sc in zip(weights, schemes)]
+    for start in range(0, x.shape[0], chunk):
+        xb = x[start:start + chunk]
+        xs = xb if s is None else xb / s[None, :]
+        quantized = {}
+        for w, wdq, act in wq:
+            if act not in quantized:
+                quantized[act] = xs if act is None else fake_quantize(xs, act)
+            ref = xb @ w.T
+            num += float(((quantized[act] @ wdq.T) - ref).pow(2).sum())
+            den += float(ref.pow(2).sum())
+    return num / den
+
+
+@pytest.mark.parametrize("cache_bytes", [losses.REFERENCE_CACHE_BYTES, 0])
+def test_group_loss_over_candidates_equals_each_candidate_computed_alone(cache_bytes, monkeypatch):
+    """GroupQuantLoss keeps x W^T between candidates (or recomputes it past its memory bound): the losses are the
+    per-candidate computation's bit for bit, over several chunks and two linears of different schemes."""
+    monkeypatch.setattr(losses, "REFERENCE_CACHE_BYTES", cache_bytes)
+    x, w = _outlier_layer(n=1000)
+    w2 = torch.randn(96, w.shape[1], generator=torch.Generator().manual_seed(1)) / 16
+    schemes = [SCHEMES["w8a8"], SCHEMES["fp8"]]
+    loss = GroupQuantLoss(x, [w, w2], schemes, chunk=300)
+    assert loss.cache == (cache_bytes > 0)
+    w_absmax = torch.maximum(w.abs().amax(0), w2.abs().amax(0))
+    for alpha in (None, 0.0, 0.5, 0.85):
+        s = None if alpha is None else smoothquant_scale(x.abs().amax(0), w_absmax, alpha)
+        assert loss(s) == _loss_per_candidate(x, [w, w2], schemes, s, chunk=300), alpha
+    assert len(loss._refs) == (8 if cache_bytes else 0)  # 4 chunks x 2 linears, kept once
 
 
 def test_awq_scale_ratio_zero_is_identity():

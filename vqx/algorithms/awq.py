@@ -16,7 +16,7 @@ import torch
 from ..config.schema import bounded
 from ..quant.scheme import choose_scales, dequantize, global_scale_of, quantize_with
 from .block_search import shortlisted
-from .losses import group_quant_loss
+from .losses import GroupQuantLoss
 from .registry import BlockContext, register_step
 from .smoothing import apply_smoothing, clamp_scale, smoothable, smoothing_groups_param
 
@@ -52,7 +52,8 @@ def awq(ctx: BlockContext) -> None:
         schemes = [ctx.search_scheme(n) for n in group.linears]
         device = weights[0].device
         scale = {r: awq_scale(stats.mean_abs, r).to(device) for r in ratios}
-        losses = {r: group_quant_loss(x, weights, schemes, scale[r]) for r in ratios}
+        loss = GroupQuantLoss(x, weights, schemes)
+        losses = {r: loss(scale[r]) for r in ratios}
         errors = {r: ctx.block_error(lambda c, s=scale[r], g=group: apply_smoothing(c, g, s))
                   for r in shortlisted({r: v for r, v in losses.items() if r > 0}, ctx.params.shortlist)}
         best = min(errors, key=errors.get) if errors else 0.0

@@ -18,7 +18,7 @@ import torch
 
 from ..config.schema import bounded
 from .block_search import shortlisted
-from .losses import group_quant_loss
+from .losses import GroupQuantLoss
 from .registry import BlockContext, register_step
 from .smoothing import apply_smoothing, clamp_scale, group_weight_absmax, smoothable, smoothing_groups_param
 
@@ -75,11 +75,12 @@ def smoothquant(ctx: BlockContext) -> None:
         schemes = [ctx.search_scheme(n) for n in group.linears]
         device = weights[0].device
         scale = {a: smoothquant_scale(stats.absmax, w_absmax, a).to(device) for a in ALPHA_GRID}
-        losses = {a: group_quant_loss(x, weights, schemes, scale[a]) for a in ALPHA_GRID}
+        loss = GroupQuantLoss(x, weights, schemes)
+        losses = {a: loss(scale[a]) for a in ALPHA_GRID}
         errors = {a: ctx.block_error(lambda c, s=scale[a], g=group: apply_smoothing(c, g, s))
                   for a in shortlisted(losses, ctx.params.shortlist)}
         best = min(errors, key=errors.get)
-        choice = {"block_error_identity": current, "loss_identity": group_quant_loss(x, weights, schemes)}
+        choice = {"block_error_identity": current, "loss_identity": loss()}
         if errors[best] < current:  # strictly lower: a tie keeps the identity
             apply_smoothing(ctx, group, scale[best])
             current = errors[best]
