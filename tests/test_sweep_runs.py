@@ -164,6 +164,19 @@ def test_a_bad_setting_leaves_no_run_dir(vqx_run_in_process, tmp_path, args):
     assert not run_dir.exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_bad_setting_leaves_no_empty_outputs_folders_in_the_working_directory(vqx_run_in_process, tmp_path):
+    """Hydra's default run dir (outputs/<date>/<time>) of a refused run goes with its empty parents, but never a
+    folder another run still uses, nor anything outside the working directory."""
+    r = vqx_run_in_process(["calib.num_prompts=0"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "outputs" / "earlier"
+    kept.mkdir(parents=True)
+    r = vqx_run_in_process(["calib.num_prompts=0", "hydra.run.dir=outputs/day/run"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["outputs", "outputs/earlier"]
+
+
 def test_a_bad_setting_keeps_an_earlier_runs_dir(vqx_run_in_process, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -76,10 +76,12 @@ class RunDirLock:
 
 def discard_unused_run_dir(run_dir: Path) -> bool:
     """Remove ``run_dir`` if it holds nothing but what Hydra wrote for a job that never started (its ``.hydra/``
-    and ``run.log``); a folder holding anything else (an earlier run's results) is left as it is."""
+    and ``run.log``), and then its parents that are left empty inside the working directory (Hydra's
+    ``outputs/<date>/``); a folder holding anything else (an earlier run's results) is left as it is."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - HYDRA_FILES:
         return False
+    parents = _empty_parents_inside_cwd(run_dir)
     for handler in logging.getLogger().handlers:  # Hydra's run.log handler: close it before its file goes
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.absolute():
             logging.getLogger().removeHandler(handler)
@@ -90,7 +92,18 @@ def discard_unused_run_dir(run_dir: Path) -> bool:
         run_dir.rmdir()
     except OSError:
         return False
+    for parent in parents:
+        try:
+            parent.rmdir()  # only if empty: another run's folder keeps it
+        except OSError:
+            break
     return True
+
+
+def _empty_parents_inside_cwd(run_dir: Path) -> list[Path]:
+    """``run_dir``'s parents strictly inside the working directory, innermost first (never the cwd or above)."""
+    cwd = Path.cwd().resolve()
+    return [p for p in run_dir.resolve().parents if cwd in p.parents]
 
 
 def resume_enabled(cfg: DictConfig) -> bool:
