@@ -20,7 +20,6 @@ winners). Timing: CUDA events, median of --repeats after --warmup calls.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import statistics
 import sys
@@ -51,7 +50,7 @@ def main() -> int:
     from vqx.quant.attention import attention, attention_eager, quantize_inputs
     from vqx.quant.attention_kernel import compare, kernel_config, kernel_inputs, launch
     from vqx.config.presets import attention_preset
-    from vqx.quant.attention_plan import sageattention_kernel
+    from vqx.quant.attention_plan import sageattention_kernel, sageattention_version
 
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU, or use --smoke", file=sys.stderr)
@@ -137,7 +136,7 @@ def main() -> int:
     if args.smoke:
         notes = "SMOKE RUN (CPU, Triton interpreter, tiny shapes): no speed claims. " + notes
     out = args.out or ("attention_kernel_smoke.json" if args.smoke else "attention_kernel.json")
-    sageattention = {"version": _version("sageattention"), "used": real is not None, "why_not": real_why}
+    sageattention = {"version": sageattention_version(), "used": real is not None, "why_not": real_why}
     path = write_results(out, rows, {"device": device_name(), "checks": checks, "kernel_checks": kernel_checks,
                                      "sageattention": sageattention, "notes": notes, "failures": failures},
                          note=args.note)
@@ -147,13 +146,6 @@ def main() -> int:
         print("CHECKS FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def tune_configs(args, rows, shape, device, timed, failures, t0) -> None:

@@ -19,13 +19,13 @@ class GroupQuantLoss:
     ones `group_quant_loss` gives, bit for bit: the same chunks, summed in the same order."""
 
     def __init__(self, x: torch.Tensor, weights: list[torch.Tensor], schemes: Scheme | list[Scheme],
-                 chunk: int = 4096):
+                 chunk: int = 4096, cache: bool = True):
         self.weights = [w.float() for w in weights]
         self.schemes = [schemes] * len(weights) if isinstance(schemes, Scheme) else list(schemes)
         self.x = x.to(self.weights[0].device)
         self.chunk = chunk
         out_total = sum(w.shape[0] for w in self.weights)
-        self.cache = self.x.shape[0] * out_total * 4 <= REFERENCE_CACHE_BYTES
+        self.cache = cache and self.x.shape[0] * out_total * 4 <= REFERENCE_CACHE_BYTES
         self._refs: dict[tuple[int, int], torch.Tensor] = {}
         self._den: float | None = None
 
@@ -72,4 +72,4 @@ def group_quant_loss(x: torch.Tensor, weights: list[torch.Tensor], schemes: Sche
     weights, each quantized under its own scheme in ``schemes`` (or all under one); ``s``: a candidate smoothing factor
     (None: as is). Many candidates of one group: `GroupQuantLoss`.
     """
-    return GroupQuantLoss(x, weights, schemes, chunk)(s)
+    return GroupQuantLoss(x, weights, schemes, chunk, cache=False)(s)  # one candidate: nothing to keep

@@ -102,6 +102,14 @@ class StepClock:
         self.handles.clear()
 
 
+def sageattention_version() -> str | None:
+    """The installed ``sageattention`` distribution's version, or None."""
+    try:
+        return importlib.metadata.version("sageattention")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def sageattention_kernel(scheme: AttentionScheme, sage1: AttentionScheme):
     """(the real kernel for ``scheme``, why not): SageAttention1's Triton kernel from the ``sageattention`` package
     for attention=sage1 with the preset's numbers (``sage1``), taking q/k/v [B, L, H, D] (its "NHD" layout):
@@ -115,10 +123,7 @@ def sageattention_kernel(scheme: AttentionScheme, sage1: AttentionScheme):
         return None, f"the sageattention package is not importable ({e})"
     sage1_triton = getattr(sageattention, "sageattn_qk_int8_pv_fp16_triton", None)
     if sage1_triton is None:
-        try:
-            version = importlib.metadata.version("sageattention")
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown"
+        version = sageattention_version() or "unknown"
         if not version.startswith("1."):
             return None, f"sageattention {version} has no sageattn_qk_int8_pv_fp16_triton (2.x) and is not 1.x"
         sage1_triton = lambda q, k, v, **kw: sageattention.sageattn(q, k.clone(), v, **kw)  # noqa: E731
