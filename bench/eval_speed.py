@@ -15,6 +15,10 @@ Rows (backend x format x variant):
   sharing only): the CPU / no-triton fallback.
 - fake / none / attn_<mode>: the bf16 model (fused elementwise) with quantized attention (``attention=<mode>``
   emulated at both sites); kernel / fp8 / attn_<mode>: the same with fp8 GEMMs.
+- fake / <low-bit format> / fused|eager (``--lowbit-formats``, default nvfp4, mxfp8, mxfp4, w4a16_g128, fp8_static,
+  fp8_b128): fake quantization; the grouped or static activation quantization runs as one Triton pass (fused) or
+  as PyTorch ops (eager); kernel / fp8_static / fused: lightx2v's fp8-pertensor GEMM (`torch._scaled_mm`). Calibrated activations get a fixed value: NVFP4 input absmax 8.0,
+  static fp8 scale 8 / 448 (the cost does not depend on it).
 
 Before timing, the script checks on the GPU that the Triton paths give the reference codes bit for bit
 (vqx.quant.fastpath's kernel checks, codes of sampled activations against `numbers.quantize`, and each
@@ -51,6 +55,7 @@ CHECK_INPUT = dict(latents=(1, 16, 3, 16, 16), text=(1, 512, 4096))  # 192 token
 SMOKE = dict(arch=dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=2),
              latents=(1, 16, 2, 8, 8), check_latents=(1, 16, 2, 4, 4), text=(1, 8, 32))
 FORMATS = ("w8a8", "fp8")
+CALIBRATED_INPUT = 8.0  # the activation absmax behind the calibrated values of NVFP4 / static fp8 (timing only)
 
 
 def parse_args():
@@ -68,6 +73,8 @@ def parse_args():
     p.add_argument("--attention-modes", default="sage1,sage2,fp8,nvfp4",
                    help="quantized-attention rows (vqx attention= presets, comma-separated; '' for none): each alone on "
                         "the bf16 model and with the fp8 kernel-backend linears")
+    p.add_argument("--lowbit-formats", default="nvfp4,mxfp8,mxfp4,w4a16_g128,fp8_static,fp8_b128",
+                   help="fake-quant-only format rows (comma-separated format names; '' for none)")
     p.add_argument("--note", default=None, help="a note stored in the results file (e.g. 'the GPU was shared')")
     args = p.parse_args()
     if args.repeats is None:
@@ -91,8 +98,9 @@ def main() -> int:
     from vqx.models.wan.fused import install
     from vqx.quant import fastpath
     from vqx.quant.attention_plan import AttentionPlan, AttentionRuntime
-    from vqx.quant.backends import fallbacks, set_backend
+    from vqx.quant.backends import fallbacks, kernel_scheme, set_backend
     from vqx.quant.formats import get_scheme
+    from vqx.quant.scheme import nvfp4_global_scale
 
     t_start = time.perf_counter()
 
@@ -160,6 +168,15 @@ def main() -> int:
 
     rows, checks, failures = [], {}, []
     modes = [m for m in args.attention_modes.split(",") if m]
+    lowbit = [f for f in args.lowbit_formats.split(",") if f]
+    for fmt in lowbit:
+        get_scheme(fmt)  # an unknown name fails before any model is built
+
+    def calibrated_value(act):
+        """What a calibrated activation scheme's QuantLinear is given (NVFP4: the input absmax; static: the scale)."""
+        if act is None or not act.calibrated:
+            return None
+        return torch.tensor(CALIBRATED_INPUT if act.global_scale else CALIBRATED_INPUT / act.grid_.qmax)
     runtimes = {m: AttentionRuntime(AttentionPlan(attention_preset(m), ("self", "cross"), (), 1)) for m in modes}
     names = ["tiny"] if args.smoke else (args.only or list(MODELS))
     attention = contextlib.ExitStack()  # closed after the last model
@@ -220,6 +237,20 @@ def main() -> int:
                         mc[f"codes_bit_exact_{fmt}_{mode}_K{width}"] = ok
                         if not ok:
                             failures.append(f"{name}: {fmt} {mode} codes (K={width}) differ from the reference")
+            for fmt in lowbit:  # grouped / static activations: the fake-quantized values
+                act = get_scheme(fmt).activation
+                if act is None:
+                    continue
+                for width in (dim, ffn):
+                    x = fastpath.probe_rows(width, torch.bfloat16, device, seed=7)
+                    static = calibrated_value(act)
+                    if static is not None and act.global_scale:  # the spec holds NVFP4's global scale
+                        static = nvfp4_global_scale(static)
+                    sp = fastpath.QuantSpec(act, None, "fake", static, None if static is None else float(static))
+                    ok = fastpath.same_quantization(fastpath.quantize_act(x, sp), fastpath.quantize_eager(x, sp))
+                    mc[f"codes_bit_exact_{fmt}_fake_K{width}"] = ok
+                    if not ok:
+                        failures.append(f"{name}: {fmt} fake-quantized activations (K={width}) differ from the reference")
         log(f"{name}: sampled codes vs the reference quantizer: "
             f"{'bit-exact' if all(v for k, v in mc.items() if k.startswith('codes_')) else 'MISMATCH'}")
 
@@ -267,6 +298,33 @@ def main() -> int:
             mc[f"fake_{fmt}_vs_bf16_rel_error"] = ((outs["fake"] - ref_out.float()).norm() / ref_out.float().norm()).item()
             log(f"{name} {fmt}: kernel vs fake relative output difference {rel:.2e}")
             del model, outs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for fmt in lowbit:
+            log(f"{name}: quantizing ({fmt}, RTN, fake)")
+            model = copy.deepcopy(base)
+            targets = quant_targets(model, LayerSelection())
+            scheme = get_scheme(fmt)
+            static = calibrated_value(scheme.activation) if scheme.activation is not None else None
+            materialize(model, targets, {t.name: scheme for t in targets}, {},
+                        input_scales=None if static is None else {t.name: static for t in targets})
+            fused_out = output(model, check_inputs, fused_impl)
+            same = fastpath.bits_equal(fused_out, output(model, check_inputs, "eager"))
+            mc[f"fake_{fmt}_fused_equals_eager"] = same
+            if not same:
+                failures.append(f"{name}: fake {fmt} fused output differs from eager")
+            mc[f"fake_{fmt}_vs_bf16_rel_error"] = ((fused_out.float() - ref_out.float()).norm()
+                                                   / ref_out.float().norm()).item()
+            timed(model, "fake", fmt, "fused", fused_impl)
+            if not args.no_eager:
+                timed(model, "fake", fmt, "eager", "eager")
+            if kernel_scheme(scheme):  # fp8_static: lightx2v's fp8-pertensor GEMM
+                set_backend(model, "kernel")
+                kernel_out = output(model, check_inputs, fused_impl)
+                mc[f"kernel_vs_fake_rel_error_{fmt}"] = ((kernel_out.float() - fused_out.float()).norm()
+                                                         / fused_out.float().norm()).item()
+                timed(model, "kernel", fmt, "fused", fused_impl)
+            del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         del base

@@ -281,5 +281,5 @@ def test_eval_kernel_gemm_refusal_names_the_gpus_a_lowbit_format_needs(vqx_run_i
                             f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
-        f"vqx: error: eval.gemm=kernel needs 8-bit weights and activations (format=w8a8 or fp8), not format={fmt} "
+        f"vqx: error: eval.gemm=kernel needs 8-bit weights and activations (format=w8a8, fp8 or fp8_static), not format={fmt} "
         f"(lightx2v runs it on {gpus}); use eval.gemm=fake, the same numbers emulated")

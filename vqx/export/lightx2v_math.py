@@ -91,6 +91,19 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     return gemm(xq, sx, weight, weight_scale, bias, scheme, kernel, x.dtype).reshape(*shape[:-1], -1)
 
 
+def quant_linear_pertensor(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           input_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """lightx2v's ``fp8-pertensor`` apply: codes ``clamp(x / input_scale, -448, 448)`` in e4m3 with the calibrated
+    fp32 ``input_scale`` [1] (x / a 1-element tensor divides in fp32), then ``torch._scaled_mm`` with per-tensor scales,
+    a bf16 bias and fast accumulation; an fp32 model takes the bf16 GEMM and casts back."""
+    shape = x.shape
+    xq = torch.clamp(x.reshape(-1, shape[-1]) / input_scale.float().reshape(1), -448, 448).to(torch.float8_e4m3fn)
+    mm_dtype = torch.bfloat16 if x.dtype == torch.float32 and bias is not None else x.dtype
+    y = torch._scaled_mm(xq, weight.t(), scale_a=input_scale.float().reshape(1), scale_b=weight_scale.float().reshape(1),
+                         bias=None if bias is None else bias.to(mm_dtype), out_dtype=mm_dtype, use_fast_accum=True)
+    return y.to(x.dtype).reshape(*shape[:-1], -1)
+
+
 def linear(x: torch.Tensor, t: dict, name: str) -> torch.Tensor:
     """lightx2v's float MMWeight: addmm(bias, x, W^T) in x's dtype."""
     return torch.addmm(t[name + ".bias"], x, t[name + ".weight"].t())

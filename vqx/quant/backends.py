@@ -5,7 +5,8 @@
   ``F.linear(dequant(x), dequant(W), bias)``, as `QuantLinear` always did.
 - ``kernel``: what lightx2v computes (docs/lightx2v-contract.md section 5): the same activation codes and
   scales go into an 8-bit GEMM with the stored weight codes, accumulated in int32 / fp32, scaled per token
-  and per output channel, bias added, bf16 out (then cast to the model dtype):
+  and per output channel (fp8_static: per tensor, fast accumulation, as lightx2v's fp8-pertensor), bias added,
+  bf16 out (then cast to the model dtype):
   fp8 ``torch._scaled_mm(xq, Wq.T, scale_a=sx [M,1], scale_b=ws.T [1,N], bias, out_dtype=bf16)``;
   int8 ``torch._int_mm(xq, Wq.T)`` then ``(acc * sx * ws.T + bias).to(bf16)`` in one fused pass on CUDA.
   On CPU int8 products are summed exactly in float64 (identical to ``_int_mm``, which is ~30x slower
@@ -47,8 +48,9 @@ def set_backend(module: nn.Module, name: str) -> int:
     if name == "kernel":
         for q in layers:
             if not supports_kernel(q):
-                raise ValueError(f"backend 'kernel' needs int8 or fp8 weights per channel and activations per token "
-                                 f"(schemes w8a8, fp8); scheme {q.scheme.name} has no 8-bit GEMM (use backend 'fake')")
+                raise ValueError(f"backend 'kernel' needs int8 or fp8 weights per channel and activations per token, "
+                                 f"or fp8 per tensor with a static activation scale (schemes w8a8, fp8, fp8_static); "
+                                 f"scheme {q.scheme.name} has no 8-bit GEMM (use backend 'fake')")
     for q in layers:
         q.backend = name
     return len(layers)
@@ -56,10 +58,18 @@ def set_backend(module: nn.Module, name: str) -> int:
 
 def kernel_scheme(scheme) -> bool:
     """Whether an 8-bit GEMM here computes ``scheme``: per-token dynamic activations and per-channel weights
-    on one int8 / fp8 grid."""
+    on one int8 / fp8 grid, or fp8 per tensor with a static activation scale (lightx2v's fp8-pertensor)."""
     w, a = scheme.weight, scheme.activation
-    return (a is not None and a.grid in _KERNEL_GRIDS and a.granularity == "token" and a.dynamic
-            and w.grid == a.grid and w.granularity == "channel")
+    if a is None or w.grid != a.grid:
+        return False
+    if a.grid == "fp8_e4m3" and _static_per_tensor(scheme):
+        return True
+    return a.grid in _KERNEL_GRIDS and a.granularity == "token" and a.dynamic and w.granularity == "channel"
+
+
+def _static_per_tensor(scheme) -> bool:
+    return (scheme.activation.granularity == "tensor" and not scheme.activation.dynamic
+            and scheme.weight.granularity == "tensor")
 
 
 def supports_kernel(q) -> bool:
@@ -71,20 +81,23 @@ def kernel_linear(q, act: QuantizedActivation) -> torch.Tensor:
     codes, sx = act.codes, act.scale
     w = q.weight_codes
     ws_row = q.weight_scale.reshape(1, -1)
-    if w.dtype == torch.float8_e4m3fn:
+    if _static_per_tensor(q.scheme):  # lightx2v fp8-pertensor: per-tensor scales, fast accumulation
+        y = _fp8_mm(codes, w, sx.reshape(1), ws_row.reshape(1), q.bias, fast_accum=True)
+    elif w.dtype == torch.float8_e4m3fn:
         y = _fp8_mm(codes, w, sx, ws_row, q.bias)
     else:
         y = fastpath.int8_epilogue(_int8_mm(codes, w), sx, ws_row, q.bias)
     return y.reshape(*act.shape[:-1], w.shape[0]).to(act.dtype)
 
 
-def _fp8_mm(codes, w, sx, ws_row, bias):
+def _fp8_mm(codes, w, sx, ws_row, bias, fast_accum: bool = False):
     dev = codes.device.type
     # cuBLASLt/CUTLASS fp8 GEMMs need K and N divisible by 16; other shapes (tiny test models) emulate.
     if dev not in _scaled_mm_broken and (dev == "cpu" or (codes.shape[1] % 16 == 0 and w.shape[0] % 16 == 0)):
         try:
             return torch._scaled_mm(codes, w.t(), scale_a=sx, scale_b=ws_row,
-                                    bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+                                    bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
+                                    use_fast_accum=fast_accum)
         except (RuntimeError, NotImplementedError) as e:
             _scaled_mm_broken.add(dev)
             warnings.warn(f"torch._scaled_mm failed on {dev} ({str(e).splitlines()[0][:200]}); fp8 GEMMs are emulated in fp32",

@@ -27,6 +27,7 @@ Under torch.compile the eager twin is traced. Inductor's Triton division is appr
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from .numbers import NumberGrid
-from .scheme import TensorScheme, fake_quantize, quantize
+from .scheme import TensorScheme, fake_quantize, quantize, quantize_with
 
 IMPLS = ("auto", "eager", "triton")
 _impl = os.environ.get("VQX_QUANT_IMPL", "auto")
@@ -46,7 +47,8 @@ _BF16_STRIDE = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 1
 
 
 class QuantizedActivation(NamedTuple):
-    """Per-token codes for an 8-bit GEMM: codes [M, K] (int8 / float8_e4m3fn), scale [M, 1] fp32."""
+    """Codes for an 8-bit GEMM: codes [M, K] (int8 / float8_e4m3fn), scale [M, 1] fp32 (per token) or [1, 1]
+    (a static per-tensor scale)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -57,12 +59,14 @@ class QuantizedActivation(NamedTuple):
 class QuantSpec(NamedTuple):
     """How a linear quantizes its input: its activation scheme, optional 1/s smoothing, and what it needs
     ("fake": the dequantized activation in the model dtype, "codes": a `QuantizedActivation`, per-token
-    schemes only), and the calibrated scale of a static scheme."""
+    schemes only), and the calibrated value of a `TensorScheme.calibrated` scheme (its static scale, or NVFP4's
+    activation global scale)."""
 
     act: TensorScheme
     smooth_inv: torch.Tensor | None
     mode: str
     static_scale: torch.Tensor | None = None
+    static_value: float | None = None  # static_scale as a number (the grouped kernel's NVFP4 range check)
 
     @property
     def grid(self) -> NumberGrid:
@@ -72,6 +76,11 @@ class QuantSpec(NamedTuple):
     def per_token(self) -> bool:
         """Dynamic per-token scales: what the Triton kernels and the 8-bit GEMMs compute."""
         return self.act.granularity == "token" and self.act.dynamic
+
+    @property
+    def static_tensor(self) -> bool:
+        """One calibrated scale for the whole tensor (fp8-pertensor's GEMM reads its codes too)."""
+        return self.act.granularity == "tensor" and not self.act.dynamic and self.static_scale is not None
 
 
 @contextmanager
@@ -105,9 +114,13 @@ def quantize_eager(x: torch.Tensor, spec: QuantSpec):
     x = _smooth(x, spec.smooth_inv)
     if spec.mode == "fake":
         return fake_quantize(x, spec.act, spec.static_scale)
-    if not spec.per_token:
-        raise ValueError(f"activation codes for an 8-bit GEMM are per token; got {spec.act.describe()}")
-    codes, scale = quantize(x.reshape(-1, x.shape[-1]), spec.act)
+    if spec.static_tensor:
+        scale = spec.static_scale.float().reshape(1, 1)
+        codes = quantize_with(x.reshape(-1, x.shape[-1]), spec.act, scale)
+    elif spec.per_token:
+        codes, scale = quantize(x.reshape(-1, x.shape[-1]), spec.act)
+    else:
+        raise ValueError(f"activation codes for an 8-bit GEMM are per token or static per tensor; got {spec.act.describe()}")
     if spec.grid.storage_dtype == torch.int8:  # int8 cannot hold NaN; the row's NaN scale carries it
         codes = torch.where(torch.isnan(codes), torch.zeros_like(codes), codes)
     k = x.shape[-1]
@@ -319,17 +332,94 @@ def fast(key: tuple, check, launch, strict: bool = True):
 
 
 def quantize_act(x: torch.Tensor, spec: QuantSpec):
-    """Per-token quantization of a linear's input (after its 1/s smoothing, if any)."""
-    if wants_triton(x) and dtype_id(x.dtype) is not None and grid_id(spec) is not None and x.numel() > 0:
+    """Quantization of a linear's input (after its 1/s smoothing, if any): per token, or (fake) per token group
+    or with a static scale."""
+    if wants_triton(x) and dtype_id(x.dtype) is not None and x.numel() > 0:
         kdim = x.shape[-1]
         # The check runs the same compiled specialization (K, flags) as the real call.
-        out = fast(("quant", x.device.type, kdim, x.dtype, *spec_key(spec)),
-                   check_act_quant(kdim, spec, x.dtype, x.device, 0),
-                   lambda: pack(*run_act(as_rows(x), pre=0, spec=spec, store_h=False, out_dtype=x.dtype)[1:],
-                                x.shape, x.dtype, spec))
+        if grid_id(spec) is not None:
+            out = fast(("quant", x.device.type, kdim, x.dtype, *spec_key(spec)),
+                       check_act_quant(kdim, spec, x.dtype, x.device, 0),
+                       lambda: pack(*run_act(as_rows(x), pre=0, spec=spec, store_h=False, out_dtype=x.dtype)[1:],
+                                    x.shape, x.dtype, spec))
+        elif group_config(spec, kdim) is not None:
+            out = fast(("group_quant", x.device.type, kdim, x.dtype, *spec_key(spec)),
+                       check_group_quant(kdim, spec, x.dtype, x.device),
+                       lambda: run_group(as_rows(x), spec).reshape(x.shape))
+        else:
+            out = None
         if out is not None:
             return out
     return quantize_eager(x, spec)
+
+
+# NVFP4 effective scales s8 / G stay normal fp32 numbers for G <= 2^117 (the smallest e4m3 scale is 2^-9); above,
+# the eager path's range check (scheme.choose_scales) must run.
+_NVFP4_KERNEL_MAX_GLOBAL = 2.0 ** 117
+_GROUP_GRIDS = {"int8": 0, "fp8_e4m3": 1, "int4": 3}
+_GROUP_MODES = {"fp32": 0, "bf16": 0, "e8m0": None, "e4m3": 3}
+
+
+def group_config(spec: QuantSpec, kdim: int) -> dict | None:
+    """The grouped kernel's flags for a fake-quant spec it serves (token groups, or a static per-tensor scale), else
+    None: codes for a GEMM, a dynamic per-tensor scale, a group that does not divide K (the eager path refuses it),
+    NVFP4 without its calibrated global scale or with one beyond the kernel's range."""
+    ts, grid = spec.act, spec.grid
+    if spec.mode != "fake":
+        return None
+    if ts.granularity == "tensor" and not ts.dynamic and spec.static_scale is not None:
+        mode, group = 4, kdim
+    elif ts.granularity == "token_group" and ts.dynamic:
+        group = min(ts.group_size, kdim)
+        if kdim % group:
+            return None
+        mode = {"ceil": 1, "floor": 2}[ts.e8m0_rule] if ts.scale_dtype == "e8m0" else _GROUP_MODES[ts.scale_dtype]
+        if mode == 3 and (spec.static_value is None or not spec.static_value <= _NVFP4_KERNEL_MAX_GLOBAL):
+            return None
+    else:
+        return None
+    code = 2 if grid.minifloat else _GROUP_GRIDS.get(grid.name)
+    if code is None:
+        return None
+    exp_bits, man_bits = grid.minifloat or (0, 0)
+    groups_per_program = max(1, 1024 // next_pow2(group))
+    return dict(GRID=code, MIN_EXP=2 - 2 ** (exp_bits - 1) if grid.minifloat else 0, MB=man_bits, QMAX=grid.qmax,
+                EMAX=math.floor(math.log2(grid.qmax)), MODE=mode, SCALE_BF16=ts.scale_dtype == "bf16",
+                E2M1=grid.name == "fp4_e2m1", G=group, G_P2=next_pow2(group),
+                BLOCK_G=min(groups_per_program, next_pow2(kdim // group)))
+
+
+def run_group(x2: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """`group_quant_kernel` on rows ``x2`` [M, K]: the fake-quantized rows, in x2's dtype."""
+    m, kdim = x2.shape
+    cfg = group_config(spec, kdim)
+    out = torch.empty((m, kdim), dtype=x2.dtype, device=x2.device)
+    scale = spec.static_scale.float().reshape(1).to(x2.device) if spec.static_scale is not None else x2
+    smooth = spec.smooth_inv
+    block = cfg["G_P2"] * cfg["BLOCK_G"]
+    triton_kernels().group_quant_kernel[(m, triton_cdiv(kdim // cfg["G"], cfg["BLOCK_G"]))](
+        as_bits(x2), x2.stride(0), smooth if smooth is not None else x2, as_bits(out), kdim, scale, kdim,
+        float(spec.act.amax_floor), DT=dtype_id(x2.dtype), HAS_SMOOTH=smooth is not None, **cfg, **launch_opts(block))
+    return out
+
+
+def check_group_quant(kdim: int, spec: QuantSpec, dtype, device):
+    """The grouped kernel against `quantize_eager` on `probe_rows`, plus rows whose groups alternate between zero
+    and values (all-zero groups in a live row) and rows whose groups span 2^-140 .. 2^100 (subnormal and huge group
+    scales in one row)."""
+    def check():
+        x = probe_rows(kdim, dtype, device)
+        g = torch.Generator().manual_seed(3)
+        group = group_config(spec, kdim)["G"]
+        r = torch.randn(4, kdim, generator=g) * 5
+        r.view(4, -1, group)[:, ::2] = 0
+        span = torch.randn(2, kdim, generator=g)
+        n_groups = kdim // group
+        exps = torch.linspace(-140, 100, n_groups).repeat_interleave(group)
+        span = span * torch.exp2(exps)
+        x = torch.cat([x, r.to(dtype).to(device), span.to(dtype).to(device)])
+        return bits_equal(run_group(x, spec), quantize_eager(x, spec)), {"rows": x.shape[0]}
+    return check
 
 
 def int8_epilogue(acc: torch.Tensor, sx: torch.Tensor, ws_row: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -95,7 +95,7 @@ class QuantLinear(nn.Module):
 
     def quant_spec(self) -> QuantSpec:
         return QuantSpec(self.act_scheme, self.input_smooth_inv, "codes" if self.backend == "kernel" else "fake",
-                         self.input_scale)
+                         self.input_scale, self._static_key)
 
     def quant_key(self) -> tuple:
         """Everything this layer's input quantization depends on, besides the input."""

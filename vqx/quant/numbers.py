@@ -31,6 +31,7 @@ class NumberGrid:
     round_to_grid: Callable[[torch.Tensor], torch.Tensor]  # fp32 in, fp32 codes out
     storage_dtype: torch.dtype | None  # dtype codes are stored in (export); None: research grid
     bits: int
+    minifloat: tuple[int, int] | None = None  # (exp_bits, man_bits) of a `minifloat_round` grid
 
     def codes(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """fp32 codes of ``x / scale`` on this grid."""
@@ -90,6 +91,7 @@ def _minifloat_grid(exp_bits: int, man_bits: int, name: str | None = None) -> Nu
         round_to_grid=lambda x: minifloat_round(x, exp_bits, man_bits),
         storage_dtype=None,
         bits=1 + exp_bits + man_bits,
+        minifloat=(exp_bits, man_bits),
     )
 
 
