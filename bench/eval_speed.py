@@ -176,7 +176,7 @@ def main() -> int:
         """What a calibrated activation scheme's QuantLinear is given (NVFP4: the input absmax; static: the scale)."""
         if act is None or not act.calibrated:
             return None
-        return torch.tensor(CALIBRATED_INPUT if act.global_scale else CALIBRATED_INPUT / act.grid_.qmax)
+        return torch.tensor(CALIBRATED_INPUT if act.global_scale else CALIBRATED_INPUT / act.grid_.qmax, device=device)
     runtimes = {m: AttentionRuntime(AttentionPlan(attention_preset(m), ("self", "cross"), (), 1)) for m in modes}
     names = ["tiny"] if args.smoke else (args.only or list(MODELS))
     attention = contextlib.ExitStack()  # closed after the last model

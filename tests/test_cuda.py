@@ -34,3 +34,17 @@ def test_pinned_host_block_inputs_equal_gpu_resident(tmp_path, monkeypatch):
                                            SCHEMES["w8a8"], cfg.algorithm, cfg.calib)
         reports[home] = result.layers
     assert reports["cpu"] == reports["cuda"]
+
+
+def test_e8m0_scales_on_cuda_are_the_cpu_powers_of_two():
+    """MX scales of an all-zero or subnormal block are 2^-127 on the GPU too (CUDA's exp2 would miss it)."""
+    from vqx.quant.scheme import choose_scales
+
+    amax = torch.tensor([0.0, 1e-39, 3e-39, 1e-30, 0.75, 1.0, 448.0, 3e38])
+    x = torch.zeros(len(amax), 32)
+    x[:, 5] = amax
+    for name in ("mxfp8", "mxfp4", "mxfp6"):
+        ts = SCHEMES[name].activation
+        got = choose_scales(x.cuda(), ts).cpu()
+        want = choose_scales(x, ts)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (name, got, want)

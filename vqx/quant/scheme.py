@@ -175,7 +175,11 @@ def _over_qmax(amax: torch.Tensor, grid: NumberGrid) -> torch.Tensor:
 
 
 def _exp2_int(exp: torch.Tensor) -> torch.Tensor:
-    return torch.exp2(exp.float())
+    """2^exp for integer exp in [-127, 127], exact on every device, written as fp32 bits: CUDA's exp2 misses the
+    subnormal power (2^-127 comes out as 5.8774704e-39, not 5.8774718e-39), which is e8m0's code 0."""
+    e = exp.to(torch.int32)
+    bits = torch.where(e >= -126, (e + 127) << 23, torch.full_like(e, 0x00400000))
+    return bits.view(torch.float32)
 
 
 def _e8m0(amax: torch.Tensor, grid: NumberGrid, rule: str) -> torch.Tensor:
