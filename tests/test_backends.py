@@ -190,7 +190,9 @@ def test_grouped_kernel_serves_only_what_it_reproduces():
     dynamic_tensor = fastpath.QuantSpec(TensorScheme("fp8_e4m3", "tensor"), None, "fake")
     assert fastpath.group_config(dynamic_tensor, 64) is None
     static = get_scheme("fp8_static").activation
-    assert fastpath.group_config(fastpath.QuantSpec(static, None, "fake", torch.tensor(0.1)), 64)["MODE"] == 4
+    static_spec = fastpath.QuantSpec(static, None, "fake", torch.tensor(0.1))
+    assert fastpath.group_config(static_spec, 64)["MODE"] == 4
+    assert fastpath.group_config(static_spec._replace(mode="codes"), 64)["CODES"]  # fp8-pertensor's GEMM operand
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,12 +313,13 @@ for name in ("nvfp4", "mxfp8", "mxfp4", "mxfp6", "fp8_b128", "fp8_static", *cust
         static = nvfp4_global_scale(torch.tensor(7.3)) if act.global_scale else torch.tensor(0.02)
     for dtype in (torch.bfloat16, torch.float32):
         for smooth in (None, torch.rand(256) + 0.5):
-            spec = fp.QuantSpec(act, smooth, "fake", static, None if static is None else float(static))
-            x = fp.probe_rows(256, dtype, "cpu", seed=6)
-            res[f"group quant {name} {dtype} smooth={smooth is not None}"] = fp.bits_equal(
-                fp.quantize_act(x, spec), fp.quantize_eager(x, spec))
-# one check per (scheme, dtype, smoothing): mxfp6's activations are mxfp8's
-res["group quant kernels checked"] = sum(r["kernel"] == "group_quant" and r["bit_exact"] for r in fp.report()) == 8 * 4
+            for mode in ("fake", "codes") if name == "fp8_static" else ("fake",):  # codes: fp8-pertensor's GEMM
+                spec = fp.QuantSpec(act, smooth, mode, static, None if static is None else float(static))
+                x = fp.probe_rows(256, dtype, "cpu", seed=6)
+                res[f"group quant {name} {mode} {dtype} smooth={smooth is not None}"] = fp.same_quantization(
+                    fp.quantize_act(x, spec), fp.quantize_eager(x, spec))
+# one check per (scheme, mode, dtype, smoothing): mxfp6's activations are mxfp8's
+res["group quant kernels checked"] = sum(r["kernel"] == "group_quant" and r["bit_exact"] for r in fp.report()) == 9 * 4
 g = torch.Generator().manual_seed(0)
 n = torch.randn(2, 10, 96, generator=g) * 3
 n[0, 1] = 0

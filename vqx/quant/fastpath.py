@@ -345,7 +345,7 @@ def quantize_act(x: torch.Tensor, spec: QuantSpec):
         elif group_config(spec, kdim) is not None:
             out = fast(("group_quant", x.device.type, kdim, x.dtype, *spec_key(spec)),
                        check_group_quant(kdim, spec, x.dtype, x.device),
-                       lambda: run_group(as_rows(x), spec).reshape(x.shape))
+                       lambda: run_group(as_rows(x), spec, x.shape))
         else:
             out = None
         if out is not None:
@@ -361,13 +361,14 @@ _GROUP_MODES = {"fp32": 0, "bf16": 0, "e8m0": None, "e4m3": 3}
 
 
 def group_config(spec: QuantSpec, kdim: int) -> dict | None:
-    """The grouped kernel's flags for a fake-quant spec it serves (token groups, or a static per-tensor scale), else
-    None: codes for a GEMM, a dynamic per-tensor scale, a group that does not divide K (the eager path refuses it),
-    NVFP4 without its calibrated global scale or with one beyond the kernel's range."""
+    """The grouped kernel's flags for a spec it serves (fake quantization per token group or with a static per-tensor
+    scale; fp8 codes with a static scale for fp8-pertensor's GEMM), else None: other codes, a dynamic per-tensor
+    scale, a group that does not divide K (the eager path refuses it), NVFP4 without its calibrated global scale or
+    with one beyond the kernel's range."""
     ts, grid = spec.act, spec.grid
-    if spec.mode != "fake":
+    if spec.mode != "fake" and not (spec.static_tensor and grid.name == "fp8_e4m3"):
         return None
-    if ts.granularity == "tensor" and not ts.dynamic and spec.static_scale is not None:
+    if spec.static_tensor:
         mode, group = 4, kdim
     elif ts.granularity == "token_group" and ts.dynamic:
         group = min(ts.group_size, kdim)
@@ -385,22 +386,26 @@ def group_config(spec: QuantSpec, kdim: int) -> dict | None:
     groups_per_program = max(1, 1024 // next_pow2(group))
     return dict(GRID=code, MIN_EXP=2 - 2 ** (exp_bits - 1) if grid.minifloat else 0, MB=man_bits, QMAX=grid.qmax,
                 EMAX=math.floor(math.log2(grid.qmax)), MODE=mode, SCALE_BF16=ts.scale_dtype == "bf16",
-                E2M1=grid.name == "fp4_e2m1", G=group, G_P2=next_pow2(group),
+                E2M1=grid.name == "fp4_e2m1", CODES=spec.mode == "codes", G=group, G_P2=next_pow2(group),
                 BLOCK_G=min(groups_per_program, next_pow2(kdim // group)))
 
 
-def run_group(x2: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """`group_quant_kernel` on rows ``x2`` [M, K]: the fake-quantized rows, in x2's dtype."""
+def run_group(x2: torch.Tensor, spec: QuantSpec, shape: torch.Size):
+    """`group_quant_kernel` on rows ``x2`` [M, K] of an activation of ``shape``: the fake-quantized activation in x2's
+    dtype, or (codes) its `QuantizedActivation`."""
     m, kdim = x2.shape
     cfg = group_config(spec, kdim)
-    out = torch.empty((m, kdim), dtype=x2.dtype, device=x2.device)
     scale = spec.static_scale.float().reshape(1).to(x2.device) if spec.static_scale is not None else x2
     smooth = spec.smooth_inv
     block = cfg["G_P2"] * cfg["BLOCK_G"]
+    out = torch.empty((m, kdim), dtype=torch.float8_e4m3fn if cfg["CODES"] else x2.dtype, device=x2.device)
     triton_kernels().group_quant_kernel[(m, triton_cdiv(kdim // cfg["G"], cfg["BLOCK_G"]))](
-        as_bits(x2), x2.stride(0), smooth if smooth is not None else x2, as_bits(out), kdim, scale, kdim,
+        as_bits(x2), x2.stride(0), smooth if smooth is not None else x2,
+        out.view(torch.uint8) if cfg["CODES"] else as_bits(out), kdim, scale, kdim,
         float(spec.act.amax_floor), DT=dtype_id(x2.dtype), HAS_SMOOTH=smooth is not None, **cfg, **launch_opts(block))
-    return out
+    if cfg["CODES"]:
+        return QuantizedActivation(out, scale.reshape(1, 1), shape, x2.dtype)
+    return out.reshape(shape)
 
 
 def check_group_quant(kdim: int, spec: QuantSpec, dtype, device):
@@ -418,7 +423,7 @@ def check_group_quant(kdim: int, spec: QuantSpec, dtype, device):
         exps = torch.linspace(-140, 100, n_groups).repeat_interleave(group)
         span = span * torch.exp2(exps)
         x = torch.cat([x, r.to(dtype).to(device), span.to(dtype).to(device)])
-        return bits_equal(run_group(x, spec), quantize_eager(x, spec)), {"rows": x.shape[0]}
+        return same_quantization(run_group(x, spec, x.shape), quantize_eager(x, spec)), {"rows": x.shape[0]}
     return check
 
 

@@ -307,8 +307,8 @@ def _pow2_bits(e):
 def group_quant_kernel(X, stride_x, SM, Q, stride_q, SCALE, K, amax_floor,
                        DT: tl.constexpr, HAS_SMOOTH: tl.constexpr, GRID: tl.constexpr, MIN_EXP: tl.constexpr,
                        MB: tl.constexpr, QMAX: tl.constexpr, EMAX: tl.constexpr, MODE: tl.constexpr,
-                       SCALE_BF16: tl.constexpr, E2M1: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
-                       BLOCK_G: tl.constexpr):
+                       SCALE_BF16: tl.constexpr, E2M1: tl.constexpr, CODES: tl.constexpr, G: tl.constexpr,
+                       G_P2: tl.constexpr, BLOCK_G: tl.constexpr):
     """dequantize(quantize(x)) of one row's BLOCK_G groups of G elements, in the model dtype: scheme.fake_quantize
     of a token-group (or static per-tensor) activation scheme, op for op.
 
@@ -316,7 +316,8 @@ def group_quant_kernel(X, stride_x, SM, Q, stride_q, SCALE, K, amax_floor,
     power of two >= absmax / QMAX (lightx2v's MX kernels); 2: e8m0 2^(floor(log2 absmax) - EMAX) (OCP MX v1.0);
     3: NVFP4, e4m3 group scales under the calibrated global scale G at SCALE (scheme._nvfp4_encode's order);
     4: the static scale at SCALE. ``amax_floor`` > 0 clamps each group's absmax from below. E2M1: absmax / 6 is
-    computed as a product with fp32(1/6), as lightx2v's FP4 kernels do (scheme._over_qmax)."""
+    computed as a product with fp32(1/6), as lightx2v's FP4 kernels do (scheme._over_qmax). CODES (MODE 4, e4m3):
+    the float8 bits of x / scale instead (fp8-pertensor's GEMM operand)."""
     row = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     j = tl.arange(0, G_P2)
@@ -325,49 +326,52 @@ def group_quant_kernel(X, stride_x, SM, Q, stride_q, SCALE, K, amax_floor,
     v = _load_model(X + row * stride_x + offs, mask, DT)
     if HAS_SMOOTH:
         v = _to_model(_mul(v, tl.load(SM + offs, mask=mask, other=1.0)), DT)
-    if MODE == 4:
-        s = tl.load(SCALE)
-        q = _mul(_round_grid(tl.div_rn(v, s), GRID, MIN_EXP, MB, QMAX), s)
+    if MODE == 4 and CODES:
+        tl.store(Q + row * stride_q + offs, _fp8_codes(tl.div_rn(v, tl.load(SCALE))), mask=mask)
     else:
-        # masked lanes hold 0 and never raise a group's absmax; NaN propagates, as torch.amax
-        amax = tl.reduce(tl.abs(v), 1, _nanmax)
-        if amax_floor > 0:
-            amax = tl.maximum(amax, amax_floor, propagate_nan=tl.PropagateNan.ALL)
-        if E2M1:  # amax / qmax where the e8m0 and e4m3 scales take it (scheme._over_qmax)
-            over = _mul(amax, 0.1666666716337204)
+        if MODE == 4:
+            s = tl.load(SCALE)
+            q = _mul(_round_grid(tl.div_rn(v, s), GRID, MIN_EXP, MB, QMAX), s)
         else:
-            over = tl.div_rn(amax, QMAX)
-        if MODE == 0:
-            s = tl.div_rn(amax, QMAX)  # numbers.scale_from_absmax
-            if SCALE_BF16:
-                s = _bf16(s)
-            s = tl.where(amax == 0.0, 1.0, s)
-            q = _mul(_round_grid(tl.div_rn(v, s[:, None]), GRID, MIN_EXP, MB, QMAX), s[:, None])
-        elif MODE == 3:
-            g = tl.load(SCALE)
-            s8 = _fp8_dequant(_mul(g, over))
-            eff = tl.div_rn(s8, g)
-            s8 = _fp8_dequant(_mul(eff, g))  # scheme._recover_e4m3: the same value, recovered as the eager path does
-            ones = tl.full([BLOCK_G], 1.0, tl.float32)
-            out = _mul(g, tl.where(s8 == 0.0, 0.0, tl.div_rn(ones, s8)))
-            y = tl.clamp(_mul(v, out[:, None]), -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL)
-            q = _mul(_round_grid(y, GRID, MIN_EXP, MB, QMAX), eff[:, None])
-        else:
-            if MODE == 1:  # ceil(log2(over)) from the bits; over is >= 0
-                u = over.to(tl.uint32, bitcast=True)
-                ex = (u >> 23).to(tl.int32)
-                man = u & 0x7FFFFF
-                e = tl.where(ex == 0, tl.where(man > 0x400000, -126, -127), ex - 127 + (man != 0).to(tl.int32))
-            else:  # floor(log2(amax)) - EMAX from the bits (a subnormal's from its mantissa's, converted exactly)
-                u = amax.to(tl.uint32, bitcast=True)
-                ex = (u >> 23).to(tl.int32)
-                man = u & 0x7FFFFF
-                sub = (man.to(tl.float32).to(tl.uint32, bitcast=True) >> 23).to(tl.int32) - 127 - 149
-                e = tl.where(amax == 0.0, -127, tl.where(ex == 0, sub, ex - 127) - EMAX)
-            s = _pow2_bits(tl.minimum(tl.maximum(e, -127), 127))
-            s = tl.where((amax == amax) & (amax != float("inf")), s, float("nan"))
-            q = _mul(_round_grid(tl.div_rn(v, s[:, None]), GRID, MIN_EXP, MB, QMAX), s[:, None])
-    _store_model(Q + row * stride_q + offs, _to_model(q, DT), mask, DT)
+            # masked lanes hold 0 and never raise a group's absmax; NaN propagates, as torch.amax
+            amax = tl.reduce(tl.abs(v), 1, _nanmax)
+            if amax_floor > 0:
+                amax = tl.maximum(amax, amax_floor, propagate_nan=tl.PropagateNan.ALL)
+            if E2M1:  # amax / qmax where the e8m0 and e4m3 scales take it (scheme._over_qmax)
+                over = _mul(amax, 0.1666666716337204)
+            else:
+                over = tl.div_rn(amax, QMAX)
+            if MODE == 0:
+                s = tl.div_rn(amax, QMAX)  # numbers.scale_from_absmax
+                if SCALE_BF16:
+                    s = _bf16(s)
+                s = tl.where(amax == 0.0, 1.0, s)
+                q = _mul(_round_grid(tl.div_rn(v, s[:, None]), GRID, MIN_EXP, MB, QMAX), s[:, None])
+            elif MODE == 3:
+                g = tl.load(SCALE)
+                s8 = _fp8_dequant(_mul(g, over))
+                eff = tl.div_rn(s8, g)
+                s8 = _fp8_dequant(_mul(eff, g))  # scheme._recover_e4m3: the same value, recovered as the eager path does
+                ones = tl.full([BLOCK_G], 1.0, tl.float32)
+                out = _mul(g, tl.where(s8 == 0.0, 0.0, tl.div_rn(ones, s8)))
+                y = tl.clamp(_mul(v, out[:, None]), -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL)
+                q = _mul(_round_grid(y, GRID, MIN_EXP, MB, QMAX), eff[:, None])
+            else:
+                if MODE == 1:  # ceil(log2(over)) from the bits; over is >= 0
+                    u = over.to(tl.uint32, bitcast=True)
+                    ex = (u >> 23).to(tl.int32)
+                    man = u & 0x7FFFFF
+                    e = tl.where(ex == 0, tl.where(man > 0x400000, -126, -127), ex - 127 + (man != 0).to(tl.int32))
+                else:  # floor(log2(amax)) - EMAX from the bits (a subnormal's from its mantissa's, converted exactly)
+                    u = amax.to(tl.uint32, bitcast=True)
+                    ex = (u >> 23).to(tl.int32)
+                    man = u & 0x7FFFFF
+                    sub = (man.to(tl.float32).to(tl.uint32, bitcast=True) >> 23).to(tl.int32) - 127 - 149
+                    e = tl.where(amax == 0.0, -127, tl.where(ex == 0, sub, ex - 127) - EMAX)
+                s = _pow2_bits(tl.minimum(tl.maximum(e, -127), 127))
+                s = tl.where((amax == amax) & (amax != float("inf")), s, float("nan"))
+                q = _mul(_round_grid(tl.div_rn(v, s[:, None]), GRID, MIN_EXP, MB, QMAX), s[:, None])
+        _store_model(Q + row * stride_q + offs, _to_model(q, DT), mask, DT)
 
 
 @triton.jit
