@@ -444,8 +444,8 @@ def test_killed_export_leaves_nothing_that_verifies(t2v_int8_smooth, tmp_path):
 
 @pytest.mark.parametrize("fmt_name", [f for f in FORMAT_RULES if lx.refusal(format_from_config(run_cfg("t2v", f, None).format))])
 def test_unexportable_formats_are_refused_before_work(tmp_path, fmt_name):
-    # int4 g128 waits for Marlin's packing; w4a8 and the weight-only / research formats have no lightx2v scheme
-    assert fmt_name in ("none", "w8a16", "fp8_w", "fp_e3m4", "fp_e2m5", "w4a16_g128", "w4a8")
+    # w4a8 and the weight-only 8-bit / research formats have no lightx2v scheme
+    assert fmt_name in ("none", "w8a16", "fp8_w", "fp_e3m4", "fp_e2m5", "w4a8")
     with pytest.raises(UserError) as e:
         lx.check(run_cfg("t2v", fmt_name, tmp_path / "export"))
     msg = str(e.value)
@@ -454,7 +454,7 @@ def test_unexportable_formats_are_refused_before_work(tmp_path, fmt_name):
 
 
 def test_exportable_formats_pass_check_and_skips_are_refused(tmp_path):
-    for fmt_name in ("w8a8", "fp8", "nvfp4", "mxfp8", "mxfp6", "mxfp4", "fp8_static", "fp8_b128"):
+    for fmt_name in ("w8a8", "fp8", "nvfp4", "mxfp8", "mxfp6", "mxfp4", "fp8_static", "fp8_b128", "w4a16_g128"):
         lx.check(run_cfg("t2v", fmt_name, tmp_path / "export"))
     cfg = run_cfg("t2v", "w8a8", tmp_path / "export")
     cfg.format.skip_patterns = ["*.ffn.net.2"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from vqx.export.block_compare import DEFAULT_TOLERANCE
 from vqx.export.lightx2v_lowbit import LOWBIT_SCHEMES, linear_tensors, lowbit_scheme
 from vqx.quant.formats import SCHEMES
 from vqx.quant.linear import QuantLinear
@@ -151,8 +152,43 @@ def test_the_reader_sees_swapped_nibbles_and_an_unswizzled_scale():
     assert read_scales(plain, N, K // 32) != read_scales(s, N, K // 32)  # row-major scales are not the layout
 
 
+def test_marlin_tensors_are_marlins_own_packing():
+    """int4-g128-marlin: the writer's B and s equal IST-DASLab/marlin's Layer.pack on the fake-quantized fp16 weight
+    (grouped, and one group per row at K = 128), byte for byte; the reader gives the codes and scales back."""
+    from lowbit_reference import marlin_layer_pack
+
+    from vqx.export.lightx2v_lowbit_read import marlin_codes, marlin_scales
+
+    for n, k in ((256, 384), (512, 128)):
+        q = _marlin_linear(n, k)
+        t = linear_tensors(q, "p")
+        b, s = marlin_layer_pack(q.dequantized_weight_fp32().half(), q.weight_scale, min(128, k))
+        assert torch.equal(t["p.weight"], b) and torch.equal(t["p.weight_scale"], s)
+        assert torch.equal(t["p.weight_workspace"], torch.zeros(n // 128 * 16, dtype=torch.int32))
+        assert torch.equal(marlin_codes(t["p.weight"], n, k), q.weight_codes.float())
+        assert torch.equal(marlin_scales(t["p.weight_scale"], n), q.weight_scale)
+    swapped = t["p.weight"].clone()
+    swapped[:, [0, 1]] = swapped[:, [1, 0]]  # two words of a tile row swapped: other codes
+    assert not torch.equal(marlin_codes(swapped, n, k), q.weight_codes.float())
+
+
+def test_marlin_refuses_shapes_its_kernel_cannot_run():
+    with pytest.raises(ValueError, match=r"^p: Marlin's int4 GEMM needs in_features divisible by 128 and "
+                                         r"out_features by 256, not \[200, 96\]$"):
+        linear_tensors(_linear("w4a16_g128"), "p")
+
+
+def _marlin_linear(n: int, k: int) -> QuantLinear:
+    g = torch.Generator().manual_seed(2)
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * torch.logspace(-2, 1, k))
+        lin.weight[5] = 0.0
+    return QuantLinear(lin, SCHEMES["w4a16_g128"])
+
+
 def test_schemes_without_a_lightx2v_low_bit_layout_are_refused():
-    for name in ("w4a16_g128", "w4a8", "w8a8"):
+    for name in ("w4a8", "w8a8"):
         q = _linear(name)
         with pytest.raises(ValueError, match=f"p: scheme {name} has no lightx2v low-bit scheme; valid: nvfp4, mxfp8"):
             linear_tensors(q, "p")
@@ -175,7 +211,8 @@ def test_vqx_reader_gives_back_the_evaluated_weight_bit_for_bit(name):
     from vqx.quant.scheme import dequantize
 
     vqx_name = LOWBIT_SCHEMES[name].name
-    q = _linear(vqx_name) if name != "fp8-b128-deepgemm" else _linear_b128()
+    q = {"fp8-b128-deepgemm": _linear_b128, "int4-g128-marlin": lambda: _marlin_linear(256, 256)}.get(
+        name, lambda: _linear(vqx_name))()
     n, k = q.out_features, q.in_features
     tensors = linear_tensors(q, "p")
     want = expected_linear(name, n, k)
@@ -230,7 +267,8 @@ def test_every_lowbit_format_exports_for_lightx2v_and_verifies(lowbit_exports, f
     assert json.loads((folder / "lightx2v_config.json").read_text())["dit_quant_scheme"] == scheme
     report = verify_export(folder)  # on its own, later: the unpacked weights against the recorded evaluated ones
     assert report.ok and report.info["linears_unpacked"] == 20, report.problems
-    assert any("not emulated yet" in n for n in report.notes)
+    # and every block computed from the unpacked tensors in lockstep with the recorded activation codes
+    assert sorted(report.block_errors) == [0, 1] and max(report.block_errors.values()) <= DEFAULT_TOLERANCE
 
 
 def _edit(folder, fn):
@@ -290,3 +328,46 @@ def test_verify_export_catches_broken_lowbit_folders(lowbit_exports, tmp_path, f
     _edit(folder, edit)
     report = verify_export(folder)
     assert not report.ok and any(message in p for p in report.problems), report.problems
+
+
+def test_w4a16_g128_exports_as_marlin_and_verifies(tmp_path):
+    """wan_mini (256 / 1024 wide, shapes Marlin runs) end to end: the int4-g128-marlin folder verifies, names the GPUs,
+    loads back bit for bit; two swapped Marlin words are caught."""
+    import shutil
+
+    import vqx
+    from vqx.export.verify import verify_export
+
+    exp = vqx.Experiment(model="wan_mini", format="w4a16_g128", algorithm="rtn", eval="none", run_dir=tmp_path / "run")
+    state = exp.quantize(exp.load())
+    summary = exp.export(state, tmp_path / "export")
+    assert summary["scheme"] == "int4-g128-marlin" and summary["verify"]["ok"], summary["verify"]
+    folder = tmp_path / "export"
+    assert "Marlin's int4 x fp16 GEMM" in (folder / "LIGHTX2V.md").read_text()
+    report = verify_export(folder)
+    assert report.ok and report.info["linears_unpacked"] == 40, report.problems
+    pipe = exp.load()
+    vqx.load(folder, pipe)
+    for name, q in state.quantized.items():
+        assert torch.equal(pipe.transformer.get_submodule(name).weight, q.weight), name
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+
+    def swap_words(t):
+        w = t["blocks.2.ffn.2.weight"]
+        w[:, [0, 1]] = w[:, [1, 0]]
+
+    _edit(broken, swap_words)
+    report = verify_export(broken)
+    assert not report.ok and any("blocks.2.ffn.2: the unpacked weight is not the evaluated one" in p for p in report.problems)
+
+
+def test_marlin_export_refuses_a_model_it_cannot_hold_before_calibration(vqx_run_in_process, tmp_path):
+    r = vqx_run_in_process(["model=wan_tiny", "format=w4a16_g128", "algorithm=gptq", "export=lightx2v", "eval=none",
+                            "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "vqx: error: export=lightx2v cannot write format=w4a16_g128 for this model: blocks.0.attn1.to_q: Marlin's int4 "
+        "GEMM needs in_features divisible by 128 and out_features by 256, not [32, 32] (every Wan2.1 size fits; use "
+        "export=dequantized or export=none)")
+    assert "stage calibrate" not in (tmp_path / "run" / "run.log").read_text()

@@ -157,6 +157,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, exporter: Exporter, evaluator: E
     t_start = time.perf_counter()
     with timings("load"):
         pipe = load_pipeline(cfg.model)
+    exporter.check_model(cfg, pipe.transformer)
     state = quantize_pipeline(cfg, run_dir, pipe, evaluator, timings)
     with timings("export"), suspended(state.attention):  # the same model on every rank: rank 0 writes it once
         state.metrics["export"] = exporter.export(state) if distributed.is_main() else {}

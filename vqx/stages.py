@@ -35,11 +35,13 @@ class RunState:
 
 
 # An exporter checks in `check` (called before any model is built) that it can write the run's
-# format, then `export(state)` writes and returns a summary for metrics.json.
+# format, in `check_model` (once the model is loaded, before calibration) what depends on the layers' shapes,
+# then `export(state)` writes and returns a summary for metrics.json.
 @dataclass(frozen=True)
 class Exporter:
     check: Callable[[DictConfig], None]
     export: Callable[[RunState], dict]
+    check_model: Callable[[DictConfig, Any], None] = lambda cfg, transformer: None
 
 
 class Evaluator:

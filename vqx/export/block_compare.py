@@ -21,9 +21,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from typing import Callable
+
+from ..quant.scheme import choose_scales, dequantize, quantize_activation
 from ..runtime import resolve_device
 from . import contract, lightx2v_math
 from .checks import Report, TensorFiles
+from .lightx2v_lowbit import LOWBIT_SCHEMES
 from .lightx2v_reference import GRID, INPUTS, METADATA_KEY, REFERENCE_FILE
 
 # Max relative error of a block's update (lockstep, fp32) between lightx2v's math on the files and the evaluated
@@ -71,6 +75,61 @@ class Lockstep:
         return rec_q, rec_sx
 
 
+def grid_step(v: torch.Tensor, grid) -> torch.Tensor:
+    """The spacing of ``grid``'s codes at v: 1 on the integer grids, 2^(exp(v) - mantissa bits) on the floats
+    (fixed below the smallest normal exponent)."""
+    if grid.name == "fp8_e4m3":
+        exp_bits, man_bits = 4, 3
+    elif grid.minifloat is not None:
+        exp_bits, man_bits = grid.minifloat
+    else:
+        return torch.ones_like(v)
+    min_exp = 2 - 2 ** (exp_bits - 1)
+    return torch.exp2(torch.floor(torch.log2(v.abs().clamp(min=2.0 ** min_exp))) - man_bits)
+
+
+class LowbitLockstep:
+    """The low-bit twin of `Lockstep` (`lightx2v_math.LOWBIT`): each linear quantizes its own input with the scheme's
+    activation quantizer under the calibrated value the folder holds, checks scales and codes against the recorded
+    ones, then multiplies the recorded dequantized activation. A group's scale may differ by `SCALE_RTOL` (fp32
+    scales), or be another rounding of an absmax within `SCALE_RTOL` of a boundary (e8m0, e4m3: the scale of the
+    absmax scaled by 1 -/+ SCALE_RTOL is the recorded one); a recorded code must be a code of a value within `TIE`
+    grid steps plus `ROW_REL` of the grid's range of x / its recorded scale. Weight-only linears (no recorded codes)
+    take their input as it is."""
+
+    def __init__(self, codes: dict[str, tuple[torch.Tensor, torch.Tensor]], act, values: dict[str, torch.Tensor | None],
+                 device):
+        self.codes, self.act, self.values, self.device = codes, act, values, device
+        self.off_codes: dict[str, int] = {}
+        self.scale_dev: dict[str, float] = {}  # groups whose scale is off (a count)
+
+    def __call__(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        if name not in self.codes:
+            return h
+        ts, value = self.act, self.values.get(name)
+        rows = h.reshape(-1, h.shape[-1]).float()
+        rec_q, rec_s = (t.to(self.device) for t in self.codes[name])
+        if rec_q.shape != rows.shape:
+            self.off_codes[name] = rec_q.numel()
+            return h
+        own_q, own_s = quantize_activation(rows, ts, value)
+        near = ((own_s / rec_s) - 1).abs() <= SCALE_RTOL
+        if ts.dynamic:  # a tie of the scale's rounding
+            g = value.float().reshape(()) if ts.global_scale else None
+            for factor in (1 - SCALE_RTOL, 1 + SCALE_RTOL):
+                near |= choose_scales(rows, ts, g, clip=factor) == rec_s
+        self.scale_dev[name] = float((~near).sum())
+        differ = own_q != rec_q
+        if differ.any():
+            size = ts.block_size(tuple(rows.shape))
+            v = rows / rec_s.repeat_interleave(size[0], 0).repeat_interleave(size[1], 1)
+            grid = ts.grid_
+            tau = TIE * grid_step(v, grid) + grid.qmax * ROW_REL
+            lo, hi = grid.round_to_grid(v - tau), grid.round_to_grid(v + tau)
+            self.off_codes[name] = int((differ & ((rec_q < lo) | (rec_q > hi))).sum())
+        return dequantize(rec_q, rec_s, ts).reshape(h.shape)
+
+
 def relative_update_error(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor) -> float:
     """||out - ref|| / ||ref - x||: the difference relative to what the block adds to its input."""
     out, ref, x = out.float().reshape(-1), ref.float().reshape(-1), x.float().reshape(-1)
@@ -89,14 +148,22 @@ def spread(n: int, k: int | None) -> list[int]:
 
 
 def block_error(tensors: dict, i: int, ref: "Recorded", wan_cfg: dict, scheme: str, code_keys: set[str],
-                device) -> tuple[float, Lockstep]:
+                device, lowbit: dict | None = None) -> tuple[float, Lockstep | LowbitLockstep]:
     """Block ``i`` computed by lightx2v's fp32 math on its native ``tensors`` (as stored), in lockstep with the
-    recorded codes: (relative update error against the recorded output, the lockstep's counts)."""
-    t = {k: v.to(device) for k, v in lightx2v_math.loader_cast(tensors, code_keys, torch.float32).items()}
+    recorded codes: (relative update error against the recorded output, the lockstep's counts). ``lowbit``: for a
+    low-bit checkpoint, {"weights": block-relative linear -> its dequantized fp32 weight, "values": -> its calibrated
+    activation value as the layer uses it, "act": the activation scheme}; the packed tensors are then not read."""
+    floats = {k: v for k, v in tensors.items() if k not in code_keys} if lowbit else tensors
+    t = {k: v.to(device) for k, v in lightx2v_math.loader_cast(floats, code_keys, torch.float32).items()}
     d = {k: v.to(device) for k, v in ref.inputs.items()}
     heads = int(wan_cfg["num_heads"])
     freqs = lightx2v_math.rope_freqs(d["x"].shape[-1] // heads, GRID).to(device)
-    lock = Lockstep(ref.block_codes(i), scheme, device)
+    if lowbit is None:
+        lock = Lockstep(ref.block_codes(i), scheme, device)
+    else:
+        t.update({f"blocks.{i}.{n}.weight": w.to(device) for n, w in lowbit["weights"].items()})
+        values = {n: (v.to(device) if v is not None else None) for n, v in lowbit["values"].items()}
+        lock, scheme = LowbitLockstep(ref.block_codes(i), lowbit["act"], values, device), lightx2v_math.LOWBIT
     out = lightx2v_math.block_forward(t, i, d["x"], d["embed0"], d["context"], d.get("context_img"), freqs, heads,
                                       float(wan_cfg["eps"]), scheme, lockstep=lock)
     return relative_update_error(out.float().cpu(), ref.outputs[i], ref.inputs["x"]), lock
@@ -148,23 +215,27 @@ def recorded(folder: Path, wan_cfg: dict, report: Report) -> Recorded | None:
 
 
 def compare_blocks(folder: Path, tf: TensorFiles, wan_cfg: dict, dkw: dict, scheme: str, report: Report,
-                   device: str | None, max_blocks: int | None) -> None:
+                   device: str | None, max_blocks: int | None, lowbit: Callable[[int], dict] | None = None) -> None:
+    """``lowbit``: for a low-bit checkpoint, block index -> `block_error`'s ``lowbit`` (its linears unpacked)."""
     ref = recorded(folder, wan_cfg, report)
     if ref is None:
         return
     dev = resolve_device(device or "auto", "--device=")
     linears = contract.quantized_linears(contract.meta_transformer(dkw))
-    code_keys = {f"{name}.weight" for name in linears}
+    code_keys = {f"{name}.{leaf}" for name in linears
+                 for leaf in (("weight", "weight_scale", "weight_global_scale", "weight_workspace", "input_absmax",
+                               "input_scale") if lowbit else ("weight",))}
+    weight_only = lowbit is not None and LOWBIT_SCHEMES[scheme].activation is None
     blocks = sorted(ref.outputs)
     blocks = [blocks[j] for j in spread(len(blocks), max_blocks)]
     for i in tqdm(blocks, desc="verify", unit="block", leave=False):
         codes = ref.block_codes(i)
         missing = [n for n in linears if n.startswith(f"blocks.{i}.") and n[len(f"blocks.{i}."):] not in codes]
-        if missing:
+        if missing and not weight_only:
             report.problems.append(f"{REFERENCE_FILE}: no recorded activation codes for {', '.join(missing[:3])}")
             continue
         tensors = {k: tf.get(k) for k in tf.where if k.startswith(f"blocks.{i}.")}
-        err, lock = block_error(tensors, i, ref, wan_cfg, scheme, code_keys, dev)
+        err, lock = block_error(tensors, i, ref, wan_cfg, scheme, code_keys, dev, lowbit(i) if lowbit else None)
         report.block_errors[i] = err
         off = {n: c for n, c in lock.off_codes.items() if c}
         scales = {n: d for n, d in lock.scale_dev.items() if not d <= SCALE_RTOL}
@@ -172,11 +243,16 @@ def compare_blocks(folder: Path, tf: TensorFiles, wan_cfg: dict, dkw: dict, sche
             report.problems.append(f"blocks.{i}: the inputs of {', '.join(sorted(off))} quantize to other codes than the "
                                    f"evaluated model's ({sum(off.values())} codes away from any rounding tie): a tensor "
                                    f"before them (norm, modulation, smoothing vector) differs")
-        if scales:
+        if scales and lowbit is None:
             n, d = max(scales.items(), key=lambda kv: kv[1])
             report.problems.append(f"blocks.{i}: the per-token activation scales of {', '.join(sorted(scales))} differ "
                                    f"from the evaluated model's by up to {d:.3g} (relative, at {n}; a correct export: < "
                                    f"{SCALE_RTOL:g}): a tensor before them (smoothing vector, norm) differs")
+        elif scales:
+            n, d = max(scales.items(), key=lambda kv: kv[1])
+            report.problems.append(f"blocks.{i}: the activation scales of {', '.join(sorted(scales))} differ from the "
+                                   f"evaluated model's away from any rounding boundary ({d:.0f} group scales at {n}): "
+                                   f"a tensor before them (smoothing vector, norm, calibrated value) differs")
         if not math.isfinite(err) or err > report.tolerance:
             report.problems.append(f"blocks.{i}: lightx2v's math on the exported tensors differs from the evaluated "
                                    f"block's recorded output by {err:.3g} (relative to the block's update; "

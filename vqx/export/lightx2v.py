@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 from ..config.schema import bounded, choice, register_schema
 from ..errors import Fault, UserError
 from ..io import write_json_atomic, write_text_atomic
-from ..models.adapter import ModelAdapter, adapter_for
-from ..quant.formats import SCHEMES, Format, format_from_config
+from ..models.adapter import LayerSelection, ModelAdapter, adapter_for, quant_targets
+from ..quant.formats import Format, format_from_config
 from ..quant.linear import QuantLinear
 from ..stages import EXPORTERS, Exporter, RunState
 from . import contract, lightx2v_reference
@@ -50,7 +50,7 @@ from .block_compare import spread
 from .folder import (ExportFolderSchema, check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder,
                      target_dir)
 from .lightx2v_attention import attention_keys, attention_notes
-from .lightx2v_lowbit import LOWBIT_SCHEMES, linear_tensors, lowbit_scheme
+from .lightx2v_lowbit import LOWBIT_SCHEMES, linear_tensors, lowbit_scheme, marlin_check_shape
 from .lightx2v_reference import REFERENCE_FILE, WEIGHTS_FILE
 from .manifest import write_manifest
 from .verify import DEFAULT_TOLERANCE, verify_export
@@ -88,10 +88,7 @@ def refusal(fmt: Format) -> str | None:
         return None
     else:
         s = schemes[0]
-        if (s.weight, s.activation) == (SCHEMES["w4a16_g128"].weight, SCHEMES["w4a16_g128"].activation):
-            why = ("lightx2v's int4-g128-marlin reads Marlin's tile-permuted int4 packing, which vqx does not write "
-                   "yet")
-        elif s.weight_grid.storage_dtype is None:
+        if s.weight_grid.storage_dtype is None:
             why = f"{s.weight.grid} is a research grid with no storage dtype (fake-quant only)"
         elif s.activation is None:
             why = "it is weight-only and lightx2v has no 16-bit-activation scheme for this checkpoint"
@@ -257,6 +254,7 @@ LOWBIT_GPUS = {  # what runs each low-bit scheme's lightx2v kernels (docs/lightx
     "mxfp4": "lightx2v_kernel's MX GEMMs, built for sm_120a (RTX 50-class) only",
     "fp8-pertensor": "FP8 tensor cores (Ada, Hopper, Blackwell)",
     "fp8-b128-deepgemm": "DeepGEMM's block-scaled FP8 GEMM (Hopper)",
+    "int4-g128-marlin": "Marlin's int4 x fp16 GEMM (Ampere and later: A100, H100/H200, RTX 30/40)",
 }
 
 
@@ -323,9 +321,8 @@ def export(state: RunState) -> dict:
                 "advanced_ptq": bool(smoothing), "num_layers": len(adapter.blocks(transformer))}
         if scheme in LOWBIT_SCHEMES:
             lightx2v_reference.record_weights(transformer, tmp / WEIGHTS_FILE)
-        else:
-            blocks = spread(info["num_layers"], ecfg.verify_blocks)
-            lightx2v_reference.record(transformer, tmp / REFERENCE_FILE, blocks, seed=0, scheme=scheme)
+        blocks = spread(info["num_layers"], ecfg.verify_blocks)
+        lightx2v_reference.record(transformer, tmp / REFERENCE_FILE, blocks, seed=0, scheme=scheme)
         manifest = write_manifest(tmp, "lightx2v", counts, info, cfg)
         if ecfg.verify:
             verify_report = verify_export(tmp, tolerance=float(ecfg.verify_tolerance),
@@ -344,4 +341,16 @@ def export(state: RunState) -> dict:
     return summary
 
 
-EXPORTERS.register("lightx2v")(Exporter(check=check, export=export))
+def check_model(cfg: DictConfig, transformer: torch.nn.Module) -> None:
+    """Once the model is loaded, before calibration: the layer shapes the scheme's kernel needs (Marlin's)."""
+    schemes = format_from_config(cfg.format).schemes()
+    if len(schemes) != 1 or lowbit_scheme(schemes[0]) != "int4-g128-marlin":
+        return
+    for t in quant_targets(transformer, LayerSelection()):
+        why = marlin_check_shape(t.module.out_features, t.module.in_features)
+        if why:
+            raise UserError(f"export=lightx2v cannot write format={cfg.format.name} for this model: {t.name}: {why} "
+                            f"(every Wan2.1 size fits; use export=dequantized or export=none)")
+
+
+EXPORTERS.register("lightx2v")(Exporter(check=check, export=export, check_model=check_model))

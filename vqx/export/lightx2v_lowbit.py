@@ -11,6 +11,7 @@ Per scheme (``P`` a linear's native prefix, e.g. ``blocks.0.self_attn.q``; N out
 | ``mxfp4`` | mxfp4 | uint8 [N, K/2]: E2M1 nibbles | e8m0, swizzled | |
 | ``fp8-pertensor`` | fp8_static | float8_e4m3fn [N, K] | fp32 [] | ``P.input_scale`` fp32 [1] |
 | ``fp8-b128-deepgemm`` | fp8_b128 | float8_e4m3fn [N, K] | fp32 [N/128, K/128] | |
+| ``int4-g128-marlin`` | w4a16_g128 | int32 [K/16, 2N]: Marlin tiles | fp16 [K/128, N], permuted | ``P.weight_workspace`` int32 [N/8] zeros |
 
 plus ``P.bias``. Where the layouts come from (ModelTC/LightX2V f8aee98):
 - nibble order: ``cvt.rn.satfinite.e2m1x2.f32 byte, hi, lo`` in the fp4 quant kernels puts element 2i in the low
@@ -23,8 +24,14 @@ plus ``P.bias``. Where the layouts come from (ModelTC/LightX2V f8aee98):
 - float tensors go through the loader's bf16 cast: the NVFP4 global scale, ``input_absmax`` and the fp8 scales are
   bf16-representable (checked); ``input_scale`` is stored with shape [1] so that ``x / input_scale`` divides in fp32
   (a 0-dim scale would make the quotient bf16 and round twice).
-``int4-g128-marlin`` (w4a16_g128) needs Marlin's tile permutation and is not written here; ``w4a8`` has no
-lightx2v scheme.
+- Marlin (IST-DASLab/marlin ``Layer.pack``, which lightx2v's ``int4-g128-marlin`` hands to ``marlin_cuda_quant.mul``
+  unchanged: its loader neither transposes nor repacks): unsigned codes ``c + 8``, the [K, N] code matrix cut into
+  16 x 16 tiles stored tile row by tile row, each 1024-code run of a tile row reordered by ``_perm`` (the tensor
+  cores' fragment order) and packed eight codes per int32, code i of a word in bits 4i..4i+3; scales [K/128, N] with
+  each 64-column run reordered by ``_scale_perm`` (one group per row: 32-column runs by ``_scale_perm_single``);
+  Marlin needs K divisible by 128 and N by 256, and a zeroed int32 workspace of N / 128 * 16 entries
+  (``{weight}_workspace``). The loader reads the scales through bf16 and the kernel as fp16: they must be both.
+``w4a8`` has no lightx2v scheme.
 """
 
 from __future__ import annotations
@@ -43,8 +50,52 @@ LOWBIT_SCHEMES: dict[str, Scheme] = {
     "mxfp4": SCHEMES["mxfp4"],
     "fp8-pertensor": SCHEMES["fp8_static"],
     "fp8-b128-deepgemm": SCHEMES["fp8_b128"],
+    "int4-g128-marlin": SCHEMES["w4a16_g128"],
 }
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+MARLIN_TILE = 16
+MARLIN_GROUP = 128
+
+
+def marlin_perms() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Marlin's code order within a 1024-code tile-row run, and its scale orders (grouped, one group per row):
+    IST-DASLab/marlin ``_get_perms``, the order the kernel's tensor-core fragments read."""
+    perm = []
+    for i in range(32):
+        col = i // 4
+        run = [16 * row + col + 8 * block for block in (0, 1)
+               for row in (2 * (i % 4), 2 * (i % 4) + 1, 2 * (i % 4 + 4), 2 * (i % 4 + 4) + 1)]
+        for j in range(4):
+            perm.extend(p + 256 * j for p in run)
+    perm = torch.tensor(perm).reshape(-1, 8)[:, [0, 2, 4, 6, 1, 3, 5, 7]].reshape(-1)
+    scale_perm = [i + 8 * j for i in range(8) for j in range(8)]
+    scale_perm_single = [2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16, 17, 24, 25)]
+    return perm, torch.tensor(scale_perm), torch.tensor(scale_perm_single)
+
+
+def marlin_check_shape(n: int, k: int) -> str | None:
+    """Why Marlin cannot hold an [n, k] linear (its Layer's limits), or None."""
+    if k % MARLIN_GROUP or n % 256:
+        return (f"Marlin's int4 GEMM needs in_features divisible by {MARLIN_GROUP} and out_features by 256, "
+                f"not [{n}, {k}]")
+    return None
+
+
+def marlin_pack(codes: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 codes [N, K] (fp32, -8..7) and scales [N, K/128] -> Marlin's (B int32 [K/16, 2N], s fp16 [K/128, N])."""
+    n, k = codes.shape
+    perm, scale_perm, scale_perm_single = marlin_perms()
+    w = (codes.to(torch.int64) + 8).t()  # [K, N], Marlin's unsigned codes (zero point 8)
+    w = w.reshape(k // MARLIN_TILE, MARLIN_TILE, n // MARLIN_TILE, MARLIN_TILE).permute(0, 2, 1, 3)
+    w = w.reshape(-1, perm.numel())[:, perm].reshape(k // MARLIN_TILE, n * MARLIN_TILE)
+    words = torch.zeros(w.shape[0], w.shape[1] // 8, dtype=torch.int64)
+    for i in range(8):
+        words |= w[:, i::8] << (4 * i)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # uint32 bits as int32
+    s = scale.t()  # [K/128, N]
+    order = scale_perm if s.shape[0] > 1 else scale_perm_single
+    s = s.reshape(-1, order.numel())[:, order].reshape(-1, n)
+    return words.contiguous(), s.to(torch.float16).contiguous()
 
 
 def lowbit_scheme(scheme: Scheme | None) -> str | None:
@@ -154,9 +205,17 @@ def linear_tensors(q: QuantLinear, prefix: str) -> dict[str, torch.Tensor]:
         out[f"{prefix}.weight"] = codes.to(torch.float8_e4m3fn).contiguous()
         out[f"{prefix}.weight_scale"] = _bf16_exact(scale.reshape(()), f"{prefix}.weight_scale")
         out[f"{prefix}.input_scale"] = _bf16_exact(q.input_scale.reshape(1), f"{prefix}.input_scale")
-    else:  # fp8-b128-deepgemm
+    elif name == "fp8-b128-deepgemm":
         out[f"{prefix}.weight"] = codes.to(torch.float8_e4m3fn).contiguous()
         out[f"{prefix}.weight_scale"] = _bf16_exact(scale, f"{prefix}.weight_scale")
+    else:  # int4-g128-marlin
+        why = marlin_check_shape(*codes.shape)
+        if why:
+            raise ValueError(f"{prefix}: {why}")
+        if not torch.equal(scale.to(torch.float16).float(), scale) or not torch.equal(scale.to(torch.bfloat16).float(), scale):
+            raise ValueError(f"{prefix}: int4 scales must be exact in bf16 (lightx2v's loader) and fp16 (Marlin's kernel)")
+        out[f"{prefix}.weight"], out[f"{prefix}.weight_scale"] = marlin_pack(codes, scale)
+        out[f"{prefix}.weight_workspace"] = torch.zeros(codes.shape[0] // 128 * 16, dtype=torch.int32)
     if q.bias is not None:
         out[f"{prefix}.bias"] = q.bias.detach().cpu().contiguous()
     return out

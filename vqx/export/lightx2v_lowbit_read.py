@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .lightx2v_lowbit import E2M1_VALUES, LOWBIT_SCHEMES
+from .lightx2v_lowbit import E2M1_VALUES, LOWBIT_SCHEMES, MARLIN_GROUP, MARLIN_TILE, marlin_perms
 
 
 def _pad(n: int, multiple: int) -> int:
@@ -34,6 +34,10 @@ def expected_linear(scheme: str, n: int, k: int) -> dict[str, tuple[torch.dtype,
                 "input_scale": (torch.float32, (1,))}
     if scheme == "fp8-b128-deepgemm":
         return {"weight": (torch.float8_e4m3fn, (n, k)), "weight_scale": (torch.float32, (-(-n // 128), -(-k // 128)))}
+    if scheme == "int4-g128-marlin":
+        return {"weight": (torch.int32, (k // MARLIN_TILE, 2 * n)),
+                "weight_scale": (torch.float16, (max(1, k // MARLIN_GROUP), n)),
+                "weight_workspace": (torch.int32, (n // 128 * 16,))}
     raise ValueError(f"{scheme!r} is not a lightx2v low-bit scheme; valid: {', '.join(LOWBIT_SCHEMES)}")
 
 
@@ -76,6 +80,32 @@ def sixbits(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([a, b, c, d], dim=-1).reshape(packed.shape[0], -1).to(torch.uint8)
 
 
+def marlin_codes(words: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Marlin's B int32 [k/16, 2n] -> signed int4 codes [n, k] as fp32: eight 4-bit codes per word (code i in bits
+    4i..4i+3, zero point 8), each 1024-code run of a 16-row tile row in the kernel's fragment order (the inverse of
+    ``_perm``), tiles 16 x 16 of the [k, n] matrix."""
+    perm = marlin_perms()[0]
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    runs = torch.empty(u.shape[0], u.shape[1] * 8, dtype=torch.int64)
+    for i in range(8):
+        runs[:, i::8] = (u >> (4 * i)) & 15
+    plain = torch.empty_like(runs.reshape(-1, perm.numel()))
+    plain[:, perm] = runs.reshape(-1, perm.numel())  # position perm[j] of a run holds the j-th stored code
+    kn = plain.reshape(k // MARLIN_TILE, n // MARLIN_TILE, MARLIN_TILE, MARLIN_TILE).permute(0, 2, 1, 3).reshape(k, n)
+    return (kn - 8).t().float()
+
+
+def marlin_scales(s: torch.Tensor, n: int) -> torch.Tensor:
+    """Marlin's s [k/128, n] (64-column runs in ``_scale_perm`` order; 32-column runs in ``_scale_perm_single``'s
+    with one group per row) -> fp32 scales [n, k/128]."""
+    _, scale_perm, single = marlin_perms()
+    order = scale_perm if s.shape[0] > 1 else single
+    runs = s.float().reshape(-1, order.numel())
+    plain = torch.empty_like(runs)
+    plain[:, order] = runs
+    return plain.reshape(-1, n).t().contiguous()
+
+
 def read_linear(get: Callable[[str], torch.Tensor], prefix: str, scheme: str, n: int, k: int) -> dict:
     """Unpack ``prefix``'s tensors (``get(name)``) -> {"codes": fp32 [n, k], "scale": what vqx dequantizes with,
     "input_scale": the calibrated activation value a QuantLinear takes (NVFP4's input_absmax, fp8-pertensor's
@@ -99,6 +129,8 @@ def read_linear(get: Callable[[str], torch.Tensor], prefix: str, scheme: str, n:
         out["input_scale"] = get(f"{prefix}.input_scale").float().reshape(())
     elif scheme == "fp8-b128-deepgemm":
         out["codes"], out["scale"] = w.float(), get(f"{prefix}.weight_scale").float()
+    elif scheme == "int4-g128-marlin":
+        out["codes"], out["scale"] = marlin_codes(w, n, k), marlin_scales(get(f"{prefix}.weight_scale"), n)
     else:
         raise ValueError(f"{scheme!r} is not a lightx2v low-bit scheme; valid: {', '.join(LOWBIT_SCHEMES)}")
     return out

@@ -146,18 +146,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return o[0].transpose(0, 1).flatten(1)
 
 
+# block_forward's ``scheme`` for a low-bit checkpoint: ``t`` then holds each linear's weight dequantized (fp32 codes x
+# scales, `lightx2v_lowbit_read`); a low-bit GEMM multiplies exactly those values with the dequantized activation
+# (NVFP4's alpha = 1 / (global scales) and the MX / block scales are factors of the same products), in fp32 here.
+LOWBIT = "lowbit"
+
+
 def block_forward(t: dict[str, torch.Tensor], index: int, x: torch.Tensor, embed0: torch.Tensor,
                   context: torch.Tensor, context_img: torch.Tensor | None, freqs: torch.Tensor,
                   num_heads: int, eps: float, scheme: str, kernel: str = "vllm", lockstep=None) -> torch.Tensor:
     """Block ``index`` on one sample, in x's dtype: x [L, D], embed0 [6, D] (the time projection), context
     [Lc, D] (text tokens), context_img [Li, D] (I2V image tokens), freqs from `rope_freqs`. ``t`` holds the
     block's tensors after `loader_cast` with the same dtype. ``lockstep(name, h)``, when given, returns the
-    (codes, scales) each quantized linear multiplies instead of quantizing ``h`` itself (`block_compare`)."""
+    (codes, scales) each quantized linear multiplies instead of quantizing ``h`` itself (`block_compare`; with
+    ``scheme`` LOWBIT the dequantized activation)."""
     p = f"blocks.{index}."
     dim = x.shape[-1]
     n, d = num_heads, dim // num_heads
 
     def mm(h, name):
+        if scheme == LOWBIT:  # dequantized weights; the activation as the lockstep gives it (h: weight-only)
+            a = h if lockstep is None else lockstep(name, h)
+            return F.linear(a, t[p + name + ".weight"], t[p + name + ".bias"])
         w = (t[p + name + ".weight"], t[p + name + ".weight_scale"], t[p + name + ".bias"])
         if lockstep is None:
             return quant_linear(h, *w, scheme, kernel)

@@ -3,8 +3,9 @@
 At export time each verified block of the evaluated (fake-quant) model runs on one set of seeded inputs in fp32:
 a copy of the block with every float tensor upcast exactly and every QuantLinear weight recomputed as codes x
 scale in fp32, which are the values the folder holds. ``REFERENCE_FILE`` stores those inputs, each block's
-output, and the per-token activation codes and scales each of its quantized linears multiplied (``act_codes``,
-``act_scale``; an input shared by several linears or blocks is stored once, ``alias`` in the metadata).
+output, and the activation codes and scales each of its quantized linears multiplied (``act_codes``, ``act_scale``:
+per token for int8/fp8, per group or per tensor for the low-bit schemes; an input shared by several linears or blocks
+is stored once, ``alias`` in the metadata).
 `vqx verify-export` later computes lightx2v's math on the folder's tensors in fp32 and compares with these
 (`block_compare`), so a folder whose values changed after the export (vectors inverted, codes swapped, a bias
 zeroed, scales off by 1%) fails even when its manifest was rewritten to match.
@@ -26,6 +27,7 @@ from .. import __version__
 from ..io import write_json_atomic
 from ..models.adapter import adapter_for
 from ..quant.linear import QuantLinear
+from ..quant.scheme import quantize_activation
 from . import contract, lightx2v_math
 
 REFERENCE_FILE = "reference/block_outputs.safetensors"
@@ -88,7 +90,9 @@ def block_output(block: torch.nn.Module, inputs: dict[str, torch.Tensor], rotary
 @torch.no_grad()
 def record(transformer: torch.nn.Module, path: Path, blocks: list[int], seed: int, scheme: str) -> int:
     """Write the seeded inputs and, for each of ``blocks``, the evaluated block's fp32 output and its linears'
-    activation codes (lightx2v ``scheme`` "int8"/"fp8"); returns the tensor count."""
+    activation codes: per token as lightx2v ``scheme`` "int8"/"fp8" computes them, or for a low-bit scheme the
+    layer's own (`scheme.quantize_activation`: group codes and scales, NVFP4 under its calibrated global scale,
+    static fp8; weight-only layers have none). Returns the tensor count."""
     adapter = adapter_for(transformer)
     dim = adapter.hidden_size(transformer)
     inputs = block_inputs(dim, adapter.is_i2v(transformer), seed)
@@ -105,8 +109,13 @@ def record(transformer: torch.nn.Module, path: Path, blocks: list[int], seed: in
         tensors[f"blocks.{i}"] = block_output(block, inputs, rotary)
         for h in hooks:
             h.remove()
-        for native, x in captured.items():
-            codes, scale = lightx2v_math.act_quant(x, scheme, "vllm")
+        for native, (x, q) in captured.items():
+            if scheme in ("int8", "fp8"):
+                codes, scale = lightx2v_math.act_quant(x, scheme, "vllm")
+            elif q.act_scheme is None:
+                continue  # weight-only: the GEMM reads the 16-bit input
+            else:
+                codes, scale = quantize_activation(x, q.act_scheme, q.input_scale)
             key = f"blocks.{i}.{native}"
             content = (tuple(codes.shape), codes.view(torch.int8).cpu().numpy().tobytes(), scale.cpu().numpy().tobytes())
             if content in seen:
@@ -126,7 +135,7 @@ def _capture(store: dict, native: str):
     def hook(module: QuantLinear, args):
         x = args[0].float().reshape(-1, args[0].shape[-1])
         inv = module.input_smooth_inv
-        store[native] = x if inv is None else x * inv  # what the layer quantizes (its 1/s applied, in fp32)
+        store[native] = (x if inv is None else x * inv, module)  # what the layer quantizes (its 1/s applied, in fp32)
     return hook
 
 

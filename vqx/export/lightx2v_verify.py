@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.adapter import LayerSelection, adapter_for, adapter_named
-from ..quant.scheme import dequantize
+from ..quant.scheme import dequantize, nvfp4_global_scale
 from ..runtime import torch_dtype
 from . import contract
 from .block_compare import compare_blocks
@@ -74,22 +74,50 @@ def verify_lightx2v(job: VerifyJob, report: Report) -> None:
     if report.problems or not job.compute:
         return
     if lowbit:
-        _check_lowbit_weights(folder, tf, dkw, lowbit, report)
+        shapes = _linear_shapes(dkw)
+        _check_lowbit_weights(folder, tf, shapes, lowbit, report)
+        if not report.problems:
+            compare_blocks(folder, tf, wan_cfg, dkw, lowbit, report, job.device, job.max_blocks,
+                           lowbit=_unpacked_block(tf, shapes, lowbit))
     else:
         compare_blocks(folder, tf, wan_cfg, dkw, scheme, report, job.device, job.max_blocks)
 
 
-def _check_lowbit_weights(folder: Path, tf: TensorFiles, dkw: dict, scheme: str, report: Report) -> None:
+def _linear_shapes(dkw: dict) -> dict[str, tuple[int, int]]:
+    """Native name -> (out, in) of every block linear of the architecture."""
+    model = contract.meta_transformer(dkw)
+    return {t.native_name: tuple(t.module.weight.shape) for t in adapter_for(model).quant_targets(model, LayerSelection())}
+
+
+def _unpacked_block(tf: TensorFiles, shapes: dict[str, tuple[int, int]], scheme: str):
+    """Block index -> `block_compare.block_error`'s ``lowbit``: the block's linears unpacked and dequantized, the
+    calibrated activation values as the layers use them (NVFP4: the global scale derived from input_absmax)."""
+    act = LOWBIT_SCHEMES[scheme].activation
+    ts = LOWBIT_SCHEMES[scheme].weight
+
+    def block(i: int) -> dict:
+        weights, values = {}, {}
+        for prefix, (n, k) in shapes.items():
+            if prefix.startswith(f"blocks.{i}."):
+                got = read_linear(tf.get, prefix, scheme, n, k)
+                local = prefix[len(f"blocks.{i}."):]
+                weights[local] = dequantize(got["codes"], got["scale"], ts)
+                value = got["input_scale"]
+                values[local] = nvfp4_global_scale(value) if value is not None and act.global_scale else value
+        return {"weights": weights, "values": values, "act": act}
+    return block
+
+
+def _check_lowbit_weights(folder: Path, tf: TensorFiles, shapes: dict[str, tuple[int, int]], scheme: str,
+                          report: Report) -> None:
     """Every low-bit linear unpacked (`lightx2v_lowbit_read`, not the writer's code) and dequantized as vqx
     dequantizes: codes on the grid and finite scales give back, bit for bit, the weight the run evaluated (its
-    recorded hash). lightx2v's low-bit matmul itself is not emulated yet (a note says so)."""
+    recorded hash)."""
     digests = read_json(folder / WEIGHTS_FILE, report)
     if digests is None:
         return
     recorded, inputs = digests.get("sha256_fp32_weight") or {}, digests.get("input_value") or {}
     ts = LOWBIT_SCHEMES[scheme].weight
-    model = contract.meta_transformer(dkw)
-    shapes = {t.native_name: tuple(t.module.weight.shape) for t in adapter_for(model).quant_targets(model, LayerSelection())}
     bad = []
     for prefix, (n, k) in tqdm(sorted(shapes.items()), desc="unpack", unit="linear", leave=False, disable=len(shapes) < 100):
         got = read_linear(tf.get, prefix, scheme, n, k)
@@ -104,7 +132,8 @@ def _check_lowbit_weights(folder: Path, tf: TensorFiles, dkw: dict, scheme: str,
     report.problems += bad[:MAX_LINES] + ([f"... and {len(bad) - MAX_LINES} more"] if len(bad) > MAX_LINES else [])
     report.info["linears_unpacked"] = len(shapes)
     report.notes.append(f"{scheme}: every linear unpacked and checked against the evaluated weight bit for bit; "
-                        f"lightx2v's {scheme} matmul is not emulated yet")
+                        f"its matmul emulated in fp32 on the dequantized operands (lightx2v's kernels accumulate in "
+                        f"their own order and precision)")
 
 
 def _architecture(wan_cfg: dict, tf: TensorFiles) -> dict:

@@ -322,19 +322,21 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, ts: TensorScheme) -> to
     return (_blocks(codes.float(), size) * _expand(scale.float())).reshape(codes.shape)
 
 
+def quantize_activation(x2: torch.Tensor, ts: TensorScheme, value: torch.Tensor | None = None):
+    """(fp32 codes, fp32 scales) of activation rows x2 [M, K] under ``ts``. ``value``: a calibrated per-tensor value:
+    the static scale of a static scheme, or the global scale of an NVFP4-style scheme (without one, the tensor's own
+    global scale: search losses on samples)."""
+    x2 = x2.float()  # upcast once: the scales and the codes both read the fp32 values
+    if ts.global_scale:
+        g = global_scale_of(x2, ts) if value is None else value.float().reshape(())
+        scale = choose_scales(x2, ts, g)
+        return quantize_with(x2, ts, scale, g), scale
+    scale = scales_of(x2, ts) if value is None else value.float().reshape(1, 1)
+    return quantize_with(x2, ts, scale), scale
+
+
 def fake_quantize(x: torch.Tensor, ts: TensorScheme, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize along the last dimension (any leading shape), fp32 math, result in ``x.dtype``.
-    ``scale``: a calibrated per-tensor value: the static scale of a static scheme, or the global scale of an
-    NVFP4-style scheme (without one, the tensor's own global scale: search losses on samples)."""
-    x2 = x.reshape(-1, x.shape[-1]).float()  # upcast once: the scales and the codes both read the fp32 values
-    if ts.global_scale:
-        g = global_scale_of(x2, ts) if scale is None else scale.float().reshape(())
-        scale = choose_scales(x2, ts, g)
-        codes = quantize_with(x2, ts, scale, g)
-    elif scale is None:
-        scale = scales_of(x2, ts)
-        codes = quantize_with(x2, ts, scale)
-    else:
-        scale = scale.float().reshape(1, 1)
-        codes = quantize_with(x2, ts, scale)
+    ``scale``: the calibrated per-tensor value of `quantize_activation`."""
+    codes, scale = quantize_activation(x.reshape(-1, x.shape[-1]), ts, scale)
     return dequantize(codes, scale, ts).to(x.dtype).reshape(x.shape)
