@@ -316,6 +316,14 @@ def _global_scale_1pct(t):
      "blocks.1.ffn.2: calibrated activation value"),
     ("fp8_static", lambda t: t.update({"blocks.0.cross_attn.q.input_scale": t["blocks.0.cross_attn.q.input_scale"] * 2}),
      "blocks.0.cross_attn.q: calibrated activation value"),
+    # input-side float tensors: seen by the lockstep (codes / scales) or in the block output
+    ("nvfp4", lambda t: t.update({"blocks.1.norm3.weight": t["blocks.1.norm3.weight"] * 1.01}),
+     "blocks.1: the inputs of cross_attn.q quantize to other codes than the evaluated model's"),
+    ("mxfp8", lambda t: t.update({"blocks.0.self_attn.o.bias": t["blocks.0.self_attn.o.bias"] * 1.01}),
+     "blocks.0: lightx2v's math on the exported tensors differs from the evaluated block's recorded output"),
+    ("fp8_b128", lambda t: t.update({"blocks.1.modulation": t["blocks.1.modulation"] * 1.001}),
+     "blocks.1: the activation scales of ffn.0, self_attn.k, self_attn.q, self_attn.v differ from the evaluated "
+     "model's away from any rounding boundary"),
 ])
 def test_verify_export_catches_broken_lowbit_folders(lowbit_exports, tmp_path, fmt, edit, message):
     import shutil

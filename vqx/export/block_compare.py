@@ -9,7 +9,8 @@ by up to 2e-2 (Wan2.1 1.3B, fp8), as much as a 1% error in one linear's scales. 
 each quantized linear quantizes its own input, checks it against the codes and per-token scales the evaluated
 layer used (a code may differ only where the value is within `TIE` code units of a rounding tie; a token's scale
 only by `SCALE_RTOL`), and then multiplies the recorded codes. A wrong smoothing vector, norm or modulation shows
-as codes or scales off; wrong codes, scales or biases show in the block output.
+as codes or scales off; wrong codes, scales or biases show in the block output. Low-bit checkpoints go through the
+same comparison with their linears unpacked and dequantized (`LowbitLockstep`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from .lightx2v_reference import GRID, INPUTS, METADATA_KEY, REFERENCE_FILE
 # 1.9e-7 to 5.9e-7 (fp32 summation order; wan_tiny to Wan2.1 14B, int8 and fp8, CPU and H200). The weakest value
 # error measured, a 1% error in the scales of one q/k projection (whose RMSNorm all but removes it), moves a
 # 14B block's output by 8.7e-6; every other kind moves codes or scales. 3e-6 is 5x the worst correct export.
+# Low-bit exports (wan_mini, CPU): 0 where the lockstep supplies the recorded activation (every block op of
+# lightx2v_math then rounds as the diffusers block does), 2.7e-7 for Marlin's weight-only layers.
 DEFAULT_TOLERANCE = 3e-6
 # A code may differ from the recorded one only if it is a code of a value within TIE grid steps plus ROW_REL of
 # the token's absmax (fp32 noise; it matters where fp8's grid is finest, near 0) of this side's value.

@@ -276,7 +276,7 @@ def usage_text(scheme: str, target: Path, smoothing: bool, task: str) -> str:
                 + ("The checkpoint carries per-block smoothing vectors (affine_norm1/affine_norm3) and `config.json`\n"
                    "sets `\"quant_method\": \"advanced_ptq\"`.\n\n" if smoothing else "")
                 + f"Check it any time with `vqx verify-export {target}` (the unpacked weights against the evaluated ones,\n"
-                f"bit for bit; lightx2v's {scheme} matmul itself is not emulated yet).\n")
+                f"bit for bit, and the recorded blocks computed from them with the scheme's activation quantization).\n")
     flag = ("\nThe checkpoint carries per-block smoothing vectors (affine_norm1/affine_norm3): `config.json` here sets\n"
             "`\"quant_method\": \"advanced_ptq\"` and lightx2v merges it because `dit_quantized_ckpt` points at this folder.\n"
             "Do not point it at a single file, or copy the flag into your run config (the fragments here carry it).\n"
