@@ -193,6 +193,8 @@ def test_grouped_kernel_serves_only_what_it_reproduces():
     static_spec = fastpath.QuantSpec(static, None, "fake", torch.tensor(0.1))
     assert fastpath.group_config(static_spec, 64)["MODE"] == 4
     assert fastpath.group_config(static_spec._replace(mode="codes"), 64)["CODES"]  # fp8-pertensor's GEMM operand
+    b128 = fastpath.QuantSpec(get_scheme("fp8_b128").activation, None, "codes")
+    assert fastpath.group_config(b128, 256)["CODES"] and fastpath.group_config(b128, 256)["MODE"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,6 +242,28 @@ def test_kernel_backend_fp8_static_is_lightx2v_pertensor(dtype):
     want = quant_linear_pertensor(x, q.weight_codes, q.weight_scale, q.input_scale, q.bias)
     assert got.dtype == dtype and fastpath.bits_equal(got, want)
     # the fake backend differs only by the rounding of the dequantized operands (relative 0.17-0.30% measured)
+    assert ((got.float() - fake.float()).norm() / fake.float().norm()).item() < 0.01
+
+
+def test_kernel_backend_fp8_b128_is_the_block_scaled_gemm():
+    """fp8_b128 through the kernel backend: the activation's group codes and scales [M, K/128] times the weight's
+    128 x 128 block codes and scales, summed to bf16, then the bias added in bf16 (DeepGEMM's GEMM, then lightx2v's
+    add_); K = 256 and N = 384 span several groups and blocks, so a transposed scale layout shows."""
+    from vqx.quant.scheme import dequantize
+
+    torch.manual_seed(0)
+    q = QuantLinear(nn.Linear(256, 384).bfloat16(), get_scheme("fp8_b128"))
+    x = (torch.randn(3, 20, 256) * torch.logspace(-1, 1, 256)).bfloat16()
+    x[0, 3, 7] = 200.0
+    fake = q(x)
+    set_backend(q, "kernel")
+    act = fastpath.quantize_act(x, q.quant_spec())
+    assert act.scale.shape == (60, 2)
+    a = dequantize(act.codes.float(), act.scale, q.act_scheme)
+    want = (a @ q.dequantized_weight_fp32().t()).bfloat16() + q.bias
+    got = q(x)
+    assert fastpath.bits_equal(got, want.reshape(3, 20, 384))
+    # against the fake backend: the rounding of the dequantized operands (relative 3.5e-3 measured)
     assert ((got.float() - fake.float()).norm() / fake.float().norm()).item() < 0.01
 
 
@@ -313,13 +337,13 @@ for name in ("nvfp4", "mxfp8", "mxfp4", "mxfp6", "fp8_b128", "fp8_static", *cust
         static = nvfp4_global_scale(torch.tensor(7.3)) if act.global_scale else torch.tensor(0.02)
     for dtype in (torch.bfloat16, torch.float32):
         for smooth in (None, torch.rand(256) + 0.5):
-            for mode in ("fake", "codes") if name == "fp8_static" else ("fake",):  # codes: fp8-pertensor's GEMM
+            for mode in ("fake", "codes") if name in ("fp8_static", "fp8_b128") else ("fake",):  # codes: their GEMMs
                 spec = fp.QuantSpec(act, smooth, mode, static, None if static is None else float(static))
                 x = fp.probe_rows(256, dtype, "cpu", seed=6)
                 res[f"group quant {name} {mode} {dtype} smooth={smooth is not None}"] = fp.same_quantization(
                     fp.quantize_act(x, spec), fp.quantize_eager(x, spec))
 # one check per (scheme, mode, dtype, smoothing): mxfp6's activations are mxfp8's
-res["group quant kernels checked"] = sum(r["kernel"] == "group_quant" and r["bit_exact"] for r in fp.report()) == 9 * 4
+res["group quant kernels checked"] = sum(r["kernel"] == "group_quant" and r["bit_exact"] for r in fp.report()) == 10 * 4
 g = torch.Generator().manual_seed(0)
 n = torch.randn(2, 10, 96, generator=g) * 3
 n[0, 1] = 0

@@ -275,11 +275,13 @@ def test_eval_kernel_gemm_refuses_weight_only_formats(vqx_run_in_process, tmp_pa
 
 
 @pytest.mark.parametrize("fmt,gpus", [("nvfp4", "lightx2v_kernel's NVFP4 GEMM, built for sm_120a (RTX 50-class) only"),
-                                      ("fp8_b128", "DeepGEMM's block-scaled FP8 GEMM (Hopper)")])
+                                      ("mxfp8", "lightx2v_kernel's MX GEMMs, built for sm_120a (RTX 50-class) only"),
+                                      ("w4a16_g128", "Marlin's int4 x fp16 GEMM (Ampere and later: A100, H100/H200, "
+                                                     "RTX 30/40)")])
 def test_eval_kernel_gemm_refusal_names_the_gpus_a_lowbit_format_needs(vqx_run_in_process, tmp_path, fmt, gpus):
     r = vqx_run_in_process([f"format={fmt}", "export=none", "logger=none", "eval.gemm=kernel",
                             f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
-        f"vqx: error: eval.gemm=kernel needs 8-bit weights and activations (format=w8a8, fp8 or fp8_static), not format={fmt} "
+        f"vqx: error: eval.gemm=kernel needs 8-bit weights and activations (format=w8a8, fp8, fp8_static or fp8_b128), not format={fmt} "
         f"(lightx2v runs it on {gpus}); use eval.gemm=fake, the same numbers emulated")

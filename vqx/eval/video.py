@@ -110,7 +110,7 @@ class VideoEvaluator(Evaluator):
             from ..export.lightx2v import deployment_gpus
 
             where = deployment_gpus(fmt)
-            raise UserError(f"eval.gemm=kernel needs 8-bit weights and activations (format=w8a8, fp8 or fp8_static), not "
+            raise UserError(f"eval.gemm=kernel needs 8-bit weights and activations (format=w8a8, fp8, fp8_static or fp8_b128), not "
                             f"format={fmt.name}" + (f" (lightx2v runs it on {where})" if where else "")
                             + "; use eval.gemm=fake, the same numbers emulated")
         check_noise_floor(e.noise_floor, self.device)

@@ -5,8 +5,9 @@
   ``F.linear(dequant(x), dequant(W), bias)``, as `QuantLinear` always did.
 - ``kernel``: what lightx2v computes (docs/lightx2v-contract.md section 5): the same activation codes and
   scales go into an 8-bit GEMM with the stored weight codes, accumulated in int32 / fp32, scaled per token
-  and per output channel (fp8_static: per tensor, fast accumulation, as lightx2v's fp8-pertensor), bias added,
-  bf16 out (then cast to the model dtype):
+  and per output channel (fp8_static: per tensor, fast accumulation, as lightx2v's fp8-pertensor; fp8_b128: per
+  token-group and weight block, the bias added after, as fp8-b128-deepgemm), bias added, bf16 out (then cast to the
+  model dtype):
   fp8 ``torch._scaled_mm(xq, Wq.T, scale_a=sx [M,1], scale_b=ws.T [1,N], bias, out_dtype=bf16)``;
   int8 ``torch._int_mm(xq, Wq.T)`` then ``(acc * sx * ws.T + bias).to(bf16)`` in one fused pass on CUDA.
   On CPU int8 products are summed exactly in float64 (identical to ``_int_mm``, which is ~30x slower
@@ -31,11 +32,13 @@ BACKENDS = ("fake", "kernel")
 _KERNEL_GRIDS = ("int8", "fp8_e4m3")
 _scaled_mm_broken: set[str] = set()  # device types where _scaled_mm raised: use the emulation there
 _int_mm_broken: set[str] = set()
+_blockwise_broken: set[str] = set()  # device types where block-scaled _scaled_mm raised
 
 
 def fallbacks() -> dict:
     """Device types on which an 8-bit GEMM raised and its emulation runs instead (benchmarks record it)."""
-    return {"scaled_mm_emulated": sorted(_scaled_mm_broken), "int_mm_emulated": sorted(_int_mm_broken)}
+    return {"scaled_mm_emulated": sorted(_scaled_mm_broken), "int_mm_emulated": sorted(_int_mm_broken),
+            "blockwise_scaled_mm_emulated": sorted(_blockwise_broken)}
 
 
 def set_backend(module: nn.Module, name: str) -> int:
@@ -49,8 +52,8 @@ def set_backend(module: nn.Module, name: str) -> int:
         for q in layers:
             if not supports_kernel(q):
                 raise ValueError(f"backend 'kernel' needs int8 or fp8 weights per channel and activations per token, "
-                                 f"or fp8 per tensor with a static activation scale (schemes w8a8, fp8, fp8_static); "
-                                 f"scheme {q.scheme.name} has no 8-bit GEMM (use backend 'fake')")
+                                 f"fp8 per tensor with a static activation scale, or fp8 in 128-blocks (schemes w8a8, "
+                                 f"fp8, fp8_static, fp8_b128); scheme {q.scheme.name} has no 8-bit GEMM (use backend 'fake')")
     for q in layers:
         q.backend = name
     return len(layers)
@@ -62,7 +65,7 @@ def kernel_scheme(scheme) -> bool:
     w, a = scheme.weight, scheme.activation
     if a is None or w.grid != a.grid:
         return False
-    if a.grid == "fp8_e4m3" and _static_per_tensor(scheme):
+    if a.grid == "fp8_e4m3" and (_static_per_tensor(scheme) or _block_scaled(scheme)):
         return True
     return a.grid in _KERNEL_GRIDS and a.granularity == "token" and a.dynamic and w.granularity == "channel"
 
@@ -70,6 +73,13 @@ def kernel_scheme(scheme) -> bool:
 def _static_per_tensor(scheme) -> bool:
     return (scheme.activation.granularity == "tensor" and not scheme.activation.dynamic
             and scheme.weight.granularity == "tensor")
+
+
+def _block_scaled(scheme) -> bool:
+    """Activations per token-group of 128 and weights in 128 x 128 blocks (lightx2v's fp8-b128-deepgemm)."""
+    a, w = scheme.activation, scheme.weight
+    return (a.granularity == "token_group" and a.group_size == 128 and a.dynamic
+            and w.granularity == "block" and tuple(w.block) == (128, 128))
 
 
 def supports_kernel(q) -> bool:
@@ -83,6 +93,8 @@ def kernel_linear(q, act: QuantizedActivation) -> torch.Tensor:
     ws_row = q.weight_scale.reshape(1, -1)
     if _static_per_tensor(q.scheme):  # lightx2v fp8-pertensor: per-tensor scales, fast accumulation
         y = _fp8_mm(codes, w, sx.reshape(1), ws_row.reshape(1), q.bias, fast_accum=True)
+    elif _block_scaled(q.scheme):
+        y = _fp8_block_mm(codes, w, sx, q.weight_scale, q.bias)
     elif w.dtype == torch.float8_e4m3fn:
         y = _fp8_mm(codes, w, sx, ws_row, q.bias)
     else:
@@ -106,6 +118,30 @@ def _fp8_mm(codes, w, sx, ws_row, bias, fast_accum: bool = False):
     if bias is not None:
         y = y + bias.to(torch.bfloat16).float()
     return y.to(torch.bfloat16)
+
+
+def _fp8_block_mm(codes, w, sx, ws, bias):
+    """lightx2v's fp8-b128-deepgemm: DeepGEMM's block-scaled fp8 GEMM to bf16 (codes [M, K] with group scales
+    sx [M, K/128], weight codes [N, K] with block scales ws [N/128, K/128]), then the bias added in bf16. On CUDA this
+    is torch._scaled_mm's blockwise scaling (sm90: 1 x 128 and 128 x 128 blocks; cuBLAS takes the activation scales
+    outer-dim-major and the weight scales as the transpose of [N/128, K/128]); elsewhere, and for layers narrower
+    than a block, the same block-scaled products summed in fp32."""
+    m, k = codes.shape
+    n = w.shape[0]
+    y = None
+    if codes.is_cuda and "cuda" not in _blockwise_broken and k % 128 == 0 and n % 128 == 0:
+        try:
+            y = torch._scaled_mm(codes, w.t(), scale_a=sx.t().contiguous().t(), scale_b=ws.t(), out_dtype=torch.bfloat16)
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            _blockwise_broken.add("cuda")
+            warnings.warn(f"torch._scaled_mm with block scales failed ({str(e).splitlines()[0][:200]}); fp8-b128 GEMMs "
+                          f"are emulated in fp32", stacklevel=3)
+    if y is None:
+        a = (codes.float().reshape(m, sx.shape[1], -1) * sx[..., None]).reshape(m, k)
+        bn, bk = n // ws.shape[0], k // ws.shape[1]
+        wd = (w.float().reshape(ws.shape[0], bn, ws.shape[1], bk) * ws[:, None, :, None]).reshape(n, k)
+        y = (a @ wd.t()).to(torch.bfloat16)
+    return y if bias is None else y + bias.to(torch.bfloat16)
 
 
 def _int8_mm(codes: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,8 @@ _BF16_STRIDE = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 1
 
 
 class QuantizedActivation(NamedTuple):
-    """Codes for an 8-bit GEMM: codes [M, K] (int8 / float8_e4m3fn), scale [M, 1] fp32 (per token) or [1, 1]
-    (a static per-tensor scale)."""
+    """Codes for an 8-bit GEMM: codes [M, K] (int8 / float8_e4m3fn), scale fp32 [M, 1] (per token), [M, K / group]
+    (per token group) or [1, 1] (a static per-tensor scale)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -114,17 +114,18 @@ def quantize_eager(x: torch.Tensor, spec: QuantSpec):
     x = _smooth(x, spec.smooth_inv)
     if spec.mode == "fake":
         return fake_quantize(x, spec.act, spec.static_scale)
+    x2 = x.reshape(-1, x.shape[-1])
     if spec.static_tensor:
         scale = spec.static_scale.float().reshape(1, 1)
-        codes = quantize_with(x.reshape(-1, x.shape[-1]), spec.act, scale)
-    elif spec.per_token:
-        codes, scale = quantize(x.reshape(-1, x.shape[-1]), spec.act)
+        codes = quantize_with(x2, spec.act, scale)
+    elif spec.per_token or (spec.act.granularity == "token_group" and spec.act.dynamic):
+        codes, scale = quantize(x2, spec.act)  # [M, 1] per token, [M, K / group] per token group
     else:
-        raise ValueError(f"activation codes for an 8-bit GEMM are per token or static per tensor; got {spec.act.describe()}")
+        raise ValueError(f"activation codes for an 8-bit GEMM are per token, per token group or static per tensor; "
+                         f"got {spec.act.describe()}")
     if spec.grid.storage_dtype == torch.int8:  # int8 cannot hold NaN; the row's NaN scale carries it
         codes = torch.where(torch.isnan(codes), torch.zeros_like(codes), codes)
-    k = x.shape[-1]
-    return QuantizedActivation(spec.grid.to_storage(codes).reshape(-1, k), scale.reshape(-1, 1), x.shape, x.dtype)
+    return QuantizedActivation(spec.grid.to_storage(codes), scale, x.shape, x.dtype)
 
 
 def int8_epilogue_eager(acc: torch.Tensor, sx: torch.Tensor, ws_row: torch.Tensor, bias: torch.Tensor | None):
@@ -362,12 +363,10 @@ _GROUP_MODES = {"fp32": 0, "bf16": 0, "e8m0": None, "e4m3": 3}
 
 def group_config(spec: QuantSpec, kdim: int) -> dict | None:
     """The grouped kernel's flags for a spec it serves (fake quantization per token group or with a static per-tensor
-    scale; fp8 codes with a static scale for fp8-pertensor's GEMM), else None: other codes, a dynamic per-tensor
-    scale, a group that does not divide K (the eager path refuses it), NVFP4 without its calibrated global scale or
-    with one beyond the kernel's range."""
+    scale; fp8 codes with a static or fp32 group scales for the fp8-pertensor / fp8-b128 GEMMs), else None: other
+    codes, a dynamic per-tensor scale, a group that does not divide K (the eager path refuses it), NVFP4 without its
+    calibrated global scale or with one beyond the kernel's range."""
     ts, grid = spec.act, spec.grid
-    if spec.mode != "fake" and not (spec.static_tensor and grid.name == "fp8_e4m3"):
-        return None
     if spec.static_tensor:
         mode, group = 4, kdim
     elif ts.granularity == "token_group" and ts.dynamic:
@@ -380,7 +379,7 @@ def group_config(spec: QuantSpec, kdim: int) -> dict | None:
     else:
         return None
     code = 2 if grid.minifloat else _GROUP_GRIDS.get(grid.name)
-    if code is None:
+    if code is None or (spec.mode == "codes" and not (grid.name == "fp8_e4m3" and mode in (0, 4))):
         return None
     exp_bits, man_bits = grid.minifloat or (0, 0)
     groups_per_program = max(1, 1024 // next_pow2(group))
@@ -399,12 +398,13 @@ def run_group(x2: torch.Tensor, spec: QuantSpec, shape: torch.Size):
     smooth = spec.smooth_inv
     block = cfg["G_P2"] * cfg["BLOCK_G"]
     out = torch.empty((m, kdim), dtype=torch.float8_e4m3fn if cfg["CODES"] else x2.dtype, device=x2.device)
+    sx = torch.empty((m, kdim // cfg["G"]), dtype=torch.float32, device=x2.device) if cfg["MODE"] == 0 else x2
     triton_kernels().group_quant_kernel[(m, triton_cdiv(kdim // cfg["G"], cfg["BLOCK_G"]))](
         as_bits(x2), x2.stride(0), smooth if smooth is not None else x2,
-        out.view(torch.uint8) if cfg["CODES"] else as_bits(out), kdim, scale, kdim,
+        out.view(torch.uint8) if cfg["CODES"] else as_bits(out), kdim, scale, sx, kdim,
         float(spec.act.amax_floor), DT=dtype_id(x2.dtype), HAS_SMOOTH=smooth is not None, **cfg, **launch_opts(block))
     if cfg["CODES"]:
-        return QuantizedActivation(out, scale.reshape(1, 1), shape, x2.dtype)
+        return QuantizedActivation(out, scale.reshape(1, 1) if cfg["MODE"] == 4 else sx, shape, x2.dtype)
     return out.reshape(shape)
 
 

@@ -304,7 +304,20 @@ def _pow2_bits(e):
 
 
 @triton.jit
-def group_quant_kernel(X, stride_x, SM, Q, stride_q, SCALE, K, amax_floor,
+def _group_absmax_scale(v, amax_floor, QMAX: tl.constexpr, SCALE_BF16: tl.constexpr):
+    """(absmax, absmax / QMAX) per group (row of v) as numbers.scale_from_absmax: fp32 or rounded to bf16, all-zero
+    groups 1. Masked lanes hold 0 and never raise a group's absmax; NaN propagates, as torch.amax."""
+    amax = tl.reduce(tl.abs(v), 1, _nanmax)
+    if amax_floor > 0:
+        amax = tl.maximum(amax, amax_floor, propagate_nan=tl.PropagateNan.ALL)
+    s = tl.div_rn(amax, QMAX)
+    if SCALE_BF16:
+        s = _bf16(s)
+    return amax, tl.where(amax == 0.0, 1.0, s)
+
+
+@triton.jit
+def group_quant_kernel(X, stride_x, SM, Q, stride_q, SCALE, SX, K, amax_floor,
                        DT: tl.constexpr, HAS_SMOOTH: tl.constexpr, GRID: tl.constexpr, MIN_EXP: tl.constexpr,
                        MB: tl.constexpr, QMAX: tl.constexpr, EMAX: tl.constexpr, MODE: tl.constexpr,
                        SCALE_BF16: tl.constexpr, E2M1: tl.constexpr, CODES: tl.constexpr, G: tl.constexpr,
@@ -316,8 +329,9 @@ def group_quant_kernel(X, stride_x, SM, Q, stride_q, SCALE, K, amax_floor,
     power of two >= absmax / QMAX (lightx2v's MX kernels); 2: e8m0 2^(floor(log2 absmax) - EMAX) (OCP MX v1.0);
     3: NVFP4, e4m3 group scales under the calibrated global scale G at SCALE (scheme._nvfp4_encode's order);
     4: the static scale at SCALE. ``amax_floor`` > 0 clamps each group's absmax from below. E2M1: absmax / 6 is
-    computed as a product with fp32(1/6), as lightx2v's FP4 kernels do (scheme._over_qmax). CODES (MODE 4, e4m3):
-    the float8 bits of x / scale instead (fp8-pertensor's GEMM operand)."""
+    computed as a product with fp32(1/6), as lightx2v's FP4 kernels do (scheme._over_qmax). CODES (e4m3, MODE 4 or
+    0): the float8 bits of x / scale instead, and with MODE 0 the group scales into SX [rows, K / G] (the GEMM
+    operands of fp8-pertensor and fp8-b128-deepgemm)."""
     row = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     j = tl.arange(0, G_P2)
@@ -328,10 +342,17 @@ def group_quant_kernel(X, stride_x, SM, Q, stride_q, SCALE, K, amax_floor,
         v = _to_model(_mul(v, tl.load(SM + offs, mask=mask, other=1.0)), DT)
     if MODE == 4 and CODES:
         tl.store(Q + row * stride_q + offs, _fp8_codes(tl.div_rn(v, tl.load(SCALE))), mask=mask)
+    elif MODE == 0 and CODES:
+        _, s = _group_absmax_scale(v, amax_floor, QMAX, SCALE_BF16)
+        tl.store(Q + row * stride_q + offs, _fp8_codes(tl.div_rn(v, s[:, None])), mask=mask)
+        tl.store(SX + row * (K // G) + grp, s, mask=grp < K // G)
     else:
         if MODE == 4:
             s = tl.load(SCALE)
             q = _mul(_round_grid(tl.div_rn(v, s), GRID, MIN_EXP, MB, QMAX), s)
+        elif MODE == 0:
+            _, s = _group_absmax_scale(v, amax_floor, QMAX, SCALE_BF16)
+            q = _mul(_round_grid(tl.div_rn(v, s[:, None]), GRID, MIN_EXP, MB, QMAX), s[:, None])
         else:
             # masked lanes hold 0 and never raise a group's absmax; NaN propagates, as torch.amax
             amax = tl.reduce(tl.abs(v), 1, _nanmax)
@@ -341,13 +362,7 @@ def group_quant_kernel(X, stride_x, SM, Q, stride_q, SCALE, K, amax_floor,
                 over = _mul(amax, 0.1666666716337204)
             else:
                 over = tl.div_rn(amax, QMAX)
-            if MODE == 0:
-                s = tl.div_rn(amax, QMAX)  # numbers.scale_from_absmax
-                if SCALE_BF16:
-                    s = _bf16(s)
-                s = tl.where(amax == 0.0, 1.0, s)
-                q = _mul(_round_grid(tl.div_rn(v, s[:, None]), GRID, MIN_EXP, MB, QMAX), s[:, None])
-            elif MODE == 3:
+            if MODE == 3:
                 g = tl.load(SCALE)
                 s8 = _fp8_dequant(_mul(g, over))
                 eff = tl.div_rn(s8, g)
