@@ -124,12 +124,14 @@ def _fp8_block_mm(codes, w, sx, ws, bias):
     """lightx2v's fp8-b128-deepgemm: DeepGEMM's block-scaled fp8 GEMM to bf16 (codes [M, K] with group scales
     sx [M, K/128], weight codes [N, K] with block scales ws [N/128, K/128]), then the bias added in bf16. On CUDA this
     is torch._scaled_mm's blockwise scaling (sm90: 1 x 128 and 128 x 128 blocks; cuBLAS takes the activation scales
-    outer-dim-major and the weight scales as the transpose of [N/128, K/128]); elsewhere, and for layers narrower
-    than a block, the same block-scaled products summed in fp32."""
+    outer-dim-major and the weight scales as the transpose of [N/128, K/128]); elsewhere the same block-scaled
+    products summed in fp32. Measured on the H200 (torch 2.11, CUDA 13): with K/128 not a multiple of 4 cuBLAS
+    returns wrong products without an error (K = 8960: relative error 0.39), padded scale layouts are refused, and
+    M not a multiple of 4 is not supported; those calls, and layers narrower than a block, take the fp32 sum."""
     m, k = codes.shape
     n = w.shape[0]
     y = None
-    if codes.is_cuda and "cuda" not in _blockwise_broken and k % 128 == 0 and n % 128 == 0:
+    if codes.is_cuda and "cuda" not in _blockwise_broken and k % 512 == 0 and n % 128 == 0 and m % 4 == 0:
         try:
             y = torch._scaled_mm(codes, w.t(), scale_a=sx.t().contiguous().t(), scale_b=ws.t(), out_dtype=torch.bfloat16)
         except (RuntimeError, ValueError, NotImplementedError) as e:
