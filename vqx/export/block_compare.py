@@ -19,10 +19,10 @@ import json
 import math
 from pathlib import Path
 
+from typing import Callable
+
 import torch
 from tqdm.auto import tqdm
-
-from typing import Callable
 
 from ..quant.scheme import choose_scales, dequantize, quantize_activation
 from ..runtime import resolve_device
@@ -112,7 +112,7 @@ class LowbitLockstep:
             return h
         ts, value = self.act, self.values.get(name)
         rows = h.reshape(-1, h.shape[-1]).float()
-        rec_q, rec_s = (t.to(self.device) for t in self.codes[name])
+        rec_q, rec_s = (t.to(self.device).float() for t in self.codes[name])
         if rec_q.shape != rows.shape:
             self.off_codes[name] = rec_q.numel()
             return h

@@ -116,6 +116,7 @@ def record(transformer: torch.nn.Module, path: Path, blocks: list[int], seed: in
                 continue  # weight-only: the GEMM reads the 16-bit input
             else:
                 codes, scale = quantize_activation(x, q.act_scheme, q.input_scale)
+                codes = _one_byte(codes, q.act_scheme.grid_)
             key = f"blocks.{i}.{native}"
             content = (tuple(codes.shape), codes.view(torch.int8).cpu().numpy().tobytes(), scale.cpu().numpy().tobytes())
             if content in seen:
@@ -129,6 +130,13 @@ def record(transformer: torch.nn.Module, path: Path, blocks: list[int], seed: in
     info = {"grid": list(GRID), "seed": seed, "dtype": "float32", "alias": alias, "producer": f"vqx {__version__}"}
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
     return len(tensors)
+
+
+def _one_byte(codes: torch.Tensor, grid) -> torch.Tensor:
+    """fp32 codes in one byte each where that is exact: int8 storage, or e4m3 (which holds every E2M1 and E3M2
+    value); else as they are."""
+    small = codes.to(grid.storage_dtype or torch.float8_e4m3fn)
+    return small if torch.equal(small.float(), codes) else codes
 
 
 def _capture(store: dict, native: str):

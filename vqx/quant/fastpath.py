@@ -58,8 +58,8 @@ class QuantizedActivation(NamedTuple):
 
 class QuantSpec(NamedTuple):
     """How a linear quantizes its input: its activation scheme, optional 1/s smoothing, and what it needs
-    ("fake": the dequantized activation in the model dtype, "codes": a `QuantizedActivation`, per-token
-    schemes only), and the calibrated value of a `TensorScheme.calibrated` scheme (its static scale, or NVFP4's
+    ("fake": the dequantized activation in the model dtype, "codes": a `QuantizedActivation`, for per-token,
+    per-token-group and static per-tensor schemes), and the calibrated value of a `TensorScheme.calibrated` scheme (its static scale, or NVFP4's
     activation global scale)."""
 
     act: TensorScheme
@@ -358,7 +358,7 @@ def quantize_act(x: torch.Tensor, spec: QuantSpec):
 # the eager path's range check (scheme.choose_scales) must run.
 _NVFP4_KERNEL_MAX_GLOBAL = 2.0 ** 117
 _GROUP_GRIDS = {"int8": 0, "fp8_e4m3": 1, "int4": 3}
-_GROUP_MODES = {"fp32": 0, "bf16": 0, "e8m0": None, "e4m3": 3}
+_GROUP_MODES = {"fp32": 0, "bf16": 0, "e4m3": 3}  # e8m0: 1 (ceil) or 2 (floor), by its rule
 
 
 def group_config(spec: QuantSpec, kdim: int) -> dict | None:
