@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..quant.numbers import get_grid
 from ..quant.scheme import choose_scales, dequantize, quantize_activation
 from ..runtime import resolve_device
 from . import contract, lightx2v_math
@@ -71,8 +72,7 @@ class Lockstep:
                 tau = TIE + qmax * ROW_REL
                 lo, hi = torch.round(v - tau), torch.round(v + tau)
             else:
-                sp = torch.exp2(torch.floor(torch.log2(v.abs().clamp(min=2.0 ** -6))) - 3)  # e4m3 grid step at v
-                tau = TIE * sp + qmax * ROW_REL
+                tau = TIE * grid_step(v, get_grid("fp8_e4m3")) + qmax * ROW_REL
                 lo, hi = ((v - tau).to(torch.float8_e4m3fn).float(), (v + tau).to(torch.float8_e4m3fn).float())
             r = rec_q.float()  # any code between those of v -/+ tau (fp8 near 0: tau spans several grid steps)
             self.off_codes[name] = int((differ & ((r < lo) | (r > hi))).sum())

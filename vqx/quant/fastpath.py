@@ -343,10 +343,10 @@ def quantize_act(x: torch.Tensor, spec: QuantSpec):
                        check_act_quant(kdim, spec, x.dtype, x.device, 0),
                        lambda: pack(*run_act(as_rows(x), pre=0, spec=spec, store_h=False, out_dtype=x.dtype)[1:],
                                     x.shape, x.dtype, spec))
-        elif group_config(spec, kdim) is not None:
+        elif (cfg := group_config(spec, kdim)) is not None:
             out = fast(("group_quant", x.device.type, kdim, x.dtype, *spec_key(spec)),
                        check_group_quant(kdim, spec, x.dtype, x.device),
-                       lambda: run_group(as_rows(x), spec, x.shape))
+                       lambda: run_group(as_rows(x), spec, x.shape, cfg))
         else:
             out = None
         if out is not None:
@@ -389,11 +389,11 @@ def group_config(spec: QuantSpec, kdim: int) -> dict | None:
                 BLOCK_G=min(groups_per_program, next_pow2(kdim // group)))
 
 
-def run_group(x2: torch.Tensor, spec: QuantSpec, shape: torch.Size):
+def run_group(x2: torch.Tensor, spec: QuantSpec, shape: torch.Size, cfg: dict | None = None):
     """`group_quant_kernel` on rows ``x2`` [M, K] of an activation of ``shape``: the fake-quantized activation in x2's
-    dtype, or (codes) its `QuantizedActivation`."""
+    dtype, or (codes) its `QuantizedActivation`. ``cfg``: `group_config`'s flags, when the caller has them."""
     m, kdim = x2.shape
-    cfg = group_config(spec, kdim)
+    cfg = cfg or group_config(spec, kdim)
     scale = spec.static_scale.float().reshape(1).to(x2.device) if spec.static_scale is not None else x2
     smooth = spec.smooth_inv
     block = cfg["G_P2"] * cfg["BLOCK_G"]
