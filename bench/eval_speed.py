@@ -186,7 +186,7 @@ def main() -> int:
     if args.attention != "default":  # every row, the bf16 baseline too: the ratios compare like with like
         from diffusers.models.attention_dispatch import attention_backend
 
-        from vqx.eval.noise_floor import SDPA_METHODS
+        from vqx.eval.schemas import SDPA_METHODS
 
         attention.enter_context(attention_backend(SDPA_METHODS[args.attention][0]))
     for name in names:

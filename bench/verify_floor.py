@@ -1,5 +1,5 @@
 """How far correct lightx2v exports and value-corrupted ones land from the evaluated model: the basis of
-`vqx verify-export`'s tolerance (vqx/export/block_compare.py DEFAULT_TOLERANCE).
+`vqx verify-export`'s tolerance (vqx/export/schemas.py DEFAULT_TOLERANCE).
 
 For each model x format x smoothing: quantize with RTN (``smooth``: a random per-block runtime smoothing, log-normal
 factors with sigma 0.5, folded as SmoothQuant/AWQ fold them), export with ``export=lightx2v`` (the evaluated blocks'
@@ -115,7 +115,8 @@ class Mutated:
 
     def error(self, fn, device: str, **kw) -> float:
         """How far past its threshold the strongest signal went (> 1: caught; the clean value for none)."""
-        from vqx.export.block_compare import DEFAULT_TOLERANCE, SCALE_RTOL, block_error
+        from vqx.export.block_compare import SCALE_RTOL, block_error
+        from vqx.export.schemas import DEFAULT_TOLERANCE
 
         t = dict(self.tensors)
         fn(t, self.a, self.b, **kw)
@@ -163,7 +164,7 @@ def main() -> int:
     p.add_argument("--note", default=None, help="a note stored with the results")
     args = p.parse_args()
 
-    from vqx.export.block_compare import DEFAULT_TOLERANCE
+    from vqx.export.schemas import DEFAULT_TOLERANCE
     from vqx.export.mutations import LINEARS, MUTATIONS, NEEDS_SMOOTHING
     from vqx.export.verify import verify_export
     from vqx.runtime import resolve_device

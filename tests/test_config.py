@@ -1,18 +1,23 @@
 """Every option of every group composes and validates; bad overrides fail with one line, no traceback."""
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 import vqx.plugins  # noqa: F401
+from vqx.commands.list_options import describe
 from vqx.config.schema import GROUPS, RENAMED_OPTIONS
 from vqx.config.validate import validate
 from vqx.errors import UserError
 from vqx.models.wan.checkpoint import missing_parts
 from conftest import pin_tiny
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -113,10 +118,34 @@ def test_help_is_vqxs_own_page_and_its_examples_are_valid(vqx_run_in_process):
     r = vqx_run_in_process(["--help"], pin_model=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("vqx: post-training quantization of Wan video diffusion transformers")
-    assert "format: fp8, fp8_b128, fp8_static" in r.stdout and "Compose your configuration" not in r.stdout
+    assert "Compose your configuration" not in r.stdout and "schema/" not in r.stdout  # Hydra's page, its schemas
+    for option in (CONF / "format").glob("*.yaml"):  # every option, with what it is (the yaml's first comment)
+        assert re.search(rf"^  {re.escape(option.stem)} +{re.escape(describe(option))}$", r.stdout, re.M), option.stem
     examples = [line.strip().split()[2:] for line in r.stdout.splitlines() if line.startswith("  vqx run ")]
     assert len(examples) == 3
     for overrides in examples:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         validate(cfg)  # settings only: a real checkpoint's folder is checked when a run starts
+    composed = vqx_run_in_process(["--help", "format=fp8", "calib.num_prompts=3"], pin_model=False)
+    assert composed.returncode == 0 and "Defaults (override any key as KEY=VALUE):" in composed.stdout
+    defaults = composed.stdout.split("Defaults (override any key as KEY=VALUE):")[1]
+    assert "name: fp8\n" in defaults and "num_prompts: 3\n" in defaults and "hydra:" not in defaults
+
+
+def test_bad_values_and_help_answer_before_torch_is_imported():
+    """A range, a choice, an unknown option, a recipe parameter and --help are answered from the schemas alone
+    (vqx.schemas): the process never imports torch (20-30 s on a busy machine) to refuse a typo."""
+    code = ("import sys, runpy; sys.argv = ['run.py', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_path('run.py', run_name='__main__')\n"
+            "except SystemExit as e:\n    print('exit', e.code)\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    for args, message in [(["algorithm.alpha=7"], "algorithm.alpha=7 is out of range"),
+                          (["format=bogus"], "format=bogus is not an option of 'format'"),
+                          (["algorithm=gptq", "algorithm.alpha=0.5"], "algorithm.alpha is not a parameter"),
+                          (["calib.capture_window=[0.5,0.2]"], "calib.capture_window=[0.5, 0.2] is not valid"),
+                          (["--help"], None)]:
+        r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.stdout.splitlines()[-1] == "torch imported: False", (args, r.stdout, r.stderr)
+        if message:
+            assert "exit 2" in r.stdout and message in r.stderr, (args, r.stdout, r.stderr)

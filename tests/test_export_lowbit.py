@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vqx.export.block_compare import DEFAULT_TOLERANCE
+from vqx.export.schemas import DEFAULT_TOLERANCE
 from vqx.export.lightx2v_lowbit import LOWBIT_SCHEMES, linear_tensors, lowbit_scheme
 from vqx.quant.formats import SCHEMES
 from vqx.quant.linear import QuantLinear

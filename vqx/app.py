@@ -89,15 +89,26 @@ def run_job(cfg: DictConfig) -> dict | float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from . import distributed, experiment, torchrun
-    from .config.validate import apply_renames
+    from .config.validate import apply_renames, check_settings
+    from .runtime import launched_distributed
     from .track import runs
-    from .track.run_log import log_failure
 
     hc = HydraConfig.get()
-    torchrun.check_job(hc)
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    if not multirun and not launched_distributed():
+        # a bad value answers now, before torch and diffusers are imported (seconds on a busy machine); a sweep's
+        # jobs and torchrun's ranks check it below, where a failure is the job's (error.json) or every rank's
+        try:
+            check_settings(cfg)
+        except UserError as e:
+            runs.discard_unused_run_dir(run_dir)
+            report_and_exit(e)
+
+    from . import distributed, experiment, plugins, torchrun  # noqa: F401  (plugins: the stages)
+    from .track.run_log import log_failure
+
+    torchrun.check_job(hc)
     optuna = multirun and "optuna" in str(hc.sweeper.get("_target_", "")).lower()
     # under torchrun a failed job stops every rank: the others cannot go on to the next job without it
     go_on = multirun and not distributed.is_distributed()

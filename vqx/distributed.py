@@ -16,16 +16,12 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
+from .runtime import launched_distributed
 
 T = TypeVar("T")
 # Only rank 0 exports; the others wait for it at their next collective. A dead rank makes torchrun stop all
 # of them at once, so this only bounds a true hang.
 TIMEOUT = timedelta(minutes=60)
-
-
-def launched_distributed() -> bool:
-    """The environment describes several processes (whether or not this one has joined them yet)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init() -> None:

@@ -1,8 +1,8 @@
-"""Imports every built-in stage so its registration (schema, step, exporter, evaluator, logger) runs."""
+"""Imports every built-in stage so its registration (step, exporter, evaluator, logger) runs; their settings'
+schemas come first, from `vqx.schemas` (torch-free)."""
 
-from . import algorithms, stages  # noqa: F401
-from .config import schema  # noqa: F401
-from .track import wandb_logger  # noqa: F401  (imports wandb only when a run starts)
+from . import schemas, stages  # noqa: F401
+from .algorithms import awq, gptq, rtn, smoothquant  # noqa: F401  (register the steps)
 from .eval import video  # noqa: F401  (eval=video)
-from . import export  # noqa: F401  (export=lightx2v, export=dequantized)
-from . import gpus  # noqa: F401  (the ${vqx_gpu_count:} resolver of hydra/launcher=gpus)
+from .export import dequantized, lightx2v  # noqa: F401  (export=dequantized, export=lightx2v)
+from .track import wandb_logger  # noqa: F401  (imports wandb only when a run starts)

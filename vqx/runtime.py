@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 
-# Model dtypes by the name configs and manifests use (model.dtype, a run config's model.dtype).
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+if TYPE_CHECKING:  # torch is imported where a device or dtype is made: settings are checked before that import
+    import torch
+
+# Model dtypes by the name configs and manifests use (model.dtype, a run config's model.dtype): torch's names.
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def package_root() -> Path:
@@ -27,6 +29,11 @@ def package_path(relative: str) -> Path:
     return package_root() / relative
 
 
+def launched_distributed() -> bool:
+    """The environment describes several processes (torchrun, Slurm), whether or not this one has joined them yet."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def user_cache_dir() -> Path:
     """Where runs cache captures and references unless cache_dir / VQX_CACHE_DIR says otherwise: the user's cache
     ($XDG_CACHE_HOME/vqx, else ~/.cache/vqx), so a run from another directory reads the same cache."""
@@ -37,6 +44,8 @@ def user_cache_dir() -> Path:
 def resolve_device(name: str, option: str = "model.device=") -> torch.device:
     """``name`` (auto | cpu | cuda | cuda:N) as a device; auto is cuda when one is visible, else cpu.
     ``option`` is how errors spell the setting (``model.device=``, ``--device ``)."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -48,9 +57,11 @@ def resolve_device(name: str, option: str = "model.device=") -> torch.device:
 
 
 def torch_dtype(name: str, default: torch.dtype | None = None) -> torch.dtype:
-    """The dtype named ``name`` (a key of `DTYPES`); ``default`` for an unknown name, else a one-line error."""
+    """The dtype named ``name`` (one of `DTYPES`); ``default`` for an unknown name, else a one-line error."""
+    import torch
+
     if name in DTYPES:
-        return DTYPES[name]
+        return getattr(torch, name)
     if default is not None:
         return default
     raise UserError(f"dtype {name!r} is not valid; valid: {', '.join(DTYPES)}")

@@ -1,3 +1,2 @@
-"""Quantization algorithms as registered steps composed into recipes (conf/algorithm/*.yaml)."""
-
-from . import awq, gptq, rtn, smoothquant  # noqa: F401  (register the steps)
+"""Quantization algorithms as registered steps composed into recipes (conf/algorithm/*.yaml); `vqx.plugins`
+imports the step modules, `params` declares their parameters without importing torch."""

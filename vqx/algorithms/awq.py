@@ -8,29 +8,14 @@ clipping search per weight scale block, kept per linear only where it lowers the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
-from ..config.schema import bounded
 from ..quant.scheme import choose_scales, dequantize, global_scale_of, quantize_with
 from .block_search import shortlisted
 from .losses import GroupQuantLoss
+from .params import AWQParams
 from .registry import BlockContext, register_step
-from .smoothing import apply_smoothing, clamp_scale, smoothable, smoothing_groups_param
-
-
-@dataclass
-class AWQParams:
-    grid: int = bounded(20, 1, 1000)  # ratios 0, 1/grid, ..., 1
-    clip: bool = False  # search a per-output-channel weight clipping ratio
-    clip_min: float = bounded(0.8, 0.0, 1.0, exclusive_low=True)
-    clip_grid: int = bounded(10, 1, 100)
-    # how many of the grid's ratios (best per-linear loss first, ratio 0 aside) are scored on the block output; 0: all
-    shortlist: int = bounded(4, 0, None)
-    # the input groups smoothed, by name; null: every group with a fold
-    groups: Optional[list[str]] = smoothing_groups_param()
+from .smoothing import apply_smoothing, clamp_scale, smoothable
 
 
 def awq_scale(mean_abs: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -14,33 +14,16 @@ reads them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..config.schema import bounded
 from ..quant.scheme import TensorScheme, choose_scales, encode, global_scale_of
+from .params import GPTQParams, act_order_refusal
 from .registry import BlockContext, register_step
-
-
-@dataclass
-class GPTQParams:
-    damp: float = bounded(0.01, 0.0, 1.0, exclusive_low=True)
-    block_size: int = bounded(128, 1, None)
-    act_order: bool = False
-    static_groups: bool = False  # column-group scales up front from the weight (else as the sweep reaches them)
 
 
 def has_column_groups(ts: TensorScheme, shape: tuple[int, int]) -> bool:
     """Whether ``ts`` splits a weight's input columns into several scale groups."""
     return ts.block_size(shape)[1] < shape[1]
-
-
-def act_order_refusal(act_order: bool, static_groups: bool) -> str | None:
-    if act_order and not static_groups:
-        return ("algorithm.act_order=true with group scales needs algorithm.static_groups=true (scales chosen as "
-                "the sweep reaches a group would follow the permuted column order; kernels read contiguous groups)")
-    return None
 
 
 @torch.no_grad()

@@ -21,20 +21,17 @@ A new algorithm is one module that calls `register_step` plus one yaml.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
 
 from ..calib.stats import GroupStats
-from ..config.schema import AlgorithmSchema, register_schema
 from ..models.adapter import InputGroup, QuantTarget
 from ..quant.formats import SEARCH_PROXY
 from ..quant.scheme import Scheme
 from ..registry import Registry
+from .params import declare_step, param_fields, resolve_params
 
 STATS = ("absmax", "mean_abs", "samples", "hessian", "block_error")
 SHAREABLE_STATS = frozenset({"absmax", "mean_abs"})  # what the shared float-pass cache holds (shared_stats.py)
@@ -114,7 +111,7 @@ class Step:
         return needs
 
     def param_fields(self) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in dataclasses.fields(self.params)} if self.params else {}
+        return param_fields(self.params)
 
 
 STEPS: Registry[Step] = Registry("algorithm step")
@@ -123,24 +120,11 @@ STEPS: Registry[Step] = Registry("algorithm step")
 def register_step(name: str, *, params: type | None = None, needs=frozenset(), hooks: type[BlockHooks] | None = None):
     """Register ``fn(ctx)`` as step ``name`` (see the module doc); the recipe schema grows its parameters."""
     def deco(fn: StepFn) -> StepFn:
+        declare_step(name, params)  # the built-in steps' parameters are declared already (params.py)
         STEPS.register(name)(Step(name, fn, params, needs, hooks))
-        _register_recipe_schema()
         return fn
 
     return deco
-
-
-def _register_recipe_schema() -> None:
-    """``/schema/algorithm/recipe``: name, steps, and every registered step parameter as a flat, optional
-    recipe-level key (typed as its step declares it), so recipes need no hand-written schema."""
-    flat: dict[str, Any] = {}
-    for step in STEPS.values():
-        types = typing.get_type_hints(step.params) if step.params else {}
-        for name in step.param_fields():
-            typ = types[name]
-            flat.setdefault(name, (name, Any if typ is Any else Optional[typ], field(default=None)))
-    schema = dataclasses.make_dataclass("RecipeSchema", list(flat.values()), bases=(AlgorithmSchema,))
-    register_schema("algorithm", "recipe", schema)
 
 
 @dataclass(frozen=True)
@@ -156,52 +140,11 @@ class PlannedStep:
         return self.step.stats_needed(self.params)
 
 
-def _entry(entry: Any, k: int) -> tuple[str, dict]:
-    if isinstance(entry, str):
-        return entry, {}
-    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-        rest = {key: v for key, v in entry.items() if key != "name"}
-        return entry["name"], rest
-    raise ValueError(f"algorithm.steps[{k}]={entry!r} must be a step name or {{name: <step>, <param>: <value>}}")
-
-
 def plan_steps(algo: Any, check_value: Callable[[str, Any, dict], None] | None = None) -> list[PlannedStep]:
-    """The recipe's steps with resolved parameters; raises ValueError (one line) on unknown steps or
-    parameters. ``check_value(key, value, field_metadata)`` validates each value (ranges, choices)."""
-    node = OmegaConf.to_container(algo, resolve=True) if OmegaConf.is_config(algo) else dict(algo)
-    entries = [_entry(e, k) for k, e in enumerate(node.get("steps") or [])]
-    for name, _ in entries:
-        if name not in STEPS:
-            raise ValueError(f"algorithm step {name!r} is unknown; valid steps: {', '.join(sorted(STEPS))}")
-    taken = {p for name, _ in entries for p in STEPS[name].param_fields()}
-    flat = {k: v for k, v in node.items() if k not in ("name", "steps") and v is not None}
-    for key in flat:
-        if key not in taken:
-            steps = ", ".join(n for n, _ in entries) or "none"
-            raise ValueError(f"algorithm.{key} is not a parameter of any step of this recipe ({steps}); "
-                             f"its steps take: {', '.join(sorted(taken)) or 'nothing'}")
-    planned = []
-    for k, (name, own) in enumerate(entries):
-        step = STEPS[name]
-        fields = step.param_fields()
-        values = {}
-        for p, f in fields.items():
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if p in own:
-                value, where = own[p], f"algorithm.steps[{k}].{p}"
-            elif p in flat:
-                value, where = flat[p], f"algorithm.{p}"
-            else:
-                value, where = default, None
-            if where and check_value is not None:
-                check_value(where, value, dict(f.metadata))
-            values[p] = value
-        unknown = [p for p in own if p not in fields]
-        if unknown:
-            raise ValueError(f"algorithm.steps[{k}] ({name}) has unknown parameter {unknown[0]!r}; "
-                             f"valid: {', '.join(fields) or 'none'}")
-        planned.append(PlannedStep(step, SimpleNamespace(**values)))
-    return planned
+    """The recipe's steps with resolved parameters (`params.resolve_params`); raises ValueError (one line) on
+    unknown steps or parameters. ``check_value(key, value, field_metadata)`` validates each value (ranges, choices)."""
+    known = {name: step.params for name, step in STEPS.items()}
+    return [PlannedStep(STEPS[name], values) for name, values in resolve_params(algo, known, check_value)]
 
 
 def stats_needed(plan: list[PlannedStep]) -> frozenset[str]:

@@ -12,8 +12,6 @@ All arithmetic in fp32, written back in each tensor's dtype.
 
 from __future__ import annotations
 
-from dataclasses import field
-
 import torch
 
 from ..models.adapter import InputGroup
@@ -24,11 +22,6 @@ def smoothable(group: InputGroup, only: list[str] | None = None) -> bool:
     """Whether a step may smooth ``group``: it has a place for the factor, and it is among ``only`` (a step's
     ``groups`` parameter; None: every such group)."""
     return group.kind is not None and (only is None or group.name in only)
-
-
-def smoothing_groups_param():
-    """The ``groups`` parameter SmoothQuant and AWQ share: the input groups they may smooth, by name."""
-    return field(default=None, metadata={"input_groups": True})
 
 
 @torch.no_grad()

@@ -11,39 +11,15 @@ error only goes down from round-to-nearest's; the runner checks the result on ev
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
-
 import torch
 
-from ..config.schema import bounded
 from .block_search import shortlisted
 from .losses import GroupQuantLoss
+from .params import SmoothQuantParams, parse_alpha
 from .registry import BlockContext, register_step
-from .smoothing import apply_smoothing, clamp_scale, group_weight_absmax, smoothable, smoothing_groups_param
+from .smoothing import apply_smoothing, clamp_scale, group_weight_absmax, smoothable
 
 ALPHA_GRID = [round(0.05 * i, 2) for i in range(21)]
-
-
-@dataclass
-class SmoothQuantParams:
-    alpha: Any = field(default="auto", metadata={"range": (0.0, 1.0), "or_auto": True})  # or a number in [0, 1]
-    # alpha=auto: how many of the grid's alphas (best per-linear loss first) are scored on the block output; 0: all
-    shortlist: int = bounded(4, 0, None)
-    # the input groups smoothed, by name (e.g. [self_attn_in, cross_attn_q, ffn_in]); null: every group with a fold
-    groups: Optional[list[str]] = smoothing_groups_param()
-
-
-def parse_alpha(value: Any) -> float | str:
-    if value == "auto":
-        return "auto"
-    try:
-        alpha = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"algorithm.alpha={value!r} must be a number in [0, 1] or 'auto'") from None
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"algorithm.alpha={value!r} is out of range; it must be in [0, 1] or 'auto'")
-    return alpha
 
 
 def smoothquant_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -28,10 +28,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("group", nargs="?", choices=[*GROUPS, SWEEPS], help="only this group (sweep: the ready sweeps)")
 
 
-def main(args) -> int:
-    for group in [args.group] if args.group else [*GROUPS, SWEEPS]:
+def listing(groups: list[str]) -> str:
+    """Each group's options with what each is (the ready sweeps under ``sweep``), one per line."""
+    lines = []
+    for group in groups:
         folder = SWEEP_DIR if group == SWEEPS else CONF_DIR / group
-        print(f"{group}:" if group != SWEEPS else "sweep (vqx run -m +sweep=NAME):")
-        for f in sorted(folder.glob("*.yaml")):
-            print(f"  {f.stem:<22} {describe(f)}")
+        lines.append(f"{group}:" if group != SWEEPS else "sweep (vqx run -m +sweep=NAME):")
+        lines += [f"  {f.stem:<22} {describe(f)}".rstrip() for f in sorted(folder.glob("*.yaml"))]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    print(listing([args.group] if args.group else [*GROUPS, SWEEPS]))
     return 0

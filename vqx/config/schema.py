@@ -4,8 +4,10 @@ Every group option file starts with ``defaults: [/schema/<group>/<kind>@_here_, 
 type-checks overrides and rejects unknown keys while composing. Ranges and choices, which Hydra does
 not check, are declared here as field metadata and enforced by `validate.py` before anything runs.
 
-A new algorithm, exporter, evaluator or logger registers its schema with `register_schema` next to its
-code and ships one yaml file; nothing here changes.
+A new exporter, evaluator or logger registers its schema with `register_schema` in its package's torch-free
+``schemas.py`` (an algorithm step declares its parameters in `algorithms/params.py`) and ships one yaml file;
+nothing here changes. `vqx.schemas` imports them all, so Hydra composes and `validate.check_settings` checks a
+run's settings before torch is imported.
 """
 
 from __future__ import annotations

@@ -86,8 +86,10 @@ def apply_renames(cfg: DictConfig) -> None:
                 node[target], node[f.name] = node[f.name], None
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise UserError (one line) on the first problem in a composed run config (old names renamed first)."""
+def check_settings(cfg: DictConfig, family: str | None = None) -> None:
+    """Raise UserError (one line) on the first problem of a composed run config that the settings alone show (old
+    names renamed first): keys, ranges, choices, the recipe's parameters. Imports no torch (`vqx.schemas`), so
+    the app runs it before the stages are imported; `validate` runs it again with the model family's rules."""
     apply_renames(cfg)
     for key in cfg.keys():
         if key not in TOP_LEVEL_KEYS:
@@ -98,7 +100,27 @@ def validate(cfg: DictConfig) -> None:
         schema = OmegaConf.get_type(cfg, group)
         if not dataclasses.is_dataclass(schema):
             raise UserError(f"{group} option does not declare a schema (add '/schema/{group}/<kind>@_here_' to its defaults)")
-        check_node(cfg[group], schema, group, _model_family(cfg))
+        check_node(cfg[group], schema, group, family)
+    from ..algorithms.params import DECLARED, resolve_params
+
+    try:  # steps registered only by their modules (not yet imported) are checked by `validate`
+        resolve_params(cfg.algorithm, DECLARED, check_value=_check_value, skip_unknown=True)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    window = list(cfg.calib.capture_window)
+    if (len(window) != 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in window)
+            or not 0 <= window[0] <= window[1] <= 1):
+        raise UserError(f"calib.capture_window={window} is not valid; use [start, end] fractions of the trajectory "
+                        "with 0 <= start <= end <= 1, e.g. [0, 0.3]")
+    if cfg.model.source == "diffusers" and not cfg.model.path:
+        raise UserError(f"model={cfg.model.name} needs model.path=/path/to/a local diffusers folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise UserError (one line) on the first problem in a composed run config: `check_settings` with the model
+    family's rules (e.g. Wan's 4k+1 frames), then the rules across groups that need the format, the steps and the
+    model adapter."""
+    check_settings(cfg, _model_family(cfg))
     _check_rules(cfg)
 
 
@@ -129,7 +151,7 @@ def _check_rules(cfg: DictConfig) -> None:
         raise UserError(str(e)) from None
     _check_smoothing_groups(cfg, plan)
     if any(s.weight is not None and s.weight.granularity in ("group", "block") for s in fmt.schemes()):
-        from ..algorithms.gptq import act_order_refusal
+        from ..algorithms.params import act_order_refusal
 
         for p in plan:
             why = act_order_refusal(getattr(p.params, "act_order", False), getattr(p.params, "static_groups", True))
@@ -143,13 +165,6 @@ def _check_rules(cfg: DictConfig) -> None:
         if changed and cfg.export.name != "none":
             raise UserError(f"model.outliers.sites={list(o.sites)} cannot be exported with export={cfg.export.name}: "
                             f"{changed}; use export=none")
-    window = list(cfg.calib.capture_window)
-    if (len(window) != 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in window)
-            or not 0 <= window[0] <= window[1] <= 1):
-        raise UserError(f"calib.capture_window={window} is not valid; use [start, end] fractions of the trajectory "
-                        "with 0 <= start <= end <= 1, e.g. [0, 0.3]")
-    if cfg.model.source == "diffusers" and not cfg.model.path:
-        raise UserError(f"model={cfg.model.name} needs model.path=/path/to/a local diffusers folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
     if cfg.model.source == "mini":  # before the prompt files inside it are read, so the message says how to train it
         from ..models.adapter import adapter_named
 

@@ -1,4 +1,3 @@
 """Evaluation: the `video` evaluator (paired 16-bit / quantized generation scored with LPIPS, PSNR, SSIM)
-and `vqx score` for any two videos or images."""
-
-from . import video  # noqa: F401  (registers eval=video and its schema)
+and `vqx score` for any two videos or images. `schemas` registers eval=video's settings without importing torch;
+`vqx.plugins` imports the evaluator."""

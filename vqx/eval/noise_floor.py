@@ -16,16 +16,10 @@ from ..errors import UserError
 from ..models.sampling import SamplerSettings
 from ..models.adapter import adapter_for
 from . import metrics as M
+from .schemas import SDPA_METHODS
 
 log = logging.getLogger(__name__)
 
-SDPA_METHODS = {  # method -> (diffusers attention backend, torch SDPBackend member, kernel name)
-    "sdpa_math": ("_native_math", "MATH", "math"),
-    "sdpa_flash": ("_native_flash", "FLASH_ATTENTION", "flash"),
-    "sdpa_efficient": ("_native_efficient", "EFFICIENT_ATTENTION", "memory-efficient"),
-    "sdpa_cudnn": ("_native_cudnn", "CUDNN_ATTENTION", "cuDNN"),
-}
-NOISE_FLOORS = (*SDPA_METHODS, "tf32")
 CUDA_ONLY = ("sdpa_efficient", "sdpa_cudnn", "tf32")
 PROBE_TOKENS = 8192  # enough to make SDPA's kernel choice as for the real sequence, small enough to allocate
 

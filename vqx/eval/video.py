@@ -17,15 +17,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..config.schema import SamplerSchema, bounded, choice, register_schema, renamed
 from ..errors import UserError
 from ..models.sampling import SamplerSettings
 from ..quant.backends import set_backend
@@ -36,35 +34,12 @@ from ..stages import EVALUATORS, Evaluator, RunState
 from . import metrics as M
 from .generation import EvalSamples, generate_sample
 from .lpips_weights import features_state_dict
-from .noise_floor import (NOISE_FLOORS, attention_kernels, check_noise_floor, floor_summary, noise_floor_context,
+from .noise_floor import (attention_kernels, check_noise_floor, floor_summary, noise_floor_context,
                           resolve_noise_floor)
 from .references import ReferenceCache
 from .videoio import NO_VIDEO_LIBRARY, frame_strip, side_by_side, to_float, video_library, write_mp4, write_png
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class VideoEvalSchema(SamplerSchema):
-    """Sampler fields (height ... negative_prompt) are inherited with their checks; conf/eval/video.yaml
-    defaults them to the model's recommended sampler."""
-
-    name: str = "video"
-    # how quantized linears multiply: fake (quantize-dequantize, then a GEMM in the model dtype) or kernel
-    # (int8/fp8 GEMMs as lightx2v runs them); `vqx.quant.backends.set_backend` applies it
-    gemm: str = choice("fake", "kernel")
-    backend: Optional[str] = renamed("gemm")  # deprecated: eval.gemm's old name
-    path: Optional[str] = None  # prompts json; null: assets/wan_<task>/eval/prompts.json
-    num_samples: Optional[int] = bounded(None, 1, None)  # the first N prompts; null: all
-    lpips_net: str = choice("alex", "vgg")
-    noise_floor: str = choice("auto", "none", *NOISE_FLOORS)
-    noise_floor_samples: Optional[int] = bounded(None, 1, None)  # null: every sample
-    save_videos: bool = True
-    fps: int = bounded(16, 1, None)  # Wan2.1 generates 16 fps
-    diff_gain: float = bounded(4.0, 0.0, None, exclusive_low=True)  # amplification of the difference panel
-
-
-register_schema("eval", "video", VideoEvalSchema)
 
 
 def score_pair(ref: np.ndarray, test: np.ndarray, net: str, device: str) -> dict:

@@ -1,4 +1,2 @@
-"""Exporters (lightx2v checkpoint, dequantized diffusers folder) and the export verifier; importing this
-package registers the exporters and their config schemas."""
-
-from . import dequantized, lightx2v  # noqa: F401  (register exporters)
+"""Exporters (lightx2v checkpoint, dequantized diffusers folder) and the export verifier. `schemas` registers
+their settings without importing torch; `vqx.plugins` imports the exporters (`lightx2v`, `dequantized`)."""

@@ -32,15 +32,6 @@ from .checks import Report, TensorFiles
 from .lightx2v_lowbit import LOWBIT_SCHEMES
 from .lightx2v_reference import GRID, INPUTS, METADATA_KEY, REFERENCE_FILE
 
-# Max relative error of a block's update (lockstep, fp32) between lightx2v's math on the files and the evaluated
-# block's recorded output. Measured on correct exports (bench/verify_floor.py; bench/results/verify_floor*.json):
-# 1.9e-7 to 5.9e-7 (fp32 summation order; wan_tiny to Wan2.1 14B, int8 and fp8, CPU and H200). The weakest value
-# error measured, a 1% error in the scales of one q/k projection (whose RMSNorm all but removes it), moves a
-# 14B block's output by 8.7e-6; every other kind moves codes or scales. 3e-6 is 5x the worst correct export.
-# Low-bit exports of wan_mini: 0 on the device that recorded them where the lockstep supplies the recorded activation
-# (every block op of lightx2v_math then rounds as the diffusers block does), up to 4.5e-7 with Marlin's weight-only
-# layers; H200-made exports checked on a CPU up to 5.3e-7 (bench/results/verify_floor_lowbit_gpu.json).
-DEFAULT_TOLERANCE = 3e-6
 # A code may differ from the recorded one only if it is a code of a value within TIE grid steps plus ROW_REL of
 # the token's absmax (fp32 noise; it matters where fp8's grid is finest, near 0) of this side's value.
 TIE = 1e-2

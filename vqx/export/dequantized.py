@@ -14,34 +14,20 @@ the algorithm ran, and nothing is written then.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
-from ..config.schema import RENAMED_OPTIONS, register_schema
 from ..errors import UserError
 from ..stages import EXPORTERS, Exporter, RunState
-from .folder import (ExportFolderSchema, check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder,
-                     target_dir)
+from .folder import check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder, target_dir
 from .checks import VERIFIERS, Report, TensorFiles, VerifyJob, names, read_json
 from .manifest import write_manifest
+from .schemas import DEQUANTIZED as KIND
 
 log = logging.getLogger("vqx")
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
-
-
-KIND = "dequantized"  # the option's name and the manifest's kind
-
-
-@dataclass
-class DequantizedExportSchema(ExportFolderSchema):
-    name: str = KIND
-
-
-register_schema("export", KIND, DequantizedExportSchema)
-RENAMED_OPTIONS[("export", "fake")] = KIND  # its old name: conf/export/fake.yaml still selects it
 
 
 def check(cfg: DictConfig) -> None:

@@ -27,18 +27,14 @@ and compares lightx2v's math on the files with the recorded outputs (``export.ve
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..config.schema import bounded, choice, register_schema
 from ..errors import Fault, UserError
 from ..io import write_json_atomic, write_text_atomic
 from ..models.adapter import LayerSelection, ModelAdapter, adapter_for, quant_targets
@@ -47,32 +43,18 @@ from ..quant.linear import QuantLinear
 from ..stages import EXPORTERS, Exporter, RunState
 from . import contract, lightx2v_reference
 from .block_compare import spread
-from .folder import (ExportFolderSchema, check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder,
-                     target_dir)
+from .folder import check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder, target_dir
 from .lightx2v_attention import attention_keys, attention_notes
 from .lightx2v_lowbit import LOWBIT_SCHEMES, linear_tensors, lowbit_scheme, marlin_check_shape
 from .lightx2v_reference import REFERENCE_FILE, WEIGHTS_FILE
 from .manifest import write_manifest
-from .verify import DEFAULT_TOLERANCE, verify_export
+from .verify import verify_export
 
 log = logging.getLogger("vqx")
 
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 NON_BLOCK_FILE = "non_block.safetensors"
-
-
-@dataclass
-class LightX2VExportSchema(ExportFolderSchema):
-    name: str = "lightx2v"
-    layout: str = choice("single", "blocks")  # blocks: block_{i}.safetensors + non_block.safetensors + index
-    dtype: str = choice("bfloat16", "float32")  # float tensors the evaluated model holds in 16 bits (fp32 ones stay fp32)
-    verify: bool = True  # check the folder (and lightx2v's math against the evaluated blocks) before it lands
-    verify_tolerance: float = bounded(DEFAULT_TOLERANCE, 0.0, None, exclusive_low=True)  # max relative error per block
-    verify_blocks: Optional[int] = bounded(None, 1, None)  # record (and compare) this many evenly spread blocks; null: all
-
-
-register_schema("export", "lightx2v", LightX2VExportSchema)
 
 
 def refusal(fmt: Format) -> str | None:

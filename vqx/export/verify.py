@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import dequantized, lightx2v_verify  # noqa: F401  (register their verifiers)
-from .block_compare import DEFAULT_TOLERANCE
+from .schemas import DEFAULT_TOLERANCE
 from .checks import VERIFIERS, Report, VerifyJob
 from .manifest import check_files, read_manifest
 

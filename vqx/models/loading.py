@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..errors import UserError
-from ..runtime import DTYPES, resolve_device
+from ..runtime import resolve_device, torch_dtype
 from .adapter import adapter_named
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def load_pipeline(model: DictConfig):
     """The pipeline on ``model.device``, built or loaded by its family's adapter; transformer in ``model.dtype``,
     VAE and encoders as the family runs them."""
     adapter = adapter_named(model.family)
-    dtype = DTYPES[model.dtype]
+    dtype = torch_dtype(model.dtype)
     device = resolve_device(model.device)
     pipe = adapter.build_pipeline(model, dtype, device)
     pipe.set_progress_bar_config(disable=True)

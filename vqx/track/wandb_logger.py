@@ -13,35 +13,17 @@ import math
 import netrc
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
-from ..config.schema import choice, register_schema
 from ..errors import UserError, one_line
 from ..stages import LOGGERS, Logger
 
 log = logging.getLogger("vqx")
-
-MODES = ("auto", "online", "offline", "disabled")
 SCALAR_METRICS = ("lpips", "psnr", "ssim", "lpips_std", "psnr_std", "ssim_std")
-
-
-@dataclass
-class WandbLoggerSchema:
-    name: str = "wandb"
-    project: str = "vqx"
-    entity: Optional[str] = None  # W&B user or team; None: the account's default
-    mode: str = choice(*MODES)  # auto: online with credentials, else offline
-    group: Optional[str] = None  # None: the multirun's sweep dir (single runs: no group)
-    tags: list[str] = field(default_factory=list)
-    log_videos: bool = True  # upload eval's side-by-side videos
-
-
-register_schema("logger", "wandb", WandbLoggerSchema)
 
 
 def has_credentials() -> bool:
