@@ -4,5 +4,5 @@ schemas come first, from `vqx.schemas` (torch-free)."""
 from . import schemas, stages  # noqa: F401
 from .algorithms import awq, gptq, rtn, smoothquant  # noqa: F401  (register the steps)
 from .eval import video  # noqa: F401  (eval=video)
-from .export import dequantized, lightx2v  # noqa: F401  (export=dequantized, export=lightx2v)
+from .export import dequantized, diffusers_torchao, lightx2v  # noqa: F401  (export=dequantized, torchao, lightx2v)
 from .track import wandb_logger  # noqa: F401  (imports wandb only when a run starts)

@@ -179,7 +179,7 @@ def _check_smoothing_groups(cfg: DictConfig, plan) -> None:
         names = getattr(p.params, "groups", None)
         if names is None:
             continue
-        valid = adapter_named(cfg.model.family).smoothing_groups(cfg.model.task)
+        valid = list(adapter_named(cfg.model.family).smoothing_groups(cfg.model.task))
         bad = [n for n in names if n not in valid]
         if bad or not names:
             what = "names no group" if not names else f"has unknown group {bad[0]!r}"

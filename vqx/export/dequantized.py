@@ -7,8 +7,8 @@ model's dtype); everything else is the transformer's own tensor. Activations are
 diffusers model, so this reproduces the weight error only.
 
 Runtime smoothing (lightx2v's affine_norm1/affine_norm3 vectors) cannot be expressed in diffusers' Wan block
-(its modulated LayerNorms have no per-block parameters), so such runs are refused; that is only known after
-the algorithm ran, and nothing is written then.
+(its modulated LayerNorms have no per-block parameters), so a recipe that may smooth there is refused before any
+model is built (`export=torchao` carries those vectors); a run that left one anyway is refused before writing.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from ..errors import UserError
+from ..models.adapter import adapter_named
 from ..stages import EXPORTERS, Exporter, RunState
 from .folder import check_target, hydra_run_dir, kept_summary, same_config_export, staged_folder, target_dir
 from .checks import VERIFIERS, Report, TensorFiles, VerifyJob, names, read_json
@@ -31,11 +32,36 @@ WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
 
 def check(cfg: DictConfig) -> None:
+    runtime = runtime_smoothing_groups(cfg)
+    if runtime:
+        kinds = adapter_named(cfg.model.family).smoothing_groups(cfg.model.task)
+        exact = [g for g, kind in kinds.items() if kind != "runtime"]
+        raise UserError(f"export={KIND} cannot hold run-time smoothing: algorithm={cfg.algorithm.name} may smooth "
+                        f"{', '.join(runtime)}, whose factors are applied at run time (lightx2v's affine_norm vectors) "
+                        f"and diffusers' Wan block has no place for them; use export=torchao (it carries them) or "
+                        f"export=lightx2v, smooth only where the factor folds exactly "
+                        f"(algorithm.groups=[{','.join(exact)}]), or algorithm=rtn / gptq")
     check_target(target_dir(cfg.export, hydra_run_dir()), bool(cfg.export.overwrite), cfg)
 
 
-def dequantized_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """diffusers names -> tensors, with every quantized linear as its dequantized ``.weight`` and bias."""
+def runtime_smoothing_groups(cfg: DictConfig) -> list[str]:
+    """The input groups with a run-time fold (Wan: before attn1's and the FFN's inputs) that the recipe's smoothing
+    steps (those with a ``groups`` parameter) may smooth: their own ``groups``, or every smoothable group."""
+    from ..algorithms.registry import plan_steps
+
+    kinds = adapter_named(cfg.model.family).smoothing_groups(cfg.model.task)
+    found: list[str] = []
+    for planned in plan_steps(cfg.algorithm):
+        if "groups" not in planned.step.param_fields():
+            continue
+        names = list(kinds) if planned.params.groups is None else list(planned.params.groups)
+        found += [n for n in names if kinds.get(n) == "runtime" and n not in found]
+    return found
+
+
+def linear_state_dict(transformer: torch.nn.Module, weight_of) -> dict[str, torch.Tensor]:
+    """diffusers names -> tensors (on the CPU): the transformer's own, with each quantized linear (a QuantLinear) as
+    ``weight_of(name, quant_linear)`` and its bias; a weight of None is left out."""
     out = {}
     modules = dict(transformer.named_modules())
     quantized = {name for name, m in modules.items() if hasattr(m, "weight_codes")}
@@ -46,9 +72,14 @@ def dequantized_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tens
         out[key] = t
     for name in quantized:
         q = modules[name]
-        out[f"{name}.weight"] = q.weight
+        out[f"{name}.weight"] = weight_of(name, q)
         out[f"{name}.bias"] = q.bias
-    return {k: v.detach().cpu().contiguous() for k, v in sorted(out.items())}
+    return {k: v.detach().cpu().contiguous() for k, v in sorted(out.items()) if v is not None}
+
+
+def dequantized_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """diffusers names -> tensors, with every quantized linear as its dequantized ``.weight`` and bias."""
+    return linear_state_dict(transformer, lambda name, q: q.weight)
 
 
 def export(state: RunState) -> dict:

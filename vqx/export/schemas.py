@@ -19,6 +19,7 @@ from .folder import ExportFolderSchema
 # (bench/results/verify_floor_lowbit_gpu.json).
 DEFAULT_TOLERANCE = 3e-6
 DEQUANTIZED = "dequantized"  # the option's name and the manifest's kind
+TORCHAO = "torchao"  # likewise
 
 
 @dataclass
@@ -36,6 +37,13 @@ class DequantizedExportSchema(ExportFolderSchema):
     name: str = DEQUANTIZED
 
 
+@dataclass
+class TorchaoExportSchema(ExportFolderSchema):
+    name: str = TORCHAO
+    verify: bool = True  # load the folder with diffusers and compare it with the evaluated model before it lands
+
+
 register_schema("export", "lightx2v", LightX2VExportSchema)
+register_schema("export", TORCHAO, TorchaoExportSchema)
 register_schema("export", DEQUANTIZED, DequantizedExportSchema)
 RENAMED_OPTIONS[("export", "fake")] = DEQUANTIZED  # its old name: conf/export/fake.yaml still selects it

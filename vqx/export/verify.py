@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import dequantized, lightx2v_verify  # noqa: F401  (register their verifiers)
+from . import dequantized, diffusers_torchao, lightx2v_verify  # noqa: F401  (register their verifiers)
 from .schemas import DEFAULT_TOLERANCE
 from .checks import VERIFIERS, Report, VerifyJob
 from .manifest import check_files, read_manifest

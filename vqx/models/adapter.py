@@ -197,9 +197,10 @@ class ModelAdapter:
         """Tokens of a video of that size (the self-attention's sequence length)."""
         raise NotImplementedError
 
-    def smoothing_groups(self, task: str) -> list[str]:
-        """Names of the block input groups a smoothing factor can be folded for (``InputGroup.kind`` set), in
-        block order, for a model of ``task``: what SmoothQuant's and AWQ's ``groups`` parameter may name."""
+    def smoothing_groups(self, task: str) -> dict[str, str]:
+        """The block input groups a smoothing factor can be folded for, in block order, for a model of ``task``:
+        name -> ``InputGroup.kind`` (where the factor goes). What SmoothQuant's and AWQ's ``groups`` parameter may
+        name; the kinds let an exporter refuse, before any model is built, smoothing it has no place for."""
         raise NotImplementedError
 
     def check_frames(self, num_frames: int) -> str | None:

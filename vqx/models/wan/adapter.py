@@ -38,8 +38,8 @@ class WanAdapter(ModelAdapter):
     def input_groups(self, transformer: nn.Module) -> list[InputGroup]:
         return layers.input_groups(self.is_i2v(transformer))
 
-    def smoothing_groups(self, task: str) -> list[str]:
-        return [g.name for g in layers.input_groups(task == "i2v") if g.kind is not None]
+    def smoothing_groups(self, task: str) -> dict[str, str]:
+        return {g.name: g.kind for g in layers.input_groups(task == "i2v") if g.kind is not None}
 
     def block_dtype(self, transformer: nn.Module) -> torch.dtype:
         return transformer.blocks[0].attn1.to_q.weight.dtype
