@@ -2,6 +2,10 @@
 
 import json
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,6 +14,7 @@ from vqx.cli import main as vqx_main
 from conftest import report_tables
 
 PNG = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_job(root, name, overrides, config=None, metrics=None, metrics_text=None, error=None):
@@ -220,3 +225,23 @@ def test_attention_sweep_splits_linears_attention_and_both(tmp_path):
     assert rows == [["w8a8", "smoothquant", "sage2", "0.0020", "0.0040", "0.0050", "41.00", "38.00", "37.00", "0.0007"]]
     md = (root / "report.md").read_text()
     assert "| w8a8 | smoothquant | sage2 | 0.0020 / 0.0040 / 0.0050 | 41.00 / 38.00 / 37.00 |" in md
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (.ci/run installs Debian's chromium)")
+def test_report_fits_a_laptop_window_in_a_headless_browser(sweep):
+    """scripts/check_report_layout.py renders the report in headless Chromium at 1280 and 1400 px: the page must not
+    scroll sideways (wide tables scroll inside their box), even with a job whose override is a 40-pattern list (which
+    made the page 5,664 px wide before such values wrapped); it leaves a screenshot per width beside the report."""
+    long = "format.skip_patterns=[" + ",".join(f"blocks.{i}.attn1.to_q" for i in range(40)) + "]"
+    sq_job(sweep, "11", "fp8", 0.6, lpips=0.04, psnr=36.0)  # the best fp8 job: its overrides fill the best table
+    overrides = yaml.safe_load((sweep / "11" / ".hydra" / "overrides.yaml").read_text())
+    (sweep / "11" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, long]))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_report_layout.py"), str(sweep)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert [line.split(" px:")[0] for line in lines] == ["1280", "1400"] and all(": fits;" in line for line in lines)
+    for width in (1280, 1400):
+        assert (sweep / f"report_{width}.png").read_bytes().startswith(PNG)
+    html = (sweep / "report.html").read_text()  # the long list is a wrapping cell inside a scroll box
+    assert "<div class='scroll'><table id='best'>" in html and 'class="text wrap">format=fp8' in html

@@ -188,6 +188,7 @@ table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0 1.5em; }
 .scroll { overflow-x: auto; max-width: 100%; }  /* wide tables scroll inside the page at laptop width */
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
 td.text, th.text { text-align: left; }
+td.wrap, code { overflow-wrap: anywhere; min-width: 10em; }  /* a long override (a pattern list) wraps, not the page */
 th.sortable { cursor: pointer; background: #f0f0f0; user-select: none; }
 th.asc::after { content: ' \\25B2'; } th.desc::after { content: ' \\25BC'; }
 tr.best td { background: #d9f2d9; font-weight: 600; }
@@ -277,7 +278,7 @@ def render_split(rows: list[dict], several_models: bool) -> str:
     head += [("LPIPS floor", "")]
     out = ["<h2>Linear vs attention quantization</h2><p class='note'>Each row: the jobs of one format and attention "
            "mode that quantize the linears only (attention none), the attention only (format none) and both.</p>",
-           "<table id='split'>" + _sortable_head(head) + "<tbody>"]
+           "<div class='scroll'><table id='split'>" + _sortable_head(head) + "<tbody>"]
     for r in rows:
         cells = ([_cell(r["model"], cls="text")] if several_models else [])
         cells += [_cell(r["format"], cls="text"), _cell(r["algorithm"], cls="text"), _cell(r["attention"], cls="text")]
@@ -285,7 +286,7 @@ def render_split(rows: list[dict], several_models: bool) -> str:
         floor = r["both"].value("noise_floor_lpips")
         cells.append(_cell(_fmt("lpips", floor), floor if floor is not None else ""))
         out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "\n".join(out)
 
 
@@ -312,14 +313,14 @@ def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str],
 
     out.append("<h2>Best configuration per " + ("model and format" if several_models else "format") + "</h2>")
     if best:
-        out.append("<table id='best'><thead><tr><th class='text'>format</th><th class='text'>job</th>"
+        out.append("<div class='scroll'><table id='best'><thead><tr><th class='text'>format</th><th class='text'>job</th>"
                    "<th class='text'>ranked by</th><th>value</th><th class='text'>overrides</th></tr></thead><tbody>")
         for fmt, (job, metric) in best.items():
             why = "lowest LPIPS" if metric == "lpips" else "lowest mean layer error (no LPIPS in these jobs)"
             out.append("<tr>" + _cell(fmt, cls="text") + _cell(job.name, cls="text") + _cell(why, cls="text")
                        + _cell(_fmt(metric, job.value(metric)), job.value(metric))
-                       + _cell(" ".join(f"{k}={v}" for k, v in job.overrides.items()), cls="text") + "</tr>")
-        out.append("</tbody></table>")
+                       + _cell(" ".join(f"{k}={v}" for k, v in job.overrides.items()), cls="text wrap") + "</tr>")
+        out.append("</tbody></table></div>")
     else:
         out.append("<p class='note'>No complete job has LPIPS or a layer error to rank by.</p>")
 
@@ -337,7 +338,7 @@ def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str],
                _cell("complete" if job.failure is None else "failed", cls="text")]
         row += [_cell(job.model, cls="text")] if several_models else []
         row += [_cell(job.format, cls="text"), _cell(job.algorithm, cls="text")]
-        row += [_cell(job.overrides.get(k, ""), _as_number(job.overrides.get(k)), cls="text") for k in varying]
+        row += [_cell(job.overrides.get(k, ""), _as_number(job.overrides.get(k)), cls="text wrap") for k in varying]
         row += [_cell(_fmt(key, job.value(key)), job.value(key) if job.value(key) is not None else "") for key, *_ in columns]
         out.append(f"<tr class='{cls}'>" + "".join(row) + "</tr>")
     out.append("</tbody></table></div>")
@@ -347,12 +348,12 @@ def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str],
         out.append(render_split(split, several_models))
 
     if failed:
-        out.append("<h2>Failed or partial jobs</h2><table id='failed'><thead><tr><th class='text'>job</th>"
+        out.append("<h2>Failed or partial jobs</h2><div class='scroll'><table id='failed'><thead><tr><th class='text'>job</th>"
                    "<th class='text'>reason</th><th class='text'>overrides</th></tr></thead><tbody>")
         for job in failed:
             out.append("<tr class='failed'>" + _cell(job.name, cls="text") + _cell(job.failure, cls="text")
-                       + _cell(" ".join(f"{k}={v}" for k, v in job.overrides.items()), cls="text") + "</tr>")
-        out.append("</tbody></table>")
+                       + _cell(" ".join(f"{k}={v}" for k, v in job.overrides.items()), cls="text wrap") + "</tr>")
+        out.append("</tbody></table></div>")
 
     strips = [(job, _strip_png(job)) for job in complete]
     strips = [(job, png) for job, png in strips if png is not None]
