@@ -144,11 +144,20 @@ def _with_cfg(state, cfg: DictConfig):
 
 
 def load(export_dir: str | Path, pipe):
-    """Install the ``export=lightx2v`` folder ``export_dir`` into ``pipe`` (a pipeline of the model it was made
-    from, e.g. ``Experiment(...).load()``), in place: its transformer then computes what the run's quantized one
-    computed, bit for bit. Returns ``pipe``. A folder that fails `vqx verify-export`'s file checks, or does not fit
-    the model, raises UserError (one line)."""
+    """Load the vqx export ``export_dir`` into ``pipe`` (a pipeline of the model it was made from, e.g.
+    ``Experiment(...).load()``), in place, and return ``pipe``:
+
+    - ``export=lightx2v``: its tensors become the transformer's QuantLinears, which then compute what the run's
+      quantized transformer computed, bit for bit;
+    - ``export=torchao`` and ``export=dequantized``: ``pipe.transformer`` becomes the folder's transformer as
+      diffusers' ``from_pretrained`` loads it (torchao's int8 arithmetic; the dequantized weights in 16 bits).
+
+    A folder that fails `vqx verify-export`'s file checks, or does not fit the model, raises UserError (one line)."""
+    from .export.diffusers_load import DIFFUSERS_KINDS, export_kind, load_diffusers_export
     from .export.lightx2v_load import load_lightx2v
 
-    load_lightx2v(export_dir, pipe)
+    if export_kind(Path(export_dir)) in DIFFUSERS_KINDS:
+        load_diffusers_export(Path(export_dir), pipe)
+    else:
+        load_lightx2v(export_dir, pipe)
     return pipe
