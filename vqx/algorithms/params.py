@@ -108,6 +108,18 @@ def smoothing_groups_param():
     return field(default=None, metadata={"input_groups": True})
 
 
+def min_gain_param():
+    """The ``min_gain`` parameter of the block-scored searches: a candidate replaces what a group (or a linear's
+    clipping) has only if it lowers the quantized block's error by more than this fraction (0: any decrease)."""
+    return bounded(0.0, 0.0, 1.0)
+
+
+def accepts(error: float, current: float, min_gain: float) -> bool:
+    """Whether a candidate's block error earns its transform: strictly below ``current`` by more than ``min_gain``
+    of it (a tie keeps what is there)."""
+    return error < current * (1.0 - min_gain)
+
+
 @dataclass
 class SmoothQuantParams:
     alpha: Any = field(default="auto", metadata={"range": (0.0, 1.0), "or_auto": True})  # or a number in [0, 1]
@@ -115,6 +127,7 @@ class SmoothQuantParams:
     shortlist: int = bounded(4, 0, None)
     # the input groups smoothed, by name (e.g. [self_attn_in, cross_attn_q, ffn_in]); null: every group with a fold
     groups: Optional[list[str]] = smoothing_groups_param()
+    min_gain: float = min_gain_param()  # alpha=auto: the block-error decrease a group's alpha must bring
 
 
 @dataclass
@@ -127,6 +140,7 @@ class AWQParams:
     shortlist: int = bounded(4, 0, None)
     # the input groups smoothed, by name; null: every group with a fold
     groups: Optional[list[str]] = smoothing_groups_param()
+    min_gain: float = min_gain_param()  # the block-error decrease a ratio (or a linear's clipping) must bring
 
 
 @dataclass

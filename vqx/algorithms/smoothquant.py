@@ -5,8 +5,9 @@ search whose candidates are the identity (no factor) and the alphas of the grid 
 quantized block's output over calibration calls (`block_search`), group after group in the block's order, each
 with the groups before it at their choice. ``shortlist`` bounds its cost: the grid's ``shortlist`` alphas with
 the lowest per-linear output error (the group's own linears quantized, on the token sample) are scored on the
-block (0: every alpha). A group keeps the identity unless a candidate lowers the block error, so the block
-error only goes down from round-to-nearest's; the runner checks the result on every calibration call.
+block (0: every alpha). A group keeps the identity unless a candidate lowers the block error (by more than
+``min_gain`` of it), so the block error only goes down from round-to-nearest's; the runner checks the result on
+every calibration call.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from .block_search import shortlisted
 from .losses import GroupQuantLoss
-from .params import SmoothQuantParams, parse_alpha
+from .params import SmoothQuantParams, accepts, parse_alpha
 from .registry import BlockContext, register_step
 from .smoothing import apply_smoothing, clamp_scale, group_weight_absmax, smoothable
 
@@ -57,7 +58,7 @@ def smoothquant(ctx: BlockContext) -> None:
                   for a in shortlisted(losses, ctx.params.shortlist)}
         best = min(errors, key=errors.get)
         choice = {"block_error_identity": current, "loss_identity": loss()}
-        if errors[best] < current:  # strictly lower: a tie keeps the identity
+        if accepts(errors[best], current, ctx.params.min_gain):
             apply_smoothing(ctx, group, scale[best])
             current = errors[best]
             choice.update(alpha=best, loss=losses[best])
