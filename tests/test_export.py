@@ -522,7 +522,7 @@ def test_dequantized_export_refuses_runtime_smoothing(t2v_int8_smooth, tmp_path)
 def test_unknown_manifest_kind_names_the_registered_verifiers(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"kind": "onnx", "files": {}}))
     report = verify_export(tmp_path)
-    assert report.problems == ["manifest kind='onnx' is not valid; valid: dequantized, fake, lightx2v"]
+    assert report.problems == ["manifest kind='onnx' is not valid; valid: dequantized, fake, lightx2v, torchao"]
 
 
 # ---- end to end, as a user runs it --------------------------------------------------------------------
