@@ -32,7 +32,7 @@ def verify_export(folder: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, c
     report.problems += check_files(folder, manifest)
     verifier = VERIFIERS.get(report.kind)
     if verifier is None:
-        report.problems.append(f"manifest kind={report.kind!r} is not valid; valid: {', '.join(VERIFIERS)}")
+        report.problems.append(f"manifest kind={report.kind!r} is not valid; valid: {', '.join(sorted(VERIFIERS))}")
         return report
     files = sorted(n for n in manifest["files"] if n.endswith(".safetensors") and (folder / n).is_file())
     verifier(VerifyJob(folder, manifest, files, compute, device, max_blocks), report)
