@@ -126,7 +126,7 @@ def test_verify_export_loads_the_folder_and_says_what_is_wrong(tmp_path):
     (["export=torchao", "format=fp8"], "export=torchao cannot write format=fp8: torchao has no tensor for scheme fp8; "
                                        "formats it writes: w8a8, w8a16"),
     (["export=torchao", "model.dtype=float32"], "export=torchao needs model.dtype=bfloat16"),
-    (["export=dequantized"], "export=dequantized cannot hold run-time smoothing: algorithm=smoothquant may smooth "
+    (["export=dequantized"], "export=dequantized cannot hold run-time smoothing: algorithm=smoothquant_gptq may smooth "
                              "self_attn_in, ffn_in"),
 ], ids=["format", "dtype", "dequantized-runtime-smoothing"])
 def test_refused_in_one_line_before_any_model_is_built(vqx_run_in_process, tmp_path, args, message):

@@ -60,13 +60,13 @@ def test_multirun_makes_one_dir_per_job(vqx_run, tmp_path):
 
 @pytest.mark.slow  # the whole default job on wan_mini: about a minute
 def test_default_run_is_the_whole_job(vqx_run, tmp_path):
-    """No overrides: calibrate, SmoothQuant W8A8, verified lightx2v export, video scores, offline W&B."""
+    """No overrides: calibrate, SmoothQuant then GPTQ at W8A8, verified lightx2v export, video scores, offline W&B."""
     run_dir = tmp_path / "run"
     r = vqx_run([f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'cache'}"], env={"WANDB_API_KEY": ""},
                 pin_model=False)
     assert r.returncode == 0, r.stderr
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["algorithm"] == "smoothquant" and m["format"] == "w8a8" and m["model"] == "wan_mini"
+    assert m["algorithm"] == "smoothquant_gptq" and m["format"] == "w8a8" and m["model"] == "wan_mini"
     assert m["calibration"]["calls"] > 0 and m["groups"]
     for key in ("lpips", "psnr", "ssim"):
         assert m[key] == m[key] and m["noise_floor"][key] == m["noise_floor"][key]  # present, not NaN

@@ -141,7 +141,7 @@ def test_logger_none_never_imports_wandb(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (tmp_path / "run" / "export" / "manifest.json").is_file()  # exported and verified
-    assert np.isfinite(m["lpips"]) and m["quantized_layers"] == 20 and m["algorithm"] == "smoothquant"
+    assert np.isfinite(m["lpips"]) and m["quantized_layers"] == 20 and m["algorithm"] == "smoothquant_gptq"
     assert "WANDB_LOADED False" in r.stdout
 
 

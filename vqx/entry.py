@@ -45,8 +45,9 @@ def help_page(overrides: list[str]) -> str:
         raise UserError(reword_hydra_error(str(e))) from None
     template = cfg.hydra.help.template
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    return string.Template(template).substitute(APP_CONFIG_GROUPS=listing([*GROUPS, SWEEPS]), CONFIG=OmegaConf.to_yaml(job),
-                                                FLAGS_HELP="", HYDRA_CONFIG_GROUPS="")
+    groups = listing([*GROUPS, SWEEPS])
+    return string.Template(template).substitute(APP_CONFIG_GROUPS=groups, CONFIG=OmegaConf.to_yaml(job), FLAGS_HELP="",
+                                                HYDRA_CONFIG_GROUPS="")
 
 
 def run_command_line() -> None:

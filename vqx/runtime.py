@@ -56,6 +56,14 @@ def resolve_device(name: str, option: str = "model.device=") -> torch.device:
         raise UserError(f"{option}{name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
 
 
+def from_pretrained_dtype(dtype: "torch.dtype") -> dict:
+    """diffusers' ``from_pretrained`` keyword for the model dtype: ``dtype`` where diffusers takes it (it deprecates
+    ``torch_dtype`` with a warning on every load since 0.36-ish), else ``torch_dtype`` (older releases)."""
+    from diffusers.pipelines import pipeline_utils
+
+    return {"dtype": dtype} if hasattr(pipeline_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 def torch_dtype(name: str, default: torch.dtype | None = None) -> torch.dtype:
     """The dtype named ``name`` (one of `DTYPES`); ``default`` for an unknown name, else a one-line error."""
     import torch

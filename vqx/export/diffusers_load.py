@@ -23,7 +23,7 @@ def load_diffusers_export(folder: Path, pipe) -> None:
     """``pipe.transformer`` := the folder's transformer (its manifest's model dtype, the old transformer's device)."""
     from diffusers import WanTransformer3DModel
 
-    from ..runtime import torch_dtype
+    from ..runtime import from_pretrained_dtype, torch_dtype
 
     report = verify_export(folder, compute=False)  # torchao's verifier loads it once already: cheap next to a model
     if not report.ok:
@@ -36,7 +36,8 @@ def load_diffusers_export(folder: Path, pipe) -> None:
         raise UserError(f"{folder} holds a transformer with {differs}; load the export into a pipeline of the model it "
                         "was made from")
     device = next(old.parameters()).device
-    pipe.transformer = WanTransformer3DModel.from_pretrained(str(folder / "transformer"), torch_dtype=torch_dtype(dtype),
+    pipe.transformer = WanTransformer3DModel.from_pretrained(str(folder / "transformer"),
+                                                             **from_pretrained_dtype(torch_dtype(dtype)),
                                                              device_map=str(device))
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from ..errors import UserError
 from ..quant.formats import SCHEMES, format_from_config
-from ..runtime import torch_dtype
+from ..runtime import from_pretrained_dtype, torch_dtype
 from ..stages import EXPORTERS, Exporter, RunState
 from .checks import VERIFIERS, Report, VerifyJob, read_json
 from .dequantized import linear_state_dict
@@ -179,7 +179,7 @@ def load_transformer(folder, dtype: str = "bfloat16", device: str = "cpu"):
     ``dtype`` the evaluated model's, which the manifest records: diffusers keeps its fp32 modules in fp32)."""
     from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel.from_pretrained(str(folder / TRANSFORMER), torch_dtype=torch_dtype(dtype),
+    return WanTransformer3DModel.from_pretrained(str(folder / TRANSFORMER), **from_pretrained_dtype(torch_dtype(dtype)),
                                                  device_map=device)
 
 

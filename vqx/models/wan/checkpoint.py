@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError, one_line
+from ...runtime import from_pretrained_dtype
 
 PIPELINE_CLASSES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline"}
 REQUIRED_PARTS = {
@@ -116,8 +117,9 @@ def load_diffusers_folder(path: Path, task: str, dtype: torch.dtype):
     check_diffusers_folder(path, task)
     cls = getattr(diffusers, PIPELINE_CLASSES[task])
     try:
-        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
-        return cls.from_pretrained(path, vae=vae, torch_dtype=dtype, local_files_only=True)
+        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", **from_pretrained_dtype(torch.float32),
+                                               local_files_only=True)
+        return cls.from_pretrained(path, vae=vae, **from_pretrained_dtype(dtype), local_files_only=True)
     except Exception as e:  # noqa: BLE001 -- whatever diffusers raises for a bad folder: one line naming it
         if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
             raise  # not the folder's fault: reported with what to reduce
