@@ -135,18 +135,15 @@ def export(state: RunState) -> dict:
     kept = None if state.cfg.export.overwrite else same_config_export(target, state.cfg)
     if kept is not None:
         return kept_summary(target, kept)
-    float_linears = sorted(n for n, m in transformer.named_modules()
-                           if isinstance(m, torch.nn.Linear) and n.startswith(tuple(f"{t.name.split('.')[0]}."
-                                                                                    for t in state.targets)))
+    # the linears left in 16 bits (QuantLinear is no nn.Linear), so a tool re-reading the config knows them
+    float_linears = sorted(n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear))
     with staged_folder(target, bool(state.cfg.export.overwrite)) as tmp, torch.no_grad():
         (tmp / TRANSFORMER).mkdir()
         tensors = linear_state_dict(transformer, lambda name, q: torchao_weight(q, dtype))
         flat, metadata = flatten_tensor_state_dict(tensors)
         save_file({k: v.detach().cpu().contiguous() for k, v in flat.items()}, str(tmp / WEIGHTS), metadata=metadata)
-        config = dict(transformer.config)
-        config["quantization_config"] = quantization_config(kind, float_linears)
         transformer.save_config(str(tmp / TRANSFORMER))  # then the quantization_config into it (diffusers' key)
-        _add_quantization_config(tmp / TRANSFORMER / "config.json", config["quantization_config"])
+        _add_quantization_config(tmp / TRANSFORMER / "config.json", quantization_config(kind, float_linears))
         info = {"format": state.format.name, "algorithm": state.cfg.algorithm.name, "model": state.cfg.model.name,
                 "task": state.cfg.model.task, "torchao_config": TORCHAO_CONFIGS[kind], "dtype": state.cfg.model.dtype,
                 "quantized_linears": len(state.quantized),
