@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .manifest import read_manifest
+from .manifest import check_files, read_manifest
 from .schemas import DEQUANTIZED, TORCHAO
-from .verify import verify_export
 
 DIFFUSERS_KINDS = (TORCHAO, DEQUANTIZED, "fake")  # "fake": dequantized folders exported before the rename
 
@@ -25,10 +24,11 @@ def load_diffusers_export(folder: Path, pipe) -> None:
 
     from ..runtime import from_pretrained_dtype, torch_dtype
 
-    report = verify_export(folder, compute=False)  # torchao's verifier loads it once already: cheap next to a model
-    if not report.ok:
-        raise UserError(f"{folder} cannot be loaded: {report.problems[0]}")
-    manifest, _ = read_manifest(folder)
+    # the manifest's files and hashes; the kind's verifier would load the model once more, from_pretrained does below
+    manifest, problems = read_manifest(folder)
+    problems = problems or check_files(folder, manifest)
+    if problems:
+        raise UserError(f"{folder} cannot be loaded: {problems[0]}")
     dtype = manifest.get("dtype") or manifest.get("run_config", {}).get("model", {}).get("dtype", "bfloat16")
     old = pipe.transformer
     differs = _config_difference(folder, old)
