@@ -1,8 +1,9 @@
 """Quantized attention's fused Triton kernel: its agreement with the eager emulation, and its speed.
 
 For every attention preset (conf/attention/*.yaml): the kernel check `attention_fused` runs before first use (fused
-vs eager on adversarial inputs: all-equal keys, one huge logit, zero queries/values, a ragged length, large
-magnitudes; worst relative difference per case, against vqx.quant.attention_kernel.TOLERANCE), then, on one
+vs eager on adversarial inputs: E2M1 ties, all-equal keys, one huge logit, zero queries/values, a ragged length,
+large magnitudes; worst relative difference per case, against vqx.quant.attention_kernel.TOLERANCE), and the prep's
+codes and scales are compared with the eager quantizer's bit for bit on the same inputs; then, on one
 self-attention call of Wan2.1-1.3B at 480p x 81 (12 heads x 32,760 tokens x 128) and one text cross-attention
 (512 keys): ms of torch SDPA in bf16 (its default kernel), of the fused emulation, of the eager emulation, and, where
 the sageattention package is installed, of its SageAttention1 Triton kernel (sage1's numbers) with its relative L2
@@ -48,7 +49,7 @@ def main() -> int:
 
     from vqx.quant import fastpath
     from vqx.quant.attention import attention, attention_eager, quantize_inputs
-    from vqx.quant.attention_kernel import compare, kernel_config, kernel_inputs, launch
+    from vqx.quant.attention_kernel import compare, kernel_config, kernel_inputs, launch, prep_mismatches
     from vqx.config.presets import attention_preset
     from vqx.quant.attention_plan import sageattention_kernel, sageattention_version
 
@@ -86,7 +87,10 @@ def main() -> int:
             scheme = attention_preset(name)
             d = shapes["self"][3]
             ok, detail = compare(scheme, d, torch.bfloat16, device)
-            checks[name] = {"within_tolerance": ok, **detail}
+            unequal = prep_mismatches(scheme, d, torch.bfloat16, device)
+            checks[name] = {"within_tolerance": ok, **detail, "prep_not_bit_equal": unequal}
+            if unequal:
+                failures.append(f"{name}: the prep's codes or scales differ from the eager quantizer's: {unequal}")
             worst = [w for w in detail["max_rel_diff"].values() if isinstance(w, float)]
             print(f"[{time.perf_counter() - t0:6.1f}s] {name}: fused vs eager worst {max(worst, default=float('nan')):.2e} "
                   f"(tolerance {detail['tolerance']:.2e}) {'ok' if ok else 'FAIL'}", flush=True)

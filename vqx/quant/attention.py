@@ -82,24 +82,35 @@ class AttentionScheme:
 
 # ---- token groups that share a scale ----------------------------------------------------------------------
 
-def q_groups(n: int, scheme: AttentionScheme, device=None) -> torch.Tensor:
-    """Scale group of each query token. ``thread``: SageAttention2's per-thread layout, where the tokens of a
-    warp_q-token tile with the same index mod 8 share a scale (quant_query_per_thread_int8_kernel)."""
+def group_layout(scheme: AttentionScheme, operand: str) -> tuple[int, int, int]:
+    """(R1, G, R2) of Q's or K's scale groups: the tokens repeat in periods of R1 * G * R2, and token
+    r1 * G * R2 + g * R2 + r2 of a period is in the period's group g. ``block`` / ``warp``: one group per period.
+    Q ``thread``: SageAttention2's per-thread layout, where the tokens of a warp_q-token tile with the same index
+    mod 8 share a scale (quant_query_per_thread_int8_kernel). K ``thread``: 4 scales per block_k tokens, token pairs
+    interleaved (tokens 8i+2t and 8i+2t+1 share scale t; quant_key_per_thread_int8_kernel)."""
+    if operand == "q":
+        if scheme.q_granularity == "thread":
+            return scheme.warp_q // 8, 8, 1
+        return 1, 1, scheme.block_q if scheme.q_granularity == "block" else scheme.warp_q
+    if scheme.k_granularity == "thread":
+        return scheme.block_k // 8, 4, 2
+    return 1, 1, scheme.block_k
+
+
+def _groups(n: int, layout: tuple[int, int, int], device) -> torch.Tensor:
+    r1, g, r2 = layout
     t = torch.arange(n, device=device)
-    if scheme.q_granularity == "block":
-        return t // scheme.block_q
-    if scheme.q_granularity == "warp":
-        return t // scheme.warp_q
-    return (t // scheme.warp_q) * 8 + t % 8
+    return (t // (r1 * g * r2)) * g + (t % (g * r2)) // r2
+
+
+def q_groups(n: int, scheme: AttentionScheme, device=None) -> torch.Tensor:
+    """Scale group of each query token (`group_layout`)."""
+    return _groups(n, group_layout(scheme, "q"), device)
 
 
 def k_groups(n: int, scheme: AttentionScheme, device=None) -> torch.Tensor:
-    """Scale group of each key token. ``thread``: 4 scales per block_k tokens, token pairs interleaved
-    (tokens 8i+2t and 8i+2t+1 share scale t; quant_key_per_thread_int8_kernel)."""
-    t = torch.arange(n, device=device)
-    if scheme.k_granularity == "block":
-        return t // scheme.block_k
-    return (t // scheme.block_k) * 4 + (t % 8) // 2
+    """Scale group of each key token (`group_layout`)."""
+    return _groups(n, group_layout(scheme, "k"), device)
 
 
 def group_max(token_max: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -172,19 +183,28 @@ class Quantized:
     p_offset: float  # log2 of P's row max (`p_log2_offset`)
 
 
-def quantize_qk(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):
-    """(Q, its per-token scales, K, its scales, Q's group means, the smoothed K): Q's codes with q_prescale
-    already carry sm_scale * log2(e)."""
-    d = q.shape[-1]
-    if s.smooth_k:  # in the input dtype, as SageAttention does (k - k.mean(seq)), then fp32
+def smooth_qk(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):
+    """(Q, K, Q's group means [B, H, groups, D] or None), smoothed in the input dtype as the kernels do: K minus its
+    token mean (SageAttention), Q minus its per-128-token mean (SageAttention3: Q padded to 128 tokens with zeros,
+    the pads counted in the last group's mean)."""
+    if s.smooth_k:
         k = k - k.mean(dim=2, keepdim=True)
-    q_mean = None
-    if s.smooth_q:  # SageAttention3: Q padded to 128 tokens with zeros, the pads counted in the last group's mean
+    group_mean = None
+    if s.smooth_q:
         lq = q.shape[2]
         groups = _pad_tokens(q, SAGE3_Q_GROUP).unflatten(2, (-1, SAGE3_Q_GROUP))
         qm = groups.float().mean(dim=3, keepdim=True).to(q.dtype)
         q = (groups - qm).flatten(2, 3)[:, :, :lq]
-        q_mean = qm.squeeze(3).repeat_interleave(SAGE3_Q_GROUP, dim=2)[:, :, :lq]
+        group_mean = qm.squeeze(3)
+    return q, k, group_mean
+
+
+def quantize_qk(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):
+    """(Q, its per-token scales, K, its scales, Q's group means, the smoothed K): Q's codes with q_prescale
+    already carry sm_scale * log2(e)."""
+    d, lq = q.shape[-1], q.shape[2]
+    q, k, group_mean = smooth_qk(q, k, s)
+    q_mean = group_mean.repeat_interleave(SAGE3_Q_GROUP, dim=2)[:, :, :lq] if group_mean is not None else None
     qf, kf = q.float(), k.float()
     if s.q_prescale:
         qf = qf * ((d ** -0.5) * LOG2E)

@@ -2,18 +2,18 @@
 Triton flash-attention kernel over them, which quantizes each tile's P on the fly.
 
 The prep (`kernel_inputs`) gives the eager path's codes and scales bit for bit (vqx.quant.attention.quantize_inputs;
-tests/test_attention.py checks it): per-token absmax from one pass over the bf16 input, the group maxima and scales
-with the eager path's own ops on those small tensors, then one pass that writes int8 / fp8 codes. nvfp4 (and Q
-smoothing) is prepared by the eager path. On the GPU the GEMMs read the operands natively: int8 Q.K on int8 tensor
-cores, fp8 e4m3 P.V on fp8 ones (P converted with cvt.rn.satfinite, the eager path's rounding; V transposed so
-both operands are K-major, as SageAttention2 lays it out), fp8 Q.K codes as fp16 (exact; see `_operand_dtypes`),
-fp16 P.V accumulated in fp16 per tile (SageAttention1), nvfp4 values in bf16. The output is written as [B, Lq, H, D], the
-layout Wan's output projection reads. What differs from the eager path is the order of fp32 accumulation, ``exp2``
-(the GPU's approximate ex2) and the tile products' accumulation inside the tensor cores (fp16 for fp16 P.V;
-Hopper's fp8 accumulator keeps fewer bits than fp32, each tile's product added to the fp32 accumulator on its own,
-as SageAttention2 does). `attention_fused` therefore uses the kernel only after it matched the eager path on
-adversarial inputs within `TOLERANCE` (once per scheme, head dim, dtype and device; vqx.quant.fastpath's check
-registry and report), and falls back to the eager path otherwise.
+tests/test_attention.py checks it): Q and K in one pass per tensor (the scale groups' absmax, then the codes; a
+group period Triton cannot tile takes a token-absmax pass and the eager path's group ops), V per channel, nvfp4's
+FP4 values per 1x16 block; Q smoothing (SageAttention3) with the eager path's ops, its bias ``q_group_mean . k`` one
+row per 128-query group. On the GPU the GEMMs read the operands natively: int8 Q.K on int8 tensor cores, fp8 e4m3
+P.V on fp8 ones (P converted with cvt.rn.satfinite, the eager path's rounding; V written transposed so both
+operands are K-major, as SageAttention2 lays it out), fp8 Q.K codes as fp16 (exact; see `_operand_dtypes`), fp16 P.V accumulated in fp16 per tile (SageAttention1), nvfp4 values in bf16. The output is
+written as [B, Lq, H, D], the layout Wan's output projection reads. What differs from the eager path is the order of
+fp32 accumulation, ``exp2`` (the GPU's approximate ex2) and the tile products' accumulation inside the tensor cores
+(fp16 for fp16 P.V; Hopper's fp8 accumulator keeps fewer bits than fp32, each tile's product added to the fp32
+accumulator on its own, as SageAttention2 does). `attention_fused` therefore uses the kernel only after it matched
+the eager path on adversarial inputs within `TOLERANCE` (once per scheme, head dim, dtype and device;
+vqx.quant.fastpath's check registry and report), and falls back to the eager path otherwise.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from . import fastpath as fp
-from .attention import (FP8_E4M3_MAX, LOG2E, AttentionScheme, attention_eager, group_max, k_groups, p_log2_offset,
-                        q_groups, quantize_inputs)
+from .attention import (FP8_E4M3_MAX, LOG2E, SAGE3_Q_GROUP, AttentionScheme, attention_eager, group_layout, group_max,
+                        k_groups, p_log2_offset, q_groups, quantize_inputs, smooth_qk)
 from .kernels import INTERPRET, _bf16, _fp8_codes, _load_bf16, _rint, _round_e4m3, _store_bf16
 
 # Fused vs eager, per output row: |difference| <= tolerance(scheme) * the row's largest |eager output|. Measured on
@@ -39,11 +39,30 @@ QUANT_CODE = {"int8": 0, "fp8": 1}
 
 @triton.jit
 def _round_e2m1(y):
-    """|y| onto E2M1 (0, 0.5, 1, 1.5, 2, 3, 4, 6), ties to even, saturating; y >= 0 here (P)."""
+    """y >= 0 onto E2M1 (0, 0.5, 1, 1.5, 2, 3, 4, 6), ties to even, saturating. One IEEE addition rounds: for y in
+    [2**e, 2**(e + 1)) (e >= 0; below 1 the subnormal step 0.5), c = 2**(e + 22) has an ulp of 2**(e - 1), E2M1's
+    step there, so (y + c) - c is y rounded half to even onto that step (6 cannot round past 6: 5 ties to 4)."""
     a = tl.minimum(y, 6.0)
-    step = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))
-    inv_step = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))  # powers of two: exact
-    return tl.minimum(_rint(a * inv_step) * step, 6.0)
+    binade = tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 127 << 23)
+    c = (binade + (22 << 23)).to(tl.float32, bitcast=True)
+    return (a + c) - c
+
+
+@triton.jit
+def _nvfp4_blocks(x, AXIS: tl.constexpr, SIGNED: tl.constexpr):
+    """SageAttention3's FP4 values of x (blocks of 16 along AXIS): ``sf = e4m3(absmax / 6)`` (saturating),
+    ``e2m1(x * (1 / sf)) * sf``, as vqx.quant.attention.quantize_nvfp4; SIGNED False: x >= 0 (P), which skips
+    the signs."""
+    if SIGNED:
+        sf = _round_e4m3(tl.div_rn(tl.max(tl.abs(x), AXIS), 6.0))
+    else:
+        sf = _round_e4m3(tl.div_rn(tl.max(x, AXIS), 6.0))
+    inv = tl.expand_dims(tl.where(sf == 0.0, 0.0, tl.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)), AXIS)
+    y = x * inv
+    if SIGNED:
+        mag = _round_e2m1(tl.abs(y))
+        return tl.where(y < 0.0, -mag, mag) * tl.expand_dims(sf, AXIS)
+    return _round_e2m1(y) * tl.expand_dims(sf, AXIS)
 
 
 # ---- the prep: Q, K, V [B, H, L, D] (bf16, any strides with D contiguous) -> codes [B, H, L, D] contiguous ----
@@ -72,10 +91,25 @@ def token_absmax(X, MEAN, Out, H, L, sx_b, sx_h, sx_l, prescale, D: tl.constexpr
 
 
 @triton.jit
-def quantize_tokens(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, D: tl.constexpr, BLOCK_L: tl.constexpr,
+def _store_codes(Out, bh, L, D: tl.constexpr, rows, offs_d, y, ok, GRID: tl.constexpr, OUT_LD):
+    """Codes of y = x / scale: int8 rounded half away from zero and clamped to 127 (GRID 0, SageAttention's
+    quantizer), e4m3 bits (GRID 1); rows of D (OUT_LD 0) or, transposed, [D, OUT_LD] per head (V^T for the fp8 P.V
+    tensor cores)."""
+    if OUT_LD == 0:
+        dst = Out + bh * L * D + rows[:, None] * D + offs_d[None, :]
+    else:
+        dst = Out + bh * D * OUT_LD + offs_d[None, :] * OUT_LD + rows[:, None]
+    if GRID == 0:
+        c = (y + tl.where(y >= 0.0, 0.5, -0.5)).to(tl.int32)  # the conversion truncates toward zero
+        tl.store(dst, tl.minimum(tl.maximum(c, -127), 127).to(tl.int8), mask=ok[:, None])
+    else:
+        tl.store(dst, _fp8_codes(y), mask=ok[:, None])
+
+
+@triton.jit
+def quantize_tokens(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, out_ld, D: tl.constexpr, BLOCK_L: tl.constexpr,
                     HAS_MEAN: tl.constexpr, PRESCALE: tl.constexpr, GRID: tl.constexpr, PER_CHANNEL: tl.constexpr):
-    """Codes of x / scale: int8 rounded half away from zero and clamped to 127 (GRID 0, SageAttention's quantizer),
-    e4m3 bits (GRID 1); a zero scale divides by 1, as the eager path."""
+    """Codes of x / scale (given per token or per channel); a zero scale divides by 1, as the eager path."""
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, D)
@@ -85,69 +119,140 @@ def quantize_tokens(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, D: tl.con
         s = tl.load(S + bh * D + offs_d)[None, :]
     else:
         s = tl.load(S + bh * L + rows, mask=ok, other=1.0)[:, None]
-    y = tl.div_rn(x, tl.where(s == 0.0, 1.0, s))
-    dst = Out + bh * L * D + rows[:, None] * D + offs_d[None, :]
-    if GRID == 0:
-        c = (y + tl.where(y >= 0.0, 0.5, -0.5)).to(tl.int32)  # the conversion truncates toward zero
-        tl.store(dst, tl.minimum(tl.maximum(c, -127), 127).to(tl.int8), mask=ok[:, None])
+    _store_codes(Out, bh, L, D, rows, offs_d, tl.div_rn(x, tl.where(s == 0.0, 1.0, s)), ok, GRID, out_ld)
+
+
+@triton.jit
+def quantize_groups(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, limit, eps, D: tl.constexpr,
+                    PERIODS: tl.constexpr, R1: tl.constexpr, G: tl.constexpr, R2: tl.constexpr,
+                    HAS_MEAN: tl.constexpr, PRESCALE: tl.constexpr, GRID: tl.constexpr):
+    """Scales and codes in one pass, PERIODS periods of R1 * G * R2 tokens per program: token r1 * G * R2 + g * R2 +
+    r2 of a period is in the period's group g (block / warp: one group; SageAttention2's per-thread Q: G = 8, K: G = 4,
+    R2 = 2). Scale ``group absmax / limit + eps`` per token, as the eager quantizer."""
+    bh = tl.program_id(1)
+    T: tl.constexpr = PERIODS * R1 * G * R2
+    rows = tl.program_id(0) * T + tl.arange(0, T)
+    offs_d = tl.arange(0, D)
+    ok = rows < L
+    x = _load_tokens(X, MEAN, bh, H, rows, offs_d, L, sx_b, sx_h, sx_l, prescale, D, HAS_MEAN, PRESCALE)
+    tok = tl.where(ok, tl.max(tl.abs(x), 1), 0.0)  # rows past L read as 0 minus K's mean
+    gmax = tl.max(tl.max(tl.reshape(tok, (PERIODS, R1, G, R2)), 3), 1)  # [PERIODS, G]
+    s = tl.div_rn(gmax, limit) + eps
+    s = tl.reshape(tl.broadcast_to(tl.expand_dims(tl.expand_dims(s, 1), 3), (PERIODS, R1, G, R2)), (T,))
+    tl.store(S + bh * L + rows, s, mask=ok)
+    _store_codes(Out, bh, L, D, rows, offs_d, tl.div_rn(x, tl.where(s == 0.0, 1.0, s)[:, None]), ok, GRID, 0)
+
+
+@triton.jit
+def nvfp4_values(X, Out, H, L, sx_b, sx_h, sx_l, D: tl.constexpr, BLOCK_L: tl.constexpr,
+                 ALONG_TOKENS: tl.constexpr):
+    """x [B, H, L, D] bf16 -> its FP4 values [B, H, L, D] bf16 (exact): 1x16 blocks along D (Q, K) or along the
+    tokens (V; tokens past L count as the zeros they are padded with)."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, D)
+    ok = rows < L
+    x = _load_bf16(X + (bh // H) * sx_b + (bh % H) * sx_h + rows[:, None] * sx_l + offs_d[None, :], ok[:, None])
+    if ALONG_TOKENS:
+        val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L // 16, 16, D)), 1, True), (BLOCK_L, D))
     else:
-        tl.store(dst, _fp8_codes(y), mask=ok[:, None])
+        val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L, D // 16, 16)), 2, True), (BLOCK_L, D))
+    _store_bf16(Out + bh * L * D + rows[:, None] * D + offs_d[None, :], val, ok[:, None])
 
 
-def _quantize(x: torch.Tensor, grid: str, groups: torch.Tensor | None, eps: float, mean: torch.Tensor | None = None,
-              prescale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, H, L, D] bf16 -> (codes [B, H, L, D] int8 / float8_e4m3fn, scales [B, H, L, 1] per token or, with
-    groups None, [B, H, 1, D] per channel), equal to the eager quantizer's."""
+def _nvfp4(x: torch.Tensor, along_tokens: bool) -> torch.Tensor:
+    """x [B, H, L, D] bf16 (D contiguous) -> quantize_nvfp4's values along D or the tokens, bf16 contiguous."""
     b, h, n, d = x.shape
     assert x.stride(3) == 1
-    block_l = max(1, min(64, 8192 // d))
-    grid_ = (fp.triton_cdiv(n, block_l), b * h)
+    block_l = max(16, min(64, 8192 // d))
+    out = torch.empty(b, h, n, d, dtype=torch.bfloat16, device=x.device)
+    nvfp4_values[(fp.triton_cdiv(n, block_l), b * h)](x.view(torch.int16), out.view(torch.int16), h, n, x.stride(0),
+                                                      x.stride(1), x.stride(2), D=d, BLOCK_L=block_l,
+                                                      ALONG_TOKENS=along_tokens)
+    return out
+
+
+def _quantize(x: torch.Tensor, grid: str, s: AttentionScheme | None, operand: str, mean: torch.Tensor | None = None,
+              prescale: float | None = None, v_stride: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, H, L, D] bf16 -> (codes, scales) equal to the eager quantizer's: Q or K (operand "q" / "k") with
+    scales per token [B, H, L, 1] from `s`'s groups; V (s None) per channel [B, H, 1, D]. Codes [B, H, L, D] int8 /
+    float8_e4m3fn; for V with v_stride, written transposed into [B, H, D, v_stride] and returned as the
+    [B, H, L, D] view of it."""
+    b, h, n, d = x.shape
+    assert x.stride(3) == 1
     strides = (x.stride(0), x.stride(1), x.stride(2))
     xi = x.view(torch.int16)
     mi = mean.contiguous().view(torch.int16) if mean is not None else xi
-    flags = dict(D=d, BLOCK_L=block_l, HAS_MEAN=mean is not None, PRESCALE=prescale is not None)
+    flags = dict(D=d, HAS_MEAN=mean is not None, PRESCALE=prescale is not None)
     pre = float(prescale) if prescale is not None else 1.0
     limit = 127.0 if grid == "int8" else FP8_E4M3_MAX
-    if groups is None:  # V: per channel over the tokens, as quantize_v
-        scale = (x.abs().amax(dim=2, keepdim=True).float() / limit).contiguous()
+    out_dtype = torch.int8 if grid == "int8" else torch.float8_e4m3fn
+    if v_stride:
+        store = torch.empty(b, h, d, v_stride, dtype=out_dtype, device=x.device)
+        codes = store[..., :n].transpose(-1, -2)
     else:
+        codes = store = torch.empty(b, h, n, d, dtype=out_dtype, device=x.device)
+    out = store.view(torch.uint8) if out_dtype == torch.float8_e4m3fn else store
+    eps = s.scale_eps if s is not None and grid == "int8" else 0.0  # as int8_codes (fp8 has no eps)
+    layout = group_layout(s, operand) if s is not None else None
+    period = layout[0] * layout[1] * layout[2] if layout else 0
+    if layout and period & (period - 1) == 0 and period * d <= 16384:  # one pass: a power-of-two period fits
+        periods = max(1, 64 // period)
+        scale = torch.empty(b, h, n, 1, dtype=torch.float32, device=x.device)
+        quantize_groups[(fp.triton_cdiv(n, periods * period), b * h)](
+            xi, mi, scale, out, h, n, *strides, pre, limit, eps, PERIODS=periods, R1=layout[0], G=layout[1],
+            R2=layout[2], GRID=QUANT_CODE[grid], num_warps=8 if periods * period * d > 8192 else 4, **flags)
+        return codes, scale
+    block_l = max(1, min(64, 8192 // d))
+    grid_ = (fp.triton_cdiv(n, block_l), b * h)
+    if layout is None:  # V: per channel over the tokens, as quantize_v
+        scale = (torch.linalg.vector_norm(x, float("inf"), dim=2, keepdim=True).float() / limit).contiguous()
+    else:  # a period Triton cannot tile: token maxima here, the groups with the eager path's ops
         tok = torch.empty(b, h, n, dtype=torch.float32, device=x.device)
-        token_absmax[grid_](xi, mi, tok, h, n, *strides, pre, **flags)
-        scale = group_max(tok, groups).unsqueeze(-1) / limit
-        if grid == "int8":  # as int8_codes (fp8 has no eps)
-            scale = scale + eps
-    codes = torch.empty(b, h, n, d, dtype=torch.int8 if grid == "int8" else torch.float8_e4m3fn, device=x.device)
-    out = codes if grid == "int8" else codes.view(torch.uint8)
-    quantize_tokens[grid_](xi, mi, scale, out, h, n, *strides, pre, GRID=QUANT_CODE[grid], PER_CHANNEL=groups is None,
-                           **flags)
+        token_absmax[grid_](xi, mi, tok, h, n, *strides, pre, BLOCK_L=block_l, **flags)
+        groups = q_groups(n, s, x.device) if operand == "q" else k_groups(n, s, x.device)
+        scale = group_max(tok, groups).unsqueeze(-1) / limit + eps
+    quantize_tokens[grid_](xi, mi, scale, out, h, n, *strides, pre, v_stride, BLOCK_L=block_l, GRID=QUANT_CODE[grid],
+                           PER_CHANNEL=layout is None, **flags)
     return codes, scale
 
 
 def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: AttentionScheme) -> dict:
-    """The kernel's operands for bf16 q, k, v [B, H, L, D]: codes and fp32 scales (int8 / fp8 Q.K and fp16 / fp8
-    P.V, prepared here), or the eager path's values (nvfp4)."""
+    """The kernel's operands for bf16 q, k, v [B, H, L, D]: int8 / fp8 codes and fp32 scales, or FP4 values (bf16,
+    exact) for nvfp4; V as fp16, fp8 codes or FP4 values; with SageAttention3's Q smoothing, the scores' bias
+    ``q_group_mean . k`` [B, H, groups, Lk] in the input dtype, as the eager path's matmul."""
     d = q.shape[-1]
     log2_scale = 1.0 if s.q_prescale else (d ** -0.5) * LOG2E
-    if s.qk == "nvfp4" or s.pv == "nvfp4" or s.smooth_q:
+    if s.qk == "nvfp4" and s.q_prescale:  # FP4 of the prescaled fp32 Q: the eager quantizer's
         x = quantize_inputs(q, k, v, s)
-        return dict(q=x.q, qs=x.q_scale, k=x.k, ks=x.k_scale, v=x.v, vs=x.v_scale, qm=x.q_mean, kr=x.k_smoothed,
-                    log2_scale=x.log2_scale, p_offset=x.p_offset)
-    mean = k.mean(dim=2, keepdim=True) if s.smooth_k else None
-    qc, qs = _quantize(q, s.qk, q_groups(q.shape[2], s, q.device), s.scale_eps,
-                       prescale=(d ** -0.5) * LOG2E if s.q_prescale else None)
-    kc, ks = _quantize(k, s.qk, k_groups(k.shape[2], s, k.device), s.scale_eps, mean=mean)
+        bias = x.q_mean[:, :, ::SAGE3_Q_GROUP] @ x.k_smoothed.transpose(-1, -2) if x.q_mean is not None else None
+        return dict(q=x.q, qs=None, k=x.k, ks=None, v=x.v, vs=x.v_scale, bias=bias, log2_scale=x.log2_scale,
+                    p_offset=x.p_offset)
+    mean, bias = None, None
+    if s.smooth_q or s.qk == "nvfp4":
+        q, k, group_mean = smooth_qk(q, k, s)
+        if group_mean is not None:
+            bias = group_mean @ k.transpose(-1, -2)
+    elif s.smooth_k:  # subtracted as the prep reads K
+        mean = k.mean(dim=2, keepdim=True)
+    if s.qk == "nvfp4":
+        (qc, qs), (kc, ks) = (_nvfp4(q, False), None), (_nvfp4(k, False), None)
+    else:
+        qc, qs = _quantize(q, s.qk, s, "q", prescale=(d ** -0.5) * LOG2E if s.q_prescale else None)
+        kc, ks = _quantize(k, s.qk, s, "k", mean=mean)
     if s.pv == "fp16":
         vc, vs = torch.empty(v.shape, dtype=torch.float16, device=v.device).copy_(v), None
+    elif s.pv == "fp8":  # written as V^T with 16-byte aligned rows (`launch`)
+        vc, vs = _quantize(v, "fp8", None, "v", v_stride=-(-v.shape[2] // 16) * 16)
     else:
-        vc, vs = _quantize(v, "fp8", None, 0.0)
-    return dict(q=qc, qs=qs, k=kc, ks=ks, v=vc, vs=vs, qm=None, kr=None, log2_scale=log2_scale,
-                p_offset=p_log2_offset(s))
+        vc, vs = _nvfp4(v, True), None
+    return dict(q=qc, qs=qs, k=kc, ks=ks, v=vc, vs=vs, bias=bias, log2_scale=log2_scale, p_offset=p_log2_offset(s))
 
 
 # ---- the attention ------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile(acc, l_i, m_i, q, qs, qm, K, KS, KR, V, V_STRIDE, start_n, lk, log2_scale, p_offset, offs_n, offs_d,
+def _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, V_STRIDE, start_n, lk, log2_scale, p_offset, offs_n, offs_d,
           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV: tl.constexpr,
           HAS_QK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, QK_INT8: tl.constexpr, NATIVE_FP8: tl.constexpr,
           MASK: tl.constexpr):
@@ -168,9 +273,8 @@ def _tile(acc, l_i, m_i, q, qs, qm, K, KS, KR, V, V_STRIDE, start_n, lk, log2_sc
         else:
             ks = tl.load(KS + cols)
         s = s * (qs[:, None] * ks[None, :])
-    if HAS_BIAS:
-        kr = tl.load(KR + cols[None, :] * D + offs_d[:, None], mask=cols[None, :] < lk, other=0.0)
-        s = s + _bf16(tl.dot(qm, kr))  # the eager bias is a bf16 matmul
+    if HAS_BIAS:  # this query tile's group's row of q_group_mean . k
+        s = s + _load_bf16(BIAS + cols, cols < lk)[None, :]
     s = s * log2_scale
     if MASK:
         s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -196,21 +300,18 @@ def _tile(acc, l_i, m_i, q, qs, qm, K, KS, KR, V, V_STRIDE, start_n, lk, log2_sc
         else:
             acc += tl.dot(_round_e4m3(p).to(v.dtype), v)
     else:  # nvfp4 P: 1x16 blocks along the keys, e4m3 block scales
-        pb = tl.reshape(p, (BLOCK_M, BLOCK_N // 16, 16))
-        sf = _round_e4m3(tl.div_rn(tl.max(pb, 2), 6.0))
-        inv = tl.where(sf == 0.0, 0.0, tl.div_rn(tl.full([BLOCK_M, BLOCK_N // 16], 1.0, tl.float32), sf))
-        pq = _round_e2m1(pb * inv[:, :, None]) * sf[:, :, None]
-        acc += tl.dot(tl.reshape(pq, (BLOCK_M, BLOCK_N)).to(v.dtype), v)
+        pq = tl.reshape(_nvfp4_blocks(tl.reshape(p, (BLOCK_M, BLOCK_N // 16, 16)), 2, False), (BLOCK_M, BLOCK_N))
+        acc += tl.dot(pq.to(v.dtype), v)
     return acc, l_i, m_new
 
 
 @triton.jit
-def qattn_fwd(Q, K, V, QS, KS, VS, QM, KR, Out, H, lq, lk, v_stride, log2_scale, p_offset,
+def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p_offset,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV: tl.constexpr,
               HAS_QK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_SCALE: tl.constexpr,
-              QK_INT8: tl.constexpr, NATIVE_FP8: tl.constexpr):
+              QK_INT8: tl.constexpr, NATIVE_FP8: tl.constexpr, Q_GROUP: tl.constexpr):
     """Out [B, Lq, H, D] (the layout Wan's output projection reads) from q [B*H, Lq, D], k [B*H, Lk, D] and v
-    [B*H, Lk, D] or, for fp8 P.V, v^T [B*H, D, v_stride]."""
+    [B*H, Lk, D] or, for fp8 P.V, v^T [B*H, D, v_stride]; bias [B*H, groups of Q_GROUP queries, Lk]."""
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -219,27 +320,26 @@ def qattn_fwd(Q, K, V, QS, KS, VS, QM, KR, Out, H, lq, lk, v_stride, log2_scale,
     row_ok = offs_m < lq
     q = tl.load(Q + bh * lq * D + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     qs = tl.zeros([BLOCK_M], dtype=tl.float32)
-    qm = q
     if HAS_QK_SCALE:
         qs = tl.load(QS + bh * lq + offs_m, mask=row_ok, other=0.0)
     if HAS_BIAS:
-        qm = tl.load(QM + bh * lq * D + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        tl.static_assert(Q_GROUP % BLOCK_M == 0)
+        BIAS += (bh * tl.cdiv(lq, Q_GROUP) + start_m * BLOCK_M // Q_GROUP) * lk
     K += bh * lk * D
     if PV == 1:
         V += bh * v_stride * D
     else:
         V += bh * lk * D
     KS += bh * lk
-    KR += bh * lk * D
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     full = (lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, qm, K, KS, KR, V, v_stride, start_n, lk, log2_scale, p_offset, offs_n,
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, v_stride, start_n, lk, log2_scale, p_offset, offs_n,
                               offs_d, D, BLOCK_M, BLOCK_N, PV, HAS_QK_SCALE, HAS_BIAS, QK_INT8, NATIVE_FP8, False)
     if full < lk:
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, qm, K, KS, KR, V, v_stride, full, lk, log2_scale, p_offset, offs_n,
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, v_stride, full, lk, log2_scale, p_offset, offs_n,
                               offs_d, D, BLOCK_M, BLOCK_N, PV, HAS_QK_SCALE, HAS_BIAS, QK_INT8, NATIVE_FP8, True)
     if HAS_V_SCALE:
         acc = acc * tl.load(VS + bh * D + offs_d)[None, :]
@@ -253,7 +353,7 @@ def qattn_fwd(Q, K, V, QS, KS, VS, QM, KR, Out, H, lq, lk, v_stride, log2_scale,
 # 480p x 81 (bench/attention_kernel.py --tune: bench/results/attention_kernel_tune.json); other pairs take their P.V
 # format's; the CPU interpreter takes them too. 128 x 128 nvfp4 tiles need more shared memory than the H200 has.
 CONFIGS = {("int8", "fp16"): (128, 4, 3), ("int8", "fp8"): (64, 4, 3), ("fp8", "fp8"): (128, 8, 3),
-           ("nvfp4", "nvfp4"): (64, 4, 2)}
+           ("nvfp4", "nvfp4"): (128, 8, 3)}
 
 
 def kernel_config(s: AttentionScheme) -> tuple[int, int, int]:
@@ -269,8 +369,7 @@ def _operand_dtypes(s: AttentionScheme) -> tuple[torch.dtype, torch.dtype]:
     native = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "nvfp4": torch.bfloat16, "fp16": torch.float16}
     # fp8 Q.K as fp16 (every e4m3 code exactly): Hopper's fp8 accumulator drops bits within the 128-long dot, which
     # the exponentials amplify (5.5e-2 of the row's largest output measured on the H200, against 2**-7 allowed)
-    qk = torch.float16 if s.qk == "fp8" else native[s.qk]
-    return qk, native[s.pv]
+    return torch.float16 if s.qk == "fp8" else native[s.qk], native[s.pv]
 
 
 def launch(ops: dict, s: AttentionScheme, config: tuple[int, int, int] | None = None) -> torch.Tensor:
@@ -281,39 +380,59 @@ def launch(ops: dict, s: AttentionScheme, config: tuple[int, int, int] | None = 
     q, k = (ops[n].to(qk_dtype).contiguous() for n in ("q", "k"))
     v_stride = lk
     if s.pv == "fp8":  # V^T with 16-byte aligned rows: the fp8 tensor cores read both operands K-major
-        v_stride = -(-lk // 16) * 16
-        v = torch.empty(b, h, d, v_stride, dtype=v_dtype, device=q.device)
-        v[..., :lk].copy_(ops["v"].transpose(-1, -2))
+        v = ops["v"].transpose(-1, -2)
+        v_stride = v.stride(2)
+        if not (v.dtype == v_dtype and v.stride(3) == 1 and v_stride % 16 == 0 and v.stride(1) == d * v_stride
+                and v.stride(0) == h * d * v_stride):  # not as kernel_inputs writes it, or the interpreter's fp32
+            v_stride = -(-lk // 16) * 16
+            v = torch.empty(b, h, d, v_stride, dtype=v_dtype, device=q.device)
+            v[..., :lk].copy_(ops["v"].transpose(-1, -2))
     else:
         v = ops["v"].to(v_dtype).contiguous()
-    bias = torch.float32 if INTERPRET else torch.bfloat16
-    qm = ops["qm"].to(bias).contiguous() if ops["qm"] is not None else q
-    kr = ops["kr"].to(bias).contiguous() if ops["kr"] is not None else q
+    bias = ops["bias"].to(torch.bfloat16).contiguous().view(torch.int16) if ops["bias"] is not None else q
     scale = lambda t: t.float().contiguous() if t is not None else q  # noqa: E731
     out = torch.empty(b, lq, h, d, dtype=torch.bfloat16, device=q.device)  # stored through its int16 view
     block_m, warps, stages = config or kernel_config(s)
     qattn_fwd[(fp.triton_cdiv(lq, block_m), b * h)](
-        q, k, v, scale(ops["qs"]), scale(ops["ks"]), scale(ops["vs"]), qm, kr, out.view(torch.int16), h, lq, lk, v_stride,
+        q, k, v, scale(ops["qs"]), scale(ops["ks"]), scale(ops["vs"]), bias, out.view(torch.int16), h, lq, lk, v_stride,
         float(ops["log2_scale"]), float(ops["p_offset"]), D=d, BLOCK_M=block_m, BLOCK_N=s.block_kv,
-        PV=PV_CODE[s.pv], HAS_QK_SCALE=ops["qs"] is not None, HAS_BIAS=ops["qm"] is not None,
+        PV=PV_CODE[s.pv], HAS_QK_SCALE=ops["qs"] is not None, HAS_BIAS=ops["bias"] is not None,
         HAS_V_SCALE=ops["vs"] is not None, QK_INT8=qk_dtype == torch.int8, NATIVE_FP8=v_dtype == torch.float8_e4m3fn,
-        num_warps=warps, num_stages=stages)
+        Q_GROUP=SAGE3_Q_GROUP, num_warps=warps, num_stages=stages)
     return out.transpose(1, 2)
 
 
 def check_inputs(d: int, dtype: torch.dtype, device, seed: int = 0) -> dict[str, tuple]:
-    """Adversarial q, k, v [1, 2, L, d]: random with a K offset, all-equal keys, one huge logit, zero queries,
-    zero values, a sequence that is not a multiple of the tiles, and a large-magnitude one."""
+    """Adversarial q, k, v [1, 2, L, d]: E2M1's rounding ties, random with a K offset, all-equal keys, one huge
+    logit, zero queries, zero values, a sequence that is not a multiple of the tiles, and a large-magnitude one."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, 2, 300, d, generator=g)
     k = torch.randn(1, 2, 333, d, generator=g) * 2 + 0.5
     v = torch.randn(1, 2, 333, d, generator=g)
     huge = k.clone()
     huge[:, :, 200] = q[:, :, 0].sign() * 60
-    cases = {"random": (q, k, v), "all_equal_keys": (q, k[:, :, :1].expand_as(k), v), "one_huge_logit": (q, huge, v),
+    # every 16-value block (along D and along the tokens) a permutation of E2M1's ties and +-6 (scale 1); whole
+    # periods of 16 tokens, so that the token means the smoothing subtracts are 0
+    ties = torch.tensor([6, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5]).repeat_interleave(2) * torch.tensor([1.0, -1.0]).repeat(8)
+    grid = lambda n: ties[(torch.arange(n)[:, None] + torch.arange(d)[None, :]) % 16].expand(1, 2, n, d)  # noqa: E731
+    cases = {"fp4_ties": (grid(288) / 4, grid(320) / 4, grid(320)), "random": (q, k, v), "all_equal_keys": (q, k[:, :, :1].expand_as(k), v), "one_huge_logit": (q, huge, v),
              "zero_queries": (torch.zeros_like(q), k, v), "zero_values": (q, k, torch.zeros_like(v)),
              "large": (q * 30, k * 30, v * 1e3)}
     return {name: tuple(t.to(dtype).to(device).contiguous() for t in c) for name, c in cases.items()}
+
+
+def prep_mismatches(s: AttentionScheme, d: int, dtype: torch.dtype, device) -> list[str]:
+    """The prep's codes and scales against the eager quantizer's on `check_inputs`, with q/k/v strided as diffusers
+    passes them ([B, L, H, D] memory): "case:operand" for each that is not bit for bit equal."""
+    unequal = []
+    for case, qkv in check_inputs(d, dtype, device).items():
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv)
+        ops, x = kernel_inputs(q, k, v, s), quantize_inputs(q, k, v, s)
+        for mine, eager in (("q", "q"), ("qs", "q_scale"), ("k", "k"), ("ks", "k_scale"), ("v", "v"), ("vs", "v_scale")):
+            got, want = ops[mine], getattr(x, eager)
+            if (got is None) != (want is None) or (got is not None and not torch.equal(got.float(), want.float())):
+                unequal.append(f"{case}:{mine}")
+    return unequal
 
 
 def compare(s: AttentionScheme, d: int, dtype: torch.dtype, device, config=None) -> tuple[bool, dict]:
