@@ -31,6 +31,12 @@ BF16_TOL = {"sq_w8a8": 1.9e-2, "sq_fp8": 2.4e-2, "i2v_sq_w8a8": 2.2e-2}
 # kernels while still failing any rounding-rule or op-order error (those measure 3e-3 and more: the vllm
 # kernel's fp32 activation scales against torchao's bf16 ones).
 TORCHAO_TOL = 1e-4
+# On a Sapphire Rapids Xeon (AMX, avx512_fp16; 2026-12-05) sq_fp8's second sample differs from lightx2v's bf16
+# output by 1.05e-3 (3.7e-4 after block 0) while its other two samples stay bit-exact: a discrete flip (presumably an
+# fp8 activation code tipped by an ulp of the CPU's accumulation order; not traced to its op), not a rule. So two of
+# three samples must meet TORCHAO_TOL and every sample CPU_FLIP_TOL, half the smallest rule difference measured
+# (the vllm rounding against torchao's: 4.4e-3 to 7.7e-3 on every sample and tensor but the bit-equal embeddings).
+CPU_FLIP_TOL = 2e-3
 
 
 def rel(a, b):
@@ -57,9 +63,10 @@ def test_emulation_reproduces_lightx2v(case):
     ours16 = emulate(case, torch.bfloat16, "torchao")
     vllm16 = emulate(case, torch.bfloat16, "vllm")
     for name in TRACE:
+        bf16_diffs = sorted(rel(ours16[name][k], bf16[name][k]) for k in range(3))
+        assert bf16_diffs[1] < TORCHAO_TOL and bf16_diffs[2] < CPU_FLIP_TOL, (name, bf16_diffs)
         for k in range(3):
             assert rel(ours32[name][k], fp32[name][k]) < min(FP32_TOL, TORCHAO_TOL), (name, k)
-            assert rel(ours16[name][k], bf16[name][k]) < TORCHAO_TOL, (name, k)
             # the vllm kernels (vqx's run configs and kernel backend) stay within lightx2v's own bf16 noise
             assert rel(vllm16[name][k], fp32[name][k]) < BF16_TOL[case], (name, k)
     # ...and differ from torchao's: the comparison above can tell the two rounding rules apart
