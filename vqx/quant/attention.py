@@ -132,10 +132,16 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.trunc(x + 0.5 * torch.where(x >= 0, 1.0, -1.0))
 
 
+def divide(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor rounded once (IEEE), on every device: torch multiplies a CUDA tensor by the fp32 reciprocal of a
+    Python-number divisor (1 ulp off at times), so the divisor goes in as a tensor; the kernels use div_rn."""
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
+
+
 def int8_codes(x: torch.Tensor, groups: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """SageAttention's int8 quantizer: ``s = absmax / 127 (+ eps)``, codes rounded half away from zero; returns
     (fp32 codes, each token's scale [.., L, 1]). An all-zero group gets codes 0 (the kernel would divide by 0)."""
-    scale = group_absmax(x, groups) / 127.0 + eps
+    scale = divide(group_absmax(x, groups), 127.0) + eps
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     return torch.clamp(_round_half_away(x / safe), -127.0, 127.0), scale
 
@@ -153,7 +159,7 @@ def quantize_nvfp4(x: torch.Tensor, dim: int) -> torch.Tensor:
     x = x.movedim(dim, -1)
     blocks = x.unflatten(-1, (-1, NVFP4_BLOCK))
     # the kernel's __nv_fp8_e4m3 conversion saturates at 448 (blocks above 6 * 448 clip); torch's CUDA cast gives NaN
-    sf = torch.clamp(blocks.abs().amax(dim=-1, keepdim=True) / FP4_MAX, max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+    sf = torch.clamp(divide(blocks.abs().amax(dim=-1, keepdim=True), FP4_MAX), max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
     inv = torch.where(sf == 0, torch.zeros_like(sf), 1.0 / sf)
     codes = minifloat_round(blocks * inv, 2, 1)
     return (codes * sf).flatten(-2).movedim(-1, dim)
@@ -212,8 +218,8 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):
         qc, qs = int8_codes(qf, q_groups(qf.shape[2], s, qf.device), s.scale_eps)
         kc, ks = int8_codes(kf, k_groups(kf.shape[2], s, kf.device), s.scale_eps)
     elif s.qk == "fp8":
-        qc, qs = fp8_codes(qf, group_absmax(qf, q_groups(qf.shape[2], s, qf.device)) / FP8_E4M3_MAX)
-        kc, ks = fp8_codes(kf, group_absmax(kf, k_groups(kf.shape[2], s, kf.device)) / FP8_E4M3_MAX)
+        qc, qs = fp8_codes(qf, divide(group_absmax(qf, q_groups(qf.shape[2], s, qf.device)), FP8_E4M3_MAX))
+        kc, ks = fp8_codes(kf, divide(group_absmax(kf, k_groups(kf.shape[2], s, kf.device)), FP8_E4M3_MAX))
     else:
         if d % NVFP4_BLOCK:
             raise ValueError(f"attention nvfp4 needs a head dim that is a multiple of 16, not {d}")
@@ -227,7 +233,7 @@ def quantize_v(v: torch.Tensor, s: AttentionScheme) -> tuple[torch.Tensor, torch
     if s.pv == "fp16":
         return v.half().float(), None
     if s.pv == "fp8":  # per channel over the tokens (per_channel_fp8, scale_max 448)
-        return fp8_codes(vf, vf.abs().amax(dim=2, keepdim=True) / FP8_E4M3_MAX)
+        return fp8_codes(vf, divide(vf.abs().amax(dim=2, keepdim=True), FP8_E4M3_MAX))
     return quantize_nvfp4(_pad_tokens(vf, NVFP4_BLOCK), 2)[:, :, :vf.shape[2]], None
 
 

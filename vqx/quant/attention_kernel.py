@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from . import fastpath as fp
-from .attention import (FP8_E4M3_MAX, LOG2E, SAGE3_Q_GROUP, AttentionScheme, attention_eager, group_layout, group_max,
-                        k_groups, p_log2_offset, q_groups, quantize_inputs, smooth_qk)
+from .attention import (FP8_E4M3_MAX, LOG2E, SAGE3_Q_GROUP, AttentionScheme, attention_eager, divide, group_layout,
+                        group_max, k_groups, p_log2_offset, q_groups, quantize_inputs, smooth_qk)
 from .kernels import INTERPRET, _bf16, _fp8_codes, _load_bf16, _rint, _round_e4m3, _store_bf16
 
 # Fused vs eager, per output row: |difference| <= tolerance(scheme) * the row's largest |eager output|. Measured on
@@ -206,12 +206,12 @@ def _quantize(x: torch.Tensor, grid: str, s: AttentionScheme | None, operand: st
     block_l = max(1, min(64, 8192 // d))
     grid_ = (fp.triton_cdiv(n, block_l), b * h)
     if layout is None:  # V: per channel over the tokens, as quantize_v
-        scale = (torch.linalg.vector_norm(x, float("inf"), dim=2, keepdim=True).float() / limit).contiguous()
+        scale = divide(torch.linalg.vector_norm(x, float("inf"), dim=2, keepdim=True).float(), limit).contiguous()
     else:  # a period Triton cannot tile: token maxima here, the groups with the eager path's ops
         tok = torch.empty(b, h, n, dtype=torch.float32, device=x.device)
         token_absmax[grid_](xi, mi, tok, h, n, *strides, pre, BLOCK_L=block_l, **flags)
         groups = q_groups(n, s, x.device) if operand == "q" else k_groups(n, s, x.device)
-        scale = group_max(tok, groups).unsqueeze(-1) / limit + eps
+        scale = divide(group_max(tok, groups).unsqueeze(-1), limit) + eps
     quantize_tokens[grid_](xi, mi, scale, out, h, n, *strides, pre, v_stride, BLOCK_L=block_l, GRID=QUANT_CODE[grid],
                            PER_CHANNEL=layout is None, **flags)
     return codes, scale
