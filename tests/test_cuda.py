@@ -69,3 +69,17 @@ def test_fp8_b128_kernel_backend_on_cuda_matches_its_emulation():
         want = (a @ q.dequantized_weight_fp32().t()).bfloat16().float() + q.bias.float()
         assert ((got - want).norm() / want.norm()).item() < 1e-2, (k, n, m)
     assert not backends.fallbacks()["blockwise_scaled_mm_emulated"]
+
+
+@pytest.mark.parametrize("name", ["sage1", "sage2", "sage2_k_int8_v_fp8", "fp8", "nvfp4"])
+def test_attention_prep_on_cuda_equals_the_eager_quantizer_and_the_kernel_passes_its_check(name):
+    """The fused attention's Triton prep gives the eager quantizer's codes and scales bit for bit on the GPU too (an
+    ulp of a scale flips codes: torch divided by a Python number through its reciprocal on CUDA), and the kernel
+    passes its own pre-use check at Wan's head dim."""
+    from vqx.config.presets import attention_preset
+    from vqx.quant.attention_kernel import compare, prep_mismatches
+
+    s = attention_preset(name)
+    assert prep_mismatches(s, 128, torch.bfloat16, torch.device("cuda")) == []
+    ok, detail = compare(s, 128, torch.bfloat16, torch.device("cuda"))
+    assert ok, detail
