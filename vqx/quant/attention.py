@@ -159,7 +159,8 @@ def quantize_nvfp4(x: torch.Tensor, dim: int) -> torch.Tensor:
     x = x.movedim(dim, -1)
     blocks = x.unflatten(-1, (-1, NVFP4_BLOCK))
     # the kernel's __nv_fp8_e4m3 conversion saturates at 448 (blocks above 6 * 448 clip); torch's CUDA cast gives NaN
-    sf = torch.clamp(divide(blocks.abs().amax(dim=-1, keepdim=True), FP4_MAX), max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+    sf = divide(blocks.abs().amax(dim=-1, keepdim=True), FP4_MAX)
+    sf = torch.clamp(sf, max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
     inv = torch.where(sf == 0, torch.zeros_like(sf), 1.0 / sf)
     codes = minifloat_round(blocks * inv, 2, 1)
     return (codes * sf).flatten(-2).movedim(-1, dim)
