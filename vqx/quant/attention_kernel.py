@@ -128,8 +128,8 @@ def quantize_groups(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, limit, ep
                     PERIODS: tl.constexpr, R1: tl.constexpr, G: tl.constexpr, R2: tl.constexpr,
                     HAS_MEAN: tl.constexpr, PRESCALE: tl.constexpr):
     """int8 scales and codes in one pass, PERIODS periods of R1 * G * R2 tokens per program: token
-    r1 * G * R2 + g * R2 + r2 of a period is in the period's group g (block / warp: one group; SageAttention2's per-thread Q: G = 8, K: G = 4,
-    R2 = 2). Scale ``group absmax / limit + eps`` per token, as the eager quantizer."""
+    r1 * G * R2 + g * R2 + r2 of a period is in the period's group g (block / warp: one group; SageAttention2's
+    per-thread Q: G = 8, K: G = 4, R2 = 2). Scale ``group absmax / limit + eps`` per token, as the eager quantizer."""
     bh = tl.program_id(1)
     T: tl.constexpr = PERIODS * R1 * G * R2
     rows = tl.program_id(0) * T + tl.arange(0, T)
