@@ -26,7 +26,7 @@ import triton.language as tl
 from . import fastpath as fp
 from .attention import (FP8_E4M3_MAX, LOG2E, SAGE3_Q_GROUP, AttentionScheme, attention_eager, divide, group_layout,
                         group_max, k_groups, p_log2_offset, q_groups, quantize_inputs, smooth_qk)
-from .kernels import INTERPRET, _bf16, _fp8_codes, _load_bf16, _rint, _round_e4m3, _store_bf16
+from .kernels import INTERPRET, _bf16, _fp8_codes, _load_bf16, _round_e4m3, _store_bf16
 
 # Fused vs eager, per output row: |difference| <= tolerance(scheme) * the row's largest |eager output|. Measured on
 # the H200 (bench/results/attention_kernel.json "checks"): at most 1.9e-3 for nvfp4 (bf16 values, fp32 accumulation),
@@ -54,16 +54,18 @@ def _nvfp4_blocks(x, AXIS: tl.constexpr, SIGNED: tl.constexpr):
     """SageAttention3's FP4 values of x (blocks of 16 along AXIS): ``sf = e4m3(absmax / 6)`` (saturating),
     ``e2m1(x * (1 / sf)) * sf``, as vqx.quant.attention.quantize_nvfp4; SIGNED False: x >= 0 (P), which skips
     the signs."""
+    a = x
     if SIGNED:
-        sf = _round_e4m3(tl.div_rn(tl.max(tl.abs(x), AXIS), 6.0))
-    else:
-        sf = _round_e4m3(tl.div_rn(tl.max(x, AXIS), 6.0))
+        a = tl.abs(x)
+    sf = _round_e4m3(tl.div_rn(tl.max(a, AXIS), 6.0))
     inv = tl.expand_dims(tl.where(sf == 0.0, 0.0, tl.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)), AXIS)
     y = x * inv
     if SIGNED:
         mag = _round_e2m1(tl.abs(y))
-        return tl.where(y < 0.0, -mag, mag) * tl.expand_dims(sf, AXIS)
-    return _round_e2m1(y) * tl.expand_dims(sf, AXIS)
+        y = tl.where(y < 0.0, -mag, mag)
+    else:
+        y = _round_e2m1(y)
+    return y * tl.expand_dims(sf, AXIS)
 
 
 # ---- the prep: Q, K, V [B, H, L, D] (bf16, any strides with D contiguous) -> codes [B, H, L, D] contiguous ----
