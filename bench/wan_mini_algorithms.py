@@ -17,7 +17,9 @@ bench/results/<--out> (rows: one per point, with per-video scores; "markdown": t
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
+import random
 import statistics
 import sys
 import tempfile
@@ -113,8 +115,29 @@ def _paired(row: dict, rtn: dict | None) -> dict:
                       "worse_beyond_floor": floor is not None and d_lpips > floor})
     d_psnr = [d["d_psnr"] for d in diffs]
     return {"vs_rtn": diffs, "d_psnr_mean": statistics.fmean(d_psnr), "d_psnr_min": min(d_psnr),
+            "d_psnr_ci95": bootstrap_ci(d_psnr),
             "d_lpips_mean": statistics.fmean(d["d_lpips"] for d in diffs),
             "videos_worse_beyond_floor": sum(d["worse_beyond_floor"] for d in diffs)}
+
+
+def bootstrap_ci(values: list[float], resamples: int = 10000, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval of the mean of ``values`` (paired per-video differences): how far the mean
+    could move with other prompts of the same kind. Seeded, so the file is reproducible."""
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(statistics.fmean(rng.choices(values, k=n)) for _ in range(resamples))
+    return [means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]]
+
+
+def seeded_prompts(source: Path, samples: int, seeds: int, dest: Path) -> Path:
+    """``source``'s first ``samples`` prompts, each at ``seeds`` noise seeds (its own first, then +10000, +20000,
+    ...; the file's first ``samples`` entries are the usual videos): more paired videos of the same prompts, for a
+    tighter interval than the prompts alone give."""
+    data = json.loads(source.read_text())
+    data["samples"] = [{**s, "seed": s["seed"] + 10000 * j} for j in range(seeds) for s in data["samples"][:samples]]
+    data["description"] = f"{data.get('description', '')}; every prompt at {seeds} seeds"
+    dest.write_text(json.dumps(data, indent=1))
+    return dest
 
 
 def _rows(points: list[tuple], results: dict) -> list[dict]:
@@ -134,13 +157,14 @@ def _rows(points: list[tuple], results: dict) -> list[dict]:
 
 
 def _markdown(rows: list[dict]) -> str:
-    out = ["| outliers | format | algorithm | LPIPS | PSNR dB | SSIM | dPSNR vs RTN: mean / worst video | "
+    out = ["| outliers | format | algorithm | LPIPS | PSNR dB | SSIM | dPSNR vs RTN: mean [95% interval] / worst video | "
            "videos worse than RTN beyond the floor | block fallbacks |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error"):
             out.append(f"| {r['outliers']} | {r['format']} | {r['algorithm']} | failed: {r['error'][:80]} |||||| ")
             continue
-        paired = (f"{r['d_psnr_mean']:+.2f} / {r['d_psnr_min']:+.2f}" if "d_psnr_mean" in r else "-")
+        paired = (f"{r['d_psnr_mean']:+.2f} [{r['d_psnr_ci95'][0]:+.2f}, {r['d_psnr_ci95'][1]:+.2f}] / "
+                  f"{r['d_psnr_min']:+.2f}" if "d_psnr_mean" in r else "-")
         worse = f"{r['videos_worse_beyond_floor']} of {len(r['videos'])}" if "d_psnr_mean" in r else "-"
         out.append(f"| {r['outliers']} | {r['format']} | {r['algorithm']} | {r['lpips']:.4f} | {r['psnr']:.2f} | "
                    f"{r['ssim']:.4f} | {paired} | {worse} | {r['block_fallbacks']} |")
@@ -176,6 +200,7 @@ def main() -> int:
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--outliers", default=",".join(OUTLIERS), help=f"comma list of {', '.join(OUTLIERS)}")
     p.add_argument("--samples", type=int, default=8, help="eval prompts (wan_mini has 8)")
+    p.add_argument("--seeds", type=int, default=1, help="noise seeds per eval prompt (videos: samples x seeds)")
     p.add_argument("--jobs", type=int, default=4, help="worker processes sharing the device and the cache")
     p.add_argument("--smoke", action="store_true", help="wan_tiny on CPU, rtn and smoothquant, w8a8, 2 videos")
     p.add_argument("--workdir", default=None, help="run dirs and cache (default: a temporary folder)")
@@ -190,13 +215,18 @@ def main() -> int:
         algorithms, formats, outliers = ["rtn", "smoothquant"], ["w8a8"], ["none", "attention"]
         base = ["model=wan_tiny", "model.device=cpu", "export=none", "logger=none", "eval=video", "eval.num_samples=2",
                 "eval.save_videos=false"]
-        args.jobs = 1
+        args.jobs, args.samples = 1, 2
     for name, valid in ((algorithms, {**ALGORITHMS, **CAUSES, **MIN_GAIN}), (outliers, OUTLIERS)):
         bad = [x for x in name if x not in valid]
         if bad:
             p.error(f"unknown {bad[0]!r}; valid: {', '.join(valid)}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vqx_wan_mini_algorithms_"))
     base += [f"cache_dir={work / 'cache'}", *args.overrides]
+    if args.seeds > 1:
+        source = ROOT / "vqx" / "assets" / ("wan_t2v" if args.smoke else "wan_mini") / "eval" / "prompts.json"
+        work.mkdir(parents=True, exist_ok=True)
+        prompts = seeded_prompts(source, args.samples, args.seeds, work / "eval_prompts.json")
+        base += [f"eval.path={prompts}", f"eval.num_samples={args.samples * args.seeds}"]
 
     points = [((o, f, a), _point_overrides(a, f, o)) for o in outliers for f in formats for a in algorithms]
     # the first point of each outlier setting builds its references: run those first, one per worker
