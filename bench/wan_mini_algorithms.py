@@ -8,6 +8,7 @@ video counts as worse than RTN when its LPIPS exceeds RTN's by more than its own
     python bench/wan_mini_algorithms.py --note "..."                        # the whole grid on the GPU (--jobs 4)
     python bench/wan_mini_algorithms.py --smoke --note "script check"      # wan_tiny on CPU, 2 points, 2 videos
     python bench/wan_mini_algorithms.py --algorithms rtn,smoothquant --formats w8a8 --outliers none --note "..."
+    python bench/wan_mini_algorithms.py --seeds 4 --formats fp8 --note "..."  # 8 prompts x 4 noise seeds: 32 videos
 
 Points run in-process, spread over ``--jobs`` worker processes that share one cache_dir (capture, float-model
 statistics, 16-bit references and noise floors are built once per outlier setting). Writes
@@ -220,6 +221,8 @@ def main() -> int:
         bad = [x for x in name if x not in valid]
         if bad:
             p.error(f"unknown {bad[0]!r}; valid: {', '.join(valid)}")
+    if args.seeds < 1:
+        p.error(f"--seeds {args.seeds}: give 1 or more noise seeds per prompt")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vqx_wan_mini_algorithms_"))
     base += [f"cache_dir={work / 'cache'}", *args.overrides]
     if args.seeds > 1:
