@@ -29,6 +29,8 @@ from pathlib import Path
 
 from common import ROOT, write_results
 
+from vqx.io import write_json_atomic
+
 ALGORITHMS = {  # label -> run.py overrides
     "rtn": ["algorithm=rtn"],
     "smoothquant": ["algorithm=smoothquant"],  # the default: alpha=auto (identity among the candidates)
@@ -137,7 +139,7 @@ def seeded_prompts(source: Path, samples: int, seeds: int, dest: Path) -> Path:
     data = json.loads(source.read_text())
     data["samples"] = [{**s, "seed": s["seed"] + 10000 * j} for j in range(seeds) for s in data["samples"][:samples]]
     data["description"] = f"{data.get('description', '')}; every prompt at {seeds} seeds"
-    dest.write_text(json.dumps(data, indent=1))
+    write_json_atomic(dest, data)
     return dest
 
 
