@@ -59,6 +59,9 @@ CAUSES = {
     "smoothquant_0.75_late_steps": ["algorithm=smoothquant", "algorithm.alpha=0.75", "calib.capture_window=[0.7,1]"],
     "smoothquant_early_steps": ["algorithm=smoothquant", "calib.capture_window=[0,0.3]"],  # the searched default
 }
+# the spread between equally good quantizations: the searched SmoothQuant calibrated on other prompts of the
+# calibration set (label -> index of its first prompt; the run takes calib.num_prompts from there)
+CALIB_DRAWS = {"smoothquant_calib_b": 3, "smoothquant_calib_c": 6}
 OUTLIERS = {  # label -> run.py overrides (8 of 256 channels 32x larger, the float model unchanged bit for bit)
     "none": [],
     "attention": ["model.outliers.channels=8"],  # the default sites: attn2.to_q, attn1/attn2.to_out.0 inputs
@@ -67,8 +70,8 @@ OUTLIERS = {  # label -> run.py overrides (8 of 256 channels 32x larger, the flo
 FORMATS = ["w8a8", "fp8"]
 
 
-def _point_overrides(algorithm: str, fmt: str, outliers: str) -> list[str]:
-    return [*{**ALGORITHMS, **CAUSES, **MIN_GAIN}[algorithm], f"format={fmt}", *OUTLIERS[outliers]]
+def _point_overrides(algorithm: str, fmt: str, outliers: str, draws: dict[str, list[str]]) -> list[str]:
+    return [*{**ALGORITHMS, **CAUSES, **MIN_GAIN, **draws}[algorithm], f"format={fmt}", *OUTLIERS[outliers]]
 
 
 def _worker(jobs: list[tuple], base: list[str], work: str, queue) -> None:
@@ -143,14 +146,27 @@ def seeded_prompts(source: Path, samples: int, seeds: int, dest: Path) -> Path:
     return dest
 
 
+def calib_subset(source: Path, start: int, dest: Path) -> Path:
+    """``source``'s calibration prompts from index ``start`` on (then the ones before it): a run that takes the
+    first calib.num_prompts calibrates on other prompts of the same kind."""
+    data = json.loads(source.read_text())
+    samples = data["samples"]
+    if not 0 <= start < len(samples):
+        raise ValueError(f"calibration prompt {start}: {source} has {len(samples)}")
+    data["samples"] = samples[start:] + samples[:start]
+    data["description"] = f"{data.get('description', '')}; from prompt {start} on"
+    write_json_atomic(dest, data)
+    return dest
+
+
 def _rows(points: list[tuple], results: dict) -> list[dict]:
     """One row per point measured so far, in grid order, with its paired differences to RTN."""
     rows = []
-    for (o, f, a), _ in points:
+    for (o, f, a), overrides in points:
         if (o, f, a) not in results:
             continue
         summary, error = results[(o, f, a)]
-        row = {"outliers": o, "format": f, "algorithm": a, "overrides": _point_overrides(a, f, o)}
+        row = {"outliers": o, "format": f, "algorithm": a, "overrides": overrides}
         if error:
             rows.append({**row, "error": error})
             continue
@@ -199,7 +215,7 @@ def main() -> int:
     p.add_argument("--note", required=True, help="what this measurement is for (stored in the results)")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS),
                    help=f"comma list of {', '.join(ALGORITHMS)} (default: all of those), {', '.join(CAUSES)}, "
-                        f"{', '.join(MIN_GAIN)}")
+                        f"{', '.join(MIN_GAIN)}, {', '.join(CALIB_DRAWS)}")
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--outliers", default=",".join(OUTLIERS), help=f"comma list of {', '.join(OUTLIERS)}")
     p.add_argument("--samples", type=int, default=8, help="eval prompts (wan_mini has 8)")
@@ -219,7 +235,7 @@ def main() -> int:
         base = ["model=wan_tiny", "model.device=cpu", "export=none", "logger=none", "eval=video", "eval.num_samples=2",
                 "eval.save_videos=false"]
         args.jobs, args.samples = 1, 2
-    for name, valid in ((algorithms, {**ALGORITHMS, **CAUSES, **MIN_GAIN}), (outliers, OUTLIERS)):
+    for name, valid in ((algorithms, {**ALGORITHMS, **CAUSES, **MIN_GAIN, **CALIB_DRAWS}), (outliers, OUTLIERS)):
         bad = [x for x in name if x not in valid]
         if bad:
             p.error(f"unknown {bad[0]!r}; valid: {', '.join(valid)}")
@@ -227,13 +243,18 @@ def main() -> int:
         p.error(f"--seeds {args.seeds}: give 1 or more noise seeds per prompt")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vqx_wan_mini_algorithms_"))
     base += [f"cache_dir={work / 'cache'}", *args.overrides]
+    assets = ROOT / "vqx" / "assets" / ("wan_t2v" if args.smoke else "wan_mini")
     if args.seeds > 1:
-        source = ROOT / "vqx" / "assets" / ("wan_t2v" if args.smoke else "wan_mini") / "eval" / "prompts.json"
         work.mkdir(parents=True, exist_ok=True)
-        prompts = seeded_prompts(source, args.samples, args.seeds, work / "eval_prompts.json")
+        prompts = seeded_prompts(assets / "eval" / "prompts.json", args.samples, args.seeds, work / "eval_prompts.json")
         base += [f"eval.path={prompts}", f"eval.num_samples={args.samples * args.seeds}"]
 
-    points = [((o, f, a), _point_overrides(a, f, o)) for o in outliers for f in formats for a in algorithms]
+    draws = {}
+    for name in (a for a in algorithms if a in CALIB_DRAWS):
+        work.mkdir(parents=True, exist_ok=True)
+        path = calib_subset(assets / "calib" / "prompts.json", CALIB_DRAWS[name], work / f"calib_{name}.json")
+        draws[name] = ["algorithm=smoothquant", f"calib.path={path}"]
+    points = [((o, f, a), _point_overrides(a, f, o, draws)) for o in outliers for f in formats for a in algorithms]
     # the first point of each outlier setting builds its references: run those first, one per worker
     firsts = {key[0]: (key, ov) for key, ov in reversed(points)}
     order = [firsts[o] for o in outliers] + [pt for pt in points if pt not in firsts.values()]
