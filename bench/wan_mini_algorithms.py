@@ -9,6 +9,8 @@ video counts as worse than RTN when its LPIPS exceeds RTN's by more than its own
     python bench/wan_mini_algorithms.py --smoke --note "script check"      # wan_tiny on CPU, 2 points, 2 videos
     python bench/wan_mini_algorithms.py --algorithms rtn,smoothquant --formats w8a8 --outliers none --note "..."
     python bench/wan_mini_algorithms.py --seeds 4 --formats fp8 --note "..."  # 8 prompts x 4 noise seeds: 32 videos
+    python bench/wan_mini_algorithms.py --algorithms rtn,smoothquant,smoothquant_calib_b,smoothquant_calib_c \
+        --formats fp8 --note "..."       # one search, three calibration prompt sets: the spread between draws
 
 Points run in-process, spread over ``--jobs`` worker processes that share one cache_dir (capture, float-model
 statistics, 16-bit references and noise floors are built once per outlier setting). Writes
