@@ -61,6 +61,9 @@ CAUSES = {
     "smoothquant_0.75_late_steps": ["algorithm=smoothquant", "algorithm.alpha=0.75", "calib.capture_window=[0.7,1]"],
     "smoothquant_early_steps": ["algorithm=smoothquant", "calib.capture_window=[0,0.3]"],  # the searched default
 }
+# the block error of the guided prediction (g * cond + (1 - g) * uncond per prompt and step) instead of each branch's
+GUIDED = {f"{name}_guided": [*ALGORITHMS[name], "calib.block_objective=guided"]
+          for name in ("smoothquant", "smoothquant_gptq", "awq")}
 # the spread between equally good quantizations: the searched SmoothQuant calibrated on other prompts of the
 # calibration set (label -> index of its first prompt; the run takes calib.num_prompts from there)
 CALIB_DRAWS = {"smoothquant_calib_b": 3, "smoothquant_calib_c": 6}
@@ -73,7 +76,7 @@ FORMATS = ["w8a8", "fp8"]
 
 
 def _point_overrides(algorithm: str, fmt: str, outliers: str, draws: dict[str, list[str]]) -> list[str]:
-    return [*{**ALGORITHMS, **CAUSES, **MIN_GAIN, **draws}[algorithm], f"format={fmt}", *OUTLIERS[outliers]]
+    return [*{**ALGORITHMS, **CAUSES, **MIN_GAIN, **GUIDED, **draws}[algorithm], f"format={fmt}", *OUTLIERS[outliers]]
 
 
 def _worker(jobs: list[tuple], base: list[str], work: str, queue) -> None:
@@ -217,7 +220,7 @@ def main() -> int:
     p.add_argument("--note", required=True, help="what this measurement is for (stored in the results)")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS),
                    help=f"comma list of {', '.join(ALGORITHMS)} (default: all of those), {', '.join(CAUSES)}, "
-                        f"{', '.join(MIN_GAIN)}, {', '.join(CALIB_DRAWS)}")
+                        f"{', '.join(MIN_GAIN)}, {', '.join(GUIDED)}, {', '.join(CALIB_DRAWS)}")
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--outliers", default=",".join(OUTLIERS), help=f"comma list of {', '.join(OUTLIERS)}")
     p.add_argument("--samples", type=int, default=8, help="eval prompts (wan_mini has 8)")
@@ -237,7 +240,7 @@ def main() -> int:
         base = ["model=wan_tiny", "model.device=cpu", "export=none", "logger=none", "eval=video", "eval.num_samples=2",
                 "eval.save_videos=false"]
         args.jobs, args.samples = 1, 2
-    for name, valid in ((algorithms, {**ALGORITHMS, **CAUSES, **MIN_GAIN, **CALIB_DRAWS}), (outliers, OUTLIERS)):
+    for name, valid in ((algorithms, {**ALGORITHMS, **CAUSES, **MIN_GAIN, **GUIDED, **CALIB_DRAWS}), (outliers, OUTLIERS)):
         bad = [x for x in name if x not in valid]
         if bad:
             p.error(f"unknown {bad[0]!r}; valid: {', '.join(valid)}")

@@ -11,13 +11,13 @@ from omegaconf import OmegaConf
 import vqx.plugins  # noqa: F401
 from vqx.algorithms import awq as awq_module
 from vqx.algorithms import smoothquant as sq_module
-from vqx.algorithms.block_search import shortlisted, spread_calls
+from vqx.algorithms.block_search import BlockScorer, ScoreTerm, score_terms, search_keys, shortlisted, spread_calls
 from vqx.algorithms.registry import register_step
 from vqx.algorithms.runner import quantize_blockwise
 from vqx.algorithms.smoothing import apply_smoothing, smoothable
 from vqx.cache import DiskCache
 from vqx.calib.capture import load_or_capture
-from vqx.models.adapter import LayerSelection, quant_targets
+from vqx.models.adapter import BlockInputs, LayerSelection, quant_targets
 from vqx.models.wan.outliers import inject_outliers
 from vqx.quant.formats import get_scheme
 
@@ -67,6 +67,60 @@ def test_spread_calls_are_even_and_distinct():
     assert len(picked) == 16 and picked == sorted(set(picked)) and 0 <= picked[0] and picked[-1] < 60
     assert {c % 2 for c in picked} == {0, 1}  # both guidance branches (calls alternate cond/uncond)
     assert max(b - a for a, b in zip(picked, picked[1:])) <= 4
+
+
+def _meta(prompts, steps):
+    return [{"prompt": p, "step": s, "branch": b} for p in prompts for s in steps for b in ("cond", "uncond")]
+
+
+def test_guided_terms_pair_each_steps_branches():
+    meta = _meta([0, 1], [0, 5])
+    assert score_terms(meta, list(range(8)), "branches", 5.0) == [ScoreTerm(c, ((c, 1.0),)) for c in range(8)]
+    guided = score_terms(meta, list(range(8)), "guided", 5.0)
+    assert guided == [ScoreTerm(j, ((2 * j, 5.0), (2 * j + 1, -4.0))) for j in range(4)]
+    # a rank holding prompt 1 only (capture indices 4..7): its local calls, the keys of the whole capture
+    assert score_terms(meta[4:], [4, 5, 6, 7], "guided", 5.0) == [ScoreTerm(2, ((0, 5.0), (1, -4.0))),
+                                                                 ScoreTerm(3, ((2, 5.0), (3, -4.0)))]
+    cond_only = [m for m in meta if m["branch"] == "cond"]
+    with pytest.raises(ValueError, match="^calib.block_objective=guided needs both guidance branches at every "
+                                         "captured step; calibration prompt 0 at step 0 has no uncond call"):
+        score_terms(cond_only, list(range(4)), "guided", 1.0)
+    assert search_keys(60, 16, "branches") == spread_calls(60, 16)
+    assert search_keys(60, 16, "guided") == spread_calls(30, 8) and len(search_keys(60, 1, "guided")) == 1
+    assert search_keys(60, None, "guided") == list(range(30))
+
+
+def test_a_guided_term_is_the_samplers_combination_of_the_branches():
+    """The sums of a guided term: g * cond + (1 - g) * uncond of each block's output, of the float block's output and
+    of the input, per (prompt, step); a branch-wise term is the call's own tensors, unchanged."""
+    torch.manual_seed(0)
+    ref, quant = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    inputs = [BlockInputs(torch.randn(1, 3, 8)) for _ in range(2)]
+    terms = score_terms(_meta([0], [0]), [0, 1], "guided", 5.0)
+    scorer = BlockScorer(ref, inputs, terms, [0], torch.device("cpu"), {}, None)
+    with torch.no_grad():
+        outs, ref_sum, hidden_sum = scorer._combined(terms[0], {"q": quant})
+        guided = lambda f: 5.0 * f(inputs[0].hidden) - 4.0 * f(inputs[1].hidden)  # noqa: E731
+        torch.testing.assert_close(outs["q"], guided(quant), rtol=0, atol=1e-6)
+        torch.testing.assert_close(ref_sum, guided(ref), rtol=0, atol=1e-6)
+        torch.testing.assert_close(hidden_sum, guided(lambda h: h), rtol=0, atol=0)
+        plain = score_terms(_meta([0], [0]), [0, 1], "branches", 5.0)
+        outs, ref_sum, hidden_sum = scorer._combined(plain[1], {"q": quant})
+        assert torch.equal(outs["q"], quant(inputs[1].hidden)) and hidden_sum is inputs[1].hidden
+
+
+def test_guided_objective_searches_and_guards_on_pairs(outlier_pipe, tmp_path):
+    """calib.block_objective=guided end to end: the guard holds on the guided error of every (prompt, step), the
+    search scored search_calls / 2 pairs, the rows say which objective they are, and the errors differ from the
+    branch-wise ones (they are another quantity)."""
+    algo = {"name": "sq", "steps": ["smoothquant"], "alpha": "auto"}
+    guided = _quantize(copy.deepcopy(outlier_pipe), tmp_path, algo, block_objective="guided")
+    branches = _quantize(copy.deepcopy(outlier_pipe), tmp_path, algo)
+    assert [(b["objective"], b["search_terms"]) for b in guided.blocks] == [("guided", 2)] * 2
+    assert [(b["objective"], b["search_terms"]) for b in branches.blocks] == [("branches", 4)] * 2
+    for g, b in zip(guided.blocks, branches.blocks):
+        assert g["error"] <= g["error_rtn"] and not g["fallback"], g
+        assert g["error_rtn"] != b["error_rtn"]
 
 
 def test_shortlist_keeps_the_lowest_losses_in_grid_order():

@@ -83,6 +83,9 @@ BAD_CLI = [
     (["model.sampler.steps=0"], "model.sampler.steps=0 is out of range; it must be >= 1"),
     (["model.dtype=int4"], "model.dtype='int4' is not valid; valid choices: bfloat16, float16, float32"),
     (["calib.capture_window=[0.5,0.2]"], "calib.capture_window=[0.5, 0.2] is not valid; use [start, end] fractions"),
+    (["calib.block_objective=guided", "model.sampler.guidance=1"],
+     "calib.block_objective=guided combines the two guidance branches, but calib.guidance=1.0 runs only the cond branch"),
+    (["calib.block_objective=joint"], "calib.block_objective='joint' is not valid; valid choices: branches, guided"),
     (["model=wan2.1_t2v_1.3b"], "needs model.path="),
     (["model=wan2.1_t2v_1.3b", "model.path=/nonexistent/wan"], "model.path=/nonexistent/wan is not a folder; expected a local diffusers-format folder"),
 ]

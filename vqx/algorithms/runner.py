@@ -42,7 +42,7 @@ from ..quant.linear import QuantLinear
 from ..quant.scheme import Scheme
 from . import shared_stats
 from .act_calib import calibrated_input_scales, needs_samples
-from .block_search import BlockScorer, scratch, spread_calls
+from .block_search import BlockScorer, score_terms, scratch, search_keys
 from .materialize import materialize
 from .registry import BlockContext, BlockHooks, plan_steps, run_steps, stats_needed
 from .shared_stats import shareable
@@ -147,7 +147,9 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
     if capture is None and (stats_needed(plan) or hooks or calibrated):
         raise ValueError(f"algorithm {algo.name} with these schemes reads calibration data (statistics, or calibrated "
                          "activation scales); no capture was given")
-    search_calls = spread_calls(capture.total_calls, calib.get("search_calls")) if guarded else []
+    objective = calib.get("block_objective", "branches")
+    search = search_keys(capture.total_calls, calib.get("search_calls"), objective) if guarded else []
+    terms = score_terms(capture.meta, capture.indices, objective, calib.guidance) if guarded else []
     shared, inputs = None, None
     if capture is None:
         pass  # nothing reads activations: no block inputs, no float pass
@@ -201,7 +203,7 @@ def quantize_blockwise(transformer, capture: Capture, targets: list[QuantTarget]
         identity = None
         if guard:
             identity = scratch(ctx)  # the block before any step: what round-to-nearest quantizes
-            ctx.scorer = BlockScorer(reference, inputs, capture.indices, search_calls, device, model_dtype, calib)
+            ctx.scorer = BlockScorer(reference, inputs, terms, search, device, model_dtype, calib)
         if block_targets:  # a block the format keeps float: nothing for a step to choose (nor a block to score)
             run_steps(ctx, plan)
         input_scales = calibrated_input_scales(ctx, calib)
@@ -243,7 +245,8 @@ def _guard(ctx: BlockContext, identity: BlockContext, reference: torch.nn.Module
 
     error, error_rtn = scorer.guard(ctx, identity, propagate)
     row = {"block": ctx.index, "error": error, "error_rtn": error_rtn, "fallback": False,
-           "search_calls": scorer.search_total, "evaluations": scorer.evaluations}
+           "search_terms": scorer.search_total, "evaluations": scorer.evaluations,
+           "objective": calib.get("block_objective", "branches")}
     if error > error_rtn:
         log.warning("block %d: the searched transforms' block error %.4g is above round-to-nearest's %.4g on the "
                     "calibration calls; the block falls back to round-to-nearest", ctx.index, error, error_rtn)

@@ -138,6 +138,9 @@ class CalibSchema:
     # calls (spread evenly over the capture) on which searches score candidates on the quantized block output
     # (SmoothQuant alpha=auto, AWQ; vqx.algorithms.block_search); null: every call. The guard uses every call.
     search_calls: Optional[int] = bounded(16, 1, None)
+    # What a term of the block error is (searches and the guard): each call on its own (branches), or each
+    # (prompt, step)'s two guidance branches combined as the sampler combines them (guided; search_calls / 2 pairs)
+    block_objective: str = choice("branches", "guided")
     # The per-layer error report when no step reads calibration data (algorithm=rtn with dynamic activations):
     # sample: on a small capture (the first prompt at 2 denoising steps); full: on the whole capture above;
     # none: skipped, nothing captured. Runs whose steps read statistics report on their own capture.

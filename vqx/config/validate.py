@@ -112,6 +112,10 @@ def check_settings(cfg: DictConfig, family: str | None = None) -> None:
             or not 0 <= window[0] <= window[1] <= 1):
         raise UserError(f"calib.capture_window={window} is not valid; use [start, end] fractions of the trajectory "
                         "with 0 <= start <= end <= 1, e.g. [0, 0.3]")
+    if cfg.calib.block_objective == "guided" and cfg.calib.guidance <= 1:
+        raise UserError(f"calib.block_objective=guided combines the two guidance branches, but calib.guidance="
+                        f"{cfg.calib.guidance} runs only the cond branch (the sampler guides above 1); use "
+                        "calib.block_objective=branches")
     if cfg.model.source == "diffusers" and not cfg.model.path:
         raise UserError(f"model={cfg.model.name} needs model.path=/path/to/a local diffusers folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
 
