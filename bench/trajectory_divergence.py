@@ -107,8 +107,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor | None = None) -> f
     return float(d / n) if n > 0 else float(d)
 
 
+def _integrated(errors: list[torch.Tensor], flows: list[torch.Tensor], sigmas: list[float]) -> dict:
+    """The sampler's first-order view of per-step prediction errors e_t: the latent moves by dt_t * prediction, so to
+    first order the final latent is off by sum dt_t e_t. ``relative``: that against sum dt_t * (16-bit prediction);
+    ``coherence``: |sum dt_t e_t| / sqrt(sum |dt_t e_t|^2): 1 for errors that are independent between steps, up to
+    sqrt(steps) for errors that point the same way at every step (they add up instead of averaging out)."""
+    dts = [a - b for a, b in zip(sigmas[:-1], sigmas[1:])]
+    total = sum(dt * e for dt, e in zip(dts, errors))
+    moved = sum(dt * f for dt, f in zip(dts, flows))
+    rms = float(sum((dt * e).norm() ** 2 for dt, e in zip(dts, errors)) ** 0.5)
+    return {"relative": _rel(total, torch.zeros_like(total), moved), "coherence": float(total.norm()) / max(rms, 1e-30)}
+
+
 @torch.no_grad()
-def _block_errors(float_tr, quant_tr, calls: list[dict], calls_per_step: int, guidance: float) -> dict:
+def _block_errors(float_tr, quant_tr, calls: list[dict], calls_per_step: int, guidance: float,
+                  sigmas: list[float]) -> dict:
     """Per transformer call, per block: local and accumulated errors (see the module doc); per step, the errors of
     the transformer's outputs on the 16-bit trajectory: each branch's, their cosine, and the guided prediction's
     (uncond + guidance * (cond - uncond): what the sampler integrates; correlated branch errors cancel in it)."""
@@ -138,21 +151,25 @@ def _block_errors(float_tr, quant_tr, calls: list[dict], calls_per_step: int, gu
             row_acc.append(_rel(q_out[i], f_out[i], update))
         local.append(row_local)
         accumulated.append(row_acc)
-    steps = []
+    steps, predictions = [], []  # predictions: (16-bit, quantized) of what the sampler integrates, per step
     for k in range(0, len(outputs) - calls_per_step + 1, calls_per_step):
         (fc, qc), *rest = outputs[k:k + calls_per_step]
         row = {"cond": _rel(qc, fc)}
+        predictions.append((fc, qc))
         if rest:  # classifier-free guidance: the second call of the step is the unconditional branch
             fu, qu = rest[0]
             ec, eu = (qc - fc).flatten(), (qu - fu).flatten()
             guided_f, guided_q = fu + guidance * (fc - fu), qu + guidance * (qc - qu)
             row.update(uncond=_rel(qu, fu), branch_error_cosine=float(torch.nn.functional.cosine_similarity(ec, eu, dim=0)),
                        guided=_rel(guided_q, guided_f))
+            predictions[-1] = (guided_f, guided_q)
         steps.append(row)
-    return {"local": local, "accumulated": accumulated, "output_per_step": steps}
+    integrated = _integrated([q - f for f, q in predictions], [f for f, _ in predictions], sigmas)
+    return {"local": local, "accumulated": accumulated, "output_per_step": steps, "integrated_output_error": integrated}
 
 
-def _point(label: str, overrides: list[str], base: list[str], sample, settings, image, ref_video, ref_calls, float_tr):
+def _point(label: str, overrides: list[str], base: list[str], sample, settings, image, ref_video, ref_calls, float_tr,
+           sigmas: list[float]):
     from vqx.eval.metrics import psnr_frames
     from vqx.eval.videoio import to_float
 
@@ -164,8 +181,8 @@ def _point(label: str, overrides: list[str], base: list[str], sample, settings, 
     stride = len(ref_calls) // steps  # transformer calls per step: both guidance branches, conditional first
     assert len(calls) == len(ref_calls) == stride * steps, (len(calls), len(ref_calls), steps)
     latent = [_rel(calls[k * stride]["hidden_states"], ref_calls[k * stride]["hidden_states"]) for k in range(steps)]
-    errors = _block_errors(float_tr, pipe.transformer, ref_calls, stride, settings.guidance)
-    own = _block_errors(float_tr, pipe.transformer, calls, stride, settings.guidance)["output_per_step"]
+    errors = _block_errors(float_tr, pipe.transformer, ref_calls, stride, settings.guidance, sigmas)
+    own = _block_errors(float_tr, pipe.transformer, calls, stride, settings.guidance, sigmas)["output_per_step"]
     return {"label": label, "overrides": overrides, "video_psnr": float(np.mean(psnr_frames(to_float(ref_video), to_float(video)))),
             "latent_divergence": latent, "block_errors": errors, "own_trajectory_output_per_step": own,
             "calls_per_step": stride,
@@ -223,12 +240,13 @@ def main() -> int:
     sample, image = eval_samples[args.prompt], eval_samples.image(args.prompt)
     ref_pipe = load_pipeline(cfg.model)
     ref_video, ref_calls = _generate(ref_pipe, sample, eval_samples.settings(args.prompt), image)
+    sigmas = [float(x) for x in ref_pipe.scheduler.sigmas]  # the schedule the run used, with its final 0
     print(f"prompt {args.prompt}: {sample.prompt!r}, seed {sample.seed}, {len(ref_calls)} transformer calls", flush=True)
 
     rows = []
     for label, overrides in points:
         rows.append(_point(label, overrides, base, sample, eval_samples.settings(args.prompt), image, ref_video,
-                           ref_calls, ref_pipe.transformer))
+                           ref_calls, ref_pipe.transformer, sigmas))
         r = rows[-1]
         print(f"{label}: video PSNR {r['video_psnr']:.2f} dB; latent divergence per step "
               + " ".join(f"{x:.4f}" for x in r["latent_divergence"]), flush=True)
@@ -242,6 +260,10 @@ def main() -> int:
               f"{fd['local_error_ratio_to_rtn']:.2f}x RTN's there (accumulated {fd['accumulated_error_ratio_to_rtn']:.2f}x)"))
         mean_local = np.mean(r["block_errors"]["local"], axis=0) / np.mean(rtn["block_errors"]["local"], axis=0)
         print(f"{r['label']}: mean local block error / RTN's, per block: " + " ".join(f"{x:.2f}" for x in mean_local))
+    for r in rows:
+        i = r["block_errors"]["integrated_output_error"]
+        print(f"{r['label']}: integrated prediction error on the 16-bit trajectory {i['relative']:.4f} of the "
+              f"displacement, coherence {i['coherence']:.2f} (1: independent steps, sqrt(steps): one direction)")
     for r in rows:
         for where, out in (("the 16-bit", r["block_errors"]["output_per_step"]), ("its own", r["own_trajectory_output_per_step"])):
             print(f"{r['label']}: transformer output error per step on {where} trajectory, cond: "

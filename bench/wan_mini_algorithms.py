@@ -47,6 +47,8 @@ ALGORITHMS = {  # label -> run.py overrides
 # a transform must earn its keep: a group's candidate only if it lowers the block error by more than 2 % / 5 %
 MIN_GAIN = {f"{name}_mg{pct:02d}": [*ALGORITHMS[name], f"algorithm.min_gain={pct / 100}"]
             for name in ("smoothquant", "smoothquant_gptq", "awq") for pct in (2, 5)}
+# a transform's decrease must be consistent over the search terms: paired t above 2
+MIN_T = {f"{name}_t2": [*ALGORITHMS[name], "algorithm.min_t=2"] for name in ("smoothquant", "smoothquant_gptq", "awq")}
 # issue 17's causes of the gap to LLMC at equal alpha (not in the default grid; name them in --algorithms):
 # LLMC smooths the modulated-norm inputs and the cross-attention query only, never the attention outputs.
 LLMC_SITES = "[self_attn_in,cross_attn_q,ffn_in]"
@@ -76,7 +78,7 @@ FORMATS = ["w8a8", "fp8"]
 
 
 def _point_overrides(algorithm: str, fmt: str, outliers: str, draws: dict[str, list[str]]) -> list[str]:
-    return [*{**ALGORITHMS, **CAUSES, **MIN_GAIN, **GUIDED, **draws}[algorithm], f"format={fmt}", *OUTLIERS[outliers]]
+    return [*{**ALGORITHMS, **CAUSES, **MIN_GAIN, **MIN_T, **GUIDED, **draws}[algorithm], f"format={fmt}", *OUTLIERS[outliers]]
 
 
 def _worker(jobs: list[tuple], base: list[str], work: str, queue) -> None:
@@ -220,7 +222,7 @@ def main() -> int:
     p.add_argument("--note", required=True, help="what this measurement is for (stored in the results)")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS),
                    help=f"comma list of {', '.join(ALGORITHMS)} (default: all of those), {', '.join(CAUSES)}, "
-                        f"{', '.join(MIN_GAIN)}, {', '.join(GUIDED)}, {', '.join(CALIB_DRAWS)}")
+                        f"{', '.join(MIN_GAIN)}, {', '.join(MIN_T)}, {', '.join(GUIDED)}, {', '.join(CALIB_DRAWS)}")
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--outliers", default=",".join(OUTLIERS), help=f"comma list of {', '.join(OUTLIERS)}")
     p.add_argument("--samples", type=int, default=8, help="eval prompts (wan_mini has 8)")
@@ -240,7 +242,7 @@ def main() -> int:
         base = ["model=wan_tiny", "model.device=cpu", "export=none", "logger=none", "eval=video", "eval.num_samples=2",
                 "eval.save_videos=false"]
         args.jobs, args.samples = 1, 2
-    for name, valid in ((algorithms, {**ALGORITHMS, **CAUSES, **MIN_GAIN, **GUIDED, **CALIB_DRAWS}), (outliers, OUTLIERS)):
+    for name, valid in ((algorithms, {**ALGORITHMS, **CAUSES, **MIN_GAIN, **MIN_T, **GUIDED, **CALIB_DRAWS}), (outliers, OUTLIERS)):
         bad = [x for x in name if x not in valid]
         if bad:
             p.error(f"unknown {bad[0]!r}; valid: {', '.join(valid)}")

@@ -43,7 +43,7 @@ def awq(ctx: BlockContext) -> None:
                   for r in shortlisted({r: v for r, v in losses.items() if r > 0}, ctx.params.shortlist)}
         best = min(errors, key=errors.get) if errors else 0.0
         choice = {"block_error_identity": current, "loss_ratio0": losses[0.0]}
-        if best > 0 and accepts(errors[best], current, ctx.params.min_gain):
+        if best > 0 and accepts(errors[best], current, ctx.params.min_gain, ctx.params.min_t):
             apply_smoothing(ctx, group, scale[best])
             current = errors[best]
         else:
@@ -96,7 +96,7 @@ def search_clipping(ctx: BlockContext, current: float) -> None:
                 codes_best = torch.where(mask, codes, codes_best)
             name, codes = ctx.full_name(local), (codes_best, scale_best)
             error = ctx.block_error(lambda c, name=name, codes=codes: c.chosen_codes.update({name: codes}))
-            kept = accepts(error, current, ctx.params.min_gain)  # a tie keeps round-to-nearest's codes
+            kept = accepts(error, current, ctx.params.min_gain, ctx.params.min_t)  # a tie keeps round-to-nearest's codes
             if kept:
                 ctx.chosen_codes[name] = codes
                 current = error

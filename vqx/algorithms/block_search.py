@@ -144,11 +144,25 @@ def _accumulate(total: torch.Tensor | None, t: torch.Tensor, w: float) -> torch.
     return t if total is None else total + t
 
 
-def _sum_in_call_order(rows: list[tuple]) -> tuple[float, ...]:
-    """Column sums of this rank's (call index, value, ...) rows and every other rank's, added in call order."""
-    rows = sorted(r for part in distributed.all_gather_object(rows) for r in part)
+def _in_call_order(rows: list[tuple]) -> list[tuple]:
+    """This rank's (term key, value, ...) rows and every other rank's, in the terms' order."""
+    return sorted(r for part in distributed.all_gather_object(rows) for r in part)
+
+
+def _column_sums(rows: list[tuple]) -> tuple[float, ...]:
     width = len(rows[0]) - 1 if rows else 0
     return tuple(math.fsum(r[1 + j] for r in rows) for j in range(width))
+
+
+class BlockError(float):
+    """A block error: the number searches compare and record, carrying its terms' squared errors (in term order) so
+    that `params.accepts` can ask whether a decrease is consistent over the terms, not carried by a few."""
+    terms: tuple[float, ...]
+
+    def __new__(cls, value: float, terms: tuple[float, ...]):
+        error = super().__new__(cls, value)
+        error.terms = terms
+        return error
 
 
 def _ratio(num: float, den: float) -> float:
@@ -191,7 +205,8 @@ class BlockScorer:
             out, ref, hidden = self._combined(term, {"q": block})
             rows.append((term.key, _sq(out["q"] - ref), _sq(ref - hidden)))
         self.evaluations += 1
-        return _ratio(*_sum_in_call_order(rows))
+        rows = _in_call_order(rows)
+        return BlockError(_ratio(*_column_sums(rows)), tuple(r[1] for r in rows))
 
     def _combined(self, term: ScoreTerm, blocks: dict[str, nn.Module], keep: bool = True,
                   on_reference: Callable[[int, torch.Tensor], None] | None = None):
@@ -221,5 +236,5 @@ class BlockScorer:
         for term in self.terms:
             out, ref, hidden = self._combined(term, blocks, keep=False, on_reference=on_reference)
             rows.append((term.key, _sq(out["chosen"] - ref), _sq(out["rtn"] - ref), _sq(ref - hidden)))
-        num, num_rtn, den = _sum_in_call_order(rows)
+        num, num_rtn, den = _column_sums(_in_call_order(rows))
         return _ratio(num, den), _ratio(num_rtn, den)

@@ -9,6 +9,8 @@ recipe schema ``/schema/algorithm/recipe`` offers every declared parameter as a 
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
 import typing
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -114,10 +116,33 @@ def min_gain_param():
     return bounded(0.0, 0.0, 1.0)
 
 
-def accepts(error: float, current: float, min_gain: float) -> bool:
+def min_t_param():
+    """The ``min_t`` parameter of the block-scored searches: a candidate must also lower the error consistently over
+    the search terms, its paired t statistic (mean per-term decrease of the squared error over its standard error)
+    above this (0: no test). Terms of one prompt are correlated, so t is a consistency bar, not a p-value."""
+    return bounded(0.0, 0.0, None)
+
+
+def paired_t(error, current) -> float:
+    """The paired t statistic of ``current``'s per-term squared errors minus ``error``'s (`block_search.BlockError`
+    terms, the same terms in the same order): inf for a decrease that every term shares exactly or that one term
+    cannot test, 0 for no decrease."""
+    d = [c - e for c, e in zip(current.terms, error.terms)]
+    mean = math.fsum(d) / len(d) if d else 0.0
+    if mean <= 0:
+        return 0.0
+    if len(d) < 2:
+        return math.inf
+    sd = statistics.stdev(d)
+    return math.inf if sd == 0 else mean / (sd / math.sqrt(len(d)))
+
+
+def accepts(error: float, current: float, min_gain: float, min_t: float = 0.0) -> bool:
     """Whether a candidate's block error earns its transform: strictly below ``current`` by more than ``min_gain``
-    of it (a tie keeps what is there)."""
-    return error < current * (1.0 - min_gain)
+    of it (a tie keeps what is there) and, for min_t > 0, by a decrease whose paired t over the terms exceeds min_t."""
+    if not error < current * (1.0 - min_gain):
+        return False
+    return min_t <= 0 or paired_t(error, current) > min_t
 
 
 @dataclass
@@ -128,6 +153,7 @@ class SmoothQuantParams:
     # the input groups smoothed, by name (e.g. [self_attn_in, cross_attn_q, ffn_in]); null: every group with a fold
     groups: Optional[list[str]] = smoothing_groups_param()
     min_gain: float = min_gain_param()  # alpha=auto: the block-error decrease a group's alpha must bring
+    min_t: float = min_t_param()  # alpha=auto: how consistent over the search terms that decrease must be
 
 
 @dataclass
@@ -141,6 +167,7 @@ class AWQParams:
     # the input groups smoothed, by name; null: every group with a fold
     groups: Optional[list[str]] = smoothing_groups_param()
     min_gain: float = min_gain_param()  # the block-error decrease a ratio (or a linear's clipping) must bring
+    min_t: float = min_t_param()  # how consistent over the search terms that decrease must be
 
 
 @dataclass

@@ -58,7 +58,7 @@ def smoothquant(ctx: BlockContext) -> None:
                   for a in shortlisted(losses, ctx.params.shortlist)}
         best = min(errors, key=errors.get)
         choice = {"block_error_identity": current, "loss_identity": loss()}
-        if accepts(errors[best], current, ctx.params.min_gain):
+        if accepts(errors[best], current, ctx.params.min_gain, ctx.params.min_t):
             apply_smoothing(ctx, group, scale[best])
             current = errors[best]
             choice.update(alpha=best, loss=losses[best])
