@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 import vqx.plugins  # noqa: F401
 from vqx.algorithms import awq as awq_module
 from vqx.algorithms import smoothquant as sq_module
-from vqx.algorithms.block_search import BlockScorer, ScoreTerm, score_terms, search_keys, shortlisted, spread_calls
+from vqx.algorithms.block_search import BlockError, BlockScorer, ScoreTerm, score_terms, search_keys, shortlisted, spread_calls
+from vqx.algorithms.params import accepts, paired_t
 from vqx.algorithms.registry import register_step
 from vqx.algorithms.runner import quantize_blockwise
 from vqx.algorithms.smoothing import apply_smoothing, smoothable
@@ -121,6 +122,51 @@ def test_guided_objective_searches_and_guards_on_pairs(outlier_pipe, tmp_path):
     for g, b in zip(guided.blocks, branches.blocks):
         assert g["error"] <= g["error_rtn"] and not g["fallback"], g
         assert g["error_rtn"] != b["error_rtn"]
+
+
+def test_min_t_wants_a_decrease_the_terms_share():
+    """paired_t by hand: decreases (0.1, 0.1, 0.05) have mean 1/12 and standard deviation sqrt(1/1200), so t = 5.0; a
+    decrease carried by one term (0.3, -0.05, -0.05) has t = (1/15) / (0.2021 / sqrt(3)) = 0.571 and fails min_t=2
+    although its sum goes down more; a decrease every term shares exactly passes any bar; no decrease is t = 0."""
+    current = BlockError(1.0, (1.0, 2.0, 3.0))
+    shared = BlockError(0.99, (0.9, 1.9, 2.95))
+    carried = BlockError(0.98, (0.7, 2.05, 3.05))
+    assert paired_t(shared, current) == pytest.approx(5.0, rel=1e-12)
+    assert paired_t(carried, current) == pytest.approx(0.5714, abs=1e-4)
+    assert accepts(shared, current, 0.0, 4.9) and not accepts(shared, current, 0.0, 5.1)
+    assert accepts(carried, current, 0.0) and not accepts(carried, current, 0.0, 2.0)
+    assert paired_t(BlockError(0.9, (0.5, 1.5, 2.5)), current) == float("inf")
+    assert paired_t(BlockError(1.1, (1.1, 2.1, 3.0)), current) == 0.0
+    assert not accepts(BlockError(1.0, (0.5, 1.5, 4.0)), current, 0.0)  # a tie of the sums keeps what is there
+
+
+def test_min_t_end_to_end(outlier_pipe, tmp_path):
+    """Block errors carry one squared error per search term; an unreachable min_t keeps every group's identity (the
+    result is round-to-nearest code for code), a moderate one keeps the most consistent of the default's choices."""
+    rtn = _codes(_quantize(copy.deepcopy(outlier_pipe), tmp_path, {"name": "rtn", "steps": ["rtn"]}))
+    seen = []
+    original = BlockScorer.error
+
+    def recording(self, ctx, transform=None):
+        seen.append(original(self, ctx, transform))
+        return seen[-1]
+
+    algo = {"name": "sq", "steps": ["smoothquant"], "alpha": "auto"}
+    try:
+        BlockScorer.error = recording
+        strict = _quantize(copy.deepcopy(outlier_pipe), tmp_path, {**algo, "min_t": 1e9})
+    finally:
+        BlockScorer.error = original
+    assert seen and all(isinstance(e, BlockError) and len(e.terms) == 4 for e in seen)
+    assert all(g.get("alpha") is None for g in strict.groups) and _same_codes(_codes(strict), rtn)
+    default = _quantize(copy.deepcopy(outlier_pipe), tmp_path, algo)
+    moderate = _quantize(copy.deepcopy(outlier_pipe), tmp_path, {**algo, "min_t": 2.0})
+    for result, bar in ((default, 0.0), (moderate, 2.0)):
+        for g in result.groups:  # each group's record says how consistent its best candidate's decrease was
+            passed = g["gain_t"] is None or g["gain_t"] > bar
+            assert (g["alpha"] is not None) == (g["block_error"] < g["block_error_identity"] and passed), g
+    kept = [g for g in moderate.groups if g["alpha"] is not None]
+    assert kept and len(kept) < len([g for g in default.groups if g["alpha"] is not None])
 
 
 def test_shortlist_keeps_the_lowest_losses_in_grid_order():

@@ -138,7 +138,7 @@ def test_awq_clip_search_per_group_keeps_nvfp4_scales_on_the_global_grid():
     stats.update(calibration(64, tokens=256, seed=5))
     scheme = SCHEMES["nvfp4"]
     ctx = BlockContext(0, block, [InputGroup("in", ("lin",))], {"lin": QuantTarget(0, "lin", block.lin, "b.lin", "l")},
-                       {"in": stats}, {"lin": scheme}, OmegaConf.create({"clip_min": 0.5, "clip_grid": 5, "min_gain": 0.0}))
+                       {"in": stats}, {"lin": scheme}, OmegaConf.create({"clip_min": 0.5, "clip_grid": 5, "min_gain": 0.0, "min_t": 0.0}))
     # the block objective is test_block_search's; here every clipped linear is kept (its block error 0 < 1)
     ctx.scorer = SimpleNamespace(error=lambda ctx, transform=None: 0.0)
     search_clipping(ctx, current=1.0)

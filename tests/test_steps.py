@@ -103,8 +103,8 @@ def test_recipe_parameters_resolve_per_step_then_flat_then_defaults():
     p = plan_steps({"name": "r", "alpha": 0.6, "damp": None,
                     "steps": ["smoothquant", {"name": "smoothquant", "alpha": 0.3}, {"name": "gptq", "damp": 0.05}]})
     assert [(s.name, vars(s.params)) for s in p] == [
-        ("smoothquant", {"alpha": 0.6, "shortlist": 4, "groups": None, "min_gain": 0.0}),
-        ("smoothquant", {"alpha": 0.3, "shortlist": 4, "groups": None, "min_gain": 0.0}),
+        ("smoothquant", {"alpha": 0.6, "shortlist": 4, "groups": None, "min_gain": 0.0, "min_t": 0.0}),
+        ("smoothquant", {"alpha": 0.3, "shortlist": 4, "groups": None, "min_gain": 0.0, "min_t": 0.0}),
         ("gptq", {"damp": 0.05, "block_size": 128, "act_order": False, "static_groups": False})]
 
 

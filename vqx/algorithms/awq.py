@@ -13,7 +13,7 @@ import torch
 from ..quant.scheme import choose_scales, dequantize, global_scale_of, quantize_with
 from .block_search import shortlisted
 from .losses import GroupQuantLoss
-from .params import AWQParams, accepts
+from .params import AWQParams, accepts, recorded_t
 from .registry import BlockContext, register_step
 from .smoothing import apply_smoothing, clamp_scale, smoothable
 
@@ -42,7 +42,8 @@ def awq(ctx: BlockContext) -> None:
         errors = {r: ctx.block_error(lambda c, s=scale[r], g=group: apply_smoothing(c, g, s))
                   for r in shortlisted({r: v for r, v in losses.items() if r > 0}, ctx.params.shortlist)}
         best = min(errors, key=errors.get) if errors else 0.0
-        choice = {"block_error_identity": current, "loss_ratio0": losses[0.0]}
+        choice = {"block_error_identity": current, "loss_ratio0": losses[0.0],
+                  "gain_t": recorded_t(errors[best], current) if best > 0 else 0.0}
         if best > 0 and accepts(errors[best], current, ctx.params.min_gain, ctx.params.min_t):
             apply_smoothing(ctx, group, scale[best])
             current = errors[best]

@@ -137,6 +137,12 @@ def paired_t(error, current) -> float:
     return math.inf if sd == 0 else mean / (sd / math.sqrt(len(d)))
 
 
+def recorded_t(error, current) -> float | None:
+    """`paired_t` as the choices record it (metrics.json holds no infinities): None where it is infinite."""
+    t = paired_t(error, current)
+    return t if math.isfinite(t) else None
+
+
 def accepts(error: float, current: float, min_gain: float, min_t: float = 0.0) -> bool:
     """Whether a candidate's block error earns its transform: strictly below ``current`` by more than ``min_gain``
     of it (a tie keeps what is there) and, for min_t > 0, by a decrease whose paired t over the terms exceeds min_t."""

@@ -16,7 +16,7 @@ import torch
 
 from .block_search import shortlisted
 from .losses import GroupQuantLoss
-from .params import SmoothQuantParams, accepts, parse_alpha
+from .params import SmoothQuantParams, accepts, recorded_t, parse_alpha
 from .registry import BlockContext, register_step
 from .smoothing import apply_smoothing, clamp_scale, group_weight_absmax, smoothable
 
@@ -57,7 +57,7 @@ def smoothquant(ctx: BlockContext) -> None:
         errors = {a: ctx.block_error(lambda c, s=scale[a], g=group: apply_smoothing(c, g, s))
                   for a in shortlisted(losses, ctx.params.shortlist)}
         best = min(errors, key=errors.get)
-        choice = {"block_error_identity": current, "loss_identity": loss()}
+        choice = {"block_error_identity": current, "loss_identity": loss(), "gain_t": recorded_t(errors[best], current)}
         if accepts(errors[best], current, ctx.params.min_gain, ctx.params.min_t):
             apply_smoothing(ctx, group, scale[best])
             current = errors[best]
