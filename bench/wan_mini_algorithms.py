@@ -11,6 +11,7 @@ video counts as worse than RTN when its LPIPS exceeds RTN's by more than its own
     python bench/wan_mini_algorithms.py --seeds 4 --formats fp8 --note "..."  # 8 prompts x 4 noise seeds: 32 videos
     python bench/wan_mini_algorithms.py --algorithms rtn,smoothquant,smoothquant_calib_b,smoothquant_calib_c \
         --formats fp8 --note "..."       # one search, three calibration prompt sets: the spread between draws
+    python bench/wan_mini_algorithms.py --note "..." --rescore wan_mini_seeds_fp8_ffn_text.json  # statistics only
 
 Points run in-process, spread over ``--jobs`` worker processes that share one cache_dir (capture, float-model
 statistics, 16-bit references and noise floors are built once per outlier setting). Writes
@@ -111,7 +112,7 @@ def _summary(m: dict, wall_s: float) -> dict:
             "block_error": [b["error"] for b in blocks], "block_error_rtn": [b["error_rtn"] for b in blocks],
             "block_fallbacks": sum(b["fallback"] for b in blocks),
             "groups_identity": sum(1 for g in m["groups"] if g.get("alpha", 1) is None or g.get("ratio", 1) == 0.0),
-            "groups": len(m["groups"]), "quantize_s": m["timings"].get("quantize_s"), "wall_s": round(wall_s, 1)}
+            "groups": len(m["groups"]), "gain_t": [g.get("gain_t") for g in m["groups"]], "quantize_s": m["timings"].get("quantize_s"), "wall_s": round(wall_s, 1)}
 
 
 def _paired(row: dict, rtn: dict | None) -> dict:
@@ -126,10 +127,13 @@ def _paired(row: dict, rtn: dict | None) -> dict:
         floor = v["floor_lpips"]
         diffs.append({"index": v["index"], "d_psnr": v["psnr"] - r["psnr"], "d_lpips": d_lpips,
                       "worse_beyond_floor": floor is not None and d_lpips > floor})
-    d_psnr = [d["d_psnr"] for d in diffs]
+    d_psnr, d_lpips = [d["d_psnr"] for d in diffs], [d["d_lpips"] for d in diffs]
+    # LPIPS differences are heavy-tailed (a few videos whose trajectory went elsewhere carry the mean): the median
+    # next to the mean's interval says whether a mean loss is typical or a tail
     return {"vs_rtn": diffs, "d_psnr_mean": statistics.fmean(d_psnr), "d_psnr_min": min(d_psnr),
             "d_psnr_ci95": bootstrap_ci(d_psnr),
-            "d_lpips_mean": statistics.fmean(d["d_lpips"] for d in diffs),
+            "d_lpips_mean": statistics.fmean(d_lpips), "d_lpips_ci95": bootstrap_ci(d_lpips),
+            "d_lpips_median": statistics.median(d_lpips),
             "videos_worse_beyond_floor": sum(d["worse_beyond_floor"] for d in diffs)}
 
 
@@ -184,19 +188,22 @@ def _rows(points: list[tuple], results: dict) -> list[dict]:
 
 def _markdown(rows: list[dict]) -> str:
     out = ["| outliers | format | algorithm | LPIPS | PSNR dB | SSIM | dPSNR vs RTN: mean [95% interval] / worst video | "
-           "videos worse than RTN beyond the floor | block fallbacks |", "|---|---|---|---|---|---|---|---|---|"]
+           "dLPIPS vs RTN: mean [95% interval] / median | videos worse than RTN beyond the floor | block fallbacks |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error"):
-            out.append(f"| {r['outliers']} | {r['format']} | {r['algorithm']} | failed: {r['error'][:80]} |||||| ")
+            out.append(f"| {r['outliers']} | {r['format']} | {r['algorithm']} | failed: {r['error'][:80]} ||||||| ")
             continue
         paired = (f"{r['d_psnr_mean']:+.2f} [{r['d_psnr_ci95'][0]:+.2f}, {r['d_psnr_ci95'][1]:+.2f}] / "
                   f"{r['d_psnr_min']:+.2f}" if "d_psnr_mean" in r else "-")
+        lpips = (f"{r['d_lpips_mean']:+.4f} [{r['d_lpips_ci95'][0]:+.4f}, {r['d_lpips_ci95'][1]:+.4f}] / "
+                 f"{r['d_lpips_median']:+.4f}" if "d_lpips_ci95" in r else "-")
         worse = f"{r['videos_worse_beyond_floor']} of {len(r['videos'])}" if "d_psnr_mean" in r else "-"
         out.append(f"| {r['outliers']} | {r['format']} | {r['algorithm']} | {r['lpips']:.4f} | {r['psnr']:.2f} | "
-                   f"{r['ssim']:.4f} | {paired} | {worse} | {r['block_fallbacks']} |")
+                   f"{r['ssim']:.4f} | {paired} | {lpips} | {worse} | {r['block_fallbacks']} |")
     floors = {r["outliers"]: r["noise_floor"] for r in rows if not r.get("error")}
     for name, f in floors.items():
-        out.append(f"| {name} | noise floor | | {f['lpips']:.4f} | {f['psnr']:.2f} | {f['ssim']:.4f} | | | |")
+        out.append(f"| {name} | noise floor | | {f['lpips']:.4f} | {f['psnr']:.2f} | {f['ssim']:.4f} | | | | |")
     out += ["", "Per video, PSNR dB (paired difference to RTN in brackets; noise-floor PSNR in the header):", ""]
     ok = [r for r in rows if not r.get("error")]
     if ok:
@@ -217,6 +224,26 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def rescore(name: str, command: str, note: str) -> Path:
+    """Recompute the paired statistics and the tables of a results file this script wrote, from its per-video scores
+    (nothing is rerun): files written before a statistic existed get it. The measurement's environment stays; the
+    rescoring's is added under "rescored"."""
+    from common import RESULTS, environment
+
+    path = Path(name) if Path(name).is_absolute() else RESULTS / name
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    rtn = {(r["outliers"], r["format"]): r for r in rows if r.get("algorithm") == "rtn" and not r.get("error")}
+    for r in rows:
+        if not r.get("error") and (r["outliers"], r["format"]) in rtn:
+            r.update(_paired(r, rtn[(r["outliers"], r["format"])]))
+    data["markdown"] = _markdown(rows)
+    data["rescored"] = {"note": note, "command": command, "environment": environment()}
+    write_json_atomic(path, data)
+    print(data["markdown"])
+    return path
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--note", required=True, help="what this measurement is for (stored in the results)")
@@ -231,8 +258,13 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="wan_tiny on CPU, rtn and smoothquant, w8a8, 2 videos")
     p.add_argument("--workdir", default=None, help="run dirs and cache (default: a temporary folder)")
     p.add_argument("--out", default="wan_mini_algorithms.json", help="file name under bench/results/")
+    p.add_argument("--rescore", metavar="FILE", help="recompute a results file's paired statistics from its per-video "
+                   "scores (under bench/results/), rerunning nothing")
     p.add_argument("overrides", nargs="*", help="run.py overrides for every point (e.g. calib.search_calls=null)")
     args = p.parse_args()
+    if args.rescore:
+        print(f"written {rescore(args.rescore, ' '.join(sys.argv), args.note)}")
+        return 0
 
     algorithms, formats, outliers = args.algorithms.split(","), args.formats.split(","), args.outliers.split(",")
     base = ["model=wan_mini", "export=none", "logger=none", "eval=video", f"eval.num_samples={args.samples}",
