@@ -2,7 +2,9 @@
 than round-to-nearest on its own objective, and the runner's guard undoes a block that is."""
 
 import copy
+import json
 import logging
+import pickle
 
 import pytest
 import torch
@@ -138,6 +140,8 @@ def test_min_t_wants_a_decrease_the_terms_share():
     assert paired_t(BlockError(0.9, (0.5, 1.5, 2.5)), current) == float("inf")
     assert paired_t(BlockError(1.1, (1.1, 2.1, 3.0)), current) == 0.0
     assert not accepts(BlockError(1.0, (0.5, 1.5, 4.0)), current, 0.0)  # a tie of the sums keeps what is there
+    copied = pickle.loads(pickle.dumps(shared))  # the runner's records may be pickled (caches, torchrun)
+    assert (float(copied), copied.terms) == (0.99, shared.terms) and json.loads(json.dumps({"e": shared})) == {"e": 0.99}
 
 
 def test_min_t_end_to_end(outlier_pipe, tmp_path):

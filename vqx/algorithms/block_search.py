@@ -164,6 +164,9 @@ class BlockError(float):
         error.terms = terms
         return error
 
+    def __reduce__(self):  # float's own pickling would call __new__ without the terms
+        return BlockError, (float(self), self.terms)
+
 
 def _ratio(num: float, den: float) -> float:
     err = math.sqrt(num / den if den > 0 else num)
