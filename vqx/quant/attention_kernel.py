@@ -2,8 +2,8 @@
 Triton flash-attention kernel over them, which quantizes each tile's P on the fly.
 
 The prep (`kernel_inputs`) gives the eager path's codes and scales bit for bit (vqx.quant.attention.quantize_inputs;
-tests/test_attention.py checks it): int8 Q and K in one pass per tensor (the scale groups' absmax, then the codes;
-fp8, and a group period Triton cannot tile, take a token-absmax pass and the eager path's group ops), V per channel,
+tests/test_attention.py checks it): int8 and fp8 Q and K in one pass per tensor (the scale groups' absmax, then the
+codes; a group period Triton cannot tile takes a token-absmax pass and the eager path's group ops), V per channel,
 nvfp4's FP4 values per 1x16 block; Q smoothing (SageAttention3) with the eager path's ops, its bias ``q_group_mean .
 k`` one row per 128-query group. On the GPU the GEMMs read the operands natively: int8 Q.K on int8 tensor cores, fp8
 e4m3 P.V on fp8 ones (P converted with cvt.rn.satfinite, the eager path's rounding; V written transposed so both
@@ -128,10 +128,11 @@ def quantize_tokens(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, out_ld, D
 @triton.jit
 def quantize_groups(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, limit, eps, D: tl.constexpr,
                     PERIODS: tl.constexpr, R1: tl.constexpr, G: tl.constexpr, R2: tl.constexpr,
-                    HAS_MEAN: tl.constexpr, PRESCALE: tl.constexpr):
-    """int8 scales and codes in one pass, PERIODS periods of R1 * G * R2 tokens per program: token
-    r1 * G * R2 + g * R2 + r2 of a period is in the period's group g (block / warp: one group; SageAttention2's
-    per-thread Q: G = 8, K: G = 4, R2 = 2). Scale ``group absmax / limit + eps`` per token, as the eager quantizer."""
+                    HAS_MEAN: tl.constexpr, PRESCALE: tl.constexpr, GRID: tl.constexpr):
+    """Scales and int8 / e4m3 codes (GRID as `_store_codes`) in one pass, PERIODS periods of R1 * G * R2 tokens per
+    program: token r1 * G * R2 + g * R2 + r2 of a period is in the period's group g (block / warp: one group;
+    SageAttention2's per-thread Q: G = 8, K: G = 4, R2 = 2). Scale ``group absmax / limit + eps`` per token, as the
+    eager quantizer."""
     bh = tl.program_id(1)
     T: tl.constexpr = PERIODS * R1 * G * R2
     rows = tl.program_id(0) * T + tl.arange(0, T)
@@ -143,7 +144,7 @@ def quantize_groups(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, limit, ep
     s = tl.div_rn(gmax, limit) + eps
     s = tl.reshape(tl.broadcast_to(tl.expand_dims(tl.expand_dims(s, 1), 3), (PERIODS, R1, G, R2)), (T,))
     tl.store(S + bh * L + rows, s, mask=ok)
-    _store_codes(Out, bh, L, D, rows, offs_d, tl.div_rn(x, tl.where(s == 0.0, 1.0, s)[:, None]), ok, 0, 0)
+    _store_codes(Out, bh, L, D, rows, offs_d, tl.div_rn(x, tl.where(s == 0.0, 1.0, s)[:, None]), ok, GRID, 0)
 
 
 @triton.jit
@@ -199,15 +200,14 @@ def _quantize(x: torch.Tensor, grid: str, s: AttentionScheme | None, operand: st
     eps = s.scale_eps if s is not None and grid == "int8" else 0.0  # as int8_codes (fp8 has no eps)
     layout = group_layout(s, operand) if s is not None else None
     period = layout[0] * layout[1] * layout[2] if layout else 0
-    # One pass where a power-of-two period fits, for int8. fp8 takes the two-pass path: on an H100 (2026-12-05) the
-    # one-pass kernel's fp8 Q/K failed the GPU check (8e-2 on random inputs) in a run whose scales also still
-    # differed by an ulp (fixed since, untested there); the two-pass path is the one the H200 verified (2026-12-04).
-    if grid == "int8" and layout and period & (period - 1) == 0 and period * d <= 16384:
+    # One pass where a power-of-two period fits (int8 and fp8 alike: the same scales and codes as the two passes,
+    # bit for bit; `prep_mismatches` checks it before the kernel is used).
+    if layout and period & (period - 1) == 0 and period * d <= 16384:
         periods = max(1, 64 // period)
         scale = torch.empty(b, h, n, 1, dtype=torch.float32, device=x.device)
         quantize_groups[(fp.triton_cdiv(n, periods * period), b * h)](
             xi, mi, scale, out, h, n, *strides, pre, limit, eps, PERIODS=periods, R1=layout[0], G=layout[1],
-            R2=layout[2], num_warps=8 if periods * period * d > 8192 else 4, **flags)
+            R2=layout[2], GRID=QUANT_CODE[grid], num_warps=8 if periods * period * d > 8192 else 4, **flags)
         return codes, scale
     block_l = max(1, min(64, 8192 // d))
     grid_ = (fp.triton_cdiv(n, block_l), b * h)
