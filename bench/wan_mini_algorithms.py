@@ -48,8 +48,9 @@ ALGORITHMS = {  # label -> run.py overrides
 # a transform must earn its keep: a group's candidate only if it lowers the block error by more than 2 % / 5 %
 MIN_GAIN = {f"{name}_mg{pct:02d}": [*ALGORITHMS[name], f"algorithm.min_gain={pct / 100}"]
             for name in ("smoothquant", "smoothquant_gptq", "awq") for pct in (2, 5)}
-# a transform's decrease must be consistent over the search terms: paired t above 2
-MIN_T = {f"{name}_t2": [*ALGORITHMS[name], "algorithm.min_t=2"] for name in ("smoothquant", "smoothquant_gptq", "awq")}
+# a transform's decrease must be consistent over the search terms: paired t above 1 / 2
+MIN_T = {f"{name}_t{t}": [*ALGORITHMS[name], f"algorithm.min_t={t}"]
+         for name in ("smoothquant", "smoothquant_gptq", "awq") for t in (1, 2)}
 # issue 17's causes of the gap to LLMC at equal alpha (not in the default grid; name them in --algorithms):
 # LLMC smooths the modulated-norm inputs and the cross-attention query only, never the attention outputs.
 LLMC_SITES = "[self_attn_in,cross_attn_q,ffn_in]"
@@ -70,16 +71,21 @@ GUIDED = {f"{name}_guided": [*ALGORITHMS[name], "calib.block_objective=guided"]
 # the spread between equally good quantizations: the searched SmoothQuant calibrated on other prompts of the
 # calibration set (label -> index of its first prompt; the run takes calib.num_prompts from there)
 CALIB_DRAWS = {"smoothquant_calib_b": 3, "smoothquant_calib_c": 6}
+# more calibration prompts (wan_mini's default is 3 of its 32): statistics and search calls over 12 prompts, the
+# search still scoring calib.search_calls=16 calls, now spread over 4x as many prompts
+MORE_PROMPTS = {f"{name}_p12": [*ALGORITHMS[name], "calib.num_prompts=12"]
+                for name in ("smoothquant", "smoothquant_gptq", "awq", "gptq")}
 OUTLIERS = {  # label -> run.py overrides (8 of 256 channels 32x larger, the float model unchanged bit for bit)
     "none": [],
     "attention": ["model.outliers.channels=8"],  # the default sites: attn2.to_q, attn1/attn2.to_out.0 inputs
     "ffn_text": ["model.outliers.channels=8", "model.outliers.sites=[ffn_out,cross_attn_text]"],
 }
 FORMATS = ["w8a8", "fp8"]
+NAMED = {**ALGORITHMS, **CAUSES, **MIN_GAIN, **MIN_T, **GUIDED, **MORE_PROMPTS}  # every point but the calibration draws
 
 
 def _point_overrides(algorithm: str, fmt: str, outliers: str, draws: dict[str, list[str]]) -> list[str]:
-    return [*{**ALGORITHMS, **CAUSES, **MIN_GAIN, **MIN_T, **GUIDED, **draws}[algorithm], f"format={fmt}", *OUTLIERS[outliers]]
+    return [*{**NAMED, **draws}[algorithm], f"format={fmt}", *OUTLIERS[outliers]]
 
 
 def _worker(jobs: list[tuple], base: list[str], work: str, queue) -> None:
@@ -274,7 +280,7 @@ def main() -> int:
         base = ["model=wan_tiny", "model.device=cpu", "export=none", "logger=none", "eval=video", "eval.num_samples=2",
                 "eval.save_videos=false"]
         args.jobs, args.samples = 1, 2
-    for name, valid in ((algorithms, {**ALGORITHMS, **CAUSES, **MIN_GAIN, **MIN_T, **GUIDED, **CALIB_DRAWS}), (outliers, OUTLIERS)):
+    for name, valid in ((algorithms, {**NAMED, **CALIB_DRAWS}), (outliers, OUTLIERS)):
         bad = [x for x in name if x not in valid]
         if bad:
             p.error(f"unknown {bad[0]!r}; valid: {', '.join(valid)}")
