@@ -356,8 +356,8 @@ def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p
 
 
 # (BLOCK_M, num_warps, num_stages) per (Q.K, P.V) format at head dim 128, the fastest measured at 480p x 81 by
-# bench/attention_kernel.py --tune (bench/results/attention_kernel_tune.json: an H100, 2026-12-05; fp8's from the
-# H200's tune of 2026-12-04, git 191c970); other pairs take their P.V format's; the CPU interpreter takes them too.
+# bench/attention_kernel.py --tune (bench/results/attention_kernel.json's tune rows: an H100, 2026-12-06, which
+# confirmed every pair tuned on 2026-12-04/05); other pairs take their P.V format's; the CPU interpreter takes them too.
 CONFIGS = {("int8", "fp16"): (128, 4, 3), ("int8", "fp8"): (64, 4, 3), ("fp8", "fp8"): (128, 8, 3),
            ("nvfp4", "nvfp4"): (128, 8, 3)}
 
