@@ -201,7 +201,7 @@ def _quantize(x: torch.Tensor, grid: str, s: AttentionScheme | None, operand: st
     layout = group_layout(s, operand) if s is not None else None
     period = layout[0] * layout[1] * layout[2] if layout else 0
     # One pass where a power-of-two period fits (int8 and fp8 alike: the same scales and codes as the two passes,
-    # bit for bit; `prep_mismatches` checks it before the kernel is used).
+    # bit for bit; tests/test_attention.py and tests/test_cuda.py check it with `prep_mismatches`).
     if layout and period & (period - 1) == 0 and period * d <= 16384:
         periods = max(1, 64 // period)
         scale = torch.empty(b, h, n, 1, dtype=torch.float32, device=x.device)
