@@ -118,7 +118,8 @@ def _summary(m: dict, wall_s: float) -> dict:
             "block_error": [b["error"] for b in blocks], "block_error_rtn": [b["error_rtn"] for b in blocks],
             "block_fallbacks": sum(b["fallback"] for b in blocks),
             "groups_identity": sum(1 for g in m["groups"] if g.get("alpha", 1) is None or g.get("ratio", 1) == 0.0),
-            "groups": len(m["groups"]), "gain_t": [g.get("gain_t") for g in m["groups"]], "quantize_s": m["timings"].get("quantize_s"), "wall_s": round(wall_s, 1)}
+            "groups": len(m["groups"]), "gain_t": [g.get("gain_t") for g in m["groups"]],
+            "quantize_s": m["timings"].get("quantize_s"), "wall_s": round(wall_s, 1)}
 
 
 def _paired(row: dict, rtn: dict | None) -> dict:

@@ -213,7 +213,7 @@ def _quantize(x: torch.Tensor, grid: str, s: AttentionScheme | None, operand: st
     grid_ = (fp.triton_cdiv(n, block_l), b * h)
     if layout is None:  # V: per channel over the tokens, as quantize_v
         scale = divide(torch.linalg.vector_norm(x, float("inf"), dim=2, keepdim=True).float(), limit).contiguous()
-    else:  # fp8, or a period the one pass cannot tile: token maxima here, the groups with the eager path's ops
+    else:  # a period the one pass cannot tile: token maxima here, the groups with the eager path's ops
         tok = torch.empty(b, h, n, dtype=torch.float32, device=x.device)
         token_absmax[grid_](xi, mi, tok, h, n, *strides, pre, BLOCK_L=block_l, **flags)
         groups = q_groups(n, s, x.device) if operand == "q" else k_groups(n, s, x.device)
