@@ -50,22 +50,45 @@ def _round_e2m1(y):
 
 
 @triton.jit
-def _nvfp4_blocks(x, AXIS: tl.constexpr, SIGNED: tl.constexpr):
-    """SageAttention3's FP4 values of x (blocks of 16 along AXIS): ``sf = e4m3(absmax / 6)`` (saturating),
-    ``e2m1(x * (1 / sf)) * sf``, as vqx.quant.attention.quantize_nvfp4; SIGNED False: x >= 0 (P), which skips
-    the signs."""
+def _expand(x, AXES: tl.constexpr):
+    """x with size-1 axes put back at AXES (descending), the inverse of reducing over them."""
+    for i in tl.static_range(len(AXES)):
+        x = tl.expand_dims(x, AXES[len(AXES) - 1 - i])
+    return x
+
+
+@triton.jit
+def _nvfp4_blocks(x, AXES: tl.constexpr, SIGNED: tl.constexpr):
+    """SageAttention3's FP4 values of x, one block per index of the other axes, its 16 elements along AXES
+    (descending): ``sf = e4m3(absmax / 6)`` (saturating), ``e2m1(x * (1 / sf)) * sf``, as
+    vqx.quant.attention.quantize_nvfp4; SIGNED False: x >= 0 (P), which skips the signs."""
     a = x
     if SIGNED:
         a = tl.abs(x)
-    sf = _round_e4m3(tl.div_rn(tl.max(a, AXIS), 6.0))
-    inv = tl.expand_dims(tl.where(sf == 0.0, 0.0, tl.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)), AXIS)
+    for i in tl.static_range(len(AXES)):
+        a = tl.max(a, AXES[i])
+    sf = _round_e4m3(tl.div_rn(a, 6.0))
+    inv = _expand(tl.where(sf == 0.0, 0.0, tl.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)), AXES)
     y = x * inv
     if SIGNED:
         mag = _round_e2m1(tl.abs(y))
         y = tl.where(y < 0.0, -mag, mag)
     else:
         y = _round_e2m1(y)
-    return y * tl.expand_dims(sf, AXIS)
+    return y * _expand(sf, AXES)
+
+
+@triton.jit
+def _tile_keys(offs_n, PERMUTE: tl.constexpr):
+    """The key each column of a score tile holds. PERMUTE: within every 64 columns, column 8j + 2b + e holds key
+    16b + 2j + e, so that the 16 keys of nvfp4 block b are the columns one thread of an mma / wgmma accumulator
+    holds in a row (Ampere's and Hopper's layouts give thread t of a quad the pairs at 8j + 2t): its block max is
+    in-register, with no shuffle, and it computes each block's scale once. K, V, and the key-indexed loads follow
+    the same order, so P.V, which sums over the keys, is unchanged."""
+    if PERMUTE:
+        c = offs_n % 64
+        return offs_n - c + 16 * ((c // 2) % 4) + 2 * (c // 8) + c % 2
+    return offs_n
 
 
 # ---- the prep: Q, K, V [B, H, L, D] (bf16, any strides with D contiguous) -> codes [B, H, L, D] contiguous ----
@@ -158,9 +181,9 @@ def nvfp4_values(X, Out, H, L, sx_b, sx_h, sx_l, D: tl.constexpr, BLOCK_L: tl.co
     ok = rows < L
     x = _load_bf16(X + (bh // H) * sx_b + (bh % H) * sx_h + rows[:, None] * sx_l + offs_d[None, :], ok[:, None])
     if ALONG_TOKENS:
-        val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L // 16, 16, D)), 1, True), (BLOCK_L, D))
+        val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L // 16, 16, D)), (1,), True), (BLOCK_L, D))
     else:
-        val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L, D // 16, 16)), 2, True), (BLOCK_L, D))
+        val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L, D // 16, 16)), (2,), True), (BLOCK_L, D))
     _store_bf16(Out + bh * L * D + rows[:, None] * D + offs_d[None, :], val, ok[:, None])
 
 
@@ -263,7 +286,7 @@ def _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, V_STRIDE, start_n, lk, log2_scal
           HAS_QK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, QK_INT8: tl.constexpr, NATIVE_FP8: tl.constexpr,
           MASK: tl.constexpr):
     """One key tile of the online softmax; MASK: the tile runs past lk (only the last one)."""
-    cols = start_n + offs_n
+    cols = start_n + _tile_keys(offs_n, PV == 2 and BLOCK_N % 64 == 0)
     if MASK:
         col_ok = cols < lk
         k = tl.load(K + cols[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
@@ -306,8 +329,11 @@ def _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, V_STRIDE, start_n, lk, log2_scal
         else:
             acc += tl.dot(_round_e4m3(p).to(v.dtype), v)
     else:  # nvfp4 P: 1x16 blocks along the keys, e4m3 block scales
-        pq = tl.reshape(_nvfp4_blocks(tl.reshape(p, (BLOCK_M, BLOCK_N // 16, 16)), 2, False), (BLOCK_M, BLOCK_N))
-        acc += tl.dot(pq.to(v.dtype), v)
+        if BLOCK_N % 64 == 0:  # the columns' axes (tile // 64, j, block, e) of `_tile_keys`' order
+            pq = _nvfp4_blocks(tl.reshape(p, (BLOCK_M, BLOCK_N // 64, 8, 4, 2)), (4, 2), False)
+        else:  # key order: a block's keys span 4 lanes (slower)
+            pq = _nvfp4_blocks(tl.reshape(p, (BLOCK_M, BLOCK_N // 16, 16)), (2,), False)
+        acc += tl.dot(tl.reshape(pq, (BLOCK_M, BLOCK_N)).to(v.dtype), v)
     return acc, l_i, m_new
 
 
