@@ -67,7 +67,13 @@ def _nvfp4_blocks(x, AXES: tl.constexpr, SIGNED: tl.constexpr):
         a = tl.abs(x)
     for i in tl.static_range(len(AXES)):
         a = tl.max(a, AXES[i])
-    sf = _round_e4m3(tl.div_rn(a, 6.0))
+    return _nvfp4_scaled(x, a, AXES, SIGNED)
+
+
+@triton.jit
+def _nvfp4_scaled(x, amax, AXES: tl.constexpr, SIGNED: tl.constexpr):
+    """`_nvfp4_blocks` given each block's absmax (x reduced over AXES)."""
+    sf = _round_e4m3(tl.div_rn(amax, 6.0))
     inv = _expand(tl.where(sf == 0.0, 0.0, tl.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)), AXES)
     y = x * inv
     if SIGNED:
@@ -303,14 +309,32 @@ def _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, V_STRIDE, start_n, lk, log2_scal
             ks = tl.load(KS + cols)
         s = s * (qs[:, None] * ks[None, :])
     if HAS_BIAS:  # this query tile's group's row of q_group_mean . k
-        s = s + _load_bf16(BIAS + cols, cols < lk)[None, :]
+        if MASK:
+            s = s + _load_bf16(BIAS + cols, col_ok)[None, :]
+        else:
+            s = s + _load_bf16(BIAS + cols, None)[None, :]
     s = s * log2_scale
     if MASK:
         s = tl.where(col_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - (m_new - p_offset)[:, None])
+    if PV == 2 and BLOCK_N % 64 == 0:  # nvfp4 P in `_tile_keys`' order: axes (tile // 64, j, block, e)
+        s = tl.reshape(s, (BLOCK_M, BLOCK_N // 64, 8, 4, 2))
+        block_max = tl.max(tl.max(s, 4), 2)  # [M, N / 64, 4]: of s, so that the row max reads 1/16 of the scores
+        m_new = tl.maximum(m_i, tl.max(tl.max(block_max, 1), 1))  # in-register axes first
+        shift = m_new - p_offset
+        p = tl.math.exp2(s - _expand(shift, (4, 3, 2, 1)))
+        # exp2 is monotone: the block's largest p, without a max over p
+        pq = _nvfp4_scaled(p, tl.math.exp2(block_max - _expand(shift, (2, 1))), (4, 2), False)
+        row_sum = tl.sum(tl.sum(tl.sum(tl.sum(p, 4), 2), 1), 1)
+        pq = tl.reshape(pq, (BLOCK_M, BLOCK_N))
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - (m_new - p_offset)[:, None])
+        row_sum = tl.sum(p, 1)
+        if PV == 2:  # nvfp4 P in key order: a block's keys span 4 lanes (slower)
+            pq = tl.reshape(_nvfp4_blocks(tl.reshape(p, (BLOCK_M, BLOCK_N // 16, 16)), (2,), False),
+                            (BLOCK_M, BLOCK_N))
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + row_sum
     acc = acc * alpha[:, None]
     if PV == 1:  # V^T [D, lk_pad] (K-major for the fp8 tensor cores, as SageAttention2 lays V out)
         if MASK:
@@ -329,11 +353,7 @@ def _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, V_STRIDE, start_n, lk, log2_scal
         else:
             acc += tl.dot(_round_e4m3(p).to(v.dtype), v)
     else:  # nvfp4 P: 1x16 blocks along the keys, e4m3 block scales
-        if BLOCK_N % 64 == 0:  # the columns' axes (tile // 64, j, block, e) of `_tile_keys`' order
-            pq = _nvfp4_blocks(tl.reshape(p, (BLOCK_M, BLOCK_N // 64, 8, 4, 2)), (4, 2), False)
-        else:  # key order: a block's keys span 4 lanes (slower)
-            pq = _nvfp4_blocks(tl.reshape(p, (BLOCK_M, BLOCK_N // 16, 16)), (2,), False)
-        acc += tl.dot(tl.reshape(pq, (BLOCK_M, BLOCK_N)).to(v.dtype), v)
+        acc += tl.dot(pq.to(v.dtype), v)
     return acc, l_i, m_new
 
 

@@ -102,8 +102,11 @@ if INTERPRET:
         return (_bf16_round_bits(f) << 16).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _load_bf16(ptr, mask):
-        b = tl.load(ptr, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+    def _load_bf16(ptr, mask):  # mask None: every element (no predicate)
+        if mask is None:
+            b = tl.load(ptr).to(tl.uint16, bitcast=True).to(tl.uint32)
+        else:
+            b = tl.load(ptr, mask=mask, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
         return (b << 16).to(tl.float32, bitcast=True)
 
     @triton.jit
@@ -151,8 +154,12 @@ else:
         return f.to(tl.bfloat16).to(tl.float32)
 
     @triton.jit
-    def _load_bf16(ptr, mask):  # ptr: the int16 view of a bf16 tensor
-        return tl.load(ptr, mask=mask, other=0).to(tl.bfloat16, bitcast=True).to(tl.float32)
+    def _load_bf16(ptr, mask):  # ptr: the int16 view of a bf16 tensor; mask None: every element (no predicate)
+        if mask is None:
+            x = tl.load(ptr)
+        else:
+            x = tl.load(ptr, mask=mask, other=0)
+        return x.to(tl.bfloat16, bitcast=True).to(tl.float32)
 
     @triton.jit
     def _store_bf16(ptr, f, mask):  # f holds a bf16 value: the conversion is exact
