@@ -12,7 +12,8 @@ and for every non-RTN point reports:
 - the correlation of per-video differences between points: whether the variants fail on the same videos.
 
     python bench/tail_analysis.py --note "..." bench/results/wan_mini_seeds_fp8_ffn_text.json ...
-    python bench/tail_analysis.py --note "..." --glob 'wan_mini_*fp8_ffn_text.json' --out wan_mini_tail_fp8_ffn_text.json
+    python bench/tail_analysis.py --note "..." --glob 'wan_mini_*fp8_ffn_text.json' \
+        --out wan_mini_tail_fp8_ffn_text.json
 
 CPU only, seconds: it reads JSON.
 """
@@ -83,7 +84,8 @@ def tail(point: dict, rtn: dict, top: int) -> dict:
     loo = {p: statistics.fmean(d for i, d in d_lpips.items() if prompts[i] != p) - mean for p in by_prompt}
     return {
         "point": point["algorithm"], "file": point["file"], "videos": len(diffs),
-        "d_lpips_mean": mean, "d_lpips_ci95": point.get("d_lpips_ci95"), "d_lpips_median": statistics.median(d_lpips.values()),
+        "d_lpips_mean": mean, "d_lpips_ci95": point.get("d_lpips_ci95"),
+        "d_lpips_median": statistics.median(d_lpips.values()),
         "d_psnr_mean": statistics.fmean(d_psnr.values()),
         "worst_videos": [{"index": i, "prompt": prompts[i], "d_lpips": d_lpips[i], "d_psnr": d_psnr[i],
                           "floor_lpips": floors[i][0], "floor_psnr": floors[i][1]} for i in worst],

@@ -9,8 +9,10 @@ k`` one row per 128-query group. On the GPU the GEMMs read the operands natively
 e4m3 P.V on fp8 ones (P converted with cvt.rn.satfinite, the eager path's rounding; V written transposed so both
 operands are K-major, as SageAttention2 lays it out), fp8 Q.K codes as fp16 (exact; see `_operand_dtypes`), fp16 P.V
 accumulated in fp16 per tile (SageAttention1), nvfp4 values in bf16. The output is written as [B, Lq, H, D], the
-layout Wan's output projection reads. What differs from the eager path is the order of fp32 accumulation, ``exp2``
-(the GPU's approximate ex2) and the tile products' accumulation inside the tensor cores (fp16 for fp16 P.V; Hopper's
+layout Wan's output projection reads. nvfp4 P's key tiles run in `_tile_keys`' order (each 16-key block in one
+thread's registers; K, V and the bias read in the same order, so P.V is unchanged). What differs from the eager path
+is the order of fp32 accumulation, ``exp2`` (the GPU's approximate ex2; the compiler fuses the scaling with the
+max's subtraction into one fma) and the tile products' accumulation inside the tensor cores (fp16 for fp16 P.V; Hopper's
 fp8 accumulator keeps fewer bits than fp32, each tile's product added to the fp32 accumulator on its own, as
 SageAttention2 does). `attention_fused` therefore uses the kernel only after it matched the eager path on
 adversarial inputs within `TOLERANCE` (once per scheme, head dim, dtype and device; vqx.quant.fastpath's check
