@@ -11,7 +11,8 @@ difference to the emulation;
 each ratio against SDPA in the same run; the fused time is also split into its prep (quantizing Q, K, V) and its
 kernel. --tune times the kernel at each (BLOCK_M, num_warps, num_stages) of a small grid per preset on the
 self-attention shape, each config checked against the eager path first (vqx.quant.attention_kernel.CONFIGS holds the
-winners). Timing: CUDA events, median of --repeats after --warmup calls.
+winners), and for fp8 Q.K each of FP8_QK_ACCS (vqx.quant.attention_kernel.FP8_QK_ACC: exact fp16 operands, or the
+fp8 tensor cores with an fp32 sum every n products). Timing: CUDA events, median of --repeats after --warmup calls.
 
     python bench/attention_kernel.py --note "..."              # GPU: writes bench/results/attention_kernel.json
     python bench/attention_kernel.py --smoke --note "script"   # CPU: Triton interpreter, tiny shapes, no speed claims
@@ -30,6 +31,7 @@ from common import add_note_argument, device_name, print_table, write_results
 
 PRESETS = ("sage1", "sage2", "sage2_k_int8_v_fp8", "fp8", "nvfp4")
 TUNE_GRID = [(m, w, st) for m in (64, 128) for w in (4, 8) for st in (2, 3)]
+FP8_QK_ACCS = (0, 128, 64, 32)  # fp8 Q.K's choices of vqx.quant.attention_kernel.FP8_QK_ACC, tuned on the GPU
 FULL = {"self": (1, 12, 32760, 128, 32760), "cross": (1, 12, 32760, 128, 512)}  # B, H, Lq, D, Lk
 SMOKE = {"self": (1, 2, 96, 16, 96), "cross": (1, 2, 96, 16, 40)}
 
@@ -168,18 +170,23 @@ def tune_configs(args, rows, shape, device, timed, failures, t0) -> None:
         scheme = attention_preset(name)
         ops = kernel_inputs(q, k, v, scheme)
         best = None
-        for config in grid:
-            try:
-                ok, _ = compare(scheme, d, torch.bfloat16, device, config)
-                ms = timed(lambda: launch(ops, scheme, config)) if ok else None
-            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: that config is not a candidate
-                ok, ms = False, None
-                print(f"  {name} {config}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
-            rows.append(dict(site="self", method=f"{name}_tune", config=list(config), ms=ms, within_tolerance=ok,
-                             ratio_vs_sdpa=ms / base if ms is not None else None, shape=list(shape)))
-            if ms is not None and (best is None or ms < best[1]):
-                best = (config, ms)
-        print(f"[{time.perf_counter() - t0:6.1f}s] tune {name}: best {best}", flush=True)
+        for acc in FP8_QK_ACCS if scheme.qk == "fp8" and device.type == "cuda" else (0,):
+            for config in grid:
+                try:
+                    ok, detail = compare(scheme, d, torch.bfloat16, device, config, acc)
+                    ms = timed(lambda: launch(ops, scheme, config, acc)) if ok else None
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: that config is not a candidate
+                    ok, ms, detail = False, None, {}
+                    print(f"  {name} {config}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+                worst = max((w for w in detail.get("max_rel_diff", {}).values() if isinstance(w, float)), default=None)
+                rows.append(dict(site="self", method=f"{name}_tune", config=list(config), fp8_qk_acc=acc, ms=ms,
+                                 within_tolerance=ok, worst_rel_diff=worst,
+                                 ratio_vs_sdpa=ms / base if ms is not None else None, shape=list(shape)))
+                if ms is not None and (best is None or ms < best[1]):
+                    best = (config, ms, acc)
+            if acc:
+                print(f"  {name} fp8_qk_acc={acc}: worst fused vs eager {worst}", flush=True)
+        print(f"[{time.perf_counter() - t0:6.1f}s] tune {name}: best (config, ms, fp8_qk_acc) {best}", flush=True)
         if best is None:
             failures.append(f"{name}: no config passed its check")
         del ops

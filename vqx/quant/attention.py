@@ -264,14 +264,18 @@ def quantize_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Attent
 
 
 def scores(x: Quantized, rows: slice) -> torch.Tensor:
-    """fp32 scores of the query rows, in log2 units: ``dot(q, k) * (q_scale * k_scale)`` as SageAttention
-    dequantizes (the integer dot is exact in fp32), plus SageAttention3's ``q_mean . k`` (computed in the input
-    dtype, as its torch.matmul)."""
+    """fp32 scores of the query rows, in log2 units: ``dot(q, k) * k_scale * (q_scale * log2_scale)`` (the integer
+    dot is exact in fp32; SageAttention too folds the softmax scale into q_scale, and the kernel scales each row
+    once); with SageAttention3's ``q_mean . k`` (computed in the input dtype, as its torch.matmul),
+    ``(dot(q, k) * (q_scale * k_scale) + q_mean . k) * log2_scale``."""
     out = torch.matmul(x.q[:, :, rows], x.k.transpose(-1, -2))
+    if x.q_mean is None:
+        if x.q_scale is None:
+            return out * x.log2_scale
+        return out * x.k_scale.transpose(-1, -2) * (x.q_scale[:, :, rows] * x.log2_scale)
     if x.q_scale is not None:
         out = out * (x.q_scale[:, :, rows] * x.k_scale.transpose(-1, -2))
-    if x.q_mean is not None:
-        out = out + torch.matmul(x.q_mean[:, :, rows], x.k_smoothed.transpose(-1, -2)).float()
+    out = out + torch.matmul(x.q_mean[:, :, rows], x.k_smoothed.transpose(-1, -2)).float()
     return out * x.log2_scale
 
 

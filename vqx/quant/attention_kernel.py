@@ -289,11 +289,12 @@ def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Attentio
 # ---- the attention ------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, V_STRIDE, start_n, lk, log2_scale, p_offset, offs_n, offs_d,
+def _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, V_STRIDE, start_n, lk, log2_scale, p_offset, offs_n, offs_d,
           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV: tl.constexpr,
-          HAS_QK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, QK_INT8: tl.constexpr, NATIVE_FP8: tl.constexpr,
-          MASK: tl.constexpr):
-    """One key tile of the online softmax; MASK: the tile runs past lk (only the last one)."""
+          HAS_QK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, QK_INT8: tl.constexpr, QK_FP8_ACC: tl.constexpr,
+          NATIVE_FP8: tl.constexpr, MASK: tl.constexpr):
+    """One key tile of the online softmax; MASK: the tile runs past lk (only the last one). The scores in log2 units
+    are s * row_scale: log2_scale, times q_scale where no bias is added."""
     cols = start_n + _tile_keys(offs_n, PV == 2 and BLOCK_N % 64 == 0)
     if MASK:
         col_ok = cols < lk
@@ -302,6 +303,8 @@ def _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, V_STRIDE, start_n, lk, log2_scal
         k = tl.load(K + cols[:, None] * D + offs_d[None, :])
     if QK_INT8:  # int8 codes on int8 tensor cores: the exact integer dot, as SageAttention
         s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+    elif QK_FP8_ACC:  # fp8 codes on fp8 tensor cores; every QK_FP8_ACC products of the dot added in fp32
+        s = tl.dot(q, tl.trans(k), max_num_imprecise_acc=QK_FP8_ACC)
     else:
         s = tl.dot(q, tl.trans(k))
     if HAS_QK_SCALE:
@@ -309,17 +312,19 @@ def _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, V_STRIDE, start_n, lk, log2_scal
             ks = tl.load(KS + cols, mask=col_ok, other=0.0)
         else:
             ks = tl.load(KS + cols)
-        s = s * (qs[:, None] * ks[None, :])
+        if HAS_BIAS:
+            s = s * (qs[:, None] * ks[None, :])
+        else:  # q_scale is in row_scale: one multiply per score here
+            s = s * ks[None, :]
     if HAS_BIAS:  # this query tile's group's row of q_group_mean . k
         if MASK:
             s = s + _load_bf16(BIAS + cols, col_ok)[None, :]
         else:
             s = s + _load_bf16(BIAS + cols, None)[None, :]
-    s = s * log2_scale
     if MASK:
         s = tl.where(col_ok[None, :], s, float("-inf"))
     if PV == 2 and BLOCK_N % 64 == 0:  # nvfp4 P in `_tile_keys`' order: axes (tile // 64, j, block, e)
-        s = tl.reshape(s, (BLOCK_M, BLOCK_N // 64, 8, 4, 2))
+        s = tl.reshape(s * log2_scale, (BLOCK_M, BLOCK_N // 64, 8, 4, 2))
         block_max = tl.max(tl.max(s, 4), 2)  # [M, N / 64, 4]: of s, so that the row max reads 1/16 of the scores
         m_new = tl.maximum(m_i, tl.max(tl.max(block_max, 1), 1))  # in-register axes first
         shift = m_new - p_offset
@@ -328,9 +333,12 @@ def _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, V_STRIDE, start_n, lk, log2_scal
         pq = _nvfp4_scaled(p, tl.math.exp2(block_max - _expand(shift, (2, 1))), (4, 2), False)
         row_sum = tl.sum(tl.sum(tl.sum(tl.sum(p, 4), 2), 1), 1)
         pq = tl.reshape(pq, (BLOCK_M, BLOCK_N))
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - (m_new - p_offset)[:, None])
+    else:  # the scores in log2 units are s * row_scale (> 0): the row max of s, scaled once per row
+        m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
+        x = s * row_scale[:, None] - (m_new - p_offset)[:, None]
+        if MASK:  # not -inf * row_scale: a zero query's row_scale is 0
+            x = tl.where(col_ok[None, :], x, float("-inf"))
+        p = tl.math.exp2(x)
         row_sum = tl.sum(p, 1)
         if PV == 2:  # nvfp4 P in key order: a block's keys span 4 lanes (slower)
             pq = tl.reshape(_nvfp4_blocks(tl.reshape(p, (BLOCK_M, BLOCK_N // 16, 16)), (2,), False),
@@ -363,7 +371,7 @@ def _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, V_STRIDE, start_n, lk, log2_scal
 def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p_offset,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV: tl.constexpr,
               HAS_QK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_SCALE: tl.constexpr,
-              QK_INT8: tl.constexpr, NATIVE_FP8: tl.constexpr, Q_GROUP: tl.constexpr):
+              QK_INT8: tl.constexpr, QK_FP8_ACC: tl.constexpr, NATIVE_FP8: tl.constexpr, Q_GROUP: tl.constexpr):
     """Out [B, Lq, H, D] (the layout Wan's output projection reads) from q [B*H, Lq, D], k [B*H, Lk, D] and v
     [B*H, Lk, D] or, for fp8 P.V, v^T [B*H, D, v_stride]; bias [B*H, groups of Q_GROUP queries, Lk]."""
     start_m = tl.program_id(0)
@@ -376,6 +384,9 @@ def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p
     qs = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_QK_SCALE:
         qs = tl.load(QS + bh * lq + offs_m, mask=row_ok, other=0.0)
+    row_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + log2_scale
+    if HAS_QK_SCALE and not HAS_BIAS:
+        row_scale = qs * log2_scale
     if HAS_BIAS:
         tl.static_assert(Q_GROUP % BLOCK_M == 0)
         BIAS += (bh * tl.cdiv(lq, Q_GROUP) + start_m * BLOCK_M // Q_GROUP) * lk
@@ -390,11 +401,13 @@ def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     full = (lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, v_stride, start_n, lk, log2_scale, p_offset, offs_n,
-                              offs_d, D, BLOCK_M, BLOCK_N, PV, HAS_QK_SCALE, HAS_BIAS, QK_INT8, NATIVE_FP8, False)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, v_stride, start_n, lk, log2_scale,
+                              p_offset, offs_n, offs_d, D, BLOCK_M, BLOCK_N, PV, HAS_QK_SCALE, HAS_BIAS, QK_INT8,
+                              QK_FP8_ACC, NATIVE_FP8, False)
     if full < lk:
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, K, KS, BIAS, V, v_stride, full, lk, log2_scale, p_offset, offs_n,
-                              offs_d, D, BLOCK_M, BLOCK_N, PV, HAS_QK_SCALE, HAS_BIAS, QK_INT8, NATIVE_FP8, True)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, v_stride, full, lk, log2_scale,
+                              p_offset, offs_n, offs_d, D, BLOCK_M, BLOCK_N, PV, HAS_QK_SCALE, HAS_BIAS, QK_INT8,
+                              QK_FP8_ACC, NATIVE_FP8, True)
     if HAS_V_SCALE:
         acc = acc * tl.load(VS + bh * D + offs_d)[None, :]
     out = acc / l_i[:, None]
@@ -415,22 +428,30 @@ def kernel_config(s: AttentionScheme) -> tuple[int, int, int]:
     return CONFIGS.get((s.qk, s.pv)) or next(c for (_, pv), c in CONFIGS.items() if pv == s.pv)
 
 
-def _operand_dtypes(s: AttentionScheme) -> tuple[torch.dtype, torch.dtype]:
+# fp8 Q.K on the GPU: 0 reads the codes as fp16 (every e4m3 code exactly, fp32 accumulation); n > 0 runs the fp8
+# tensor cores, whose accumulator keeps fewer bits than fp32, and adds every n products to an fp32 one (triton's
+# max_num_imprecise_acc). Over the whole 128-long dot the exponentials amplify the dropped bits to 5.5e-2 of the
+# row's largest output (the H200, against 2**-6 allowed).
+FP8_QK_ACC = 0
+
+
+def _operand_dtypes(s: AttentionScheme, fp8_qk_acc: int = 0) -> tuple[torch.dtype, torch.dtype]:
     """(Q/K, V) dtypes the GEMMs read: int8 / fp8 codes and bf16 nvfp4 values on the GPU, fp32 under the interpreter
     (exact for every code); fp16 V for fp16 P.V everywhere."""
     if INTERPRET:
         return torch.float32, torch.float16 if s.pv == "fp16" else torch.float32
     native = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "nvfp4": torch.bfloat16, "fp16": torch.float16}
-    # fp8 Q.K as fp16 (every e4m3 code exactly): Hopper's fp8 accumulator drops bits within the 128-long dot, which
-    # the exponentials amplify (5.5e-2 of the row's largest output measured on the H200, against 2**-7 allowed)
-    return torch.float16 if s.qk == "fp8" else native[s.qk], native[s.pv]
+    return torch.float16 if s.qk == "fp8" and not fp8_qk_acc else native[s.qk], native[s.pv]
 
 
-def launch(ops: dict, s: AttentionScheme, config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """The kernel over `kernel_inputs`' operands: [B, H, Lq, D] bf16 (a view of a [B, Lq, H, D] tensor)."""
+def launch(ops: dict, s: AttentionScheme, config: tuple[int, int, int] | None = None,
+           fp8_qk_acc: int | None = None) -> torch.Tensor:
+    """The kernel over `kernel_inputs`' operands: [B, H, Lq, D] bf16 (a view of a [B, Lq, H, D] tensor);
+    fp8_qk_acc: FP8_QK_ACC's choice, default FP8_QK_ACC."""
     b, h, lq, d = ops["q"].shape
     lk = ops["k"].shape[2]
-    qk_dtype, v_dtype = _operand_dtypes(s)
+    fp8_qk_acc = FP8_QK_ACC if fp8_qk_acc is None else fp8_qk_acc
+    qk_dtype, v_dtype = _operand_dtypes(s, fp8_qk_acc)
     q, k = (ops[n].to(qk_dtype).contiguous() for n in ("q", "k"))
     v_stride = lk
     if s.pv == "fp8":  # V^T with 16-byte aligned rows: the fp8 tensor cores read both operands K-major
@@ -451,7 +472,8 @@ def launch(ops: dict, s: AttentionScheme, config: tuple[int, int, int] | None = 
         q, k, v, scale(ops["qs"]), scale(ops["ks"]), scale(ops["vs"]), bias, out.view(torch.int16), h, lq, lk, v_stride,
         float(ops["log2_scale"]), float(ops["p_offset"]), D=d, BLOCK_M=block_m, BLOCK_N=s.block_kv,
         PV=PV_CODE[s.pv], HAS_QK_SCALE=ops["qs"] is not None, HAS_BIAS=ops["bias"] is not None,
-        HAS_V_SCALE=ops["vs"] is not None, QK_INT8=qk_dtype == torch.int8, NATIVE_FP8=v_dtype == torch.float8_e4m3fn,
+        HAS_V_SCALE=ops["vs"] is not None, QK_INT8=qk_dtype == torch.int8,
+        QK_FP8_ACC=fp8_qk_acc if qk_dtype == torch.float8_e4m3fn else 0, NATIVE_FP8=v_dtype == torch.float8_e4m3fn,
         Q_GROUP=SAGE3_Q_GROUP, num_warps=warps, num_stages=stages)
     return out.transpose(1, 2)
 
@@ -492,13 +514,14 @@ def prep_mismatches(s: AttentionScheme, d: int, dtype: torch.dtype, device) -> l
     return unequal
 
 
-def compare(s: AttentionScheme, d: int, dtype: torch.dtype, device, config=None) -> tuple[bool, dict]:
-    """The fused path (prep and kernel) vs the eager path on `check_inputs`: (within TOLERANCE everywhere, the worst
-    relative difference per case)."""
+def compare(s: AttentionScheme, d: int, dtype: torch.dtype, device, config=None,
+            fp8_qk_acc: int | None = None) -> tuple[bool, dict]:
+    """The fused path (prep and kernel; `launch`'s config and fp8_qk_acc) vs the eager path on `check_inputs`: (within
+    TOLERANCE everywhere, the worst relative difference per case)."""
     worst = {}
     for name, (q, k, v) in check_inputs(d, dtype, device).items():
         want = attention_eager(quantize_inputs(q, k, v, s), s, dtype).float()
-        got = launch(kernel_inputs(q, k, v, s), s, config).float()
+        got = launch(kernel_inputs(q, k, v, s), s, config, fp8_qk_acc).float()
         row = want.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         finite = bool(torch.isfinite(got).all()) or bool(torch.equal(torch.isfinite(got), torch.isfinite(want)))
         worst[name] = float(((got - want).abs() / row).nan_to_num(0.0).max()) if finite else "non-finite"
