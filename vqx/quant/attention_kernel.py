@@ -294,7 +294,8 @@ def _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, V_STRIDE, start_n, lk
           HAS_QK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, QK_INT8: tl.constexpr, QK_FP8_ACC: tl.constexpr,
           NATIVE_FP8: tl.constexpr, MASK: tl.constexpr):
     """One key tile of the online softmax; MASK: the tile runs past lk (only the last one). The scores in log2 units
-    are s * row_scale: log2_scale, times q_scale where no bias is added."""
+    are s * row_scale (log2_scale, times q_scale where no bias is added; > 0), so the maxima are of s, each scaled
+    once (rounding is monotone: the same as the maxima of the scaled scores)."""
     cols = start_n + _tile_keys(offs_n, PV == 2 and BLOCK_N % 64 == 0)
     if MASK:
         col_ok = cols < lk
@@ -324,16 +325,17 @@ def _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, V_STRIDE, start_n, lk
     if MASK:
         s = tl.where(col_ok[None, :], s, float("-inf"))
     if PV == 2 and BLOCK_N % 64 == 0:  # nvfp4 P in `_tile_keys`' order: axes (tile // 64, j, block, e)
-        s = tl.reshape(s * log2_scale, (BLOCK_M, BLOCK_N // 64, 8, 4, 2))
-        block_max = tl.max(tl.max(s, 4), 2)  # [M, N / 64, 4]: of s, so that the row max reads 1/16 of the scores
-        m_new = tl.maximum(m_i, tl.max(tl.max(block_max, 1), 1))  # in-register axes first
+        s = tl.reshape(s, (BLOCK_M, BLOCK_N // 64, 8, 4, 2))
+        # [M, N / 64, 4]: of s, so that the row max reads 1/16 of the scores; in-register axes first
+        block_max = tl.max(tl.max(s, 4), 2) * _expand(row_scale, (2, 1))
+        m_new = tl.maximum(m_i, tl.max(tl.max(block_max, 1), 1))
         shift = m_new - p_offset
-        p = tl.math.exp2(s - _expand(shift, (4, 3, 2, 1)))
+        p = tl.math.exp2(s * _expand(row_scale, (4, 3, 2, 1)) - _expand(shift, (4, 3, 2, 1)))
         # exp2 is monotone: the block's largest p, without a max over p
         pq = _nvfp4_scaled(p, tl.math.exp2(block_max - _expand(shift, (2, 1))), (4, 2), False)
         row_sum = tl.sum(tl.sum(tl.sum(tl.sum(p, 4), 2), 1), 1)
         pq = tl.reshape(pq, (BLOCK_M, BLOCK_N))
-    else:  # the scores in log2 units are s * row_scale (> 0): the row max of s, scaled once per row
+    else:
         m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
         x = s * row_scale[:, None] - (m_new - p_offset)[:, None]
         if MASK:  # not -inf * row_scale: a zero query's row_scale is 0
