@@ -419,8 +419,9 @@ def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p
 
 
 # (BLOCK_M, num_warps, num_stages) per (Q.K, P.V) format at head dim 128, the fastest measured at 480p x 81 by
-# bench/attention_kernel.py --tune (bench/results/attention_kernel.json's tune rows: an H100, 2026-12-06, which
-# confirmed every pair tuned on 2026-12-04/05); other pairs take their P.V format's; the CPU interpreter takes them too.
+# bench/attention_kernel.py --tune (bench/results/attention_kernel.json's tune rows: the H200, 2026-12-06; an H100
+# the same day and the runs of 2026-12-04/05 chose the same); other pairs take their P.V format's; the CPU interpreter
+# takes them too.
 CONFIGS = {("int8", "fp16"): (128, 4, 3), ("int8", "fp8"): (64, 4, 3), ("fp8", "fp8"): (128, 8, 3),
            ("nvfp4", "nvfp4"): (128, 8, 3)}
 
@@ -432,8 +433,9 @@ def kernel_config(s: AttentionScheme) -> tuple[int, int, int]:
 
 # fp8 Q.K on the GPU: 0 reads the codes as fp16 (every e4m3 code exactly, fp32 accumulation); n > 0 runs the fp8
 # tensor cores, whose accumulator keeps fewer bits than fp32, and adds every n products to an fp32 one (triton's
-# max_num_imprecise_acc). Over the whole 128-long dot the exponentials amplify the dropped bits to 5.5e-2 of the
-# row's largest output (the H200, against 2**-6 allowed).
+# max_num_imprecise_acc). The exponentials amplify the dropped bits: with n = 128 / 64 / 32 the fused path is 5.5e-2
+# / 1.9e-1 / 2.7e-2 of the row's largest output from the eager one at worst, against 2**-6 allowed (the H200,
+# bench/results/attention_kernel.json's fp8_tune rows), so fp8 Q.K stays on fp16 tensor cores.
 FP8_QK_ACC = 0
 
 
