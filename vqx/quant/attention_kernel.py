@@ -7,7 +7,7 @@ codes; a group period Triton cannot tile takes a token-absmax pass and the eager
 nvfp4's FP4 values per 1x16 block; Q smoothing (SageAttention3) with the eager path's ops, its bias ``q_group_mean .
 k`` one row per 128-query group. On the GPU the GEMMs read the operands natively: int8 Q.K on int8 tensor cores, fp8
 e4m3 P.V on fp8 ones (P converted with cvt.rn.satfinite, the eager path's rounding; V written transposed so both
-operands are K-major, as SageAttention2 lays it out), fp8 Q.K codes as fp16 (exact; see `_operand_dtypes`), fp16 P.V
+operands are K-major, as SageAttention2 lays it out), fp8 Q.K codes as fp16 (exact; see `FP8_QK_ACC`), fp16 P.V
 accumulated in fp16 per tile (SageAttention1), nvfp4 values in bf16. The output is written as [B, Lq, H, D], the
 layout Wan's output projection reads. nvfp4 P's key tiles run in `_tile_keys`' order (each 16-key block in one
 thread's registers; K, V and the bias read in the same order, so P.V is unchanged). What differs from the eager path
