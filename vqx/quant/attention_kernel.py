@@ -289,7 +289,7 @@ def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Attentio
 # ---- the attention ------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, V_STRIDE, start_n, lk, log2_scale, p_offset, offs_n, offs_d,
+def _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, V_STRIDE, start_n, lk, p_offset, offs_n, offs_d,
           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV: tl.constexpr,
           HAS_QK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, QK_INT8: tl.constexpr, QK_FP8_ACC: tl.constexpr,
           NATIVE_FP8: tl.constexpr, MASK: tl.constexpr):
@@ -403,13 +403,13 @@ def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     full = (lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, v_stride, start_n, lk, log2_scale,
-                              p_offset, offs_n, offs_d, D, BLOCK_M, BLOCK_N, PV, HAS_QK_SCALE, HAS_BIAS, QK_INT8,
-                              QK_FP8_ACC, NATIVE_FP8, False)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, v_stride, start_n, lk, p_offset,
+                              offs_n, offs_d, D, BLOCK_M, BLOCK_N, PV, HAS_QK_SCALE, HAS_BIAS, QK_INT8, QK_FP8_ACC,
+                              NATIVE_FP8, False)
     if full < lk:
-        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, v_stride, full, lk, log2_scale,
-                              p_offset, offs_n, offs_d, D, BLOCK_M, BLOCK_N, PV, HAS_QK_SCALE, HAS_BIAS, QK_INT8,
-                              QK_FP8_ACC, NATIVE_FP8, True)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, v_stride, full, lk, p_offset,
+                              offs_n, offs_d, D, BLOCK_M, BLOCK_N, PV, HAS_QK_SCALE, HAS_BIAS, QK_INT8, QK_FP8_ACC,
+                              NATIVE_FP8, True)
     if HAS_V_SCALE:
         acc = acc * tl.load(VS + bh * D + offs_d)[None, :]
     out = acc / l_i[:, None]
