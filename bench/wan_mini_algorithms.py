@@ -36,7 +36,7 @@ from vqx.io import write_json_atomic
 
 ALGORITHMS = {  # label -> run.py overrides
     "rtn": ["algorithm=rtn"],
-    "smoothquant": ["algorithm=smoothquant"],  # alpha=auto (identity among the candidates), min_t=2
+    "smoothquant": ["algorithm=smoothquant"],  # the default: alpha=auto (identity among the candidates)
     # the search at its most literal: every alpha of the grid scored on the block over every calibration call
     "smoothquant_full_search": ["algorithm=smoothquant", "algorithm.shortlist=0", "calib.search_calls=null"],
     "smoothquant_0.75": ["algorithm=smoothquant", "algorithm.alpha=0.75"],  # the old default, fixed
@@ -49,8 +49,8 @@ ALGORITHMS = {  # label -> run.py overrides
 # a transform must earn its keep: a group's candidate only if it lowers the block error by more than 2 % / 5 %
 MIN_GAIN = {f"{name}_mg{pct:02d}": [*ALGORITHMS[name], f"algorithm.min_gain={pct / 100}"]
             for name in ("smoothquant", "smoothquant_gptq", "awq") for pct in (2, 5)}
-# a transform's decrease must be consistent over the search terms: paired t above 1 / 2 (smoothquant's own default
-# is 2 since 2026-12-06; smoothquant_t0 is its search without the bar, the default before)
+# a transform's decrease must be consistent over the search terms: paired t above 1 / 2 (0: no bar, the default; a
+# label of its own for results files measured while smoothquant's default was min_t=2, git 2112a75)
 MIN_T = {f"{name}_t{t}": [*ALGORITHMS[name], f"algorithm.min_t={t}"]
          for name in ("smoothquant", "smoothquant_gptq", "awq") for t in (0, 1, 2)}
 # issue 17's causes of the gap to LLMC at equal alpha (not in the default grid; name them in --algorithms):
