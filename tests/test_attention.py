@@ -4,6 +4,8 @@ switch that leaves 16-bit attention bit-identical, full-precision steps, and run
 import dataclasses
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -340,3 +342,49 @@ def test_the_run_summary_names_the_quantized_attention():
     base = {"format": "w8a8", "algorithm": "smoothquant", "model": "wan_mini", "quantized_layers": 40}
     assert "w8a8 smoothquant + attention=sage2 on wan_mini" in summary_lines({**base, "attention": {"name": "sage2"}}, ".")[0]
     assert "w8a8 smoothquant on wan_mini" in summary_lines({**base, "attention": {"name": "none"}}, ".")[0]
+
+
+def _f32_neighbours(g, n):
+    """g and its n nearest fp32 neighbours on each side, [2n + 1, ...]."""
+    out = [g]
+    for direction in (np.inf, -np.inf):
+        y = g
+        for _ in range(n):
+            y = np.nextafter(y, np.float32(direction))
+            out.append(y)
+    return np.stack(out)
+
+
+def _rn32(exact_hi, exact_lo):
+    """The fp32 nearest to exact_hi + exact_lo (float64 arrays whose sum is exact; no ties occur in these uses)."""
+    g = (exact_hi + exact_lo).astype(np.float32)
+    cands = _f32_neighbours(g, 1).astype(np.float64)
+    dist = np.sort(np.abs((cands - exact_hi) - exact_lo), axis=0)
+    assert (dist[0] < dist[1]).all()  # no tie, so no ties-to-even to decide
+    return cands[np.argmin(np.abs((cands - exact_hi) - exact_lo), axis=0), np.arange(g.size)].astype(np.float32)
+
+
+def test_nvfp4_scale_division_and_reciprocal_steps_equal_ieee_division():
+    """The kernel's _div6 and _reciprocal_e4m3 (vqx.quant.attention_kernel, GPU branch) as fp32 math with true fmas:
+    q = RN(x * RN(1/6)), then RN(q + RN(x - 6q) * RN(1/6)), equals RN(x / 6) for every fp32 significand (x in [1, 2));
+    r = RN(r0 + RN(1 - s r0) r0) equals RN(1 / s) for each of e4m3's 8 significands from any r0 within 2 ulp (the
+    accuracy of div.full.f32). The plain product with RN(1/6) is not enough: it differs for a third of them."""
+    f32, f64 = np.float32, np.float64
+    x = np.arange(0x3F800000, 0x40000000, dtype=np.uint32).view(f32)
+    z = f32(1) / f32(6)
+    xd = x.astype(f64)
+    q = (xd * f64(z)).astype(f32)  # exact product in f64, rounded once
+    rem = xd - 6 * q.astype(f64)  # the fma's exact remainder
+    assert np.array_equal(rem.astype(f32).astype(f64), rem)
+    got = _rn32(q.astype(f64), rem * f64(z))  # rem * z is exact in f64 (24 x 24 bits)
+    want = _rn32(xd / 6, np.zeros_like(xd))
+    exact = (np.abs(xd - 6 * want.astype(f64))[None] <= np.abs(xd - 6 * _f32_neighbours(want, 1).astype(f64))).all(0)
+    assert exact.all()  # want is the nearest fp32 to x / 6
+    assert np.array_equal(got, want)
+    assert np.count_nonzero(q != want) > len(x) // 4
+    for m in range(8, 16):
+        s = np.full(5, m / 8, dtype=f32)
+        want = f32(1) / s  # numpy's fp32 division is IEEE's
+        r0 = _f32_neighbours(want[:1], 2)[:, 0]
+        e = _rn32(1 - s.astype(f64) * r0.astype(f64), np.zeros(5))  # exact in f64 (4 x 24 bits, then near 1)
+        assert np.array_equal(_rn32(r0.astype(f64), e.astype(f64) * r0.astype(f64)), want)

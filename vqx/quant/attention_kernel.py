@@ -44,11 +44,36 @@ QUANT_CODE = {"int8": 0, "fp8": 1}
 def _round_e2m1(y):
     """y >= 0 onto E2M1 (0, 0.5, 1, 1.5, 2, 3, 4, 6), ties to even, saturating. One IEEE addition rounds: for y in
     [2**e, 2**(e + 1)) (e >= 0; below 1 the subnormal step 0.5), c = 2**(e + 22) has an ulp of 2**(e - 1), E2M1's
-    step there, so (y + c) - c is y rounded half to even onto that step (6 cannot round past 6: 5 ties to 4)."""
+    step there, so (y + c) - c is y rounded half to even onto that step (6 cannot round past 6: 5 ties to 4). Both
+    are fmas of the binade 2**e: b * 2**22 is exact, so each rounds once, as the addition and the subtraction do."""
     a = tl.minimum(y, 6.0)
-    binade = tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 127 << 23)
-    c = (binade + (22 << 23)).to(tl.float32, bitcast=True)
-    return (a + c) - c
+    binade = (tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.math.fma(binade, -4194304.0, tl.math.fma(binade, 4194304.0, a))
+
+
+if INTERPRET:  # numpy's fp32 division is IEEE's; the interpreter's fma rounds twice, so the steps below would not be
+    @triton.jit
+    def _div6(x):
+        return x / 6.0
+
+    @triton.jit
+    def _reciprocal_e4m3(s):
+        return 1.0 / s
+else:
+    @triton.jit
+    def _div6(x):
+        """x / 6 rounded to nearest, as IEEE division gives it, in three fp32 ops: the product with RN(1/6), then one
+        fma-corrected step (the remainder x - 6q is exact). Checked for every fp32 significand, which covers every x
+        whose quotient is normal; smaller quotients are far below e4m3's smallest step: their scale is 0 either way."""
+        q = x * 0.16666667163372040  # RN(1/6) = 0x3E2AAAAB
+        return tl.math.fma(tl.math.fma(q, -6.0, x), 0.16666667163372040, q)
+
+    @triton.jit
+    def _reciprocal_e4m3(s):
+        """1 / s rounded to nearest for an e4m3 value s > 0: the approximate division and one Newton step, exact for
+        each of e4m3's 8 significands from any start within 2 ulp (checked)."""
+        r = tl.fdiv(tl.full(s.shape, 1.0, tl.float32), s)  # div.full.f32: within 2 ulp
+        return tl.math.fma(tl.math.fma(-s, r, 1.0), r, r)
 
 
 @triton.jit
@@ -75,8 +100,8 @@ def _nvfp4_blocks(x, AXES: tl.constexpr, SIGNED: tl.constexpr):
 @triton.jit
 def _nvfp4_scaled(x, amax, AXES: tl.constexpr, SIGNED: tl.constexpr):
     """`_nvfp4_blocks` given each block's absmax (x reduced over AXES)."""
-    sf = _round_e4m3(tl.div_rn(amax, 6.0))
-    inv = _expand(tl.where(sf == 0.0, 0.0, tl.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)), AXES)
+    sf = _round_e4m3(_div6(amax))
+    inv = _expand(tl.where(sf == 0.0, 0.0, _reciprocal_e4m3(sf)), AXES)
     y = x * inv
     if SIGNED:
         mag = _round_e2m1(tl.abs(y))
