@@ -5,7 +5,6 @@ import dataclasses
 import math
 
 import numpy as np
-
 import pytest
 import torch
 
