@@ -445,8 +445,8 @@ def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p
 
 # (BLOCK_M, num_warps, num_stages) per (Q.K, P.V) format at head dim 128, the fastest measured at 480p x 81 by
 # bench/attention_kernel.py --tune (the tune rows of bench/results/attention_kernel.json as of commit 8e8491a: the
-# H200, 2026-12-06; an H100 the same day and the runs of 2026-12-04/05 chose the same); other pairs take their P.V format's; the CPU interpreter
-# takes them too.
+# H200, 2026-12-06; an H100 the same day and the runs of 2026-12-04/05 chose the same); other pairs take their P.V
+# format's; the CPU interpreter takes them too.
 CONFIGS = {("int8", "fp16"): (128, 4, 3), ("int8", "fp8"): (64, 4, 3), ("fp8", "fp8"): (128, 8, 3),
            ("nvfp4", "nvfp4"): (128, 8, 3)}
 
