@@ -9,6 +9,7 @@ video counts as worse than RTN when its LPIPS exceeds RTN's by more than its own
     python bench/wan_mini_algorithms.py --smoke --note "script check"      # wan_tiny on CPU, 2 points, 2 videos
     python bench/wan_mini_algorithms.py --algorithms rtn,smoothquant --formats w8a8 --outliers none --note "..."
     python bench/wan_mini_algorithms.py --seeds 4 --formats fp8 --note "..."  # 8 prompts x 4 noise seeds: 32 videos
+    python bench/wan_mini_algorithms.py --samples 32 --note "..."  # 32 prompts of wan_mini's grammar, 1 seed each
     python bench/wan_mini_algorithms.py --algorithms rtn,smoothquant,smoothquant_calib_b,smoothquant_calib_c \
         --formats fp8 --note "..."       # one search, three calibration prompt sets: the spread between draws
     python bench/wan_mini_algorithms.py --note "..." --rescore wan_mini_seeds_fp8_ffn_text.json  # statistics only
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from common import ROOT, write_results
 
+from vqx.eval.paired import clustered_interval
 from vqx.io import write_json_atomic
 
 ALGORITHMS = {  # label -> run.py overrides
@@ -137,18 +139,24 @@ def _paired(row: dict, rtn: dict | None) -> dict:
         diffs.append({"index": v["index"], "d_psnr": v["psnr"] - r["psnr"], "d_lpips": d_lpips,
                       "worse_beyond_floor": floor is not None and d_lpips > floor})
     d_psnr, d_lpips = [d["d_psnr"] for d in diffs], [d["d_lpips"] for d in diffs]
+    prompts = [v["prompt"] for v in row["videos"]]
     # LPIPS differences are heavy-tailed (a few videos whose trajectory went elsewhere carry the mean): the median
-    # next to the mean's interval says whether a mean loss is typical or a tail
+    # next to the mean's interval says whether a mean loss is typical or a tail. Two intervals: over prompts (a
+    # prompt's seeds share its text's quantization error, so the prompt is the unit of replication) and, as the
+    # files before it had, a bootstrap over videos that takes every video as independent
     return {"vs_rtn": diffs, "d_psnr_mean": statistics.fmean(d_psnr), "d_psnr_min": min(d_psnr),
             "d_psnr_ci95": bootstrap_ci(d_psnr),
+            "d_psnr_ci95_prompts": clustered_interval(d_psnr, prompts)["interval"],
             "d_lpips_mean": statistics.fmean(d_lpips), "d_lpips_ci95": bootstrap_ci(d_lpips),
-            "d_lpips_median": statistics.median(d_lpips),
+            "d_lpips_ci95_prompts": clustered_interval(d_lpips, prompts)["interval"],
+            "d_lpips_median": statistics.median(d_lpips), "prompts": len(set(prompts)),
             "videos_worse_beyond_floor": sum(d["worse_beyond_floor"] for d in diffs)}
 
 
 def bootstrap_ci(values: list[float], resamples: int = 10000, seed: int = 0) -> list[float]:
-    """95% percentile-bootstrap interval of the mean of ``values`` (paired per-video differences): how far the mean
-    could move with other prompts of the same kind. Seeded, so the file is reproducible."""
+    """95% percentile-bootstrap interval of the mean of ``values`` (paired per-video differences), every video taken
+    as independent: too narrow where a prompt has several seeds (`vqx.eval.paired`). Seeded, so the file is
+    reproducible."""
     rng = random.Random(seed)
     n = len(values)
     means = sorted(statistics.fmean(rng.choices(values, k=n)) for _ in range(resamples))
@@ -157,11 +165,25 @@ def bootstrap_ci(values: list[float], resamples: int = 10000, seed: int = 0) -> 
 
 def seeded_prompts(source: Path, samples: int, seeds: int, dest: Path) -> Path:
     """``source``'s first ``samples`` prompts, each at ``seeds`` noise seeds (its own first, then +10000, +20000,
-    ...; the file's first ``samples`` entries are the usual videos): more paired videos of the same prompts, for a
-    tighter interval than the prompts alone give."""
+    ...; the file's first ``samples`` entries are the usual videos): more paired videos of the same prompts. Past
+    the file's own prompts (wan_mini has 8) come more of the training grammar's eval prompts (`eval_prompts`, seeds
+    1000 + i as the file's; none is a calibration prompt): more prompts, for a tighter interval over prompts."""
+    from vqx.testbed.data import eval_prompts
+
     data = json.loads(source.read_text())
-    data["samples"] = [{**s, "seed": s["seed"] + 10000 * j} for j in range(seeds) for s in data["samples"][:samples]]
-    data["description"] = f"{data.get('description', '')}; every prompt at {seeds} seeds"
+    own = data["samples"][:samples]
+    if samples > len(own):
+        grammar = [{"prompt": p, "seed": 1000 + i} for i, p in enumerate(eval_prompts(samples))]
+        if own != grammar[:len(own)]:
+            raise ValueError(f"{source}'s prompts are not the grammar's first {len(own)}: cannot extend them")
+        calib = json.loads((source.parent.parent / "calib" / "prompts.json").read_text())["samples"]
+        if {s["prompt"] for s in calib} & {s["prompt"] for s in grammar}:
+            raise ValueError(f"an added eval prompt is a calibration prompt of {source.parent.parent}")
+        own = grammar
+        data["description"] = f"{data.get('description', '')}; the grammar's first {samples} eval prompts"
+    data["samples"] = [{**s, "seed": s["seed"] + 10000 * j} for j in range(seeds) for s in own]
+    if seeds > 1:
+        data["description"] = f"{data.get('description', '')}; every prompt at {seeds} seeds"
     write_json_atomic(dest, data)
     return dest
 
@@ -196,17 +218,24 @@ def _rows(points: list[tuple], results: dict) -> list[dict]:
 
 
 def _markdown(rows: list[dict]) -> str:
-    out = ["| outliers | format | algorithm | LPIPS | PSNR dB | SSIM | dPSNR vs RTN: mean [95% interval] / worst video | "
-           "dLPIPS vs RTN: mean [95% interval] / median | videos worse than RTN beyond the floor | block fallbacks |",
+    out = ["| outliers | format | algorithm | LPIPS | PSNR dB | SSIM | dPSNR vs RTN: mean [95% interval over prompts] "
+           "{over videos} / worst video | dLPIPS vs RTN: mean [over prompts] {over videos} / median | "
+           "videos worse than RTN beyond the floor | block fallbacks |",
            "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def interval(r: dict, key: str, fmt: str) -> str:
+        prompts, videos = r.get(f"{key}_ci95_prompts"), r[f"{key}_ci95"]
+        return ((f"[{prompts[0]:{fmt}}, {prompts[1]:{fmt}}] " if prompts else "") +
+                f"{{{videos[0]:{fmt}}, {videos[1]:{fmt}}}}")
+
     for r in rows:
         if r.get("error"):
             out.append(f"| {r['outliers']} | {r['format']} | {r['algorithm']} | failed: {r['error'][:80]} ||||||| ")
             continue
-        paired = (f"{r['d_psnr_mean']:+.2f} [{r['d_psnr_ci95'][0]:+.2f}, {r['d_psnr_ci95'][1]:+.2f}] / "
-                  f"{r['d_psnr_min']:+.2f}" if "d_psnr_mean" in r else "-")
-        lpips = (f"{r['d_lpips_mean']:+.4f} [{r['d_lpips_ci95'][0]:+.4f}, {r['d_lpips_ci95'][1]:+.4f}] / "
-                 f"{r['d_lpips_median']:+.4f}" if "d_lpips_ci95" in r else "-")
+        paired = (f"{r['d_psnr_mean']:+.2f} {interval(r, 'd_psnr', '+.2f')} / {r['d_psnr_min']:+.2f}"
+                  if "d_psnr_mean" in r else "-")
+        lpips = (f"{r['d_lpips_mean']:+.4f} {interval(r, 'd_lpips', '+.4f')} / {r['d_lpips_median']:+.4f}"
+                 if "d_lpips_ci95" in r else "-")
         worse = f"{r['videos_worse_beyond_floor']} of {len(r['videos'])}" if "d_psnr_mean" in r else "-"
         out.append(f"| {r['outliers']} | {r['format']} | {r['algorithm']} | {r['lpips']:.4f} | {r['psnr']:.2f} | "
                    f"{r['ssim']:.4f} | {paired} | {lpips} | {worse} | {r['block_fallbacks']} |")
@@ -261,7 +290,8 @@ def main() -> int:
                         f"{', '.join(MIN_GAIN)}, {', '.join(MIN_T)}, {', '.join(GUIDED)}, {', '.join(CALIB_DRAWS)}")
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--outliers", default=",".join(OUTLIERS), help=f"comma list of {', '.join(OUTLIERS)}")
-    p.add_argument("--samples", type=int, default=8, help="eval prompts (wan_mini has 8)")
+    p.add_argument("--samples", type=int, default=8, help="eval prompts: wan_mini's 8, or up to 60 with more "
+                   "of its training grammar's (the first 8 are its own)")
     p.add_argument("--seeds", type=int, default=1, help="noise seeds per eval prompt (videos: samples x seeds)")
     p.add_argument("--jobs", type=int, default=4, help="worker processes sharing the device and the cache")
     p.add_argument("--smoke", action="store_true", help="wan_tiny on CPU, rtn and smoothquant, w8a8, 2 videos")
@@ -289,10 +319,12 @@ def main() -> int:
             p.error(f"unknown {bad[0]!r}; valid: {', '.join(valid)}")
     if args.seeds < 1:
         p.error(f"--seeds {args.seeds}: give 1 or more noise seeds per prompt")
+    if not 1 <= args.samples <= 60:
+        p.error(f"--samples {args.samples}: give 1 to 60 eval prompts (wan_mini's 8, then its grammar's)")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vqx_wan_mini_algorithms_"))
     base += [f"cache_dir={work / 'cache'}", *args.overrides]
     assets = ROOT / "vqx" / "assets" / ("wan_t2v" if args.smoke else "wan_mini")
-    if args.seeds > 1:
+    if args.seeds > 1 or args.samples > 8:
         work.mkdir(parents=True, exist_ok=True)
         prompts = seeded_prompts(assets / "eval" / "prompts.json", args.samples, args.seeds, work / "eval_prompts.json")
         base += [f"eval.path={prompts}", f"eval.num_samples={args.samples * args.seeds}"]

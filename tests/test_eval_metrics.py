@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import statistics
 import subprocess
 import sys
 
@@ -223,3 +224,43 @@ def test_score_cli_errors_are_one_line(tmp_path):
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
         assert "Traceback" not in r.stderr
+
+
+# Student's t 0.975 quantiles, from the standard table (e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2), to 3 dp
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 7: 2.365, 10: 2.228, 31: 2.040, 100: 1.984}
+
+
+@pytest.mark.parametrize("df,expected", sorted(T_975.items()))
+def test_t_quantile_matches_the_published_table(df, expected):
+    from vqx.eval.paired import t_cdf, t_quantile
+
+    q = t_quantile(0.975, df)
+    assert round(q, 3) == expected
+    assert t_cdf(q, df) == pytest.approx(0.975, abs=1e-9) and t_cdf(-q, df) == pytest.approx(0.025, abs=1e-9)
+
+
+def test_t_quantile_equals_scipys():
+    stats = pytest.importorskip("scipy.stats")
+    from vqx.eval.paired import t_quantile
+
+    for df in (1, 4, 7, 15, 31, 63):
+        for p in (0.9, 0.975, 0.995):
+            assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), abs=1e-7)
+
+
+def test_clustered_interval_takes_prompts_as_the_unit():
+    from vqx.eval.paired import clustered_interval
+
+    # two prompts at three seeds each: the mean and spread are those of the two prompt means (1 and 3), not of six
+    # independent videos; mean 2, sd sqrt(2), half-width t(0.975, 1) * sqrt(2) / sqrt(2) = 12.706
+    r = clustered_interval([0.0, 1.0, 2.0, 2.0, 3.0, 4.0], ["a", "a", "a", "b", "b", "b"])
+    assert r["clusters"] == 2 and r["mean"] == pytest.approx(2.0)
+    assert r["interval"] == pytest.approx([2.0 - 12.7062047, 2.0 + 12.7062047], abs=1e-6)
+    # one video per prompt: the t interval of the videos themselves
+    vals = [0.5, -1.0, 2.0, 0.25]
+    r = clustered_interval(vals, range(4))
+    half = 3.1824463 * statistics.stdev(vals) / 2
+    assert r["interval"] == pytest.approx([0.4375 - half, 0.4375 + half], abs=1e-6)
+    assert clustered_interval([1.0, 2.0], ["a", "a"]) == {"mean": 1.5, "interval": None, "clusters": 1}
+    with pytest.raises(ValueError, match="3 values but 2 cluster labels"):
+        clustered_interval([1.0, 2.0, 3.0], ["a", "b"])

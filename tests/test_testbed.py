@@ -49,6 +49,12 @@ def test_prompts_follow_the_grammar_and_the_tokenizer_knows_every_word():
     calib, evals = data.prompt_sets()
     assert len(calib) >= 32 and len(evals) >= 8
     assert not {s["prompt"] for s in calib} & {s["prompt"] for s in evals}
+    # more eval prompts extend the 8 (the bench's --samples): distinct through the cycle of 60, none a calib prompt
+    more = data.eval_prompts(60)
+    assert more[:8] == [s["prompt"] for s in evals] and len(set(more)) == 60
+    assert not set(more) & {s["prompt"] for s in calib}
+    with pytest.raises(ValueError, match="61 eval prompts: the grammar's cycle has 60"):
+        data.eval_prompts(61)
 
 
 def test_score_is_perfect_on_ground_truth_and_low_on_noise():

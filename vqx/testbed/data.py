@@ -219,11 +219,20 @@ def _background(p: dict[str, torch.Tensor], pattern: torch.Tensor, x: torch.Tens
     return (p["tone"].view(n, 3, 1, 1) * shade).clamp(0, 1).unsqueeze(2)
 
 
-def prompt_sets(num_calib: int = 32, num_eval: int = 8, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(calib, eval) samples in the assets/README.md format, no prompt in both. Eval prompts cycle through
-    every color, shape, motion and direction; calib prompts are drawn at random."""
+def eval_prompts(n: int) -> list[str]:
+    """The first ``n`` eval prompts: attribute k of prompt i is value (i + k) mod its count, so they cycle through
+    every color, shape, motion and direction; distinct up to 60 (the counts' least common multiple)."""
     names = list(ATTRIBUTES.values())
-    evals = [prompt_text(*(v[(i + k) % len(v)] for k, v in enumerate(names))) for i in range(num_eval)]
+    period = math.lcm(*(len(v) for v in names))
+    if not 0 <= n <= period:
+        raise ValueError(f"{n} eval prompts: the grammar's cycle has {period} distinct ones")
+    return [prompt_text(*(v[(i + k) % len(v)] for k, v in enumerate(names))) for i in range(n)]
+
+
+def prompt_sets(num_calib: int = 32, num_eval: int = 8, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(calib, eval) samples in the assets/README.md format, no prompt in both. Eval prompts are `eval_prompts`;
+    calib prompts are drawn at random."""
+    evals = eval_prompts(num_eval)
     g = torch.Generator().manual_seed(seed)
     calib: list[str] = []
     while len(calib) < num_calib:
