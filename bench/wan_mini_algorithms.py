@@ -33,7 +33,7 @@ from pathlib import Path
 
 from common import ROOT, write_results
 
-from vqx.eval.paired import clustered_interval
+from vqx.eval.paired import cluster_effect, clustered_interval
 from vqx.io import write_json_atomic
 
 ALGORITHMS = {  # label -> run.py overrides
@@ -150,6 +150,8 @@ def _paired(row: dict, rtn: dict | None) -> dict:
             "d_lpips_mean": statistics.fmean(d_lpips), "d_lpips_ci95": bootstrap_ci(d_lpips),
             "d_lpips_ci95_prompts": clustered_interval(d_lpips, prompts)["interval"],
             "d_lpips_median": statistics.median(d_lpips), "prompts": len(set(prompts)),
+            # do a prompt's seeds share its difference? (None with one seed per prompt)
+            "prompt_effect_psnr": cluster_effect(d_psnr, prompts), "prompt_effect_lpips": cluster_effect(d_lpips, prompts),
             "videos_worse_beyond_floor": sum(d["worse_beyond_floor"] for d in diffs)}
 
 
@@ -264,8 +266,8 @@ def _markdown(rows: list[dict]) -> str:
 
 def rescore(name: str, command: str, note: str) -> Path:
     """Recompute the paired statistics and the tables of a results file this script wrote, from its per-video scores
-    (nothing is rerun): files written before a statistic existed get it. The measurement's environment stays; the
-    rescoring's is added under "rescored"."""
+    (nothing is rerun): files written before a statistic existed get it. The measurement's environment stays; each
+    rescoring's is appended to "rescored"."""
     from common import RESULTS, environment
 
     path = Path(name) if Path(name).is_absolute() else RESULTS / name
@@ -276,7 +278,9 @@ def rescore(name: str, command: str, note: str) -> Path:
         if not r.get("error") and (r["outliers"], r["format"]) in rtn:
             r.update(_paired(r, rtn[(r["outliers"], r["format"])]))
     data["markdown"] = _markdown(rows)
-    data["rescored"] = {"note": note, "command": command, "environment": environment()}
+    earlier = data.get("rescored") or []
+    data["rescored"] = [*([earlier] if isinstance(earlier, dict) else earlier),
+                        {"note": note, "command": command, "environment": environment()}]
     write_json_atomic(path, data)
     print(data["markdown"])
     return path

@@ -264,3 +264,22 @@ def test_clustered_interval_takes_prompts_as_the_unit():
     assert clustered_interval([1.0, 2.0], ["a", "a"]) == {"mean": 1.5, "interval": None, "clusters": 1}
     with pytest.raises(ValueError, match="3 values but 2 cluster labels"):
         clustered_interval([1.0, 2.0, 3.0], ["a", "b"])
+
+
+def test_cluster_effect_is_the_anova_f_with_a_permutation_p():
+    from vqx.eval.paired import cluster_effect
+
+    # prompt means 0, 1, 5 with within-prompt spread 1: between MS = 3 * ((0-2)^2 + (1-2)^2 + (5-2)^2) / 2 = 21,
+    # within MS = 6 * 1 / 6 = 1
+    values = [-1.0, 0.0, 1.0, 0.0, 1.0, 2.0, 4.0, 5.0, 6.0]
+    labels = ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    r = cluster_effect(values, labels, permutations=500)
+    assert r["f"] == pytest.approx(21.0) and r["df"] == [2, 6]
+    # 9! / (3!)^3 = 1680 labellings, 6 of them (the groups permuted) reach F = 21: p near 6 / 1680
+    assert r["p"] < 0.02
+    # the same values with each prompt's videos spread over all three: no effect
+    mixed = cluster_effect(values, ["a", "b", "c"] * 3, permutations=500)
+    assert mixed["f"] < 1 and mixed["p"] > 0.5
+    assert cluster_effect(values, range(9)) is None and cluster_effect(values, ["a"] * 9) is None
+    stats = pytest.importorskip("scipy.stats")
+    assert r["f"] == pytest.approx(stats.f_oneway(values[:3], values[3:6], values[6:]).statistic)

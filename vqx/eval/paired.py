@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 import statistics
 from collections.abc import Hashable, Sequence
 
@@ -67,3 +68,42 @@ def clustered_interval(values: Sequence[float], clusters: Sequence[Hashable], le
         return {"mean": mean, "interval": None, "clusters": g}
     half = t_quantile(0.5 + level / 2, g - 1) * statistics.stdev(means) / math.sqrt(g)
     return {"mean": mean, "interval": [mean - half, mean + half], "clusters": g}
+
+
+def _anova_f(groups: list[list[float]]) -> float:
+    """One-way ANOVA F: the mean square between groups over the mean square within them (inf if within is 0)."""
+    n, g = sum(len(x) for x in groups), len(groups)
+    grand = sum(sum(x) for x in groups) / n
+    between = sum(len(x) * (statistics.fmean(x) - grand) ** 2 for x in groups) / (g - 1)
+    within = sum(sum((v - statistics.fmean(x)) ** 2 for v in x) for x in groups) / (n - g)
+    return between / within if within > 0 else math.inf
+
+
+def cluster_effect(values: Sequence[float], clusters: Sequence[Hashable], permutations: int = 2000,
+                   seed: int = 0) -> dict | None:
+    """Whether clusters differ: the one-way ANOVA F of ``values`` between clusters and its permutation p-value (the
+    share of ``permutations`` random relabellings, cluster sizes kept, with an F at least as large; seeded). F near 1
+    and a large p: the clusters' videos are as alike as any, and an interval over videos is as good as one over
+    clusters. None without two clusters of which one has two values, or where all values are equal; "f" is None where
+    the clusters have no spread within (F infinite)."""
+    labels = list(clusters)
+    if len(values) != len(labels):
+        raise ValueError(f"{len(values)} values but {len(labels)} cluster labels")
+    order = list(dict.fromkeys(labels))
+    if len(order) < 2 or len(values) == len(order) or len(set(values)) == 1:
+        return None
+
+    def split(vals: list[float]) -> list[list[float]]:
+        groups = {c: [] for c in order}
+        for v, c in zip(vals, labels):
+            groups[c].append(v)
+        return list(groups.values())
+
+    f = _anova_f(split(list(values)))
+    rng = random.Random(seed)
+    shuffled, hits = list(values), 0
+    for _ in range(permutations):
+        rng.shuffle(shuffled)
+        hits += _anova_f(split(shuffled)) >= f
+    # the observed labelling counts as one of the permutations, so p is never 0
+    return {"f": f if math.isfinite(f) else None, "df": [len(order) - 1, len(values) - len(order)], "p": (hits + 1) / (permutations + 1)}
