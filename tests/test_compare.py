@@ -245,3 +245,38 @@ def test_report_fits_a_laptop_window_in_a_headless_browser(sweep):
         assert (sweep / f"report_{width}.png").read_bytes().startswith(PNG)
     html = (sweep / "report.html").read_text()  # the long list is a wrapping cell inside a scroll box
     assert "<div class='scroll'><table id='best'>" in html and 'class="text wrap">format=fp8' in html
+
+
+def test_jobs_are_paired_against_rtn_with_intervals_over_prompts(tmp_path):
+    """Per job, the RTN job of the same overrides but the algorithm's, on the same videos: mean paired differences
+    with Student's t intervals over the prompts' means (a prompt's seeds count once), worst video, verdict; no row
+    without an RTN counterpart or with other videos."""
+    root = tmp_path / "multirun"
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    rtn_psnr, rtn_lpips = [30.0, 31.0, 32.0, 33.0, 34.0, 35.0], [0.010] * 6
+
+    def job(name, algorithm, fmt, d_psnr, d_lpips, seeds=(1, 2)):
+        videos = [{"index": i, "prompt": prompts[i // 2], "seed": seeds[i % 2], "psnr": rtn_psnr[i] + d_psnr[i],
+                   "lpips": rtn_lpips[i] + d_lpips[i], "ssim": 0.9} for i in range(6)]
+        metrics = {"status": "complete", "format": fmt, "algorithm": algorithm, "videos": videos,
+                   "lpips": sum(v["lpips"] for v in videos) / 6, "psnr": sum(v["psnr"] for v in videos) / 6}
+        extra = ["algorithm.alpha=0.5"] if algorithm == "smoothquant" else []
+        make_job(root, name, [f"algorithm={algorithm}", f"format={fmt}", *extra], {"format": {"name": fmt}}, metrics)
+
+    job("0", "rtn", "w8a8", [0.0] * 6, [0.0] * 6)
+    # prompt means 2, 2, 5: mean 3, sd sqrt(3); half-width t(0.975, 2) * sqrt(3) / sqrt(3) = 4.3027
+    job("1", "smoothquant", "w8a8", [1, 3, 2, 2, 4, 6], [-0.002, -0.004, -0.003, -0.003, -0.001, -0.001])
+    # prompt means -2.1, -1.9, -2.0: sd 0.1, half-width 0.2484: a loss
+    job("2", "awq", "w8a8", [-2.0, -2.2, -1.8, -2.0, -2.1, -1.9], [0.0] * 6)
+    job("3", "awq", "fp8", [1.0] * 6, [0.0] * 6)  # no fp8 RTN job
+    job("4", "gptq", "w8a8", [1.0] * 6, [0.0] * 6, seeds=(1, 3))  # other videos than RTN's
+    assert vqx_main(["compare", str(root)]) == 0
+    header, *rows = report_tables(root / "report.html")["paired"]
+    assert header == ["job", "format", "algorithm", "dPSNR vs RTN [95%]", "dLPIPS vs RTN [95%]", "worst dPSNR",
+                      "prompts", "videos", "verdict"]
+    assert rows == [["1", "w8a8", "smoothquant", "+3.00 [-1.30, +7.30]", "-0.0023 [-0.0052, +0.0005]", "+1.00", "3",
+                     "6", "within noise"],
+                    ["2", "w8a8", "awq", "-2.00 [-2.25, -1.75]", "+0.0000 [+0.0000, +0.0000]", "-2.20", "3", "6",
+                     "worse"]]
+    md = (root / "report.md").read_text()
+    assert "| w8a8 | awq | -2.00 [-2.25, -1.75] | +0.0000 [+0.0000, +0.0000] | -2.20 | 3 | 6 | worse |" in md

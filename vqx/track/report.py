@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_path, write_text_atomic
+from .baseline import paired_vs_rtn
 from .compare import Job
 
 # (key, header, python format, one line of meaning); lower is better except psnr and ssim
@@ -193,6 +194,7 @@ th.sortable { cursor: pointer; background: #f0f0f0; user-select: none; }
 th.asc::after { content: ' \\25B2'; } th.desc::after { content: ' \\25BC'; }
 tr.best td { background: #d9f2d9; font-weight: 600; }
 tr.failed td { background: #fbe3e3; }
+td.worse { background: #fbe3e3; } td.better { background: #d9f2d9; }
 code { background: #f4f4f4; padding: 0 3px; }
 img { max-width: 48%; margin: 0 1% 1em 0; border: 1px solid #ddd; }
 .strips { display: flex; flex-wrap: wrap; gap: 8px; }
@@ -290,6 +292,44 @@ def render_split(rows: list[dict], several_models: bool) -> str:
     return "\n".join(out)
 
 
+def _interval(d: dict, digits: int) -> str:
+    """"+1.52 [+0.93, +2.10]": a paired mean and its interval over prompts (none with one prompt)."""
+    text = f"{d['mean']:+.{digits}f}"
+    return text + (f" [{d['interval'][0]:+.{digits}f}, {d['interval'][1]:+.{digits}f}]" if d["interval"] else "")
+
+
+PAIRED_HEAD = ["dPSNR vs RTN [95%]", "dLPIPS vs RTN [95%]", "worst dPSNR", "prompts", "videos", "verdict"]
+PAIRED_NOTE = ("Each job against the RTN job with the same overrides but the algorithm's, on the same videos: the mean "
+               "of the per-video differences (job minus RTN; PSNR higher is better, LPIPS lower) with its 95% interval "
+               "over prompts (Student's t over each prompt's mean difference: a prompt's seeds share its error, so they "
+               "count once), the worst video's PSNR difference and a verdict: worse or better where an interval "
+               "excludes 0, within noise where both contain it.")
+
+
+def _paired_cells(r: dict) -> list[str]:
+    return [_interval(r["d_psnr"], 2), _interval(r["d_lpips"], 4), f"{r['worst_d_psnr']:+.2f}", str(r["prompts"]),
+            str(r["videos"]), r["verdict"]]
+
+
+def render_paired(rows: list[dict], varying: list[str], several_models: bool) -> str:
+    head = (([("model", "text")] if several_models else []) + [("job", "text"), ("format", "text"),
+                                                               ("algorithm", "text")]
+            + [(k, "text") for k in varying] + [(h, "text" if h == "verdict" else "") for h in PAIRED_HEAD])
+    out = [f"<h2>Against RTN, paired per video</h2><p class='note'>{html.escape(PAIRED_NOTE)}</p>",
+           "<div class='scroll'><table id='paired'>" + _sortable_head(head) + "<tbody>"]
+    for r in rows:
+        job = r["job"]
+        cells = ([_cell(job.model, cls="text")] if several_models else [])
+        cells += [_cell(job.name, cls="text"), _cell(job.format, cls="text"), _cell(job.algorithm, cls="text")]
+        cells += [_cell(job.overrides.get(k, ""), _as_number(job.overrides.get(k)), cls="text wrap") for k in varying]
+        text = _paired_cells(r)
+        cells += [_cell(t, r["d_psnr"]["mean"]) for t in text[:1]] + [_cell(text[1], r["d_lpips"]["mean"])]
+        cells += [_cell(t, float(t)) for t in text[2:5]] + [_cell(text[5], cls=f"text {r['verdict'].replace(' ', '_')}")]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table></div>")
+    return "\n".join(out)
+
+
 def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str], note: str | None, title: str,
            out_dir: Path) -> str:
     """The report's HTML; ``out_dir``: where it is written (each job's name links to its folder from there)."""
@@ -346,6 +386,10 @@ def render(jobs: list[Job], plots: dict[str, bytes], plot_files: dict[str, str],
     split = attention_split(complete)
     if split:
         out.append(render_split(split, several_models))
+    paired = paired_vs_rtn(complete)
+    if paired:
+        out.append(render_paired(paired, [k for k in varying if not k.lstrip("+~").startswith("algorithm")],
+                                 several_models))
 
     if failed:
         out.append("<h2>Failed or partial jobs</h2><div class='scroll'><table id='failed'><thead><tr><th class='text'>job</th>"
@@ -403,6 +447,16 @@ def render_markdown(jobs: list[Job]) -> str:
         for r in split:
             cells = [" / ".join(_fmt(m, r[part].value(m)) for part, _ in SPLIT_PARTS) for m in ("lpips", "psnr")]
             lines.append(f"| {r['format']} | {r['algorithm']} | {r['attention']} | {cells[0]} | {cells[1]} |")
+    paired = paired_vs_rtn(complete)
+    if paired:
+        keys = [k for k in varying if not k.lstrip("+~").startswith("algorithm")]
+        head = ["format", "algorithm", *keys, *PAIRED_HEAD]
+        lines += ["", "Against RTN on the same videos (job minus RTN; 95% intervals over prompts):", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in paired:
+            j = r["job"]
+            lines.append("| " + " | ".join([j.format, j.algorithm, *(j.overrides.get(k, "") for k in keys),
+                                            *_paired_cells(r)]) + " |")
     failed = [j for j in jobs if j.failure is not None]
     if failed:
         lines += ["", "Failed or partial: " + "; ".join(f"{j.name} ({j.failure})" for j in failed)]
