@@ -280,3 +280,20 @@ def test_jobs_are_paired_against_rtn_with_intervals_over_prompts(tmp_path):
                      "worse"]]
     md = (root / "report.md").read_text()
     assert "| w8a8 | awq | -2.00 [-2.25, -1.75] | +0.0000 [+0.0000, +0.0000] | -2.20 | 3 | 6 | worse |" in md
+
+
+def test_several_dirs_pair_each_job_with_the_rtn_job_of_its_own_sweep(tmp_path):
+    """Two sweeps with the same overrides (say, two machines): each job is paired with its own sweep's RTN job."""
+    def sweep_dir(name, rtn_psnr, sq_psnr):
+        root = tmp_path / name
+        for job, algorithm, psnr in (("0", "rtn", rtn_psnr), ("1", "smoothquant", sq_psnr)):
+            videos = [{"prompt": f"p{i}", "seed": 1, "psnr": psnr + i, "lpips": 0.01} for i in range(3)]
+            make_job(root, job, [f"algorithm={algorithm}", "format=w8a8"], {"format": {"name": "w8a8"}},
+                     {"status": "complete", "format": "w8a8", "algorithm": algorithm, "videos": videos,
+                      "lpips": 0.01, "psnr": psnr + 1})
+        return root
+
+    a, b = sweep_dir("a", 30.0, 31.0), sweep_dir("b", 40.0, 38.0)
+    assert vqx_main(["compare", str(a), str(b), "--out", str(tmp_path / "report.html")]) == 0
+    _, *rows = report_tables(tmp_path / "report.html")["paired"]
+    assert [(r[0], r[3]) for r in rows] == [("a/1", "+1.00 [+1.00, +1.00]"), ("b/1", "-2.00 [-2.00, -2.00]")]

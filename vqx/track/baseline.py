@@ -53,8 +53,10 @@ def paired_vs_rtn(complete: list[Job]) -> list[dict]:
     for job in complete:
         if job.algorithm == BASELINE:
             continue
-        base = next((r for r in rtn if _key_overrides(r) == _key_overrides(job)
-                     and r.model == job.model and r.format == job.format), None)
+        # an RTN job of the same multirun first, where several DIRs hold one with the same overrides
+        base = next((r for r in sorted(rtn, key=lambda r: r.dir.parent != job.dir.parent)
+                     if _key_overrides(r) == _key_overrides(job) and r.model == job.model
+                     and r.format == job.format), None)
         if base is None:
             continue
         ours, theirs = _videos(job), _videos(base)
