@@ -9,6 +9,7 @@ format with attention=none (what the attention adds). Points run as in bench/wan
 processes sharing one cache_dir; results rewritten after every point).
 
     python bench/wan_mini_attention.py --jobs 8 --note "..."             # the grid on a GPU
+    python bench/wan_mini_attention.py --jobs 10 --samples 32 --note "..."  # 32 prompts: intervals over prompts
     python bench/wan_mini_attention.py --smoke --note "script check"     # wan_tiny on CPU, 4 points, 2 videos
 """
 
@@ -22,8 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import write_results
-from wan_mini_algorithms import OUTLIERS, _worker
+from common import ROOT, write_results
+from wan_mini_algorithms import OUTLIERS, _worker, seeded_prompts
+
+from vqx.eval.paired import clustered_interval
 
 FORMATS = ("none", "w8a8", "fp8", "nvfp4")
 ATTENTION = ("none", "sage1", "sage2", "fp8", "nvfp4")
@@ -38,15 +41,30 @@ def point_overrides(fmt: str, attention: str, outliers: str) -> list[str]:
     return [*algorithm, f"format={fmt}", *attn, *OUTLIERS[outliers]]
 
 
-def paired(row: dict, base: dict | None) -> dict:
-    """Per video: this point minus the same format without quantized attention (dPSNR, dLPIPS)."""
+def paired(row: dict, base: dict | None, against: str = "no_attention") -> dict:
+    """Per video: this point minus ``base`` (the same format without quantized attention, or for the points with
+    16-bit first and last steps the same mode at every step): mean dPSNR / dLPIPS with their 95% intervals over
+    prompts (vqx.eval.paired; None with one prompt), the worst video's dPSNR."""
     if base is None or row is base:
         return {}
     by_index = {v["index"]: v for v in base["videos"]}
     d_psnr = [v["psnr"] - by_index[v["index"]]["psnr"] for v in row["videos"]]
     d_lpips = [v["lpips"] - by_index[v["index"]]["lpips"] for v in row["videos"]]
-    return {"d_psnr_vs_no_attention_mean": statistics.fmean(d_psnr), "d_psnr_vs_no_attention_min": min(d_psnr),
-            "d_lpips_vs_no_attention_mean": statistics.fmean(d_lpips)}
+    prompts = [v["prompt"] for v in row["videos"]]
+    return {f"d_psnr_vs_{against}_mean": statistics.fmean(d_psnr), f"d_psnr_vs_{against}_min": min(d_psnr),
+            f"d_psnr_vs_{against}_ci95_prompts": clustered_interval(d_psnr, prompts)["interval"],
+            f"d_lpips_vs_{against}_mean": statistics.fmean(d_lpips),
+            f"d_lpips_vs_{against}_ci95_prompts": clustered_interval(d_lpips, prompts)["interval"]}
+
+
+def _paired_cell(r: dict, against: str) -> str:
+    if f"d_psnr_vs_{against}_mean" not in r:
+        return ""
+    out = []
+    for metric, digits in (("psnr", 2), ("lpips", 4)):
+        mean, ci = r[f"d_{metric}_vs_{against}_mean"], r[f"d_{metric}_vs_{against}_ci95_prompts"]
+        out.append(f"{mean:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else ""))
+    return "; ".join(out)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -62,7 +80,16 @@ def markdown(rows: list[dict]) -> str:
                      for m in modes]
             out.append(f"| {fmt} | " + " | ".join(cells) + " |")
         floor = next(iter(group.values()))["noise_floor"]
-        out += ["", f"noise floor: LPIPS {floor['lpips']:.4f} / PSNR {floor['psnr']:.2f} dB", ""]
+        out += ["", f"noise floor: LPIPS {floor['lpips']:.4f} / PSNR {floor['psnr']:.2f} dB", "",
+                "What the attention adds: dPSNR; dLPIPS against the same format with attention=none (for the 16-bit "
+                "first and last steps: against the same mode at every step), means with 95% intervals over prompts:",
+                "", "| format | " + " | ".join(f"attention={m}" for m in modes if m != "none") + " |",
+                "|---|" + "---|" * (len(modes) - 1)]
+        for fmt in dict.fromkeys(f for f, _ in group):
+            cells = [_paired_cell(group[(fmt, m)], "all_steps" if m in EXTRA else "no_attention")
+                     if (fmt, m) in group else "" for m in modes if m != "none"]
+            out.append(f"| {fmt} | " + " | ".join(cells) + " |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -72,7 +99,8 @@ def main() -> int:
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--attention", default=",".join([*ATTENTION, *EXTRA]))
     p.add_argument("--outliers", default="none,attention", help=f"comma list of {', '.join(OUTLIERS)}")
-    p.add_argument("--samples", type=int, default=8, help="eval prompts (wan_mini has 8)")
+    p.add_argument("--samples", type=int, default=8, help="eval prompts: wan_mini's 8, or up to 60 with more of its "
+                   "training grammar's (the first 8 are its own)")
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--smoke", action="store_true", help="wan_tiny on CPU: 4 points, 2 videos")
     p.add_argument("--workdir", default=None)
@@ -88,8 +116,15 @@ def main() -> int:
                 "eval.save_videos=false"]
         args.jobs = 1
     args.out = args.out or ("wan_mini_attention_smoke.json" if args.smoke else "wan_mini_attention.json")
+    if not 1 <= args.samples <= 60:
+        p.error(f"--samples {args.samples}: give 1 to 60 eval prompts (wan_mini's 8, then its grammar's)")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vqx_wan_mini_attention_"))
     base += [f"cache_dir={work / 'cache'}", *args.overrides]
+    if args.samples > 8 and not args.smoke:
+        work.mkdir(parents=True, exist_ok=True)
+        prompts = seeded_prompts(ROOT / "vqx" / "assets" / "wan_mini" / "eval" / "prompts.json", args.samples, 1,
+                                 work / "eval_prompts.json")
+        base.append(f"eval.path={prompts}")
     points = [((o, f, a), point_overrides(f, a, o)) for o in outliers for f in formats for a in modes
               if f == "none" or a not in EXTRA]
     firsts = {key[0]: (key, ov) for key, ov in reversed(points)}  # references first, one per outlier setting
@@ -118,7 +153,10 @@ def main() -> int:
                 rows.append({**row, "error": error})
                 continue
             no_attention = results.get((o, f, "none"), (None, None))[0]
-            rows.append({**row, **summary, **paired(summary, no_attention)})
+            row.update(summary, **paired(summary, no_attention))
+            if a in EXTRA:  # what the 16-bit first and last steps give back
+                row.update(paired(summary, results.get((o, f, a.split("+")[0]), (None, None))[0], "all_steps"))
+            rows.append(row)
         path = write_results(args.out, rows, {
             "note": args.note, "command": " ".join(sys.argv), "base_overrides": base,
             "points_done": f"{done} of {len(points)}", "wall_s": round(time.perf_counter() - t0, 1),
