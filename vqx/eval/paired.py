@@ -106,4 +106,5 @@ def cluster_effect(values: Sequence[float], clusters: Sequence[Hashable], permut
         rng.shuffle(shuffled)
         hits += _anova_f(split(shuffled)) >= f
     # the observed labelling counts as one of the permutations, so p is never 0
-    return {"f": f if math.isfinite(f) else None, "df": [len(order) - 1, len(values) - len(order)], "p": (hits + 1) / (permutations + 1)}
+    return {"f": f if math.isfinite(f) else None, "df": [len(order) - 1, len(values) - len(order)],
+            "p": (hits + 1) / (permutations + 1)}

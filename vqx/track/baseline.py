@@ -8,8 +8,6 @@ A job's RTN counterpart is the complete job whose overrides are the same but for
 
 from __future__ import annotations
 
-import statistics
-
 from ..eval.paired import clustered_interval
 from .compare import Job
 
@@ -32,8 +30,9 @@ def _videos(job: Job) -> dict[tuple, dict]:
 
 
 def verdict(d_psnr: dict, d_lpips: dict) -> str:
-    """"worse" if either interval lies on the losing side of 0, "better" if one lies on the winning side and the
-    other does not on the losing side, "within noise" if both contain 0; "one prompt" without intervals."""
+    """"worse" if either interval lies on the losing side of 0 (also where the other lies on the winning side),
+    "better" if one lies on the winning side and the other contains 0, "within noise" if both contain 0; "one
+    prompt" without intervals."""
     if d_psnr["interval"] is None or d_lpips["interval"] is None:
         return "one prompt"
     psnr_lo, psnr_hi = d_psnr["interval"]
@@ -68,7 +67,5 @@ def paired_vs_rtn(complete: list[Job]) -> list[dict]:
         d_lpips = clustered_interval([ours[k]["lpips"] - theirs[k]["lpips"] for k in keys], prompts)
         worst = min(ours[k]["psnr"] - theirs[k]["psnr"] for k in keys)
         rows.append({"job": job, "rtn": base, "d_psnr": d_psnr, "d_lpips": d_lpips, "worst_d_psnr": worst,
-                     "prompts": d_psnr["clusters"], "videos": len(keys),
-                     "median_d_lpips": statistics.median(ours[k]["lpips"] - theirs[k]["lpips"] for k in keys),
-                     "verdict": verdict(d_psnr, d_lpips)})
+                     "prompts": d_psnr["clusters"], "videos": len(keys), "verdict": verdict(d_psnr, d_lpips)})
     return rows
