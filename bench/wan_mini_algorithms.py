@@ -165,11 +165,12 @@ def bootstrap_ci(values: list[float], resamples: int = 10000, seed: int = 0) -> 
     return [means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]]
 
 
-def seeded_prompts(source: Path, samples: int, seeds: int, dest: Path) -> Path:
-    """``source``'s first ``samples`` prompts, each at ``seeds`` noise seeds (its own first, then +10000, +20000,
-    ...; the file's first ``samples`` entries are the usual videos): more paired videos of the same prompts. Past
-    the file's own prompts (wan_mini has 8) come more of the training grammar's eval prompts (`eval_prompts`, seeds
-    1000 + i as the file's; none is a calibration prompt): more prompts, for a tighter interval over prompts."""
+def eval_prompt_file(source: Path, samples: int, seeds: int, dest: Path) -> Path:
+    """An eval prompts file at ``dest``: ``source``'s first ``samples`` prompts, each at ``seeds`` noise seeds (its
+    own first, then +10000, +20000, ...; the file's first ``samples`` entries are the usual videos): more paired
+    videos of the same prompts. Past the file's own prompts (wan_mini has 8) come more of the training grammar's
+    eval prompts (`eval_prompts`, seeds 1000 + i as the file's; none is a calibration prompt): more prompts, for a
+    tighter interval over prompts."""
     from vqx.testbed.data import eval_prompts
 
     data = json.loads(source.read_text())
@@ -330,7 +331,7 @@ def main() -> int:
     assets = ROOT / "vqx" / "assets" / ("wan_t2v" if args.smoke else "wan_mini")
     if args.seeds > 1 or args.samples > 8:
         work.mkdir(parents=True, exist_ok=True)
-        prompts = seeded_prompts(assets / "eval" / "prompts.json", args.samples, args.seeds, work / "eval_prompts.json")
+        prompts = eval_prompt_file(assets / "eval" / "prompts.json", args.samples, args.seeds, work / "eval_prompts.json")
         base += [f"eval.path={prompts}", f"eval.num_samples={args.samples * args.seeds}"]
 
     draws = {}

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, write_results
-from wan_mini_algorithms import OUTLIERS, _worker, seeded_prompts
+from wan_mini_algorithms import OUTLIERS, _worker, eval_prompt_file
 
 from vqx.eval.paired import clustered_interval
 
@@ -122,7 +122,7 @@ def main() -> int:
     base += [f"cache_dir={work / 'cache'}", *args.overrides]
     if args.samples > 8 and not args.smoke:
         work.mkdir(parents=True, exist_ok=True)
-        prompts = seeded_prompts(ROOT / "vqx" / "assets" / "wan_mini" / "eval" / "prompts.json", args.samples, 1,
+        prompts = eval_prompt_file(ROOT / "vqx" / "assets" / "wan_mini" / "eval" / "prompts.json", args.samples, 1,
                                  work / "eval_prompts.json")
         base.append(f"eval.path={prompts}")
     points = [((o, f, a), point_overrides(f, a, o)) for o in outliers for f in formats for a in modes
