@@ -26,7 +26,7 @@ from pathlib import Path
 from common import ROOT, write_results
 from wan_mini_algorithms import OUTLIERS, _worker, eval_prompt_file
 
-from vqx.eval.paired import clustered_interval
+from vqx.eval.paired import clustered_interval, format_interval
 
 FORMATS = ("none", "w8a8", "fp8", "nvfp4")
 ATTENTION = ("none", "sage1", "sage2", "fp8", "nvfp4")
@@ -60,11 +60,8 @@ def paired(row: dict, base: dict | None, against: str = "no_attention") -> dict:
 def _paired_cell(r: dict, against: str) -> str:
     if f"d_psnr_vs_{against}_mean" not in r:
         return ""
-    out = []
-    for metric, digits in (("psnr", 2), ("lpips", 4)):
-        mean, ci = r[f"d_{metric}_vs_{against}_mean"], r[f"d_{metric}_vs_{against}_ci95_prompts"]
-        out.append(f"{mean:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else ""))
-    return "; ".join(out)
+    return "; ".join(format_interval(r[f"d_{metric}_vs_{against}_mean"], r[f"d_{metric}_vs_{against}_ci95_prompts"],
+                                     digits) for metric, digits in (("psnr", 2), ("lpips", 4)))
 
 
 def markdown(rows: list[dict]) -> str:

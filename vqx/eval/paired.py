@@ -70,6 +70,12 @@ def clustered_interval(values: Sequence[float], clusters: Sequence[Hashable], le
     return {"mean": mean, "interval": [mean - half, mean + half], "clusters": g}
 
 
+def format_interval(mean: float, interval: Sequence[float] | None, digits: int) -> str:
+    """"+1.52 [+0.93, +2.10]": a mean and its interval (the mean alone without one)."""
+    text = f"{mean:+.{digits}f}"
+    return text + (f" [{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]" if interval else "")
+
+
 def _anova_f(groups: list[list[float]]) -> float:
     """One-way ANOVA F: the mean square between groups over the mean square within them (inf if within is 0)."""
     n, g = sum(len(x) for x in groups), len(groups)

@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..eval.paired import format_interval
 from ..io import atomic_path, write_text_atomic
 from .baseline import paired_vs_rtn
 from .compare import Job
@@ -292,12 +293,6 @@ def render_split(rows: list[dict], several_models: bool) -> str:
     return "\n".join(out)
 
 
-def _interval(d: dict, digits: int) -> str:
-    """"+1.52 [+0.93, +2.10]": a paired mean and its interval over prompts (none with one prompt)."""
-    text = f"{d['mean']:+.{digits}f}"
-    return text + (f" [{d['interval'][0]:+.{digits}f}, {d['interval'][1]:+.{digits}f}]" if d["interval"] else "")
-
-
 PAIRED_HEAD = ["dPSNR vs RTN [95%]", "dLPIPS vs RTN [95%]", "worst dPSNR", "prompts", "videos", "verdict"]
 PAIRED_NOTE = ("Each job against the RTN job with the same overrides but the algorithm's, on the same videos: the mean "
                "of the per-video differences (job minus RTN; PSNR higher is better, LPIPS lower) with its 95% interval "
@@ -307,8 +302,9 @@ PAIRED_NOTE = ("Each job against the RTN job with the same overrides but the alg
 
 
 def _paired_cells(r: dict) -> list[str]:
-    return [_interval(r["d_psnr"], 2), _interval(r["d_lpips"], 4), f"{r['worst_d_psnr']:+.2f}", str(r["prompts"]),
-            str(r["videos"]), r["verdict"]]
+    return [format_interval(r["d_psnr"]["mean"], r["d_psnr"]["interval"], 2),
+            format_interval(r["d_lpips"]["mean"], r["d_lpips"]["interval"], 4), f"{r['worst_d_psnr']:+.2f}",
+            str(r["prompts"]), str(r["videos"]), r["verdict"]]
 
 
 def render_paired(rows: list[dict], varying: list[str], several_models: bool) -> str:
@@ -323,7 +319,7 @@ def render_paired(rows: list[dict], varying: list[str], several_models: bool) ->
         cells += [_cell(job.name, cls="text"), _cell(job.format, cls="text"), _cell(job.algorithm, cls="text")]
         cells += [_cell(job.overrides.get(k, ""), _as_number(job.overrides.get(k)), cls="text wrap") for k in varying]
         text = _paired_cells(r)
-        cells += [_cell(t, r["d_psnr"]["mean"]) for t in text[:1]] + [_cell(text[1], r["d_lpips"]["mean"])]
+        cells += [_cell(text[0], r["d_psnr"]["mean"]), _cell(text[1], r["d_lpips"]["mean"])]
         cells += [_cell(t, float(t)) for t in text[2:5]] + [_cell(text[5], cls=f"text {r['verdict'].replace(' ', '_')}")]
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table></div>")
