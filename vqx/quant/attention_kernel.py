@@ -51,6 +51,8 @@ def _round_e2m1(y):
     return tl.math.fma(binade, -4194304.0, tl.math.fma(binade, 4194304.0, a))
 
 
+RN_SIXTH = tl.constexpr(0.16666667163372040)  # 1 / 6 rounded to fp32: 0x3E2AAAAB
+
 if INTERPRET:  # numpy's fp32 division is IEEE's; the interpreter's fma rounds twice, so the steps below would not be
     @triton.jit
     def _div6(x):
@@ -65,8 +67,8 @@ else:
         """x / 6 rounded to nearest, as IEEE division gives it, in three fp32 ops: the product with RN(1/6), then one
         fma-corrected step (the remainder x - 6q is exact). Checked for every fp32 significand, which covers every x
         whose quotient is normal; smaller quotients are far below e4m3's smallest step: their scale is 0 either way."""
-        q = x * 0.16666667163372040  # RN(1/6) = 0x3E2AAAAB
-        return tl.math.fma(tl.math.fma(q, -6.0, x), 0.16666667163372040, q)
+        q = x * RN_SIXTH
+        return tl.math.fma(tl.math.fma(q, -6.0, x), RN_SIXTH, q)
 
     @triton.jit
     def _reciprocal_e4m3(s):
