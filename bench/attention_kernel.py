@@ -33,7 +33,7 @@ from common import add_note_argument, device_name, print_table, write_results
 
 PRESETS = ("sage1", "sage2", "sage2_k_int8_v_fp8", "fp8", "nvfp4")
 TUNE_GRID = [(m, w, st) for m in (64, 128) for w in (4, 8) for st in (2, 3)]
-HOPPER_GRID = [(128, 2, 2, 8)]  # (BLOCK_M, K_STAGES, V_STAGES, num_warps) of vqx.quant.attention_hopper: what fits
+HOPPER_GRID = [(128, st, 8) for st in (2, 3, 4)]  # (BLOCK_M, STAGES, num_warps) of vqx.quant.attention_hopper
 FP8_QK_ACCS = (0, 128, 64, 32)  # fp8 Q.K's choices of vqx.quant.attention_kernel.FP8_QK_ACC, tuned on the GPU
 FULL = {"self": (1, 12, 32760, 128, 32760), "cross": (1, 12, 32760, 128, 512)}  # B, H, Lq, D, Lk
 SMOKE = {"self": (1, 2, 96, 16, 96), "cross": (1, 2, 96, 16, 40)}

@@ -231,12 +231,12 @@ def nvfp4_values(X, Out, H, L, OUT_L, sx_b, sx_h, sx_l, D: tl.constexpr, BLOCK_L
 
 
 def _nvfp4(x: torch.Tensor, along_tokens: bool, tile: int = 0) -> torch.Tensor:
-    """x [B, H, L, D] bf16 (D contiguous) -> quantize_nvfp4's values along D or the tokens, bf16 contiguous; tile 64
-    or 128: [B, H, L padded to tile, D] with each 64 rows in `_tile_keys`' order (zeros past L)."""
+    """x [B, H, L, D] bf16 (D contiguous) -> quantize_nvfp4's values along D or the tokens, bf16 contiguous; tile 64:
+    [B, H, L padded to 64, D] with each 64 rows in `_tile_keys`' order (zeros past L)."""
     b, h, n, d = x.shape
-    assert x.stride(3) == 1 and tile in (0, 64, 128)
+    assert x.stride(3) == 1 and tile in (0, 64)
     block_l = 64 if tile else max(16, min(64, 8192 // d))
-    n_out = -(-n // tile) * tile if tile else n
+    n_out = -(-n // 64) * 64 if tile else n
     out = torch.empty(b, h, n_out, d, dtype=torch.bfloat16, device=x.device)
     nvfp4_values[(fp.triton_cdiv(n_out, block_l), b * h)](x.view(torch.int16), out.view(torch.int16), h, n, n_out,
                                                           x.stride(0), x.stride(1), x.stride(2), D=d, BLOCK_L=block_l,
