@@ -126,7 +126,7 @@ if GLUON:
         kv_row = bh * lk_pad
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [bh * lq + start_m * BLOCK_M, 0], q_bar, q_smem)
-        for i in gl.static_range(STAGES):  # step j refills tile j - 1's stage with tile j - 1 + STAGES
+        for i in gl.static_range(STAGES - 1):
             _load_kv(k_desc, v_desc, k_smem, v_smem, bars, kv_row, i, i, i < n_tiles, BLOCK_N)
         bias_row = Bias + bh * bias_bh + ((start_m * BLOCK_M) // 128) * bias_group
         keys = _tile_keys(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), True)
