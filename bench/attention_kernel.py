@@ -9,9 +9,7 @@ self-attention call of Wan2.1-1.3B at 480p x 81 (12 heads x 32,760 tokens x 128)
 the sageattention package is installed, of its SageAttention1 Triton kernel (sage1's numbers) with its relative L2
 difference to the emulation;
 each ratio against SDPA in the same run; the fused time is also split into its prep (quantizing Q, K, V) and its
-kernel. On Hopper with Gluon, nvfp4 runs vqx.quant.attention_hopper's kernel (FlashAttention-3's overlap of the
-softmax with P.V): its own check (checks["nvfp4_hopper"]) and rows nvfp4_hopper_prep / nvfp4_hopper_kernel, next to
-the Triton kernel's nvfp4_prep / nvfp4_kernel on the same inputs; nvfp4_fused is what `attention` runs. --tune times the kernel at each (BLOCK_M, num_warps, num_stages) of a small grid per preset on the
+kernel. --tune times the kernel at each (BLOCK_M, num_warps, num_stages) of a small grid per preset on the
 self-attention shape, each config checked against the eager path first (vqx.quant.attention_kernel.CONFIGS holds the
 winners), and for fp8 Q.K each of FP8_QK_ACCS (vqx.quant.attention_kernel.FP8_QK_ACC: exact fp16 operands, or the
 fp8 tensor cores with an fp32 sum every n products). Timing: CUDA events, median of --repeats after --warmup calls.
@@ -33,7 +31,6 @@ from common import add_note_argument, device_name, print_table, write_results
 
 PRESETS = ("sage1", "sage2", "sage2_k_int8_v_fp8", "fp8", "nvfp4")
 TUNE_GRID = [(m, w, st) for m in (64, 128) for w in (4, 8) for st in (2, 3)]
-HOPPER_GRID = [(128, st, 8) for st in (2, 3, 4)]  # (BLOCK_M, STAGES, num_warps) of vqx.quant.attention_hopper
 FP8_QK_ACCS = (0, 128, 64, 32)  # fp8 Q.K's choices of vqx.quant.attention_kernel.FP8_QK_ACC, tuned on the GPU
 FULL = {"self": (1, 12, 32760, 128, 32760), "cross": (1, 12, 32760, 128, 512)}  # B, H, Lq, D, Lk
 SMOKE = {"self": (1, 2, 96, 16, 96), "cross": (1, 2, 96, 16, 40)}
@@ -52,7 +49,6 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    from vqx.quant import attention_hopper as hopper
     from vqx.quant import fastpath
     from vqx.quant.attention import attention, attention_eager, quantize_inputs
     from vqx.quant.attention_kernel import compare, kernel_config, kernel_inputs, launch, prep_mismatches
@@ -102,13 +98,6 @@ def main() -> int:
                   f"(tolerance {detail['tolerance']:.2e}) {'ok' if ok else 'FAIL'}", flush=True)
             if not ok:
                 failures.append(f"{name}: fused vs eager {detail}")
-            if hopper.serves(scheme, torch.empty(1, 1, 1, d, dtype=torch.bfloat16, device=device)):
-                ok, detail = compare(scheme, d, torch.bfloat16, device, fused=hopper_run(hopper, scheme))
-                checks[f"{name}_hopper"] = {"within_tolerance": ok, **detail}
-                print(f"[{time.perf_counter() - t0:6.1f}s] {name} (Hopper kernel): fused vs eager worst "
-                      f"{max(detail['max_rel_diff'].values()):.2e} {'ok' if ok else 'FAIL'}", flush=True)
-                if not ok:
-                    failures.append(f"{name} (Hopper kernel): fused vs eager {detail}")
         for site, (b, h, lq, d, lk) in shapes.items():
             g = torch.Generator().manual_seed(0)
             q = torch.randn(b, h, lq, d, generator=g).to(device, torch.bfloat16)
@@ -129,15 +118,6 @@ def main() -> int:
                     rows.append(dict(site=site, method=f"{name}_kernel", ms=ms, ratio_vs_sdpa=ms / base,
                                      config=list(kernel_config(scheme)), shape=[b, h, lq, d, lk]))
                     del ops
-                if checks.get(f"{name}_hopper", {}).get("within_tolerance"):
-                    ms = timed(lambda: hopper.hopper_inputs(q, k, v, scheme))
-                    rows.append(dict(site=site, method=f"{name}_hopper_prep", ms=ms, ratio_vs_sdpa=ms / base,
-                                     shape=[b, h, lq, d, lk]))
-                    ops = hopper.hopper_inputs(q, k, v, scheme)
-                    ms = timed(lambda: hopper.launch(ops))
-                    rows.append(dict(site=site, method=f"{name}_hopper_kernel", ms=ms, ratio_vs_sdpa=ms / base,
-                                     config=list(hopper.CONFIG), shape=[b, h, lq, d, lk]))
-                    del ops
                 if not args.no_eager:
                     ms = timed(lambda: attention_eager(quantize_inputs(q, k, v, scheme), scheme, q.dtype))
                     rows.append(dict(site=site, method=f"{name}_eager", ms=ms, ratio_vs_sdpa=ms / base,
@@ -156,7 +136,7 @@ def main() -> int:
                       f"to the emulation {diff:.2e}", flush=True)
     if args.tune:
         tune_configs(args, rows, shapes["self"], device, timed, failures, t0)
-    kernel_checks = [r for r in fastpath.report() if r["kernel"] in ("qattn", "qattn_hopper")]
+    kernel_checks = [r for r in fastpath.report() if r["kernel"] == "qattn"]
     notes = ("fused: vqx.quant.attention with the Triton kernel (vqx.quant.attention_kernel) after its check; eager: "
              "the PyTorch emulation; both include quantizing Q, K, V. sdpa_bf16: torch SDPA's default kernel.")
     if args.smoke:
@@ -179,7 +159,6 @@ def tune_configs(args, rows, shape, device, timed, failures, t0) -> None:
     import torch
 
     from vqx.config.presets import attention_preset
-    from vqx.quant import attention_hopper as hopper
     from vqx.quant.attention_kernel import compare, kernel_inputs, launch
 
     b, h, lq, d, lk = shape
@@ -213,25 +192,6 @@ def tune_configs(args, rows, shape, device, timed, failures, t0) -> None:
         if best is None:
             failures.append(f"{name}: no config passed its check")
         del ops
-    scheme = attention_preset("nvfp4")
-    if hopper.serves(scheme, q):  # (BLOCK_M, STAGES, num_warps) of vqx.quant.attention_hopper
-        ops = hopper.hopper_inputs(q, k, v, scheme)
-        for config in HOPPER_GRID:
-            try:
-                ok, detail = compare(scheme, d, torch.bfloat16, device, fused=hopper_run(hopper, scheme, config))
-                ms = timed(lambda: hopper.launch(ops, config)) if ok else None
-            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
-                ok, ms, detail = False, None, {}
-                print(f"  nvfp4 Hopper {config}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
-            rows.append(dict(site="self", method="nvfp4_hopper_tune", config=list(config), ms=ms, within_tolerance=ok,
-                             ratio_vs_sdpa=ms / base if ms is not None else None, shape=list(shape)))
-            print(f"  nvfp4 Hopper {config}: {ms} ms", flush=True)
-        del ops
-
-
-def hopper_run(hopper, scheme, config=None):
-    """q, k, v -> vqx.quant.attention_hopper's kernel (at config) with its prep."""
-    return lambda q, k, v: hopper.launch(hopper.hopper_inputs(q, k, v, scheme), config)
 
 
 if __name__ == "__main__":

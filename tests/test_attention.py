@@ -249,24 +249,6 @@ schemes["blocks_not_pow2"] = replace(schemes["fp8"], block_q=48, block_k=80)
 for name, s in schemes.items():
     ok, detail = compare(s, 16, torch.bfloat16, torch.device("cpu"))
     out[name] = [ok, detail["max_rel_diff"], prep_mismatches(s, 16, torch.bfloat16, torch.device("cpu"))]
-# the Hopper kernel's prep: FP4 values padded to 64-key tiles in _tile_keys' order (column 8j + 2b + e holds key
-# 16b + 2j + e), bit for bit the plain prep's reordered; the bias -inf past the last key
-from vqx.quant.attention_kernel import _nvfp4, kernel_inputs
-from vqx.quant.attention_hopper import hopper_inputs
-c = torch.arange(384)
-order = c - c % 64 + 16 * ((c % 64 // 2) % 4) + 2 * (c % 64 // 8) + c % 2
-tiled = []
-for n in (333, 320):
-    x = torch.randn(1, 2, n, 32, generator=torch.Generator().manual_seed(n)).bfloat16() * 3
-    for along in (False, True):
-        plain = torch.nn.functional.pad(_nvfp4(x, along), (0, 0, 0, -n % 64))
-        tiled.append(torch.equal(_nvfp4(x, along, 64).view(torch.int16), plain[:, :, order[:plain.shape[2]]].view(torch.int16)))
-q, k, v = (torch.randn(1, 2, n, 32, generator=torch.Generator().manual_seed(n)).bfloat16() for n in (300, 333, 333))
-h, plain = hopper_inputs(q, k, v, schemes["nvfp4"]), kernel_inputs(q, k, v, schemes["nvfp4"])
-tiled.append(torch.equal(h["q"].view(torch.int16), plain["q"].reshape(-1, 32).view(torch.int16)))
-tiled.append(torch.equal(h["bias"][:, :, :333].view(torch.int16), plain["bias"].reshape(2, 3, 333).view(torch.int16)))
-tiled.append(bool((h["bias"][:, :, 333:384] == float("-inf")).all() and (h["bias"][:, :, 384:] == 0).all()))
-out["tiled_prep"] = tiled
 print(json.dumps(out))
 """
 
@@ -288,7 +270,6 @@ def test_fused_kernel_matches_the_eager_emulation_on_adversarial_inputs():
     proc = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res.pop("tiled_prep") == [True] * 7
     for name, (ok, worst, unequal) in res.items():
         assert ok, (name, worst)
         assert not unequal, (name, unequal)

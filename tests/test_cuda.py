@@ -83,24 +83,3 @@ def test_attention_prep_on_cuda_equals_the_eager_quantizer_and_the_kernel_passes
     assert prep_mismatches(s, 128, torch.bfloat16, torch.device("cuda")) == []
     ok, detail = compare(s, 128, torch.bfloat16, torch.device("cuda"))
     assert ok, detail
-
-
-def test_hopper_nvfp4_attention_kernel_passes_its_check_and_is_what_attention_runs():
-    """On compute capability 9.0: the Gluon nvfp4 kernel (vqx.quant.attention_hopper) matches the eager emulation
-    on the adversarial inputs within the nvfp4 tolerance, at Wan's head dim and at 64, and `attention` runs it."""
-    from vqx.config.presets import attention_preset
-    from vqx.quant import attention_hopper as hopper
-    from vqx.quant import fastpath
-    from vqx.quant.attention import attention
-    from vqx.quant.attention_kernel import compare
-
-    s = attention_preset("nvfp4")
-    q = torch.randn(1, 2, 200, 128, device="cuda").bfloat16()
-    if not hopper.serves(s, q):
-        pytest.skip("no Gluon or not compute capability 9.0")
-    for d in (128, 64):
-        ok, detail = compare(s, d, torch.bfloat16, torch.device("cuda"),
-                             fused=lambda q, k, v: hopper.launch(hopper.hopper_inputs(q, k, v, s)))
-        assert ok, (d, detail)
-    attention(q, q, q, s)
-    assert any(r["kernel"] == "qattn_hopper" and r["bit_exact"] for r in fastpath.report())

@@ -74,7 +74,7 @@ else:
     def _reciprocal_e4m3(s):
         """1 / s rounded to nearest for an e4m3 value s > 0: the approximate division and one Newton step, exact for
         each of e4m3's 8 significands from any start within 2 ulp (checked)."""
-        r = tl.fdiv(s * 0.0 + 1.0, s)  # div.full.f32: within 2 ulp (1.0 with s's layout, for Gluon too)
+        r = tl.fdiv(tl.full(s.shape, 1.0, tl.float32), s)  # div.full.f32: within 2 ulp
         return tl.math.fma(tl.math.fma(-s, r, 1.0), r, r)
 
 
@@ -206,41 +206,31 @@ def quantize_groups(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, limit, ep
 
 
 @triton.jit
-def _key_position(t):
-    """The column of a `_tile_keys` (PERMUTE) tile that holds key t: its inverse."""
-    r = t % 64
-    return t - r + 8 * ((r % 16) // 2) + 2 * (r // 16) + r % 2
-
-
-@triton.jit
-def nvfp4_values(X, Out, H, L, OUT_L, sx_b, sx_h, sx_l, D: tl.constexpr, BLOCK_L: tl.constexpr,
-                 ALONG_TOKENS: tl.constexpr, PERMUTE: tl.constexpr):
-    """x [B, H, L, D] bf16 -> its FP4 values [B, H, OUT_L, D] bf16 (exact): 1x16 blocks along D (Q, K) or along the
-    tokens (V; tokens past L count as the zeros they are padded with); rows L to OUT_L are zeros. PERMUTE: each 64
-    rows in `_tile_keys`' order (BLOCK_L a multiple of 64), for kernels that read key tiles whole."""
+def nvfp4_values(X, Out, H, L, sx_b, sx_h, sx_l, D: tl.constexpr, BLOCK_L: tl.constexpr,
+                 ALONG_TOKENS: tl.constexpr):
+    """x [B, H, L, D] bf16 -> its FP4 values [B, H, L, D] bf16 (exact): 1x16 blocks along D (Q, K) or along the
+    tokens (V; tokens past L count as the zeros they are padded with)."""
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, D)
-    x = _load_bf16(X + (bh // H) * sx_b + (bh % H) * sx_h + rows[:, None] * sx_l + offs_d[None, :], (rows < L)[:, None])
+    ok = rows < L
+    x = _load_bf16(X + (bh // H) * sx_b + (bh % H) * sx_h + rows[:, None] * sx_l + offs_d[None, :], ok[:, None])
     if ALONG_TOKENS:
         val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L // 16, 16, D)), (1,), True), (BLOCK_L, D))
     else:
         val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L, D // 16, 16)), (2,), True), (BLOCK_L, D))
-    dst = _key_position(rows) if PERMUTE else rows
-    _store_bf16(Out + bh * OUT_L * D + dst[:, None] * D + offs_d[None, :], val, (rows < OUT_L)[:, None])
+    _store_bf16(Out + bh * L * D + rows[:, None] * D + offs_d[None, :], val, ok[:, None])
 
 
-def _nvfp4(x: torch.Tensor, along_tokens: bool, tile: int = 0) -> torch.Tensor:
-    """x [B, H, L, D] bf16 (D contiguous) -> quantize_nvfp4's values along D or the tokens, bf16 contiguous; tile 64:
-    [B, H, L padded to 64, D] with each 64 rows in `_tile_keys`' order (zeros past L)."""
+def _nvfp4(x: torch.Tensor, along_tokens: bool) -> torch.Tensor:
+    """x [B, H, L, D] bf16 (D contiguous) -> quantize_nvfp4's values along D or the tokens, bf16 contiguous."""
     b, h, n, d = x.shape
-    assert x.stride(3) == 1 and tile in (0, 64)
-    block_l = 64 if tile else max(16, min(64, 8192 // d))
-    n_out = -(-n // 64) * 64 if tile else n
-    out = torch.empty(b, h, n_out, d, dtype=torch.bfloat16, device=x.device)
-    nvfp4_values[(fp.triton_cdiv(n_out, block_l), b * h)](x.view(torch.int16), out.view(torch.int16), h, n, n_out,
-                                                          x.stride(0), x.stride(1), x.stride(2), D=d, BLOCK_L=block_l,
-                                                          ALONG_TOKENS=along_tokens, PERMUTE=bool(tile))
+    assert x.stride(3) == 1
+    block_l = max(16, min(64, 8192 // d))
+    out = torch.empty(b, h, n, d, dtype=torch.bfloat16, device=x.device)
+    nvfp4_values[(fp.triton_cdiv(n, block_l), b * h)](x.view(torch.int16), out.view(torch.int16), h, n, x.stride(0),
+                                                      x.stride(1), x.stride(2), D=d, BLOCK_L=block_l,
+                                                      ALONG_TOKENS=along_tokens)
     return out
 
 
@@ -557,14 +547,13 @@ def prep_mismatches(s: AttentionScheme, d: int, dtype: torch.dtype, device) -> l
 
 
 def compare(s: AttentionScheme, d: int, dtype: torch.dtype, device, config=None,
-            fp8_qk_acc: int | None = None, fused=None) -> tuple[bool, dict]:
-    """The fused path (prep and kernel; `launch`'s config and fp8_qk_acc, or ``fused(q, k, v)``) vs the eager path on
-    `check_inputs`: (within TOLERANCE everywhere, the worst relative difference per case)."""
-    fused = fused or (lambda q, k, v: launch(kernel_inputs(q, k, v, s), s, config, fp8_qk_acc))
+            fp8_qk_acc: int | None = None) -> tuple[bool, dict]:
+    """The fused path (prep and kernel; `launch`'s config and fp8_qk_acc) vs the eager path on `check_inputs`: (within
+    TOLERANCE everywhere, the worst relative difference per case)."""
     worst = {}
     for name, (q, k, v) in check_inputs(d, dtype, device).items():
         want = attention_eager(quantize_inputs(q, k, v, s), s, dtype).float()
-        got = fused(q, k, v).float()
+        got = launch(kernel_inputs(q, k, v, s), s, config, fp8_qk_acc).float()
         row = want.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         finite = bool(torch.isfinite(got).all()) or bool(torch.equal(torch.isfinite(got), torch.isfinite(want)))
         worst[name] = float(((got - want).abs() / row).nan_to_num(0.0).max()) if finite else "non-finite"
@@ -574,18 +563,9 @@ def compare(s: AttentionScheme, d: int, dtype: torch.dtype, device, config=None,
 
 
 def attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: AttentionScheme) -> torch.Tensor:
-    """The fused path where it passed its check on this device, else the eager path; q/k/v [B, H, L, D]. nvfp4 on
-    Hopper runs vqx.quant.attention_hopper's kernel (checked the same way), the rest this module's."""
-    from . import attention_hopper as hopper  # it builds on this module
-
+    """The fused path where it passed its check on this device, else the eager path; q/k/v [B, H, L, D]."""
     d = q.shape[-1]
     if fp.wants_triton(q) and q.dtype == torch.bfloat16 and d in (16, 32, 64, 128, 256):
-        if hopper.serves(s, q):
-            run = lambda q, k, v: hopper.launch(hopper.hopper_inputs(q, k, v, s))  # noqa: E731
-            key = ("qattn_hopper", q.device.type, s, d, q.dtype)
-            out = fp.fast(key, lambda: compare(s, d, q.dtype, q.device, fused=run), lambda: run(q, k, v))
-            if out is not None:
-                return out
         key = ("qattn", q.device.type, s, d, q.dtype)
         out = fp.fast(key, lambda: compare(s, d, q.dtype, q.device), lambda: launch(kernel_inputs(q, k, v, s), s))
         if out is not None:
