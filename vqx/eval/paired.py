@@ -80,8 +80,9 @@ def _anova_f(groups: list[list[float]]) -> float:
     """One-way ANOVA F: the mean square between groups over the mean square within them (inf if within is 0)."""
     n, g = sum(len(x) for x in groups), len(groups)
     grand = sum(sum(x) for x in groups) / n
-    between = sum(len(x) * (statistics.fmean(x) - grand) ** 2 for x in groups) / (g - 1)
-    within = sum(sum((v - statistics.fmean(x)) ** 2 for v in x) for x in groups) / (n - g)
+    means = [statistics.fmean(x) for x in groups]
+    between = sum(len(x) * (m - grand) ** 2 for x, m in zip(groups, means)) / (g - 1)
+    within = sum(sum((v - m) ** 2 for v in x) for x, m in zip(groups, means)) / (n - g)
     return between / within if within > 0 else math.inf
 
 
