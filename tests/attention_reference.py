@@ -34,6 +34,20 @@ def nvfp4_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def nvfp4_p_rows(p: torch.Tensor) -> torch.Tensor:
+    """P [N, C] >= 0 in 1x16 blocks as sageattn3's softmax quantizes it: a = absmax / 6 (fp32, not rounded),
+    e2m1(p / a), times e4m3(a)."""
+    out = torch.zeros_like(p)
+    for r in range(p.shape[0]):
+        for c in range(0, p.shape[1], 16):
+            blk = p[r, c:c + 16]
+            a = blk.max() / torch.tensor(6.0)
+            if a > 0:
+                sf = float(a.clamp(max=448.0).to(torch.float8_e4m3fn).float())
+                out[r, c:c + 16] = e2m1(blk / a) * sf
+    return out
+
+
 def token_groups(n: int, granularity: str, block: int, warp: int, role: str) -> list[list[int]]:
     groups = []
     if granularity == "block":
@@ -141,7 +155,7 @@ def one_head(q, k, v, s) -> torch.Tensor:
         else:
             width = p.shape[1]
             pp = torch.cat([p, p.new_zeros(lq, (-width) % 16)], dim=1)
-            part = nvfp4_rows(pp)[:, :width] @ vq[t:t + s.block_kv]
+            part = nvfp4_p_rows(pp)[:, :width] @ vq[t:t + s.block_kv]
         acc = acc * alpha + part
         m = m_new
     if s.pv == "fp8":

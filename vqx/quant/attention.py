@@ -12,7 +12,9 @@ each scheme below):
 - The scores are dequantized in fp32 and the softmax runs online over key tiles of ``block_kv`` tokens, as the
   kernels do: a tile's probabilities P are exponentiated against the running row max *after* that tile, and it
   is this unnormalized P that is quantized (fp8: scaled so a row's max is 448; NVFP4: so it is 448 * 6, then
-  1x16 microscaled along the keys). The row sums use P before quantization (the kernels sum the fp32 values).
+  1x16 microscaled along the keys, each block divided by its unrounded ``absmax / 6`` and dequantized with that
+  scale rounded to e4m3, as sageattn3's softmax does; see `quantize_nvfp4_p`). The row sums use P before
+  quantization (the kernels sum the fp32 values).
 - P . V: fp16 with the tile's product rounded to fp16 (SageAttention1's Triton kernel accumulates each tile in
   fp16 and adds it to an fp32 accumulator); fp8 e4m3 with V scaled per channel (``absmax over tokens / 448``,
   SageAttention2); NVFP4 with V in 1x16 blocks along the tokens (SageAttention3).
@@ -166,6 +168,19 @@ def quantize_nvfp4(x: torch.Tensor, dim: int) -> torch.Tensor:
     return (codes * sf).flatten(-2).movedim(-1, dim)
 
 
+def quantize_nvfp4_p(p: torch.Tensor) -> torch.Tensor:
+    """SageAttention3's P quantizer, along the last dim (a multiple of 16): per 16 values ``a = absmax / 6`` in
+    fp32, codes ``e2m1(p / a)`` (so the block's largest value is code 6), dequantized with ``e4m3(a)``.
+    sageattn3's softmax_fused.h computes ``a`` (AbsMaxP) and divides P by it unrounded; only the scale it hands
+    the block-scaled MMA is rounded to e4m3 (mainloop_tma_ws.h's quantize): unlike Q, K and V
+    (`quantize_nvfp4`), P's codes are not relative to the rounded scale. p >= 0; blocks of zeros give zeros."""
+    blocks = p.float().unflatten(-1, (-1, NVFP4_BLOCK))
+    a = divide(blocks.amax(dim=-1, keepdim=True), FP4_MAX)
+    codes = minifloat_round(torch.where(a > 0, blocks / torch.where(a > 0, a, 1.0), 0.0), 2, 1)
+    sf = torch.clamp(a, max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()  # cvt.rn.satfinite
+    return (codes * sf).flatten(-2)
+
+
 def _pad_tokens(x: torch.Tensor, multiple: int) -> torch.Tensor:
     pad = (-x.shape[2]) % multiple
     return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
@@ -244,7 +259,7 @@ def quantize_p(p: torch.Tensor, s: AttentionScheme) -> torch.Tensor:
         return p.half().float()
     if s.pv == "fp8":
         return torch.clamp(p, max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
-    return quantize_nvfp4(p, -1)
+    return quantize_nvfp4_p(p)
 
 
 def p_log2_offset(s: AttentionScheme) -> float:

@@ -28,7 +28,7 @@ import triton.language as tl
 from . import fastpath as fp
 from .attention import (FP8_E4M3_MAX, LOG2E, SAGE3_Q_GROUP, AttentionScheme, attention_eager, divide, group_layout,
                         group_max, k_groups, p_log2_offset, q_groups, quantize_inputs, smooth_qk)
-from .kernels import INTERPRET, _bf16, _fp8_codes, _load_bf16, _round_e4m3, _store_bf16
+from .kernels import INTERPRET, _bf16, _fp8_codes, _fp8_dequant, _load_bf16, _round_e4m3, _store_bf16
 
 # Fused vs eager, per output row: |difference| <= tolerance(scheme) * the row's largest |eager output|. Measured on
 # the H200 and an H100 (bench/results/attention_kernel.json "checks"): at most 3.0e-3 for nvfp4 (bf16 values, fp32
@@ -41,17 +41,21 @@ QUANT_CODE = {"int8": 0, "fp8": 1}
 
 
 @triton.jit
-def _round_e2m1(y):
+def _round_e2m1(y, SATURATE: tl.constexpr = True):
     """y >= 0 onto E2M1 (0, 0.5, 1, 1.5, 2, 3, 4, 6), ties to even, saturating. One IEEE addition rounds: for y in
     [2**e, 2**(e + 1)) (e >= 0; below 1 the subnormal step 0.5), c = 2**(e + 22) has an ulp of 2**(e - 1), E2M1's
     step there, so (y + c) - c is y rounded half to even onto that step (6 cannot round past 6: 5 ties to 4). Both
-    are fmas of the binade 2**e: b * 2**22 is exact, so each rounds once, as the addition and the subtraction do."""
-    a = tl.minimum(y, 6.0)
+    are fmas of the binade 2**e: b * 2**22 is exact, so each rounds once, as the addition and the subtraction do.
+    SATURATE False: the caller guarantees y < 7 (which rounds to at most 6 without the clamp)."""
+    a = y
+    if SATURATE:
+        a = tl.minimum(y, 6.0)
     binade = (tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
     return tl.math.fma(binade, -4194304.0, tl.math.fma(binade, 4194304.0, a))
 
 
 RN_SIXTH = tl.constexpr(0.16666667163372040)  # 1 / 6 rounded to fp32: 0x3E2AAAAB
+LOG2_6 = tl.constexpr(2.5849626064300537)  # log2(6) rounded to fp32: 0x40257007
 
 if INTERPRET:  # numpy's fp32 division is IEEE's; the interpreter's fma rounds twice, so the steps below would not be
     @triton.jit
@@ -61,6 +65,12 @@ if INTERPRET:  # numpy's fp32 division is IEEE's; the interpreter's fma rounds t
     @triton.jit
     def _reciprocal_e4m3(s):
         return 1.0 / s
+
+    @triton.jit
+    def _log2_p_scale_up(block_max, row_scale):
+        return block_max * row_scale - LOG2_6
+
+    P_CODES_SATURATE = tl.constexpr(True)  # no directed rounding above: the clamp keeps E2M1's range
 else:
     @triton.jit
     def _div6(x):
@@ -77,6 +87,16 @@ else:
         r = tl.fdiv(tl.full(s.shape, 1.0, tl.float32), s)  # div.full.f32: within 2 ulp
         return tl.math.fma(tl.math.fma(-s, r, 1.0), r, r)
 
+    @triton.jit
+    def _log2_p_scale_up(block_max, row_scale):
+        """block_max * row_scale - log2 6 in one fma rounded up: a nvfp4 P block's exponents s * row_scale - this
+        (s <= block_max), rounded to nearest, are at most log2 6 for any finite scores, so P over its block scale
+        stays below 7 and E2M1's rounding needs no clamp."""
+        return tl.inline_asm_elementwise("fma.rp.f32 $0, $1, $2, 0fC0257007;", "=r,r,r", [block_max, row_scale],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+    P_CODES_SATURATE = tl.constexpr(False)
+
 
 @triton.jit
 def _expand(x, AXES: tl.constexpr):
@@ -87,30 +107,13 @@ def _expand(x, AXES: tl.constexpr):
 
 
 @triton.jit
-def _nvfp4_blocks(x, AXES: tl.constexpr, SIGNED: tl.constexpr):
-    """SageAttention3's FP4 values of x, one block per index of the other axes, its 16 elements along AXES
-    (descending): ``sf = e4m3(absmax / 6)`` (saturating), ``e2m1(x * (1 / sf)) * sf``, as
-    vqx.quant.attention.quantize_nvfp4; SIGNED False: x >= 0 (P), which skips the signs."""
-    a = x
-    if SIGNED:
-        a = tl.abs(x)
-    for i in tl.static_range(len(AXES)):
-        a = tl.max(a, AXES[i])
-    return _nvfp4_scaled(x, a, AXES, SIGNED)
-
-
-@triton.jit
-def _nvfp4_scaled(x, amax, AXES: tl.constexpr, SIGNED: tl.constexpr):
-    """`_nvfp4_blocks` given each block's absmax (x reduced over AXES)."""
-    sf = _round_e4m3(_div6(amax))
-    inv = _expand(tl.where(sf == 0.0, 0.0, _reciprocal_e4m3(sf)), AXES)
-    y = x * inv
-    if SIGNED:
-        mag = _round_e2m1(tl.abs(y))
-        y = tl.where(y < 0.0, -mag, mag)
-    else:
-        y = _round_e2m1(y)
-    return y * _expand(sf, AXES)
+def _nvfp4_blocks(x, AXIS: tl.constexpr):
+    """SageAttention3's FP4 values of Q, K or V (fp4_quantization_4d.cu), blocks of 16 along AXIS:
+    ``sf = e4m3(absmax / 6)`` (saturating), ``e2m1(x * (1 / sf)) * sf``, as vqx.quant.attention.quantize_nvfp4."""
+    sf = _round_e4m3(_div6(tl.max(tl.abs(x), AXIS)))
+    y = x * tl.expand_dims(tl.where(sf == 0.0, 0.0, _reciprocal_e4m3(sf)), AXIS)
+    mag = _round_e2m1(tl.abs(y))
+    return tl.where(y < 0.0, -mag, mag) * tl.expand_dims(sf, AXIS)
 
 
 @triton.jit
@@ -216,9 +219,9 @@ def nvfp4_values(X, Out, H, L, sx_b, sx_h, sx_l, D: tl.constexpr, BLOCK_L: tl.co
     ok = rows < L
     x = _load_bf16(X + (bh // H) * sx_b + (bh % H) * sx_h + rows[:, None] * sx_l + offs_d[None, :], ok[:, None])
     if ALONG_TOKENS:
-        val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L // 16, 16, D)), (1,), True), (BLOCK_L, D))
+        val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L // 16, 16, D)), 1), (BLOCK_L, D))
     else:
-        val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L, D // 16, 16)), (2,), True), (BLOCK_L, D))
+        val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L, D // 16, 16)), 2), (BLOCK_L, D))
     _store_bf16(Out + bh * L * D + rows[:, None] * D + offs_d[None, :], val, ok[:, None])
 
 
@@ -354,13 +357,21 @@ def _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, V_STRIDE, start_n, lk
     if PV == 2 and BLOCK_N % 64 == 0:  # nvfp4 P in `_tile_keys`' order: axes (tile // 64, j, block, e)
         s = tl.reshape(s, (BLOCK_M, BLOCK_N // 64, 8, 4, 2))
         # [M, N / 64, 4]: of s, so that the row max reads 1/16 of the scores; in-register axes first
-        block_max = tl.max(tl.max(s, 4), 2) * _expand(row_scale, (2, 1))
+        s_max = tl.max(tl.max(s, 4), 2)
+        rs = _expand(row_scale, (2, 1))
+        block_max = s_max * rs
         m_new = tl.maximum(m_i, tl.max(tl.max(block_max, 1), 1))
-        shift = m_new - p_offset
-        p = tl.math.exp2(s * _expand(row_scale, (4, 3, 2, 1)) - _expand(shift, (4, 3, 2, 1)))
-        # exp2 is monotone: the block's largest p, without a max over p
-        pq = _nvfp4_scaled(p, tl.math.exp2(block_max - _expand(shift, (2, 1))), (4, 2), False)
-        row_sum = tl.sum(tl.sum(tl.sum(tl.sum(p, 4), 2), 1), 1)
+        # sageattn3 divides each block of p by a = its largest p / 6, unrounded: p / a = exp2(s - block_max + log2 6)
+        # (log2 units), free of the row max, one exp2 per score; p itself is only summed, as a * sum(p / a)
+        a = tl.math.exp2(block_max - _expand(m_new - p_offset, (2, 1)) - LOG2_6)
+        off = _log2_p_scale_up(s_max, tl.broadcast_to(rs, s_max.shape))
+        if MASK:  # a block of masked keys only: p / a = 0, not exp2(-inf + inf)
+            off = tl.where(s_max == float("-inf"), 0.0, off)
+        y = tl.math.exp2(s * _expand(row_scale, (4, 3, 2, 1)) - _expand(off, (4, 2)))
+        row_sum = tl.sum(tl.sum(a * tl.sum(tl.sum(y, 4), 2), 2), 1)
+        # codes times a's e4m3 (satfinite): both and the product exact in bf16, multiplied two at a time
+        pdt = V.dtype.element_ty
+        pq = _round_e2m1(y, P_CODES_SATURATE).to(pdt) * _expand(_fp8_dequant(a), (4, 2)).to(pdt)
         pq = tl.reshape(pq, (BLOCK_M, BLOCK_N))
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
@@ -369,9 +380,11 @@ def _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, V_STRIDE, start_n, lk
             x = tl.where(col_ok[None, :], x, float("-inf"))
         p = tl.math.exp2(x)
         row_sum = tl.sum(p, 1)
-        if PV == 2:  # nvfp4 P in key order: a block's keys span 4 lanes (slower)
-            pq = tl.reshape(_nvfp4_blocks(tl.reshape(p, (BLOCK_M, BLOCK_N // 16, 16)), (2,), False),
-                            (BLOCK_M, BLOCK_N))
+        if PV == 2:  # nvfp4 P in key order: a block's keys span 4 lanes (slower); the eager path's IEEE ops
+            pb = tl.reshape(p, (BLOCK_M, BLOCK_N // 16, 16))
+            a = _div6(tl.max(pb, 2))
+            y = tl.div_rn(pb, tl.where(a == 0.0, 1.0, a)[:, :, None])  # a block of zeros stays 0
+            pq = tl.reshape(_round_e2m1(y) * _fp8_dequant(a)[:, :, None], (BLOCK_M, BLOCK_N))
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + row_sum
     acc = acc * alpha[:, None]
