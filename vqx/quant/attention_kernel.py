@@ -347,11 +347,8 @@ def _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, V_STRIDE, start_n, lk
             s = s * (qs[:, None] * ks[None, :])
         else:  # q_scale is in row_scale: one multiply per score here
             s = s * ks[None, :]
-    if HAS_BIAS:  # this query tile's group's row of q_group_mean . k
-        if MASK:
-            s = s + _load_bf16(BIAS + cols, col_ok)[None, :]
-        else:
-            s = s + _load_bf16(BIAS + cols, None)[None, :]
+    if HAS_BIAS:  # this query tile's group's row of q_group_mean . k, in the tile's column order (`bias_layout`)
+        s = s + tl.load(BIAS + start_n + offs_n)[None, :]
     if MASK:
         s = tl.where(col_ok[None, :], s, float("-inf"))
     if PV == 2 and BLOCK_N % 64 == 0:  # nvfp4 P in `_tile_keys`' order: axes (tile // 64, j, block, e)
@@ -415,7 +412,8 @@ def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p
               HAS_QK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_SCALE: tl.constexpr,
               QK_INT8: tl.constexpr, QK_FP8_ACC: tl.constexpr, NATIVE_FP8: tl.constexpr, Q_GROUP: tl.constexpr):
     """Out [B, Lq, H, D] (the layout Wan's output projection reads) from q [B*H, Lq, D], k [B*H, Lk, D] and v
-    [B*H, Lk, D] or, for fp8 P.V, v^T [B*H, D, v_stride]; bias [B*H, groups of Q_GROUP queries, Lk]."""
+    [B*H, Lk, D] or, for fp8 P.V, v^T [B*H, D, v_stride]; bias [B*H, groups of Q_GROUP queries, Lk] as
+    `bias_layout` writes it."""
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -431,7 +429,7 @@ def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p
         row_scale = qs * log2_scale
     if HAS_BIAS:
         tl.static_assert(Q_GROUP % BLOCK_M == 0)
-        BIAS += (bh * tl.cdiv(lq, Q_GROUP) + start_m * BLOCK_M // Q_GROUP) * lk
+        BIAS += (bh * tl.cdiv(lq, Q_GROUP) + start_m * BLOCK_M // Q_GROUP) * (tl.cdiv(lk, BLOCK_N) * BLOCK_N)
     K += bh * lk * D
     if PV == 1:
         V += bh * v_stride * D
@@ -489,6 +487,30 @@ def _operand_dtypes(s: AttentionScheme, fp8_qk_acc: int = 0) -> tuple[torch.dtyp
     return torch.float16 if s.qk == "fp8" and not fp8_qk_acc else native[s.qk], native[s.pv]
 
 
+def bias_layout(bias: torch.Tensor, block_n: int, nvfp4_p: bool) -> torch.Tensor:
+    """The scores' bias [B, H, groups, Lk] as the kernel reads it: fp32 (the bf16 values, exact), each row padded
+    with zeros to whole key tiles, its columns in `_tile_keys`' order where the kernel permutes the keys (nvfp4 P
+    with tiles of a multiple of 64), so that a tile's bias is one contiguous load."""
+    *lead, lk = bias.shape
+    out = torch.empty(*lead, -(-lk // block_n) * block_n, dtype=torch.float32, device=bias.device)
+    if not (nvfp4_p and block_n % 64 == 0):
+        out[..., :lk] = bias
+        out[..., lk:] = 0.0
+        return out
+
+    def put(dst, src):  # column 8j + 2b + e of every 64 holds key 16b + 2j + e
+        dst.unflatten(-1, (-1, 8, 4, 2)).copy_(src.unflatten(-1, (-1, 4, 8, 2)).transpose(-3, -2))
+
+    full = lk // 64 * 64
+    put(out[..., :full], bias[..., :full])
+    out[..., full:] = 0.0
+    if full < lk:
+        tail = torch.zeros(*lead, 64, dtype=torch.float32, device=bias.device)
+        tail[..., :lk - full] = bias[..., full:]
+        put(out[..., full:full + 64], tail)
+    return out
+
+
 def launch(ops: dict, s: AttentionScheme, config: tuple[int, int, int] | None = None,
            fp8_qk_acc: int | None = None) -> torch.Tensor:
     """The kernel over `kernel_inputs`' operands: [B, H, Lq, D] bf16 (a view of a [B, Lq, H, D] tensor);
@@ -509,10 +531,10 @@ def launch(ops: dict, s: AttentionScheme, config: tuple[int, int, int] | None = 
             v[..., :lk].copy_(ops["v"].transpose(-1, -2))
     else:
         v = ops["v"].to(v_dtype).contiguous()
-    bias = ops["bias"].to(torch.bfloat16).contiguous().view(torch.int16) if ops["bias"] is not None else q
+    block_m, warps, stages = config or kernel_config(s)
+    bias = bias_layout(ops["bias"], s.block_kv, PV_CODE[s.pv] == 2) if ops["bias"] is not None else q
     scale = lambda t: t.float().contiguous() if t is not None else q  # noqa: E731
     out = torch.empty(b, lq, h, d, dtype=torch.bfloat16, device=q.device)  # stored through its int16 view
-    block_m, warps, stages = config or kernel_config(s)
     qattn_fwd[(fp.triton_cdiv(lq, block_m), b * h)](
         q, k, v, scale(ops["qs"]), scale(ops["ks"]), scale(ops["vs"]), bias, out.view(torch.int16), h, lq, lk, v_stride,
         float(ops["log2_scale"]), float(ops["p_offset"]), D=d, BLOCK_M=block_m, BLOCK_N=s.block_kv,
