@@ -247,6 +247,9 @@ schemes = {name: attention_preset(name) for name in ("sage1", "sage2", "sage2_k_
 schemes["periods_not_pow2"] = replace(schemes["sage2"], warp_q=24, block_k=40)
 schemes["blocks_not_pow2"] = replace(schemes["fp8"], block_q=48, block_k=80)
 schemes["nvfp4_tiles_of_32"] = replace(schemes["nvfp4"], block_kv=32)  # P's blocks in key order (no permutation)
+# Q less its per-128-token means as the prep reads it (one pass; two passes), and the scores' bias
+schemes["sage2_smooth_q"] = replace(schemes["sage2"], smooth_q=True)
+schemes["smooth_q_blocks_not_pow2"] = replace(schemes["fp8"], smooth_q=True, block_q=48)
 for name, s in schemes.items():
     ok, detail = compare(s, 16, torch.bfloat16, torch.device("cpu"))
     out[name] = [ok, detail["max_rel_diff"], prep_mismatches(s, 16, torch.bfloat16, torch.device("cpu"))]
@@ -274,10 +277,11 @@ def test_fused_kernel_matches_the_eager_emulation_on_adversarial_inputs():
     for name, (ok, worst, unequal) in res.items():
         assert ok, (name, worst)
         assert not unequal, (name, unequal)
-        exact = ("all_equal_keys", "zero_queries", "zero_values") + (() if "pow2" in name else ("one_huge_logit",))
+        exact = ("all_equal_keys", "zero_queries", "zero_values") + (
+            () if "pow2" in name or "smooth_q" in name else ("one_huge_logit",))
         assert all(worst[case] == 0.0 for case in exact), name
         assert worst["random"] <= 4e-3, name
-    assert set(res) >= {"periods_not_pow2", "blocks_not_pow2", "nvfp4_tiles_of_32"}
+    assert set(res) >= {"periods_not_pow2", "blocks_not_pow2", "nvfp4_tiles_of_32", "sage2_smooth_q"}
 
 
 def test_eval_gemm_kernel_runs_sageattentions_kernel_where_installed_and_reports_the_difference(tmp_path, monkeypatch):

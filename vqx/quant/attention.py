@@ -205,20 +205,31 @@ class Quantized:
     p_offset: float  # log2 of P's row max (`p_log2_offset`)
 
 
-def smooth_qk(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):
-    """(Q, K, Q's group means [B, H, groups, D] or None), smoothed in the input dtype as the kernels do: K minus its
-    token mean (SageAttention), Q minus its per-128-token mean (SageAttention3: Q padded to 128 tokens with zeros,
-    the pads counted in the last group's mean)."""
-    if s.smooth_k:
-        k = k - k.mean(dim=2, keepdim=True)
-    group_mean = None
+def smoothing_means(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):
+    """(K's token mean [B, H, 1, D], Q's per-128-token means [B, H, groups, D]), each None where `s` does not smooth,
+    in the input dtype (means of fp32 sums): SageAttention's K smoothing, SageAttention3's Q smoothing (Q padded to
+    128 tokens with zeros, the pads counted in the last group's mean)."""
+    k_mean = k.mean(dim=2, keepdim=True) if s.smooth_k else None
+    q_mean = None
     if s.smooth_q:
         lq = q.shape[2]
-        groups = _pad_tokens(q, SAGE3_Q_GROUP).unflatten(2, (-1, SAGE3_Q_GROUP))
-        qm = groups.float().mean(dim=3, keepdim=True).to(q.dtype)
-        q = (groups - qm).flatten(2, 3)[:, :, :lq]
-        group_mean = qm.squeeze(3)
-    return q, k, group_mean
+        full = lq // SAGE3_Q_GROUP * SAGE3_Q_GROUP
+        sums = q[:, :, :full].unflatten(2, (-1, SAGE3_Q_GROUP)).sum(dim=3, dtype=torch.float32)
+        if full < lq:
+            sums = torch.cat([sums, q[:, :, full:].sum(dim=2, keepdim=True, dtype=torch.float32)], dim=2)
+        q_mean = (sums / SAGE3_Q_GROUP).to(q.dtype)
+    return k_mean, q_mean
+
+
+def smooth_qk(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):
+    """(Q, K, Q's group means [B, H, groups, D] or None): Q and K less their `smoothing_means`, in the input dtype
+    as the kernels subtract them."""
+    k_mean, q_mean = smoothing_means(q, k, s)
+    if k_mean is not None:
+        k = k - k_mean
+    if q_mean is not None:
+        q = q - q_mean.repeat_interleave(SAGE3_Q_GROUP, dim=2)[:, :, :q.shape[2]]
+    return q, k, q_mean
 
 
 def quantize_qk(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import fastpath as fp
 from .attention import (FP8_E4M3_MAX, LOG2E, SAGE3_Q_GROUP, AttentionScheme, attention_eager, divide, group_layout,
-                        group_max, k_groups, p_log2_offset, q_groups, quantize_inputs, smooth_qk)
+                        group_max, k_groups, p_log2_offset, q_groups, quantize_inputs, smoothing_means)
 from .kernels import INTERPRET, _bf16, _fp8_codes, _fp8_dequant, _load_bf16, _round_e4m3, _store_bf16
 
 # Fused vs eager, per output row: |difference| <= tolerance(scheme) * the row's largest |eager output|. Measured on
@@ -133,13 +133,18 @@ def _tile_keys(offs_n, PERMUTE: tl.constexpr):
 
 @triton.jit
 def _load_tokens(X, MEAN, bh, H, rows, offs_d, L, sx_b, sx_h, sx_l, prescale, D: tl.constexpr,
-                 HAS_MEAN: tl.constexpr, PRESCALE: tl.constexpr):
-    """The values the eager quantizer sees: bf16 input, minus K's token mean in bf16 (``k - k.mean``), times Q's
+                 HAS_MEAN: tl.constexpr, MEAN_GROUP: tl.constexpr, PRESCALE: tl.constexpr):
+    """The values the eager quantizer sees: bf16 input, minus its smoothing mean in bf16 (`smoothing_means`: K's
+    token mean, MEAN [B*H, D] with MEAN_GROUP 0; Q's per-MEAN_GROUP-token means, MEAN [B*H, groups, D]), times Q's
     prescale in fp32."""
     ok = rows < L
     x = _load_bf16(X + (bh // H) * sx_b + (bh % H) * sx_h + rows[:, None] * sx_l + offs_d[None, :], ok[:, None])
     if HAS_MEAN:
-        x = _bf16(x - _load_bf16(MEAN + bh * D + offs_d, offs_d < D)[None, :])
+        if MEAN_GROUP == 0:
+            x = _bf16(x - _load_bf16(MEAN + bh * D + offs_d, offs_d < D)[None, :])
+        else:
+            group = bh * tl.cdiv(L, MEAN_GROUP) + rows // MEAN_GROUP
+            x = _bf16(x - _load_bf16(MEAN + group[:, None] * D + offs_d[None, :], ok[:, None]))
     if PRESCALE:
         x = x * prescale
     return x
@@ -147,10 +152,11 @@ def _load_tokens(X, MEAN, bh, H, rows, offs_d, L, sx_b, sx_h, sx_l, prescale, D:
 
 @triton.jit
 def token_absmax(X, MEAN, Out, H, L, sx_b, sx_h, sx_l, prescale, D: tl.constexpr, BLOCK_L: tl.constexpr,
-                 HAS_MEAN: tl.constexpr, PRESCALE: tl.constexpr):
+                 HAS_MEAN: tl.constexpr, MEAN_GROUP: tl.constexpr, PRESCALE: tl.constexpr):
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    x = _load_tokens(X, MEAN, bh, H, rows, tl.arange(0, D), L, sx_b, sx_h, sx_l, prescale, D, HAS_MEAN, PRESCALE)
+    x = _load_tokens(X, MEAN, bh, H, rows, tl.arange(0, D), L, sx_b, sx_h, sx_l, prescale, D, HAS_MEAN, MEAN_GROUP,
+                     PRESCALE)
     tl.store(Out + bh * L + rows, tl.max(tl.abs(x), 1), mask=rows < L)
 
 
@@ -172,13 +178,14 @@ def _store_codes(Out, bh, L, D: tl.constexpr, rows, offs_d, y, ok, GRID: tl.cons
 
 @triton.jit
 def quantize_tokens(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, out_ld, D: tl.constexpr, BLOCK_L: tl.constexpr,
-                    HAS_MEAN: tl.constexpr, PRESCALE: tl.constexpr, GRID: tl.constexpr, PER_CHANNEL: tl.constexpr):
+                    HAS_MEAN: tl.constexpr, MEAN_GROUP: tl.constexpr, PRESCALE: tl.constexpr, GRID: tl.constexpr,
+                    PER_CHANNEL: tl.constexpr):
     """Codes of x / scale (given per token or per channel); a zero scale divides by 1, as the eager path."""
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, D)
     ok = rows < L
-    x = _load_tokens(X, MEAN, bh, H, rows, offs_d, L, sx_b, sx_h, sx_l, prescale, D, HAS_MEAN, PRESCALE)
+    x = _load_tokens(X, MEAN, bh, H, rows, offs_d, L, sx_b, sx_h, sx_l, prescale, D, HAS_MEAN, MEAN_GROUP, PRESCALE)
     if PER_CHANNEL:
         s = tl.load(S + bh * D + offs_d)[None, :]
     else:
@@ -189,7 +196,7 @@ def quantize_tokens(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, out_ld, D
 @triton.jit
 def quantize_groups(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, limit, eps, D: tl.constexpr,
                     PERIODS: tl.constexpr, R1: tl.constexpr, G: tl.constexpr, R2: tl.constexpr,
-                    HAS_MEAN: tl.constexpr, PRESCALE: tl.constexpr, GRID: tl.constexpr):
+                    HAS_MEAN: tl.constexpr, MEAN_GROUP: tl.constexpr, PRESCALE: tl.constexpr, GRID: tl.constexpr):
     """Scales and int8 / e4m3 codes (GRID as `_store_codes`) in one pass, PERIODS periods of R1 * G * R2 tokens per
     program: token r1 * G * R2 + g * R2 + r2 of a period is in the period's group g (block / warp: one group;
     SageAttention2's per-thread Q: G = 8, K: G = 4, R2 = 2). Scale ``group absmax / limit + eps`` per token, as the
@@ -199,7 +206,7 @@ def quantize_groups(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, limit, ep
     rows = tl.program_id(0) * T + tl.arange(0, T)
     offs_d = tl.arange(0, D)
     ok = rows < L
-    x = _load_tokens(X, MEAN, bh, H, rows, offs_d, L, sx_b, sx_h, sx_l, prescale, D, HAS_MEAN, PRESCALE)
+    x = _load_tokens(X, MEAN, bh, H, rows, offs_d, L, sx_b, sx_h, sx_l, prescale, D, HAS_MEAN, MEAN_GROUP, PRESCALE)
     tok = tl.where(ok, tl.max(tl.abs(x), 1), 0.0)  # rows past L read as 0 minus K's mean
     gmax = tl.max(tl.max(tl.reshape(tok, (PERIODS, R1, G, R2)), 3), 1)  # [PERIODS, G]
     s = tl.div_rn(gmax, limit) + eps
@@ -209,15 +216,15 @@ def quantize_groups(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, limit, ep
 
 
 @triton.jit
-def nvfp4_values(X, Out, H, L, sx_b, sx_h, sx_l, D: tl.constexpr, BLOCK_L: tl.constexpr,
-                 ALONG_TOKENS: tl.constexpr):
-    """x [B, H, L, D] bf16 -> its FP4 values [B, H, L, D] bf16 (exact): 1x16 blocks along D (Q, K) or along the
-    tokens (V; tokens past L count as the zeros they are padded with)."""
+def nvfp4_values(X, MEAN, Out, H, L, sx_b, sx_h, sx_l, D: tl.constexpr, BLOCK_L: tl.constexpr,
+                 ALONG_TOKENS: tl.constexpr, HAS_MEAN: tl.constexpr, MEAN_GROUP: tl.constexpr):
+    """x [B, H, L, D] bf16, less its smoothing mean (`_load_tokens`) -> its FP4 values [B, H, L, D] bf16 (exact):
+    1x16 blocks along D (Q, K) or along the tokens (V; tokens past L count as the zeros they are padded with)."""
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, D)
     ok = rows < L
-    x = _load_bf16(X + (bh // H) * sx_b + (bh % H) * sx_h + rows[:, None] * sx_l + offs_d[None, :], ok[:, None])
+    x = _load_tokens(X, MEAN, bh, H, rows, offs_d, L, sx_b, sx_h, sx_l, 1.0, D, HAS_MEAN, MEAN_GROUP, False)
     if ALONG_TOKENS:
         val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L // 16, 16, D)), 1), (BLOCK_L, D))
     else:
@@ -225,22 +232,26 @@ def nvfp4_values(X, Out, H, L, sx_b, sx_h, sx_l, D: tl.constexpr, BLOCK_L: tl.co
     _store_bf16(Out + bh * L * D + rows[:, None] * D + offs_d[None, :], val, ok[:, None])
 
 
-def _nvfp4(x: torch.Tensor, along_tokens: bool) -> torch.Tensor:
-    """x [B, H, L, D] bf16 (D contiguous) -> quantize_nvfp4's values along D or the tokens, bf16 contiguous."""
+def _nvfp4(x: torch.Tensor, along_tokens: bool, mean: torch.Tensor | None = None, mean_group: int = 0) -> torch.Tensor:
+    """x [B, H, L, D] bf16 (D contiguous), less `mean` (`_load_tokens`) -> quantize_nvfp4's values along D or the
+    tokens, bf16 contiguous."""
     b, h, n, d = x.shape
     assert x.stride(3) == 1
     block_l = max(16, min(64, 8192 // d))
     out = torch.empty(b, h, n, d, dtype=torch.bfloat16, device=x.device)
-    nvfp4_values[(fp.triton_cdiv(n, block_l), b * h)](x.view(torch.int16), out.view(torch.int16), h, n, x.stride(0),
-                                                      x.stride(1), x.stride(2), D=d, BLOCK_L=block_l,
-                                                      ALONG_TOKENS=along_tokens)
+    xi = x.view(torch.int16)
+    nvfp4_values[(fp.triton_cdiv(n, block_l), b * h)](
+        xi, mean.contiguous().view(torch.int16) if mean is not None else xi, out.view(torch.int16), h, n,
+        x.stride(0), x.stride(1), x.stride(2), D=d, BLOCK_L=block_l, ALONG_TOKENS=along_tokens,
+        HAS_MEAN=mean is not None, MEAN_GROUP=mean_group)
     return out
 
 
 def _quantize(x: torch.Tensor, grid: str, s: AttentionScheme | None, operand: str, mean: torch.Tensor | None = None,
-              prescale: float | None = None, v_stride: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, H, L, D] bf16 -> (codes, scales) equal to the eager quantizer's: Q or K (operand "q" / "k") with
-    scales per token [B, H, L, 1] from `s`'s groups; V (s None) per channel [B, H, 1, D]. Codes [B, H, L, D] int8 /
+              prescale: float | None = None, v_stride: int = 0, mean_group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, H, L, D] bf16, less `mean` (`_load_tokens`) -> (codes, scales) equal to the eager quantizer's: Q or K
+    (operand "q" / "k") with scales per token [B, H, L, 1] from `s`'s groups; V (s None) per channel [B, H, 1, D].
+    Codes [B, H, L, D] int8 /
     float8_e4m3fn; for V with v_stride, written transposed into [B, H, D, v_stride] and returned as the
     [B, H, L, D] view of it."""
     b, h, n, d = x.shape
@@ -248,7 +259,7 @@ def _quantize(x: torch.Tensor, grid: str, s: AttentionScheme | None, operand: st
     strides = (x.stride(0), x.stride(1), x.stride(2))
     xi = x.view(torch.int16)
     mi = mean.contiguous().view(torch.int16) if mean is not None else xi
-    flags = dict(D=d, HAS_MEAN=mean is not None, PRESCALE=prescale is not None)
+    flags = dict(D=d, HAS_MEAN=mean is not None, MEAN_GROUP=mean_group, PRESCALE=prescale is not None)
     pre = float(prescale) if prescale is not None else 1.0
     limit = 127.0 if grid == "int8" else FP8_E4M3_MAX
     out_dtype = torch.int8 if grid == "int8" else torch.float8_e4m3fn
@@ -295,18 +306,18 @@ def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Attentio
         bias = x.q_mean[:, :, ::SAGE3_Q_GROUP] @ x.k_smoothed.transpose(-1, -2) if x.q_mean is not None else None
         return dict(q=x.q, qs=None, k=x.k, ks=None, v=x.v, vs=x.v_scale, bias=bias, log2_scale=x.log2_scale,
                     p_offset=x.p_offset)
-    mean, bias = None, None
-    if s.smooth_q or s.qk == "nvfp4":
-        q, k, group_mean = smooth_qk(q, k, s)
-        if group_mean is not None:
-            bias = group_mean @ k.transpose(-1, -2)
-    elif s.smooth_k:  # subtracted as the prep reads K
-        mean = k.mean(dim=2, keepdim=True)
+    k_mean, q_mean = smoothing_means(q, k, s)  # subtracted as the prep reads Q and K ...
+    bias = None
+    if q_mean is not None:  # ... but the bias is of the smoothed K itself
+        k = k - k_mean if k_mean is not None else k
+        k_mean, bias = None, q_mean @ k.transpose(-1, -2)
     if s.qk == "nvfp4":
-        (qc, qs), (kc, ks) = (_nvfp4(q, False), None), (_nvfp4(k, False), None)
+        qc, qs = _nvfp4(q, False, q_mean, SAGE3_Q_GROUP), None
+        kc, ks = _nvfp4(k, False, k_mean), None
     else:
-        qc, qs = _quantize(q, s.qk, s, "q", prescale=(d ** -0.5) * LOG2E if s.q_prescale else None)
-        kc, ks = _quantize(k, s.qk, s, "k", mean=mean)
+        qc, qs = _quantize(q, s.qk, s, "q", mean=q_mean, mean_group=SAGE3_Q_GROUP,
+                           prescale=(d ** -0.5) * LOG2E if s.q_prescale else None)
+        kc, ks = _quantize(k, s.qk, s, "k", mean=k_mean)
     if s.pv == "fp16":
         vc, vs = torch.empty(v.shape, dtype=torch.float16, device=v.device).copy_(v), None
     elif s.pv == "fp8":  # written as V^T with 16-byte aligned rows (`launch`)
