@@ -248,7 +248,8 @@ def _nvfp4(x: torch.Tensor, along_tokens: bool, mean: torch.Tensor | None = None
 
 
 def _quantize(x: torch.Tensor, grid: str, s: AttentionScheme | None, operand: str, mean: torch.Tensor | None = None,
-              prescale: float | None = None, v_stride: int = 0, mean_group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              prescale: float | None = None, v_stride: int = 0,
+              mean_group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, H, L, D] bf16, less `mean` (`_load_tokens`) -> (codes, scales) equal to the eager quantizer's: Q or K
     (operand "q" / "k") with scales per token [B, H, L, 1] from `s`'s groups; V (s None) per channel [B, H, 1, D].
     Codes [B, H, L, D] int8 /
