@@ -4,13 +4,15 @@ Triton flash-attention kernel over them, which quantizes each tile's P on the fl
 The prep (`kernel_inputs`) gives the eager path's codes and scales bit for bit (vqx.quant.attention.quantize_inputs;
 tests/test_attention.py checks it): int8 and fp8 Q and K in one pass per tensor (the scale groups' absmax, then the
 codes; a group period Triton cannot tile takes a token-absmax pass and the eager path's group ops), V per channel,
-nvfp4's FP4 values per 1x16 block; Q smoothing (SageAttention3) with the eager path's ops, its bias ``q_group_mean .
-k`` one row per 128-query group. On the GPU the GEMMs read the operands natively: int8 Q.K on int8 tensor cores, fp8
+nvfp4's FP4 values per 1x16 block; the smoothing means (`smoothing_means`) subtracted as the prep reads Q and K,
+SageAttention3's bias ``q_group_mean . k`` one row per 128-query group. On the GPU the GEMMs read the operands natively: int8 Q.K on int8 tensor cores, fp8
 e4m3 P.V on fp8 ones (P converted with cvt.rn.satfinite, the eager path's rounding; V written transposed so both
 operands are K-major, as SageAttention2 lays it out), fp8 Q.K codes as fp16 (exact; see `FP8_QK_ACC`), fp16 P.V
 accumulated in fp16 per tile (SageAttention1), nvfp4 values in bf16. The output is written as [B, Lq, H, D], the
 layout Wan's output projection reads. nvfp4 P's key tiles run in `_tile_keys`' order (each 16-key block in one
-thread's registers; K, V and the bias read in the same order, so P.V is unchanged). What differs from the eager path
+thread's registers; K, V and the bias read in the same order, so P.V is unchanged), and P over its block's unrounded
+scale comes straight from the scores, ``exp2(s - block max + log2 6)``, as sageattn3 computes it (the eager path
+divides p by absmax / 6). What differs from the eager path
 is the order of fp32 accumulation, ``exp2`` (the GPU's approximate ex2; the compiler fuses the scaling with the
 max's subtraction into one fma) and the tile products' accumulation inside the tensor cores (fp16 for fp16 P.V; Hopper's
 fp8 accumulator keeps fewer bits than fp32, each tile's product added to the fp32 accumulator on its own, as
