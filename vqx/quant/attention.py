@@ -176,7 +176,7 @@ def quantize_nvfp4_p(p: torch.Tensor) -> torch.Tensor:
     (`quantize_nvfp4`), P's codes are not relative to the rounded scale. p >= 0; blocks of zeros give zeros."""
     blocks = p.float().unflatten(-1, (-1, NVFP4_BLOCK))
     a = divide(blocks.amax(dim=-1, keepdim=True), FP4_MAX)
-    codes = minifloat_round(torch.where(a > 0, blocks / torch.where(a > 0, a, 1.0), 0.0), 2, 1)
+    codes = minifloat_round(blocks / torch.where(a > 0, a, 1.0), 2, 1)  # a == 0: a block of zeros
     sf = torch.clamp(a, max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()  # cvt.rn.satfinite
     return (codes * sf).flatten(-2)
 
@@ -222,22 +222,22 @@ def smoothing_means(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):
 
 
 def smooth_qk(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):
-    """(Q, K, Q's group means [B, H, groups, D] or None): Q and K less their `smoothing_means`, in the input dtype
-    as the kernels subtract them."""
+    """(Q, K, each query's group mean [B, H, Lq, D] or None): Q and K less their `smoothing_means`, in the input
+    dtype as the kernels subtract them."""
     k_mean, q_mean = smoothing_means(q, k, s)
     if k_mean is not None:
         k = k - k_mean
     if q_mean is not None:
-        q = q - q_mean.repeat_interleave(SAGE3_Q_GROUP, dim=2)[:, :, :q.shape[2]]
+        q_mean = q_mean.repeat_interleave(SAGE3_Q_GROUP, dim=2)[:, :, :q.shape[2]]
+        q = q - q_mean
     return q, k, q_mean
 
 
 def quantize_qk(q: torch.Tensor, k: torch.Tensor, s: AttentionScheme):
     """(Q, its per-token scales, K, its scales, Q's group means, the smoothed K): Q's codes with q_prescale
     already carry sm_scale * log2(e)."""
-    d, lq = q.shape[-1], q.shape[2]
-    q, k, group_mean = smooth_qk(q, k, s)
-    q_mean = group_mean.repeat_interleave(SAGE3_Q_GROUP, dim=2)[:, :, :lq] if group_mean is not None else None
+    d = q.shape[-1]
+    q, k, q_mean = smooth_qk(q, k, s)
     qf, kf = q.float(), k.float()
     if s.q_prescale:
         qf = qf * ((d ** -0.5) * LOG2E)
