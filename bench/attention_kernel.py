@@ -30,7 +30,9 @@ import time
 from common import add_note_argument, device_name, print_table, write_results
 
 PRESETS = ("sage1", "sage2", "sage2_k_int8_v_fp8", "fp8", "nvfp4")
-TUNE_GRID = [(m, w, st) for m in (64, 128) for w in (4, 8) for st in (2, 3)]
+# (64, 4, 1): one warpgroup and one stage fit twice per SM (registers and shared memory), so two CTAs' GEMMs and
+# softmaxes can overlap; the others run one CTA per SM
+TUNE_GRID = [(m, w, st) for m in (64, 128) for w in (4, 8) for st in (2, 3)] + [(64, 4, 1)]
 FP8_QK_ACCS = (0, 128, 64, 32)  # fp8 Q.K's choices of vqx.quant.attention_kernel.FP8_QK_ACC, tuned on the GPU
 FULL = {"self": (1, 12, 32760, 128, 32760), "cross": (1, 12, 32760, 128, 512)}  # B, H, Lq, D, Lk
 SMOKE = {"self": (1, 2, 96, 16, 96), "cross": (1, 2, 96, 16, 40)}
@@ -43,8 +45,14 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-eager", action="store_true", help="skip timing the eager emulation (slow at full size)")
     p.add_argument("--tune", action="store_true", help="time the kernel over TUNE_GRID's configs (self-attention shape)")
+    p.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated subset of {', '.join(PRESETS)}")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    presets = [n for n in args.presets.split(",") if n]
+    bad = [n for n in presets if n not in PRESETS]
+    if bad or not presets:
+        print(f"--presets: {','.join(bad) or repr(args.presets)} is not a subset of {', '.join(PRESETS)}", file=sys.stderr)
+        return 2
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -85,7 +93,7 @@ def main() -> int:
     real, real_why = sageattention_kernel(sage1, sage1) if device.type == "cuda" else (None, "no CUDA device")
     checks, rows, failures = {}, [], []
     with fastpath.use_impl(impl), torch.no_grad():
-        for name in PRESETS:
+        for name in presets:
             scheme = attention_preset(name)
             d = shapes["self"][3]
             ok, detail = compare(scheme, d, torch.bfloat16, device)
@@ -105,7 +113,7 @@ def main() -> int:
             v = torch.randn(b, h, lk, d, generator=g).to(device, torch.bfloat16)
             base = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
             rows.append(dict(site=site, method="sdpa_bf16", ms=base, ratio_vs_sdpa=1.0, shape=[b, h, lq, d, lk]))
-            for name in PRESETS:
+            for name in presets:
                 scheme = attention_preset(name)
                 ms = timed(lambda: attention(q, k, v, scheme))
                 rows.append(dict(site=site, method=f"{name}_fused", ms=ms, ratio_vs_sdpa=ms / base, shape=[b, h, lq, d, lk]))
@@ -135,7 +143,7 @@ def main() -> int:
                 print(f"[{time.perf_counter() - t0:6.1f}s] {site} sageattention: {ms:.3f} ms, relative L2 difference "
                       f"to the emulation {diff:.2e}", flush=True)
     if args.tune:
-        tune_configs(args, rows, shapes["self"], device, timed, failures, t0)
+        tune_configs(presets, args, rows, shapes["self"], device, timed, failures, t0)
     kernel_checks = [r for r in fastpath.report() if r["kernel"] == "qattn"]
     notes = ("fused: vqx.quant.attention with the Triton kernel (vqx.quant.attention_kernel) after its check; eager: "
              "the PyTorch emulation; both include quantizing Q, K, V. sdpa_bf16: torch SDPA's default kernel.")
@@ -154,7 +162,7 @@ def main() -> int:
     return 0
 
 
-def tune_configs(args, rows, shape, device, timed, failures, t0) -> None:
+def tune_configs(presets, args, rows, shape, device, timed, failures, t0) -> None:
     """Kernel time per config of TUNE_GRID on the self-attention shape, after that config's check."""
     import torch
 
@@ -166,7 +174,7 @@ def tune_configs(args, rows, shape, device, timed, failures, t0) -> None:
     q, k, v = (torch.randn(b, h, n, d, generator=g).to(device, torch.bfloat16) for n in (lq, lk, lk))
     base = next(r["ms"] for r in rows if r["site"] == "self" and r["method"] == "sdpa_bf16")
     grid = TUNE_GRID[:1] if args.smoke else TUNE_GRID
-    for name in PRESETS:
+    for name in presets:
         scheme = attention_preset(name)
         ops = kernel_inputs(q, k, v, scheme)
         best = None
