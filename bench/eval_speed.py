@@ -78,8 +78,22 @@ def parse_args():
                         "the bf16 model and with the fp8 kernel-backend linears")
     p.add_argument("--lowbit-formats", default="nvfp4,mxfp8,mxfp4,w4a16_g128,fp8_static,fp8_b128",
                    help="fake-quant-only format rows (comma-separated format names; '' for none)")
+    p.add_argument("--attention-config", action="append", default=[], metavar="QK/PV=BLOCK_M,WARPS,STAGES,VARIANT",
+                   help="time the quantized-attention kernel of a (Q.K, P.V) pair at this launch config instead of "
+                        "vqx.quant.attention_kernel.CONFIGS' (e.g. a --tune result of bench/attention_kernel.py, "
+                        "before it goes into CONFIGS); stored in the results' notes")
     p.add_argument("--note", default=None, help="a note stored in the results file (e.g. 'the GPU was shared')")
     args = p.parse_args()
+    args.attention_configs = {}
+    for text in args.attention_config:
+        try:
+            pair, config = text.split("=")
+            qk, pv = pair.split("/")
+            block_m, warps, stages, variant = config.split(",")
+            args.attention_configs[(qk, pv)] = (int(block_m), int(warps), int(stages), variant)
+        except ValueError:
+            p.error(f"--attention-config {text!r}: expected QK/PV=BLOCK_M,WARPS,STAGES,VARIANT, e.g. "
+                    "nvfp4/nvfp4=128,4,2,tma_ws")
     if args.repeats is None:
         args.repeats = 1 if args.smoke else 5
     if args.warmup is None:
@@ -180,6 +194,9 @@ def main() -> int:
         if act is None or not act.calibrated:
             return None
         return torch.tensor(CALIBRATED_INPUT if act.global_scale else CALIBRATED_INPUT / act.grid_.qmax, device=device)
+    if args.attention_configs:
+        from vqx.quant import attention_kernel
+        attention_kernel.CONFIGS.update(args.attention_configs)
     runtimes = {m: AttentionRuntime(AttentionPlan(attention_preset(m), ("self", "cross"), (), 1)) for m in modes}
     names = ["tiny"] if args.smoke else (args.only or list(MODELS))
     attention = contextlib.ExitStack()  # closed after the last model
@@ -360,6 +377,8 @@ def main() -> int:
              f"{'SDPA default choice' if args.attention == 'default' else args.attention}. attn_<mode>: vqx's emulated "
              "quantized attention (attention=<mode>, the fused Triton kernel where its check passed: kernel_checks "
              "'qattn') at both attention sites; fake/none = attention only, kernel/fp8 = with fp8 GEMMs.")
+    if args.attention_configs:
+        notes += f" Attention kernel configs set for this run: {args.attention_configs}."
     if args.smoke:
         notes = "SMOKE RUN (tiny model, CPU, Triton interpreter): no speed claims. " + notes
     out_name = str(args.out) if args.out else ("eval_speed_smoke.json" if args.smoke else "eval_speed.json")
