@@ -562,14 +562,26 @@ def _operand_dtypes(s: AttentionScheme, fp8_qk_acc: int = 0) -> tuple[torch.dtyp
 
 def key_order(x: torch.Tensor, block_n: int, dim: int, pad: float = 0.0) -> torch.Tensor:
     """x along its key axis `dim` padded with `pad` to whole tiles of block_n (a multiple of 64), every 64 keys in
-    `_tile_keys`' order: column 8j + 2b + e holds key 16b + 2j + e."""
+    `_tile_keys`' order (column 8j + 2b + e holds key 16b + 2j + e), contiguous: one copy."""
     d = dim % x.ndim
     lk = x.shape[d]
-    if lk % block_n:
-        tail = list(x.shape)
-        tail[d] = block_n - lk % block_n
-        x = torch.cat([x, x.new_full(tail, pad)], dim=d)
-    return x.unflatten(d, (-1, 4, 8, 2)).transpose(d + 1, d + 2).flatten(d, d + 3)
+    shape = list(x.shape)
+    shape[d] = -(-lk // block_n) * block_n
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+
+    def put(dst, src):
+        dst.unflatten(d, (-1, 8, 4, 2)).copy_(src.unflatten(d, (-1, 4, 8, 2)).transpose(d + 1, d + 2))
+
+    full = lk // 64 * 64
+    put(out.narrow(d, 0, full), x.narrow(d, 0, full))
+    if full < lk:  # the last 64 keys, padded
+        shape[d] = 64
+        tail = torch.full(shape, pad, dtype=x.dtype, device=x.device)
+        tail.narrow(d, 0, lk - full).copy_(x.narrow(d, full, lk - full))
+        put(out.narrow(d, full, 64), tail)
+    rest = full + 64 if full < lk else full
+    out.narrow(d, rest, out.shape[d] - rest).fill_(pad)
+    return out
 
 
 def bias_layout(bias: torch.Tensor, block_n: int, nvfp4_p: bool, pad: float = 0.0) -> torch.Tensor:
@@ -578,7 +590,7 @@ def bias_layout(bias: torch.Tensor, block_n: int, nvfp4_p: bool, pad: float = 0.
     with tiles of a multiple of 64), so that a tile's bias is one contiguous load."""
     bias = bias.float()
     if nvfp4_p and block_n % 64 == 0:
-        return key_order(bias, block_n, -1, pad).contiguous()
+        return key_order(bias, block_n, -1, pad)
     *lead, lk = bias.shape
     out = torch.empty(*lead, -(-lk // block_n) * block_n, dtype=torch.float32, device=bias.device)
     out[..., :lk] = bias
@@ -605,7 +617,7 @@ def _launch_nvfp4_tma(ops: dict, s: AttentionScheme, block_m: int, warps: int, s
     lk = ops["k"].shape[2]
     qk_dtype, v_dtype = _operand_dtypes(s)
     q = ops["q"].to(qk_dtype).contiguous()
-    k, v = (key_order(ops[n].to(t), s.block_kv, -2).contiguous() for n, t in (("k", qk_dtype), ("v", v_dtype)))
+    k, v = (key_order(ops[n].to(t), s.block_kv, -2) for n, t in (("k", qk_dtype), ("v", v_dtype)))
     bias = ops["bias"]
     if bias is None:  # the padding's -inf masks the last tile
         bias = torch.zeros(b, h, -(-lq // SAGE3_Q_GROUP), lk, dtype=torch.float32, device=q.device)
