@@ -12,7 +12,10 @@ accumulated in fp16 per tile (SageAttention1), nvfp4 values in bf16. The output 
 layout Wan's output projection reads. nvfp4 P's key tiles run in `_tile_keys`' order (each 16-key block in one
 thread's registers; K, V and the bias read in the same order, so P.V is unchanged), and P over its block's unrounded
 scale comes straight from the scores, ``exp2(s - block max + log2 6)``, as sageattn3 computes it (the eager path
-divides p by absmax / 6). What differs from the eager path
+divides p by absmax / 6). For nvfp4 Q.K and P.V a second kernel (`qattn_nvfp4_fwd`, the same tile math) reads every
+operand by TMA, K, V and the bias stored in that key order (`key_order`), and can run warp-specialized: a producer
+warpgroup loads while two consumer warpgroups each run 64 query rows, one's softmax overlapping the other's GEMMs;
+`CONFIGS` names the kernel each pair runs. What differs from the eager path
 is the order of fp32 accumulation, ``exp2`` (the GPU's approximate ex2; the compiler fuses the scaling with the
 max's subtraction into one fma) and the tile products' accumulation inside the tensor cores (fp16 for fp16 P.V; Hopper's
 fp8 accumulator keeps fewer bits than fp32, each tile's product added to the fp32 accumulator on its own, as
