@@ -33,10 +33,6 @@ PRESETS = ("sage1", "sage2", "sage2_k_int8_v_fp8", "fp8", "nvfp4")
 # (64, 4, 1): one warpgroup and one stage fit twice per SM (registers and shared memory), so two CTAs' GEMMs and
 # softmaxes can overlap; the others run one CTA per SM
 TUNE_GRID = [(m, w, st) for m in (64, 128) for w in (4, 8) for st in (2, 3)] + [(64, 4, 1)]
-# nvfp4's TMA kernel (vqx.quant.attention_kernel.VARIANTS): one program, or warp-specialized (a producer warpgroup
-# and, at 4 warps, two consumer warpgroups of 64 rows each: 12 warps)
-TMA_GRID = [(128, 8, 2, "tma"), (128, 8, 3, "tma"), (64, 4, 2, "tma"), (128, 4, 2, "tma_ws"), (64, 4, 2, "tma_ws"),
-            (64, 4, 3, "tma_ws")]
 FP8_QK_ACCS = (0, 128, 64, 32)  # fp8 Q.K's choices of vqx.quant.attention_kernel.FP8_QK_ACC, tuned on the GPU
 FULL = {"self": (1, 12, 32760, 128, 32760), "cross": (1, 12, 32760, 128, 512)}  # B, H, Lq, D, Lk
 SMOKE = {"self": (1, 2, 96, 16, 96), "cross": (1, 2, 96, 16, 40)}
@@ -171,7 +167,7 @@ def tune_configs(presets, args, rows, shape, device, timed, failures, t0) -> Non
     import torch
 
     from vqx.config.presets import attention_preset
-    from vqx.quant.attention_kernel import compare, kernel_inputs, launch, tma_kernel_applies
+    from vqx.quant.attention_kernel import compare, kernel_inputs, launch
 
     b, h, lq, d, lk = shape
     g = torch.Generator().manual_seed(0)
@@ -183,7 +179,7 @@ def tune_configs(presets, args, rows, shape, device, timed, failures, t0) -> Non
         ops = kernel_inputs(q, k, v, scheme)
         best = None
         for acc in FP8_QK_ACCS if scheme.qk == "fp8" and device.type == "cuda" else (0,):
-            for config in grid + (TMA_GRID if tma_kernel_applies(scheme) and not args.smoke else []):
+            for config in grid:
                 try:
                     ok, detail = compare(scheme, d, torch.bfloat16, device, config, acc)
                     ms = timed(lambda: launch(ops, scheme, config, acc)) if ok else None
