@@ -34,7 +34,8 @@ from .kernels import INTERPRET, _bf16, _fp8_codes, _fp8_dequant, _load_bf16, _ro
 
 # Fused vs eager, per output row: |difference| <= tolerance(scheme) * the row's largest |eager output|. Measured on
 # the H200 and an H100 (bench/results/attention_kernel.json "checks"): at most 3.0e-3 for nvfp4 (bf16 values, fp32
-# accumulation; the kernel before P's block scale went unrounded, git 6b7c5f2, not yet checked on a GPU), 7.75e-3 for fp16 P.V (sage1: the tensor cores round the tile's partial sums to fp16 as they go, the
+# accumulation; 2.98e-3 with P quantized as sageattn3 does, the H200, bench/results/attention_kernel_tma_variants.json),
+# 7.75e-3 for fp16 P.V (sage1: the tensor cores round the tile's partial sums to fp16 as they go, the
 # eager path rounds the tile's sum once) and for fp8 P.V (Hopper's fp8 accumulator); one bf16 step of the row's
 # largest value is 3.9e-3 to 7.8e-3; through the CPU interpreter at most 3.3e-3. Allowed: about twice the measured.
 TOLERANCE = {"fp16": 2 ** -6, "fp8": 2 ** -6, "nvfp4": 2 ** -7}
@@ -472,8 +473,10 @@ def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p
 
 # (BLOCK_M, num_warps, num_stages) per (Q.K, P.V) format at head dim 128, the fastest measured at 480p x 81 by
 # bench/attention_kernel.py --tune (the tune rows of bench/results/attention_kernel.json as of commit 8e8491a: the
-# H200, 2026-12-06; an H100 the same day and the runs of 2026-12-04/05 chose the same); other pairs take their P.V
-# format's; the CPU interpreter takes them too.
+# H200, 2026-12-06; an H100 the same day and the runs of 2026-12-04/05 chose the same, and the H200 on 2026-12-07
+# for sage2 and nvfp4, whose grid added (64, 4, 1): two CTAs per SM, 23.4 ms against 18.7 for nvfp4,
+# bench/results/attention_kernel_tma_variants.json); other pairs take their P.V format's; the CPU interpreter takes
+# them too.
 CONFIGS = {("int8", "fp16"): (128, 4, 3), ("int8", "fp8"): (64, 4, 3), ("fp8", "fp8"): (128, 8, 3),
            ("nvfp4", "nvfp4"): (128, 8, 3)}
 
