@@ -34,7 +34,7 @@ from .kernels import INTERPRET, _bf16, _fp8_codes, _fp8_dequant, _load_bf16, _ro
 
 # Fused vs eager, per output row: |difference| <= tolerance(scheme) * the row's largest |eager output|. Measured on
 # the H200 and an H100 (bench/results/attention_kernel.json "checks"): at most 3.0e-3 for nvfp4 (bf16 values, fp32
-# accumulation; 2.98e-3 with P quantized as sageattn3 does, the H200, bench/results/attention_kernel_tma_variants.json),
+# accumulation; 2.98e-3 with P quantized as sageattn3 does, on both GPUs on 2026-12-07),
 # 7.75e-3 for fp16 P.V (sage1: the tensor cores round the tile's partial sums to fp16 as they go, the
 # eager path rounds the tile's sum once) and for fp8 P.V (Hopper's fp8 accumulator); one bf16 step of the row's
 # largest value is 3.9e-3 to 7.8e-3; through the CPU interpreter at most 3.3e-3. Allowed: about twice the measured.
