@@ -33,6 +33,10 @@ PRESETS = ("sage1", "sage2", "sage2_k_int8_v_fp8", "fp8", "nvfp4")
 # (64, 4, 1): one warpgroup and one stage fit twice per SM (registers and shared memory), so two CTAs' GEMMs and
 # softmaxes can overlap; the others run one CTA per SM
 TUNE_GRID = [(m, w, st) for m in (64, 128) for w in (4, 8) for st in (2, 3)] + [(64, 4, 1)]
+# nvfp4's TMA kernel (vqx.quant.attention_kernel.VARIANTS): one program, or warp-specialized (a producer warpgroup
+# and, at 4 warps, two consumer warpgroups of 64 rows each: 12 warps; Triton >= 3.7)
+TMA_GRID = [(128, 8, 2, "tma"), (128, 8, 3, "tma"), (64, 4, 2, "tma"), (128, 4, 2, "tma_ws"), (64, 4, 2, "tma_ws"),
+            (64, 4, 3, "tma_ws")]
 FP8_QK_ACCS = (0, 128, 64, 32)  # fp8 Q.K's choices of vqx.quant.attention_kernel.FP8_QK_ACC, tuned on the GPU
 FULL = {"self": (1, 12, 32760, 128, 32760), "cross": (1, 12, 32760, 128, 512)}  # B, H, Lq, D, Lk
 SMOKE = {"self": (1, 2, 96, 16, 96), "cross": (1, 2, 96, 16, 40)}
@@ -59,7 +63,8 @@ def main() -> int:
 
     from vqx.quant import fastpath
     from vqx.quant.attention import attention, attention_eager, quantize_inputs
-    from vqx.quant.attention_kernel import compare, kernel_config, kernel_inputs, launch, prep_mismatches
+    from vqx.quant.attention_kernel import (chosen_config, compare, kernel_config, kernel_inputs, launch,
+                                            prep_mismatches)
     from vqx.config.presets import attention_preset
     from vqx.quant.attention_plan import sageattention_kernel, sageattention_version
 
@@ -91,12 +96,14 @@ def main() -> int:
 
     sage1 = attention_preset("sage1")  # the real SageAttention1 kernel where the package is installed (GPU only)
     real, real_why = sageattention_kernel(sage1, sage1) if device.type == "cuda" else (None, "no CUDA device")
-    checks, rows, failures = {}, [], []
+    checks, rows, failures, configs = {}, [], [], {}
     with fastpath.use_impl(impl), torch.no_grad():
         for name in presets:
             scheme = attention_preset(name)
             d = shapes["self"][3]
-            ok, detail = compare(scheme, d, torch.bfloat16, device)
+            # the config the fused path runs: CONFIGS' first that compiles and passes here
+            configs[name] = chosen_config(scheme, d, torch.bfloat16, device) or kernel_config(scheme)
+            ok, detail = compare(scheme, d, torch.bfloat16, device, configs[name])
             unequal = prep_mismatches(scheme, d, torch.bfloat16, device)
             checks[name] = {"within_tolerance": ok, **detail, "prep_not_bit_equal": unequal}
             if unequal:
@@ -122,9 +129,9 @@ def main() -> int:
                     rows.append(dict(site=site, method=f"{name}_prep", ms=ms, ratio_vs_sdpa=ms / base,
                                      shape=[b, h, lq, d, lk]))
                     ops = kernel_inputs(q, k, v, scheme)
-                    ms = timed(lambda: launch(ops, scheme))
+                    ms = timed(lambda: launch(ops, scheme, configs[name]))
                     rows.append(dict(site=site, method=f"{name}_kernel", ms=ms, ratio_vs_sdpa=ms / base,
-                                     config=list(kernel_config(scheme)), shape=[b, h, lq, d, lk]))
+                                     config=list(configs[name]), shape=[b, h, lq, d, lk]))
                     del ops
                 if not args.no_eager:
                     ms = timed(lambda: attention_eager(quantize_inputs(q, k, v, scheme), scheme, q.dtype))
@@ -167,7 +174,8 @@ def tune_configs(presets, args, rows, shape, device, timed, failures, t0) -> Non
     import torch
 
     from vqx.config.presets import attention_preset
-    from vqx.quant.attention_kernel import compare, kernel_inputs, launch
+    from vqx.quant.attention_kernel import (TRITON_VERSION, VARIANT_MIN_TRITON, compare, kernel_inputs, launch,
+                                            tma_kernel_applies)
 
     b, h, lq, d, lk = shape
     g = torch.Generator().manual_seed(0)
@@ -179,7 +187,8 @@ def tune_configs(presets, args, rows, shape, device, timed, failures, t0) -> Non
         ops = kernel_inputs(q, k, v, scheme)
         best = None
         for acc in FP8_QK_ACCS if scheme.qk == "fp8" and device.type == "cuda" else (0,):
-            for config in grid:
+            tma = [c for c in TMA_GRID if TRITON_VERSION >= VARIANT_MIN_TRITON.get(c[3], (0, 0))]
+            for config in grid + (tma if tma_kernel_applies(scheme) and not args.smoke else []):
                 try:
                     ok, detail = compare(scheme, d, torch.bfloat16, device, config, acc)
                     ms = timed(lambda: launch(ops, scheme, config, acc)) if ok else None

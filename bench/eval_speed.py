@@ -78,7 +78,7 @@ def parse_args():
                         "the bf16 model and with the fp8 kernel-backend linears")
     p.add_argument("--lowbit-formats", default="nvfp4,mxfp8,mxfp4,w4a16_g128,fp8_static,fp8_b128",
                    help="fake-quant-only format rows (comma-separated format names; '' for none)")
-    p.add_argument("--attention-config", action="append", default=[], metavar="QK/PV=BLOCK_M,WARPS,STAGES",
+    p.add_argument("--attention-config", action="append", default=[], metavar="QK/PV=BLOCK_M,WARPS,STAGES[,VARIANT]",
                    help="time the quantized-attention kernel of a (Q.K, P.V) pair at this launch config instead of "
                         "vqx.quant.attention_kernel.CONFIGS' (e.g. a --tune result of bench/attention_kernel.py, "
                         "before it goes into CONFIGS); stored in the results' notes")
@@ -89,10 +89,13 @@ def parse_args():
         try:
             pair, config = text.split("=")
             qk, pv = pair.split("/")
-            block_m, warps, stages = (int(n) for n in config.split(","))
-            args.attention_configs[(qk, pv)] = (block_m, warps, stages)
+            block_m, warps, stages, *variant = config.split(",")
+            if len(variant) > 1:
+                raise ValueError
+            args.attention_configs[(qk, pv)] = ((int(block_m), int(warps), int(stages), *(variant or ["pointers"])),)
         except ValueError:
-            p.error(f"--attention-config {text!r}: expected QK/PV=BLOCK_M,WARPS,STAGES, e.g. nvfp4/nvfp4=128,8,3")
+            p.error(f"--attention-config {text!r}: expected QK/PV=BLOCK_M,WARPS,STAGES[,VARIANT], e.g. "
+                    "nvfp4/nvfp4=128,8,3 or nvfp4/nvfp4=128,4,2,tma_ws")
     if args.repeats is None:
         args.repeats = 1 if args.smoke else 5
     if args.warmup is None:

@@ -253,6 +253,13 @@ schemes["smooth_q_blocks_not_pow2"] = replace(schemes["fp8"], smooth_q=True, blo
 for name, s in schemes.items():
     ok, detail = compare(s, 16, torch.bfloat16, torch.device("cpu"))
     out[name] = [ok, detail["max_rel_diff"], prep_mismatches(s, 16, torch.bfloat16, torch.device("cpu"))]
+# nvfp4's TMA kernel, one program and warp-specialized (the interpreter runs the same program), with the bias or
+# with only the padding's -inf
+tma = {"nvfp4_tma": (schemes["nvfp4"], (128, 4, 2, "tma")), "nvfp4_tma_ws": (schemes["nvfp4"], (64, 4, 2, "tma_ws")),
+       "nvfp4_tma_no_smooth_q": (replace(schemes["nvfp4"], smooth_q=False), (128, 8, 3, "tma_ws"))}
+for name, (s, config) in tma.items():
+    ok, detail = compare(s, 16, torch.bfloat16, torch.device("cpu"), config)
+    out[name] = [ok, detail["max_rel_diff"], []]
 print(json.dumps(out))
 """
 
@@ -281,7 +288,69 @@ def test_fused_kernel_matches_the_eager_emulation_on_adversarial_inputs():
             () if "pow2" in name or "smooth_q" in name else ("one_huge_logit",))
         assert all(worst[case] == 0.0 for case in exact), name
         assert worst["random"] <= 4e-3, name
-    assert set(res) >= {"periods_not_pow2", "blocks_not_pow2", "nvfp4_tiles_of_32", "sage2_smooth_q"}
+    assert set(res) >= {"periods_not_pow2", "blocks_not_pow2", "nvfp4_tiles_of_32", "sage2_smooth_q", "nvfp4_tma",
+                        "nvfp4_tma_ws", "nvfp4_tma_no_smooth_q"}
+
+
+def test_key_order_puts_each_key_where_the_kernel_reads_it():
+    """nvfp4's TMA kernel reads column c of a key tile as key 8j + 2b + e -> 16b + 2j + e (`_tile_keys`): key_order
+    stores K, V (keys on axis -2) and the bias (axis -1) so, padded to whole tiles with the given value."""
+    from vqx.quant.attention_kernel import key_order
+
+    for lk, block_n in ((333, 128), (320, 64), (256, 128), (40, 64), (129, 128)):
+        x = torch.randn(2, 3, lk, 5)
+        lk_pad = -(-lk // block_n) * block_n
+        padded = torch.full((2, 3, lk_pad, 5), float("-inf"))
+        padded[:, :, :lk] = x
+        c = torch.arange(lk_pad)
+        m = c % 64
+        key = c - m + 16 * ((m // 2) % 4) + 2 * (m // 8) + m % 2
+        assert torch.equal(key_order(x, block_n, -2, float("-inf")), padded[:, :, key])
+        assert torch.equal(key_order(x.transpose(-1, -2), block_n, -1, float("-inf")), padded[:, :, key].transpose(-1, -2))
+
+
+def test_kernel_variants_that_cannot_run_a_scheme_are_one_line_errors():
+    from vqx.config.presets import attention_preset
+    from vqx.quant.attention_kernel import kernel_config, launch
+
+    with pytest.raises(ValueError, match=r"'tma_ws' does not run int8 Q.K / fp8 P.V .* valid are pointers, tma, tma_ws"):
+        launch({}, attention_preset("sage2"), (128, 4, 2, "tma_ws"))
+    with pytest.raises(ValueError, match=r"'tmaa' does not run nvfp4"):
+        launch({}, attention_preset("nvfp4"), (128, 4, 2, "tmaa"))
+    assert kernel_config(attention_preset("sage2"))[3] == "pointers"
+
+
+def test_nvfp4_runs_the_warp_specialized_kernel_where_triton_compiles_it_else_the_pointer_kernel(monkeypatch):
+    """CONFIGS lists nvfp4's warp-specialized TMA kernel first, for Triton >= 3.7 only (3.6 cannot compile it); the
+    fused path keeps the first config that compiles and passes its check, and reports why it passed over others."""
+    import vqx.quant.attention_kernel as ak
+    from vqx.config.presets import attention_preset
+
+    nvfp4 = attention_preset("nvfp4")
+    monkeypatch.setattr(ak, "TRITON_VERSION", (3, 7))
+    assert [c[3] for c in ak.kernel_configs(nvfp4)] == ["tma_ws", "pointers"]
+    monkeypatch.setattr(ak, "TRITON_VERSION", (3, 6))
+    assert ak.kernel_configs(nvfp4) == ((128, 8, 3, "pointers"),)
+    assert ak.kernel_configs(attention_preset("sage2")) == ((64, 4, 3, "pointers"),)
+    monkeypatch.setattr(ak, "TRITON_VERSION", (3, 7))
+
+    tried = []
+
+    def fake_compare(s, d, dtype, device, config=None, fp8_qk_acc=None):
+        tried.append(config[3])
+        if config[3] == "tma_ws":
+            raise RuntimeError("PassManager::run failed\n<IR>")
+        return True, {"max_rel_diff": {"random": 0.0}, "tolerance": 2 ** -7}
+
+    monkeypatch.setattr(ak, "compare", fake_compare)
+    key = ("qattn-test", "cpu", nvfp4, 16, torch.bfloat16)
+    ok, detail = ak._choose(key, nvfp4, 16, torch.bfloat16, "cpu")
+    assert ok and tried == ["tma_ws", "pointers"] and ak._CHOSEN.pop(key) == (128, 8, 3, "pointers")
+    assert detail["launch_config"] == [128, 8, 3, "pointers"]
+    assert detail["skipped"] == {"128,4,2,tma_ws": "RuntimeError: PassManager::run failed"}
+    monkeypatch.setattr(ak, "compare", lambda *a, **k: (False, {"max_rel_diff": {"random": 1.0}, "tolerance": 0.0}))
+    ok, detail = ak._choose(key, nvfp4, 16, torch.bfloat16, "cpu")
+    assert not ok and set(detail["skipped"]) == {"128,4,2,tma_ws", "128,8,3,pointers"} and key not in ak._CHOSEN
 
 
 def test_eval_gemm_kernel_runs_sageattentions_kernel_where_installed_and_reports_the_difference(tmp_path, monkeypatch):

@@ -12,7 +12,10 @@ accumulated in fp16 per tile (SageAttention1), nvfp4 values in bf16. The output 
 layout Wan's output projection reads. nvfp4 P's key tiles run in `_tile_keys`' order (each 16-key block in one
 thread's registers; K, V and the bias read in the same order, so P.V is unchanged), and P over its block's unrounded
 scale comes straight from the scores, ``exp2(s - block max + log2 6)``, as sageattn3 computes it (the eager path
-divides p by absmax / 6). What differs from the eager path
+divides p by absmax / 6). For nvfp4 Q.K and P.V a second kernel (`qattn_nvfp4_fwd`, the same tile math) reads every
+operand by TMA, K, V and the bias stored in that key order (`key_order`), and can run warp-specialized: a producer
+warpgroup loads while two consumer warpgroups each run 64 query rows, one's softmax overlapping the other's GEMMs;
+`CONFIGS` names the kernel each pair runs. What differs from the eager path
 is the order of fp32 accumulation, ``exp2`` (the GPU's approximate ex2; the compiler fuses the scaling with the
 max's subtraction into one fma) and the tile products' accumulation inside the tensor cores (fp16 for fp16 P.V; Hopper's
 fp8 accumulator keeps fewer bits than fp32, each tile's product added to the fp32 accumulator on its own, as
@@ -22,6 +25,8 @@ registry and report), and falls back to the eager path otherwise.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import triton
@@ -334,6 +339,31 @@ def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Attentio
 # ---- the attention ------------------------------------------------------------------------------------------
 
 @triton.jit
+def _nvfp4_p(s, m_i, row_scale, p_offset, PDT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASKED: tl.constexpr):
+    """nvfp4 P of a score tile [BLOCK_M, BLOCK_N] in `_tile_keys`' order (each 16-key block in one thread's registers),
+    its scores in log2 units s * row_scale: (P's values in PDT [BLOCK_M, BLOCK_N], the unquantized row sums, the new
+    row max). MASKED: the tile may hold a block of -inf scores only."""
+    s = tl.reshape(s, (BLOCK_M, BLOCK_N // 64, 8, 4, 2))  # axes (tile // 64, j, block, e)
+    # [M, N / 64, 4]: of s, so that the row max reads 1/16 of the scores; in-register axes first
+    s_max = tl.max(tl.max(s, 4), 2)
+    rs = _expand(row_scale, (2, 1))
+    block_max = s_max * rs
+    m_new = tl.maximum(m_i, tl.max(tl.max(block_max, 1), 1))
+    # sageattn3 divides each block of p by a = its largest p / 6, unrounded: p / a = exp2(s - block_max + log2 6)
+    # (log2 units), free of the row max, one exp2 per score; p itself is only summed, as a * sum(p / a)
+    a = tl.math.exp2(block_max - _expand(m_new - p_offset, (2, 1)) - LOG2_6)
+    off = _log2_p_scale_up(s_max, tl.broadcast_to(rs, s_max.shape))
+    if MASKED:  # a block of masked keys only: p / a = 0, not exp2(-inf + inf)
+        off = tl.where(s_max == float("-inf"), 0.0, off)
+    y = tl.math.exp2(s * _expand(row_scale, (4, 3, 2, 1)) - _expand(off, (4, 2)))
+    row_sum = tl.sum(tl.sum(a * tl.sum(tl.sum(y, 4), 2), 2), 1)
+    # codes times a's e4m3 (satfinite): both and the product exact in bf16, multiplied two at a time
+    pq = _round_e2m1(y, P_CODES_SATURATE).to(PDT) * _expand(_fp8_dequant(a), (4, 2)).to(PDT)
+    return tl.reshape(pq, (BLOCK_M, BLOCK_N)), row_sum, m_new
+
+
+@triton.jit
 def _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, V_STRIDE, start_n, lk, p_offset, offs_n, offs_d,
           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PV: tl.constexpr,
           HAS_QK_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, QK_INT8: tl.constexpr, QK_FP8_ACC: tl.constexpr,
@@ -366,25 +396,8 @@ def _tile(acc, l_i, m_i, q, qs, row_scale, K, KS, BIAS, V, V_STRIDE, start_n, lk
         s = s + tl.load(BIAS + start_n + offs_n)[None, :]
     if MASK:
         s = tl.where(col_ok[None, :], s, float("-inf"))
-    if PV == 2 and BLOCK_N % 64 == 0:  # nvfp4 P in `_tile_keys`' order: axes (tile // 64, j, block, e)
-        s = tl.reshape(s, (BLOCK_M, BLOCK_N // 64, 8, 4, 2))
-        # [M, N / 64, 4]: of s, so that the row max reads 1/16 of the scores; in-register axes first
-        s_max = tl.max(tl.max(s, 4), 2)
-        rs = _expand(row_scale, (2, 1))
-        block_max = s_max * rs
-        m_new = tl.maximum(m_i, tl.max(tl.max(block_max, 1), 1))
-        # sageattn3 divides each block of p by a = its largest p / 6, unrounded: p / a = exp2(s - block_max + log2 6)
-        # (log2 units), free of the row max, one exp2 per score; p itself is only summed, as a * sum(p / a)
-        a = tl.math.exp2(block_max - _expand(m_new - p_offset, (2, 1)) - LOG2_6)
-        off = _log2_p_scale_up(s_max, tl.broadcast_to(rs, s_max.shape))
-        if MASK:  # a block of masked keys only: p / a = 0, not exp2(-inf + inf)
-            off = tl.where(s_max == float("-inf"), 0.0, off)
-        y = tl.math.exp2(s * _expand(row_scale, (4, 3, 2, 1)) - _expand(off, (4, 2)))
-        row_sum = tl.sum(tl.sum(a * tl.sum(tl.sum(y, 4), 2), 2), 1)
-        # codes times a's e4m3 (satfinite): both and the product exact in bf16, multiplied two at a time
-        pdt = V.dtype.element_ty
-        pq = _round_e2m1(y, P_CODES_SATURATE).to(pdt) * _expand(_fp8_dequant(a), (4, 2)).to(pdt)
-        pq = tl.reshape(pq, (BLOCK_M, BLOCK_N))
+    if PV == 2 and BLOCK_N % 64 == 0:  # nvfp4 P in `_tile_keys`' order
+        pq, row_sum, m_new = _nvfp4_p(s, m_i, row_scale, p_offset, V.dtype.element_ty, BLOCK_M, BLOCK_N, MASK)
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
         x = s * row_scale[:, None] - (m_new - p_offset)[:, None]
@@ -471,19 +484,86 @@ def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p
     _store_bf16(dst, _bf16(out), row_ok[:, None])
 
 
-# (BLOCK_M, num_warps, num_stages) per (Q.K, P.V) format at head dim 128, the fastest measured at 480p x 81 by
+@triton.jit
+def qattn_nvfp4_fwd(Q, K, V, BIAS, Out, H, lq, lk_pad, log2_scale, p_offset, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, Q_GROUP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """nvfp4 Q.K and P.V with every operand read by TMA: q [B*H*Lq, D]; k and v [B*H*lk_pad, D], each head's keys
+    padded to whole tiles and every 64 in `_tile_keys`' order (`key_tiles`); bias [B*H*groups of Q_GROUP queries,
+    lk_pad] in that order, -inf at the padding (`bias_layout`), so that no tile needs a mask. WARP_SPECIALIZE: a
+    producer warpgroup issues the loads and each consumer warpgroup runs 64 query rows on its own, so one's softmax
+    overlaps the other's GEMMs (Triton's warp specialization: Hopper and later)."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    n_bh = tl.num_programs(1)
+    tl.static_assert(Q_GROUP % BLOCK_M == 0)
+    groups = tl.cdiv(lq, Q_GROUP)
+    q_desc = tl.make_tensor_descriptor(Q, shape=[n_bh * lq, D], strides=[D, 1], block_shape=[BLOCK_M, D])
+    k_desc = tl.make_tensor_descriptor(K, shape=[n_bh * lk_pad, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V, shape=[n_bh * lk_pad, D], strides=[D, 1], block_shape=[BLOCK_N, D])
+    b_desc = tl.make_tensor_descriptor(BIAS, shape=[n_bh * groups, lk_pad], strides=[lk_pad, 1],
+                                       block_shape=[1, BLOCK_N])
+    # rows past lq read the next head's queries (or TMA's zeros): computed, never stored
+    q = q_desc.load([bh * lq + start_m * BLOCK_M, 0])
+    bias_row = bh * groups + start_m * BLOCK_M // Q_GROUP
+    row_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + log2_scale
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for start_n in tl.range(0, lk_pad, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        k = k_desc.load([bh * lk_pad + start_n, 0])
+        s = tl.dot(q, tl.trans(k)) + tl.reshape(b_desc.load([bias_row, start_n]), (1, BLOCK_N))
+        pq, row_sum, m_new = _nvfp4_p(s, m_i, row_scale, p_offset, V.dtype.element_ty, BLOCK_M, BLOCK_N, True)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + row_sum
+        acc = tl.dot(pq, v_desc.load([bh * lk_pad + start_n, 0]), acc * alpha[:, None])
+        m_i = m_new
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    out = acc / l_i[:, None]
+    b, h = bh // H, bh % H
+    dst = Out + b * lq * H * D + offs_m[:, None] * (H * D) + h * D + offs_d[None, :]
+    _store_bf16(dst, _bf16(out), (offs_m < lq)[:, None])
+
+
+# The kernels: "pointers", `qattn_fwd` (any scheme); for nvfp4 Q.K and P.V with key tiles of a multiple of 64,
+# `qattn_nvfp4_fwd`, its operands read by TMA, as one program ("tma") or warp-specialized ("tma_ws").
+VARIANTS = ("pointers", "tma", "tma_ws")
+
+# (BLOCK_M, num_warps, num_stages, variant) per (Q.K, P.V) format at head dim 128, in order of preference: the first
+# that compiles and passes its check on the device runs (`chosen_config`). The fastest measured at 480p x 81 by
 # bench/attention_kernel.py --tune (the tune rows of bench/results/attention_kernel.json as of commit 8e8491a: the
 # H200, 2026-12-06; an H100 the same day and the runs of 2026-12-04/05 chose the same, and the H200 on 2026-12-07
-# for sage2 and nvfp4, whose grid added (64, 4, 1): two CTAs per SM, 23.4 ms against 18.7 for nvfp4,
-# bench/results/attention_kernel_tma_variants.json); other pairs take their P.V format's; the CPU interpreter takes
-# them too.
-CONFIGS = {("int8", "fp16"): (128, 4, 3), ("int8", "fp8"): (64, 4, 3), ("fp8", "fp8"): (128, 8, 3),
-           ("nvfp4", "nvfp4"): (128, 8, 3)}
+# for sage2 and nvfp4: bench/results/attention_kernel_tma_variants.json). nvfp4's first, warp-specialized, needs
+# Triton >= 3.7 (3.6's data partitioning takes no tensor of rank above 2): 12.7 ms against the pointer kernel's 18.4
+# on an H100 (README, "Cost"); with Triton 3.6 the pointer kernel runs. Other pairs take their P.V format's (those
+# whose kernel applies); the CPU interpreter takes them too.
+CONFIGS = {("int8", "fp16"): ((128, 4, 3, "pointers"),), ("int8", "fp8"): ((64, 4, 3, "pointers"),),
+           ("fp8", "fp8"): ((128, 8, 3, "pointers"),),
+           ("nvfp4", "nvfp4"): ((128, 4, 2, "tma_ws"), (128, 8, 3, "pointers"))}
 
 
-def kernel_config(s: AttentionScheme) -> tuple[int, int, int]:
-    """The launch config of `s`: its pair's in CONFIGS, else the first listed with its P.V format."""
-    return CONFIGS.get((s.qk, s.pv)) or next(c for (_, pv), c in CONFIGS.items() if pv == s.pv)
+def tma_kernel_applies(s: AttentionScheme) -> bool:
+    return s.qk == "nvfp4" and s.pv == "nvfp4" and s.block_kv % 64 == 0
+
+
+# Triton 3.6's warp specialization cannot partition the 5-d view of P's blocks (WSDataPartition: "unsupported op
+# type"; 3.7 compiles it): not tried there, rather than failing to compile with a page of IR on stderr.
+VARIANT_MIN_TRITON = {"tma_ws": (3, 7)}
+TRITON_VERSION = tuple(int(n) for n in re.findall(r"\d+", triton.__version__)[:2])
+
+
+def kernel_configs(s: AttentionScheme) -> tuple[tuple[int, int, int, str], ...]:
+    """The launch configs `s` may run, in CONFIGS' order: its pair's, else its P.V format's first pair's, without
+    the variants that cannot run it or that this Triton cannot compile."""
+    configs = CONFIGS.get((s.qk, s.pv)) or next(c for (_, pv), c in CONFIGS.items() if pv == s.pv)
+    usable = tuple(c for c in configs if (c[3] == "pointers" or tma_kernel_applies(s))
+                   and TRITON_VERSION >= VARIANT_MIN_TRITON.get(c[3], (0, 0)))
+    return usable or tuple((*c[:3], "pointers") for c in configs[:1])
+
+
+def kernel_config(s: AttentionScheme) -> tuple[int, int, int, str]:
+    """`kernel_configs`' first: what `launch` runs when given no config."""
+    return kernel_configs(s)[0]
 
 
 # fp8 Q.K on the GPU: 0 reads the codes as fp16 (every e4m3 code exactly, fp32 accumulation); n > 0 runs the fp8
@@ -504,34 +584,90 @@ def _operand_dtypes(s: AttentionScheme, fp8_qk_acc: int = 0) -> tuple[torch.dtyp
     return torch.float16 if s.qk == "fp8" and not fp8_qk_acc else native[s.qk], native[s.pv]
 
 
-def bias_layout(bias: torch.Tensor, block_n: int, nvfp4_p: bool) -> torch.Tensor:
-    """The scores' bias [B, H, groups, Lk] as the kernel reads it: fp32 (the bf16 values, exact), each row padded
-    with zeros to whole key tiles, its columns in `_tile_keys`' order where the kernel permutes the keys (nvfp4 P
-    with tiles of a multiple of 64), so that a tile's bias is one contiguous load."""
-    *lead, lk = bias.shape
-    out = torch.empty(*lead, -(-lk // block_n) * block_n, dtype=torch.float32, device=bias.device)
-    if not (nvfp4_p and block_n % 64 == 0):
-        out[..., :lk] = bias
-        out[..., lk:] = 0.0
-        return out
+def key_order(x: torch.Tensor, block_n: int, dim: int, pad: float = 0.0) -> torch.Tensor:
+    """x along its key axis `dim` padded with `pad` to whole tiles of block_n (a multiple of 64), every 64 keys in
+    `_tile_keys`' order (column 8j + 2b + e holds key 16b + 2j + e), contiguous: one copy."""
+    d = dim % x.ndim
+    lk = x.shape[d]
+    shape = list(x.shape)
+    shape[d] = -(-lk // block_n) * block_n
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
 
-    def put(dst, src):  # column 8j + 2b + e of every 64 holds key 16b + 2j + e
-        dst.unflatten(-1, (-1, 8, 4, 2)).copy_(src.unflatten(-1, (-1, 4, 8, 2)).transpose(-3, -2))
+    def put(dst, src):
+        dst.unflatten(d, (-1, 8, 4, 2)).copy_(src.unflatten(d, (-1, 4, 8, 2)).transpose(d + 1, d + 2))
 
     full = lk // 64 * 64
-    put(out[..., :full], bias[..., :full])
-    out[..., full:] = 0.0
-    if full < lk:
-        tail = torch.zeros(*lead, 64, dtype=torch.float32, device=bias.device)
-        tail[..., :lk - full] = bias[..., full:]
-        put(out[..., full:full + 64], tail)
+    put(out.narrow(d, 0, full), x.narrow(d, 0, full))
+    if full < lk:  # the last 64 keys, padded
+        shape[d] = 64
+        tail = torch.full(shape, pad, dtype=x.dtype, device=x.device)
+        tail.narrow(d, 0, lk - full).copy_(x.narrow(d, full, lk - full))
+        put(out.narrow(d, full, 64), tail)
+    rest = full + 64 if full < lk else full
+    out.narrow(d, rest, out.shape[d] - rest).fill_(pad)
     return out
 
 
-def launch(ops: dict, s: AttentionScheme, config: tuple[int, int, int] | None = None,
+def bias_layout(bias: torch.Tensor, block_n: int, nvfp4_p: bool, pad: float = 0.0) -> torch.Tensor:
+    """The scores' bias [B, H, groups, Lk] as the kernel reads it: fp32 (the bf16 values, exact), each row padded
+    with `pad` to whole key tiles, its columns in `_tile_keys`' order where the kernel permutes the keys (nvfp4 P
+    with tiles of a multiple of 64), so that a tile's bias is one contiguous load."""
+    bias = bias.float()
+    if nvfp4_p and block_n % 64 == 0:
+        return key_order(bias, block_n, -1, pad)
+    *lead, lk = bias.shape
+    out = torch.empty(*lead, -(-lk // block_n) * block_n, dtype=torch.float32, device=bias.device)
+    out[..., :lk] = bias
+    out[..., lk:] = pad
+    return out
+
+
+def _ensure_allocator() -> None:
+    """Device-side TMA descriptors live in a global scratch buffer: torch's caching allocator gives it, unless the
+    caller set an allocator of its own."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # another triton layout: set ours
+        pass
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
+def _launch_nvfp4_tma(ops: dict, s: AttentionScheme, block_m: int, warps: int, stages: int,
+                      warp_specialize: bool) -> torch.Tensor:
+    """`qattn_nvfp4_fwd` over `kernel_inputs`' operands (see `launch`)."""
+    b, h, lq, d = ops["q"].shape
+    lk = ops["k"].shape[2]
+    qk_dtype, v_dtype = _operand_dtypes(s)
+    q = ops["q"].to(qk_dtype).contiguous()
+    k, v = (key_order(ops[n].to(t), s.block_kv, -2) for n, t in (("k", qk_dtype), ("v", v_dtype)))
+    bias = ops["bias"]
+    if bias is None:  # the padding's -inf masks the last tile
+        bias = torch.zeros(b, h, -(-lq // SAGE3_Q_GROUP), lk, dtype=torch.float32, device=q.device)
+    bias = bias_layout(bias, s.block_kv, True, float("-inf"))
+    out = torch.empty(b, lq, h, d, dtype=torch.bfloat16, device=q.device)  # stored through its int16 view
+    if not INTERPRET:
+        _ensure_allocator()
+    qattn_nvfp4_fwd[(fp.triton_cdiv(lq, block_m), b * h)](
+        q, k, v, bias, out.view(torch.int16), h, lq, k.shape[2], float(ops["log2_scale"]), float(ops["p_offset"]),
+        D=d, BLOCK_M=block_m, BLOCK_N=s.block_kv, Q_GROUP=SAGE3_Q_GROUP, WARP_SPECIALIZE=warp_specialize,
+        num_warps=warps, num_stages=stages)
+    return out.transpose(1, 2)
+
+
+def launch(ops: dict, s: AttentionScheme, config: tuple | None = None,
            fp8_qk_acc: int | None = None) -> torch.Tensor:
-    """The kernel over `kernel_inputs`' operands: [B, H, Lq, D] bf16 (a view of a [B, Lq, H, D] tensor);
-    fp8_qk_acc: FP8_QK_ACC's choice, default FP8_QK_ACC."""
+    """The kernel over `kernel_inputs`' operands: [B, H, Lq, D] bf16 (a view of a [B, Lq, H, D] tensor); config:
+    (BLOCK_M, num_warps, num_stages[, variant]), default `kernel_config`'s; fp8_qk_acc: FP8_QK_ACC's choice, default
+    FP8_QK_ACC."""
+    block_m, warps, stages, *variant = config or kernel_config(s)
+    variant = variant[0] if variant else "pointers"
+    if variant not in VARIANTS or (variant != "pointers" and not tma_kernel_applies(s)):
+        raise ValueError(f"kernel variant {variant!r} does not run {s.qk} Q.K / {s.pv} P.V with {s.block_kv}-key "
+                         f"tiles: valid are {', '.join(VARIANTS)} (the last two: nvfp4 / nvfp4, tiles of 64n keys)")
+    if variant != "pointers":
+        return _launch_nvfp4_tma(ops, s, block_m, warps, stages, variant == "tma_ws")
     b, h, lq, d = ops["q"].shape
     lk = ops["k"].shape[2]
     fp8_qk_acc = FP8_QK_ACC if fp8_qk_acc is None else fp8_qk_acc
@@ -548,7 +684,6 @@ def launch(ops: dict, s: AttentionScheme, config: tuple[int, int, int] | None = 
             v[..., :lk].copy_(ops["v"].transpose(-1, -2))
     else:
         v = ops["v"].to(v_dtype).contiguous()
-    block_m, warps, stages = config or kernel_config(s)
     bias = bias_layout(ops["bias"], s.block_kv, PV_CODE[s.pv] == 2) if ops["bias"] is not None else q
     scale = lambda t: t.float().contiguous() if t is not None else q  # noqa: E731
     out = torch.empty(b, lq, h, d, dtype=torch.bfloat16, device=q.device)  # stored through its int16 view
@@ -614,12 +749,48 @@ def compare(s: AttentionScheme, d: int, dtype: torch.dtype, device, config=None,
     return ok, {"max_rel_diff": worst, "tolerance": tolerance}
 
 
+_CHOSEN: dict[tuple, tuple] = {}  # the fused path's check key -> the launch config that passed
+
+
+def _choose(key: tuple, s: AttentionScheme, d: int, dtype: torch.dtype, device) -> tuple[bool, dict]:
+    """The fused path's check: `kernel_configs` in order, the first that compiles and matches the eager path
+    (`compare`) is kept for `key`; why the ones before it were not, in the report."""
+    skipped = {}
+    for config in kernel_configs(s):
+        name = ",".join(map(str, config))
+        try:
+            ok, detail = compare(s, d, dtype, device, config)
+        except Exception as e:  # noqa: BLE001 - a variant this Triton or GPU cannot compile or run
+            skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            continue
+        if ok:
+            _CHOSEN[key] = config
+            return True, {**detail, "launch_config": list(config), "skipped": skipped}
+        skipped[name] = f"outside the tolerance: {detail['max_rel_diff']}"
+    return False, {"skipped": skipped}
+
+
+def _key(s: AttentionScheme, d: int, dtype: torch.dtype, device) -> tuple:
+    return ("qattn", torch.device(device).type, s, d, dtype)
+
+
+def chosen_config(s: AttentionScheme, d: int, dtype: torch.dtype, device) -> tuple | None:
+    """The launch config the fused path runs for `s` on `device` (choosing it now if it has not yet), None where no
+    config passed its check (the eager path runs)."""
+    key = _key(s, d, dtype, device)
+    if fp.kernel_ok(key, lambda: _choose(key, s, d, dtype, device)):
+        return _CHOSEN[key]
+    return None
+
+
 def attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: AttentionScheme) -> torch.Tensor:
-    """The fused path where it passed its check on this device, else the eager path; q/k/v [B, H, L, D]."""
+    """The fused path where a launch config passed its check on this device (`chosen_config`), else the eager path;
+    q/k/v [B, H, L, D]."""
     d = q.shape[-1]
     if fp.wants_triton(q) and q.dtype == torch.bfloat16 and d in (16, 32, 64, 128, 256):
-        key = ("qattn", q.device.type, s, d, q.dtype)
-        out = fp.fast(key, lambda: compare(s, d, q.dtype, q.device), lambda: launch(kernel_inputs(q, k, v, s), s))
+        key = _key(s, d, q.dtype, q.device)
+        out = fp.fast(key, lambda: _choose(key, s, d, q.dtype, q.device),
+                      lambda: launch(kernel_inputs(q, k, v, s), s, _CHOSEN[key]))
         if out is not None:
             return out
     return attention_eager(quantize_inputs(q, k, v, s), s, q.dtype)
