@@ -534,8 +534,9 @@ VARIANTS = ("pointers", "tma", "tma_ws")
 # bench/attention_kernel.py --tune (the tune rows of bench/results/attention_kernel.json as of commit 8e8491a: the
 # H200, 2026-12-06; an H100 the same day and the runs of 2026-12-04/05 chose the same, and the H200 on 2026-12-07
 # for sage2 and nvfp4: bench/results/attention_kernel_tma_variants.json). nvfp4's first, warp-specialized, needs
-# Triton >= 3.7 (3.6's data partitioning takes no tensor of rank above 2): 12.7 ms against the pointer kernel's 18.4
-# on an H100 (README, "Cost"); with Triton 3.6 the pointer kernel runs. Other pairs take their P.V format's (those
+# Triton >= 3.7 (3.6's data partitioning takes no tensor of rank above 2): 12.1 ms against 18.6 for the pointer
+# kernel's launch on an H100, bit-identical (bench/results/nvfp4_kernel_probe.json); with Triton 3.6 the pointer
+# kernel runs. Other pairs take their P.V format's (those
 # whose kernel applies); the CPU interpreter takes them too.
 CONFIGS = {("int8", "fp16"): ((128, 4, 3, "pointers"),), ("int8", "fp8"): ((64, 4, 3, "pointers"),),
            ("fp8", "fp8"): ((128, 8, 3, "pointers"),),
