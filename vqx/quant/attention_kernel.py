@@ -488,7 +488,7 @@ def qattn_fwd(Q, K, V, QS, KS, VS, BIAS, Out, H, lq, lk, v_stride, log2_scale, p
 def qattn_nvfp4_fwd(Q, K, V, BIAS, Out, H, lq, lk_pad, log2_scale, p_offset, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, Q_GROUP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """nvfp4 Q.K and P.V with every operand read by TMA: q [B*H*Lq, D]; k and v [B*H*lk_pad, D], each head's keys
-    padded to whole tiles and every 64 in `_tile_keys`' order (`key_tiles`); bias [B*H*groups of Q_GROUP queries,
+    padded to whole tiles and every 64 in `_tile_keys`' order (`key_order`); bias [B*H*groups of Q_GROUP queries,
     lk_pad] in that order, -inf at the padding (`bias_layout`), so that no tile needs a mask. WARP_SPECIALIZE: a
     producer warpgroup issues the loads and each consumer warpgroup runs 64 query rows on its own, so one's softmax
     overlaps the other's GEMMs (Triton's warp specialization: Hopper and later)."""
@@ -536,8 +536,7 @@ VARIANTS = ("pointers", "tma", "tma_ws")
 # for sage2 and nvfp4: bench/results/attention_kernel_tma_variants.json). nvfp4's first, warp-specialized, needs
 # Triton >= 3.7 (3.6's data partitioning takes no tensor of rank above 2): 12.1 ms against 18.6 for the pointer
 # kernel's launch on an H100, bit-identical (bench/results/nvfp4_kernel_probe.json); with Triton 3.6 the pointer
-# kernel runs. Other pairs take their P.V format's (those
-# whose kernel applies); the CPU interpreter takes them too.
+# kernel runs. Other pairs take their P.V format's (those whose kernel applies); the CPU interpreter takes them too.
 CONFIGS = {("int8", "fp16"): ((128, 4, 3, "pointers"),), ("int8", "fp8"): ((64, 4, 3, "pointers"),),
            ("fp8", "fp8"): ((128, 8, 3, "pointers"),),
            ("nvfp4", "nvfp4"): ((128, 4, 2, "tma_ws"), (128, 8, 3, "pointers"))}
@@ -585,14 +584,16 @@ def _operand_dtypes(s: AttentionScheme, fp8_qk_acc: int = 0) -> tuple[torch.dtyp
     return torch.float16 if s.qk == "fp8" and not fp8_qk_acc else native[s.qk], native[s.pv]
 
 
-def key_order(x: torch.Tensor, block_n: int, dim: int, pad: float = 0.0) -> torch.Tensor:
+def key_order(x: torch.Tensor, block_n: int, dim: int, pad: float = 0.0,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
     """x along its key axis `dim` padded with `pad` to whole tiles of block_n (a multiple of 64), every 64 keys in
-    `_tile_keys`' order (column 8j + 2b + e holds key 16b + 2j + e), contiguous: one copy."""
+    `_tile_keys`' order (column 8j + 2b + e holds key 16b + 2j + e), contiguous, in `dtype` (default x's): one copy."""
     d = dim % x.ndim
     lk = x.shape[d]
     shape = list(x.shape)
     shape[d] = -(-lk // block_n) * block_n
-    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    dtype = dtype or x.dtype
+    out = torch.empty(shape, dtype=dtype, device=x.device)
 
     def put(dst, src):
         dst.unflatten(d, (-1, 8, 4, 2)).copy_(src.unflatten(d, (-1, 4, 8, 2)).transpose(d + 1, d + 2))
@@ -601,7 +602,7 @@ def key_order(x: torch.Tensor, block_n: int, dim: int, pad: float = 0.0) -> torc
     put(out.narrow(d, 0, full), x.narrow(d, 0, full))
     if full < lk:  # the last 64 keys, padded
         shape[d] = 64
-        tail = torch.full(shape, pad, dtype=x.dtype, device=x.device)
+        tail = torch.full(shape, pad, dtype=dtype, device=x.device)
         tail.narrow(d, 0, lk - full).copy_(x.narrow(d, full, lk - full))
         put(out.narrow(d, full, 64), tail)
     rest = full + 64 if full < lk else full
@@ -613,9 +614,8 @@ def bias_layout(bias: torch.Tensor, block_n: int, nvfp4_p: bool, pad: float = 0.
     """The scores' bias [B, H, groups, Lk] as the kernel reads it: fp32 (the bf16 values, exact), each row padded
     with `pad` to whole key tiles, its columns in `_tile_keys`' order where the kernel permutes the keys (nvfp4 P
     with tiles of a multiple of 64), so that a tile's bias is one contiguous load."""
-    bias = bias.float()
     if nvfp4_p and block_n % 64 == 0:
-        return key_order(bias, block_n, -1, pad)
+        return key_order(bias, block_n, -1, pad, torch.float32)
     *lead, lk = bias.shape
     out = torch.empty(*lead, -(-lk // block_n) * block_n, dtype=torch.float32, device=bias.device)
     out[..., :lk] = bias
