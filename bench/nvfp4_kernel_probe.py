@@ -5,12 +5,13 @@ CONFIGS, VARIANT_MIN_TRITON); a GPU image with an older Triton runs the pointer 
 Triton would run without installing it there: ``build`` compiles the kernels for sm_90 with the Triton found at
 --triton-path (any machine, no GPU needed) into cubins and launch metadata; ``run`` (GPU) loads them through the CUDA
 driver, launches each on the 1.3B self-attention at 480p x 81 (12 heads x 32,760 tokens x 128, operands from
-vqx's prep) and reports its time, the time of the copies that put K, V and the bias in the order the kernel reads,
+vqx's prep; --keys 512 for the text cross-attention) and reports its time, the time of the copies that put K, V and the bias in the order the kernel reads,
 vqx's own launch in the same process, and the worst per-row difference to vqx's launch (the check's measure).
 Timing: CUDA events, median of 5 after 2 warmups.
 
     python bench/nvfp4_kernel_probe.py build --triton-path /tmp/triton37 --out bench/probe_cubins   # CPU
     python bench/nvfp4_kernel_probe.py run --cubins bench/probe_cubins --note "..."                 # GPU
+    python bench/nvfp4_kernel_probe.py run --keys 512 --out nvfp4_kernel_probe_cross.json --note "..."
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ def run(args) -> int:
         return 2
     s = attention_preset("nvfp4")
     b, h, n_tok, d = SHAPE
+    n_keys = args.keys
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, h, n_tok, d, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to("cuda", torch.bfloat16) for n in (n_tok, n_keys, n_keys))
     ops = kernel_inputs(q, k, v, s)
     ref_config = (128, 8, 3, "pointers")  # vqx's launch with the pointer kernel, this Triton
 
@@ -138,7 +140,7 @@ def run(args) -> int:
                 return bias_layout(ops["bias"], s.block_kv, True)
             bias = layout()
             values = [ops["q"].data_ptr(), ops["k"].data_ptr(), ops["v"].data_ptr()] + [ops["q"].data_ptr()] * 3 + [
-                bias.data_ptr(), out.data_ptr(), h, n_tok, n_tok, n_tok]
+                bias.data_ptr(), out.data_ptr(), h, n_tok, n_keys, n_keys]
         else:
             def layout():
                 return (key_order(ops["k"], s.block_kv, -2), key_order(ops["v"], s.block_kv, -2),
@@ -170,7 +172,8 @@ def run(args) -> int:
     base = rows[0]["ms"]
     for r in rows:
         r["ratio_vs_vqx_launch"] = r["ms"] / base
-    print(f"{device_name()}: nvfp4 self-attention kernels, {b}x{h}x{n_tok}x{d}")
+        r["shape"] = [b, h, n_tok, d, n_keys]
+    print(f"{device_name()}: nvfp4 attention kernels, {b}x{h}x{n_tok}x{d} queries, {n_keys} keys")
     print_table(rows, ["kernel", "triton", "warps", "ms", "ratio_vs_vqx_launch", "layout_ms", "worst_rel_diff"])
     notes = ("ms: the kernel alone on prepared operands (vqx launch: its launch(), which includes the bias copy); "
              "layout_ms: the copies that put K, V and the bias in the order that kernel reads; worst_rel_diff: per "
@@ -188,6 +191,8 @@ def main() -> int:
     pb.add_argument("--out", default="bench/probe_cubins")
     pr = sub.add_parser("run", help="time the built kernels on this GPU (writes bench/results/<--out>)")
     pr.add_argument("--cubins", default="bench/probe_cubins")
+    pr.add_argument("--keys", type=int, default=SHAPE[2], help="key count (default the self-attention's; 512: Wan's "
+                    "text cross-attention)")
     pr.add_argument("--out", default="nvfp4_kernel_probe.json")
     pr.add_argument("--note", default=None, help="a note stored in the results file")
     args = p.parse_args()
