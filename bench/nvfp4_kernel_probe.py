@@ -5,8 +5,9 @@ CONFIGS, VARIANT_MIN_TRITON); a GPU image with an older Triton runs the pointer 
 Triton would run without installing it there: ``build`` compiles the kernels for sm_90 with the Triton found at
 --triton-path (any machine, no GPU needed) into cubins and launch metadata; ``run`` (GPU) loads them through the CUDA
 driver, launches each on the 1.3B self-attention at 480p x 81 (12 heads x 32,760 tokens x 128, operands from
-vqx's prep; --keys 512 for the text cross-attention) and reports its time, the time of the copies that put K, V and the bias in the order the kernel reads,
-vqx's own launch in the same process, and the worst per-row difference to vqx's launch (the check's measure).
+vqx's prep; --keys 512 for the text cross-attention) and reports its time, the time of the copies that put K, V and
+the bias in the order the kernel reads, vqx's own launch in the same process, and the worst per-row difference to
+vqx's launch (the check's measure).
 Timing: CUDA events, median of 5 after 2 warmups.
 
     python bench/nvfp4_kernel_probe.py build --triton-path /tmp/triton37 --out bench/probe_cubins   # CPU
