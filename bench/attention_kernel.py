@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
-from common import add_note_argument, device_name, print_table, write_results
+from common import add_note_argument, device_name, median_ms, print_table, write_results
 
 PRESETS = ("sage1", "sage2", "sage2_k_int8_v_fp8", "fp8", "nvfp4")
 # (64, 4, 1): one warpgroup and one stage fit twice per SM (registers and shared memory), so two CTAs' GEMMs and
@@ -77,22 +76,7 @@ def main() -> int:
     t0 = time.perf_counter()
 
     def timed(fn) -> float:
-        for _ in range(args.warmup):
-            fn()
-        times = []
-        for _ in range(args.repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                s = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - s) * 1e3)
-        return statistics.median(times)
+        return median_ms(fn, args.warmup, args.repeats, cuda=device.type == "cuda")
 
     sage1 = attention_preset("sage1")  # the real SageAttention1 kernel where the package is installed (GPU only)
     real, real_why = sageattention_kernel(sage1, sage1) if device.type == "cuda" else (None, "no CUDA device")

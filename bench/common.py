@@ -78,6 +78,30 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self.t0
 
 
+def median_ms(fn, warmup: int = 2, repeats: int = 5, cuda: bool | None = None) -> float:
+    """Median ms of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones: CUDA events where ``cuda``
+    (default: a GPU is there), else wall time."""
+    import statistics
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def peak_host_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -80,9 +79,11 @@ def run(args) -> int:
 
     import torch
 
-    from common import device_name, print_table, write_results
+    import triton
+
+    from common import device_name, median_ms, print_table, write_results
     from vqx.config.presets import attention_preset
-    from vqx.quant.attention_kernel import bias_layout, key_order, kernel_inputs, launch
+    from vqx.quant.attention_kernel import bias_layout, kernel_inputs, launch, tma_operands
 
     if not torch.cuda.is_available():
         print("no CUDA device: `run` needs a GPU", file=sys.stderr)
@@ -101,21 +102,10 @@ def run(args) -> int:
     ref_config = (128, 8, 3, "pointers")  # vqx's launch with the pointer kernel, this Triton
 
     def timed(fn) -> float:
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+        return median_ms(fn, cuda=True)
 
     ref = launch(ops, s, ref_config).float()
     row_max = ref.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    import triton
     rows = [dict(kernel="vqx launch (pointers)", triton=triton.__version__, ms=timed(lambda: launch(ops, s, ref_config)),
                  layout_ms=None, worst_rel_diff=0.0)]
     cuda = ctypes.CDLL("libcuda.so.1")
@@ -143,11 +133,10 @@ def run(args) -> int:
             values = [ops["q"].data_ptr(), ops["k"].data_ptr(), ops["v"].data_ptr()] + [ops["q"].data_ptr()] * 3 + [
                 bias.data_ptr(), out.data_ptr(), h, n_tok, n_keys, n_keys]
         else:
-            def layout():
-                return (key_order(ops["k"], s.block_kv, -2), key_order(ops["v"], s.block_kv, -2),
-                        bias_layout(ops["bias"], s.block_kv, True, float("-inf")))
-            kk, vv, bias = layout()
-            values = [ops["q"].data_ptr(), kk.data_ptr(), vv.data_ptr(), bias.data_ptr(), out.data_ptr(), h, n_tok,
+            def layout():  # vqx's own: what its launch of this kernel copies
+                return tma_operands(ops, s)
+            qq, kk, vv, bias = layout()
+            values = [qq.data_ptr(), kk.data_ptr(), vv.data_ptr(), bias.data_ptr(), out.data_ptr(), h, n_tok,
                       kk.shape[2]]
         values += [float(ops["log2_scale"]), float(ops["p_offset"]), scratch_ptr, 0]
         ctype = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "f32": ctypes.c_float}

@@ -635,18 +635,24 @@ def _ensure_allocator() -> None:
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
-def _launch_nvfp4_tma(ops: dict, s: AttentionScheme, block_m: int, warps: int, stages: int,
-                      warp_specialize: bool) -> torch.Tensor:
-    """`qattn_nvfp4_fwd` over `kernel_inputs`' operands (see `launch`)."""
-    b, h, lq, d = ops["q"].shape
-    lk = ops["k"].shape[2]
+def tma_operands(ops: dict, s: AttentionScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v, bias) as `qattn_nvfp4_fwd` reads them, from `kernel_inputs`' operands: K, V and the bias in
+    `key_order`, the padding's bias -inf (a zero bias where the scheme has none), so that it masks the last tile."""
+    b, h, lq, _ = ops["q"].shape
     qk_dtype, v_dtype = _operand_dtypes(s)
     q = ops["q"].to(qk_dtype).contiguous()
     k, v = (key_order(ops[n].to(t), s.block_kv, -2) for n, t in (("k", qk_dtype), ("v", v_dtype)))
     bias = ops["bias"]
-    if bias is None:  # the padding's -inf masks the last tile
-        bias = torch.zeros(b, h, -(-lq // SAGE3_Q_GROUP), lk, dtype=torch.float32, device=q.device)
-    bias = bias_layout(bias, s.block_kv, True, float("-inf"))
+    if bias is None:
+        bias = torch.zeros(b, h, -(-lq // SAGE3_Q_GROUP), ops["k"].shape[2], dtype=torch.float32, device=q.device)
+    return q, k, v, bias_layout(bias, s.block_kv, True, float("-inf"))
+
+
+def _launch_nvfp4_tma(ops: dict, s: AttentionScheme, block_m: int, warps: int, stages: int,
+                      warp_specialize: bool) -> torch.Tensor:
+    """`qattn_nvfp4_fwd` over `kernel_inputs`' operands (see `launch`)."""
+    b, h, lq, d = ops["q"].shape
+    q, k, v, bias = tma_operands(ops, s)
     out = torch.empty(b, lq, h, d, dtype=torch.bfloat16, device=q.device)  # stored through its int16 view
     if not INTERPRET:
         _ensure_allocator()
