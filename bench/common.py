@@ -52,7 +52,16 @@ def environment() -> dict:
     """What produced a results file: device, versions, date, the command line and the code's git state."""
     return {"device": device_name(), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "date": dt.date.today().isoformat(), "python": platform.python_version(),
-            "command": command_line(), "git": git_state()}
+            "triton": triton_version(), "command": command_line(), "git": git_state()}
+
+
+def triton_version() -> str | None:
+    """The Triton that is imported (it may differ from torch's pinned one): the fused kernels' speed depends on it."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 def add_note_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
