@@ -63,7 +63,7 @@ def main() -> int:
     from vqx.quant import fastpath
     from vqx.quant.attention import attention, attention_eager, quantize_inputs
     from vqx.quant.attention_kernel import (chosen_config, compare, kernel_config, kernel_inputs, launch,
-                                            prep_mismatches)
+                                            prep_mismatches, uses_key_tiles)
     from vqx.config.presets import attention_preset
     from vqx.quant.attention_plan import sageattention_kernel, sageattention_version
 
@@ -109,10 +109,11 @@ def main() -> int:
                 ms = timed(lambda: attention(q, k, v, scheme))
                 rows.append(dict(site=site, method=f"{name}_fused", ms=ms, ratio_vs_sdpa=ms / base, shape=[b, h, lq, d, lk]))
                 if checks[name]["within_tolerance"]:  # the split: prep, then the kernel on prepared operands
-                    ms = timed(lambda: kernel_inputs(q, k, v, scheme))
+                    key_tiles = uses_key_tiles(configs[name], scheme)  # the layout the fused path writes for it
+                    ms = timed(lambda: kernel_inputs(q, k, v, scheme, key_tiles))
                     rows.append(dict(site=site, method=f"{name}_prep", ms=ms, ratio_vs_sdpa=ms / base,
                                      shape=[b, h, lq, d, lk]))
-                    ops = kernel_inputs(q, k, v, scheme)
+                    ops = kernel_inputs(q, k, v, scheme, key_tiles)
                     ms = timed(lambda: launch(ops, scheme, configs[name]))
                     rows.append(dict(site=site, method=f"{name}_kernel", ms=ms, ratio_vs_sdpa=ms / base,
                                      config=list(configs[name]), shape=[b, h, lq, d, lk]))
@@ -159,7 +160,7 @@ def tune_configs(presets, args, rows, shape, device, timed, failures, t0) -> Non
 
     from vqx.config.presets import attention_preset
     from vqx.quant.attention_kernel import (TRITON_VERSION, VARIANT_MIN_TRITON, compare, kernel_inputs, launch,
-                                            tma_kernel_applies)
+                                            tma_kernel_applies, uses_key_tiles)
 
     b, h, lq, d, lk = shape
     g = torch.Generator().manual_seed(0)
@@ -168,14 +169,15 @@ def tune_configs(presets, args, rows, shape, device, timed, failures, t0) -> Non
     grid = TUNE_GRID[:1] if args.smoke else TUNE_GRID
     for name in presets:
         scheme = attention_preset(name)
-        ops = kernel_inputs(q, k, v, scheme)
+        ops = {tiles: kernel_inputs(q, k, v, scheme, tiles)  # each config on the operands the fused path writes for it
+               for tiles in ((False, True) if tma_kernel_applies(scheme) and not scheme.q_prescale else (False,))}
         best = None
         for acc in FP8_QK_ACCS if scheme.qk == "fp8" and device.type == "cuda" else (0,):
             tma = [c for c in TMA_GRID if TRITON_VERSION >= VARIANT_MIN_TRITON.get(c[3], (0, 0))]
             for config in grid + (tma if tma_kernel_applies(scheme) and not args.smoke else []):
                 try:
                     ok, detail = compare(scheme, d, torch.bfloat16, device, config, acc)
-                    ms = timed(lambda: launch(ops, scheme, config, acc)) if ok else None
+                    ms = timed(lambda: launch(ops[uses_key_tiles(config, scheme)], scheme, config, acc)) if ok else None
                 except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: that config is not a candidate
                     ok, ms, detail = False, None, {}
                     print(f"  {name} {config}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)

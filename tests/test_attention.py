@@ -257,9 +257,9 @@ for name, s in schemes.items():
 # with only the padding's -inf
 tma = {"nvfp4_tma": (schemes["nvfp4"], (128, 4, 2, "tma")), "nvfp4_tma_ws": (schemes["nvfp4"], (64, 4, 2, "tma_ws")),
        "nvfp4_tma_no_smooth_q": (replace(schemes["nvfp4"], smooth_q=False), (128, 8, 3, "tma_ws"))}
-for name, (s, config) in tma.items():
+for name, (s, config) in tma.items():  # the prep writes K, V and the bias in the kernel's key tiles
     ok, detail = compare(s, 16, torch.bfloat16, torch.device("cpu"), config)
-    out[name] = [ok, detail["max_rel_diff"], []]
+    out[name] = [ok, detail["max_rel_diff"], prep_mismatches(s, 16, torch.bfloat16, torch.device("cpu"))]
 print(json.dumps(out))
 """
 
@@ -307,16 +307,26 @@ def test_key_order_puts_each_key_where_the_kernel_reads_it():
         key = c - m + 16 * ((m // 2) % 4) + 2 * (m // 8) + m % 2
         assert torch.equal(key_order(x, block_n, -2, float("-inf")), padded[:, :, key])
         assert torch.equal(key_order(x.transpose(-1, -2), block_n, -1, float("-inf")), padded[:, :, key].transpose(-1, -2))
+        # K smoothed as it is laid out: the input dtype's subtraction, the padding keys left at the pad value
+        xb, mean = x.bfloat16(), x.mean(dim=2, keepdim=True).bfloat16()
+        smoothed = torch.zeros(2, 3, lk_pad, 5, dtype=torch.bfloat16)
+        smoothed[:, :, :lk] = xb - mean
+        assert torch.equal(key_order(xb, block_n, -2, minus=mean), smoothed[:, :, key])
 
 
 def test_kernel_variants_that_cannot_run_a_scheme_are_one_line_errors():
     from vqx.config.presets import attention_preset
-    from vqx.quant.attention_kernel import kernel_config, launch
+    from vqx.quant.attention_kernel import kernel_config, kernel_inputs, launch
 
     with pytest.raises(ValueError, match=r"'tma_ws' does not run int8 Q.K / fp8 P.V .* valid are pointers, tma, tma_ws"):
         launch({}, attention_preset("sage2"), (128, 4, 2, "tma_ws"))
     with pytest.raises(ValueError, match=r"'tmaa' does not run nvfp4"):
         launch({}, attention_preset("nvfp4"), (128, 4, 2, "tmaa"))
+    q = torch.zeros(1, 1, 64, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"key_tiles: .* not int8 / fp8 with 128-key tiles"):
+        kernel_inputs(q, q, q, attention_preset("sage2"), key_tiles=True)
+    with pytest.raises(ValueError, match=r"the pointer kernel reads K, V and the bias in key order, not in the TMA"):
+        launch({"key_tiles": True}, attention_preset("nvfp4"), (128, 8, 3, "pointers"))
     assert kernel_config(attention_preset("sage2"))[3] == "pointers"
 
 

@@ -13,7 +13,8 @@ layout Wan's output projection reads. nvfp4 P's key tiles run in `_tile_keys`' o
 thread's registers; K, V and the bias read in the same order, so P.V is unchanged), and P over its block's unrounded
 scale comes straight from the scores, ``exp2(s - block max + log2 6)``, as sageattn3 computes it (the eager path
 divides p by absmax / 6). For nvfp4 Q.K and P.V a second kernel (`qattn_nvfp4_fwd`, the same tile math) reads every
-operand by TMA, K, V and the bias stored in that key order (`key_order`), and can run warp-specialized: a producer
+operand by TMA, K, V and the bias written in that key order by the prep itself (`kernel_inputs`' key_tiles: no
+copy; the bias in bf16), and can run warp-specialized: a producer
 warpgroup loads while two consumer warpgroups each run 64 query rows, one's softmax overlapping the other's GEMMs;
 `CONFIGS` names the kernel each pair runs. What differs from the eager path
 is the order of fp32 accumulation, ``exp2`` (the GPU's approximate ex2; the compiler fuses the scaling with the
@@ -224,34 +225,44 @@ def quantize_groups(X, MEAN, S, Out, H, L, sx_b, sx_h, sx_l, prescale, limit, ep
 
 
 @triton.jit
-def nvfp4_values(X, MEAN, Out, H, L, sx_b, sx_h, sx_l, D: tl.constexpr, BLOCK_L: tl.constexpr,
-                 ALONG_TOKENS: tl.constexpr, HAS_MEAN: tl.constexpr, MEAN_GROUP: tl.constexpr):
-    """x [B, H, L, D] bf16, less its smoothing mean (`_load_tokens`) -> its FP4 values [B, H, L, D] bf16 (exact):
-    1x16 blocks along D (Q, K) or along the tokens (V; tokens past L count as the zeros they are padded with)."""
+def nvfp4_values(X, MEAN, Out, H, L, L_OUT, sx_b, sx_h, sx_l, D: tl.constexpr, BLOCK_L: tl.constexpr,
+                 ALONG_TOKENS: tl.constexpr, HAS_MEAN: tl.constexpr, MEAN_GROUP: tl.constexpr,
+                 KEY_ORDER: tl.constexpr):
+    """x [B, H, L, D] bf16, less its smoothing mean (`_load_tokens`) -> its FP4 values [B, H, L_OUT, D] bf16 (exact):
+    1x16 blocks along D (Q, K) or along the tokens (V; tokens past L count as the zeros they are padded with).
+    KEY_ORDER: the rows padded with zeros to L_OUT (whole key tiles) and stored in `key_order`'s order, as the TMA
+    kernel reads them (key 16b + 2j + e of every 64 in row 8j + 2b + e)."""
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, D)
-    ok = rows < L
     x = _load_tokens(X, MEAN, bh, H, rows, offs_d, L, sx_b, sx_h, sx_l, 1.0, D, HAS_MEAN, MEAN_GROUP, False)
+    if KEY_ORDER:  # the padding keys are zeros, whatever the mean
+        x = tl.where((rows < L)[:, None], x, 0.0)
     if ALONG_TOKENS:
         val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L // 16, 16, D)), 1), (BLOCK_L, D))
     else:
         val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L, D // 16, 16)), 2), (BLOCK_L, D))
-    _store_bf16(Out + bh * L * D + rows[:, None] * D + offs_d[None, :], val, ok[:, None])
+    dst = rows
+    if KEY_ORDER:
+        c = rows % 64
+        dst = rows - c + 8 * ((c % 16) // 2) + 2 * (c // 16) + c % 2
+    _store_bf16(Out + bh * L_OUT * D + dst[:, None] * D + offs_d[None, :], val, (rows < L_OUT)[:, None])
 
 
-def _nvfp4(x: torch.Tensor, along_tokens: bool, mean: torch.Tensor | None = None, mean_group: int = 0) -> torch.Tensor:
+def _nvfp4(x: torch.Tensor, along_tokens: bool, mean: torch.Tensor | None = None, mean_group: int = 0,
+           key_tile: int = 0) -> torch.Tensor:
     """x [B, H, L, D] bf16 (D contiguous), less `mean` (`_load_tokens`) -> quantize_nvfp4's values along D or the
-    tokens, bf16 contiguous."""
+    tokens, bf16 contiguous; key_tile (a multiple of 64): in `key_order(values, key_tile, -2)`'s layout instead."""
     b, h, n, d = x.shape
-    assert x.stride(3) == 1
-    block_l = max(16, min(64, 8192 // d))
-    out = torch.empty(b, h, n, d, dtype=torch.bfloat16, device=x.device)
+    assert x.stride(3) == 1 and key_tile % 64 == 0
+    block_l = max(16, min(64, 8192 // d))  # divides 64: each row's key-order row is its own program's to write
+    n_out = -(-n // key_tile) * key_tile if key_tile else n
+    out = torch.empty(b, h, n_out, d, dtype=torch.bfloat16, device=x.device)
     xi = x.view(torch.int16)
-    nvfp4_values[(fp.triton_cdiv(n, block_l), b * h)](
-        xi, mean.contiguous().view(torch.int16) if mean is not None else xi, out.view(torch.int16), h, n,
+    nvfp4_values[(fp.triton_cdiv(n_out, block_l), b * h)](
+        xi, mean.contiguous().view(torch.int16) if mean is not None else xi, out.view(torch.int16), h, n, n_out,
         x.stride(0), x.stride(1), x.stride(2), D=d, BLOCK_L=block_l, ALONG_TOKENS=along_tokens,
-        HAS_MEAN=mean is not None, MEAN_GROUP=mean_group)
+        HAS_MEAN=mean is not None, MEAN_GROUP=mean_group, KEY_ORDER=key_tile > 0)
     return out
 
 
@@ -304,11 +315,17 @@ def _quantize(x: torch.Tensor, grid: str, s: AttentionScheme | None, operand: st
     return codes, scale
 
 
-def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: AttentionScheme) -> dict:
+def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: AttentionScheme,
+                  key_tiles: bool = False) -> dict:
     """The kernel's operands for bf16 q, k, v [B, H, L, D]: int8 / fp8 codes and fp32 scales, or FP4 values (bf16,
     exact) for nvfp4; V as fp16, fp8 codes or FP4 values; with SageAttention3's Q smoothing, the scores' bias
-    ``q_group_mean . k`` [B, H, groups, Lk] in the input dtype, as the eager path's matmul."""
+    ``q_group_mean . k`` [B, H, groups, Lk] in the input dtype, as the eager path's matmul. key_tiles (nvfp4 Q.K and
+    P.V, `tma_kernel_applies`): K, V and the bias written as the TMA kernel reads them (`tma_operands`, ``key_tiles``
+    True in the result), so that its launch copies nothing."""
     d = q.shape[-1]
+    if key_tiles and not (tma_kernel_applies(s) and not s.q_prescale):
+        raise ValueError(f"key_tiles: the TMA kernel's layout is for nvfp4 Q.K and P.V with tiles of 64n keys and no "
+                         f"Q prescale, not {s.qk} / {s.pv} with {s.block_kv}-key tiles")
     log2_scale = 1.0 if s.q_prescale else (d ** -0.5) * LOG2E
     if s.qk == "nvfp4" and s.q_prescale:  # FP4 of the prescaled fp32 Q: the eager quantizer's
         x = quantize_inputs(q, k, v, s)
@@ -316,6 +333,8 @@ def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Attentio
         return dict(q=x.q, qs=None, k=x.k, ks=None, v=x.v, vs=x.v_scale, bias=bias, log2_scale=x.log2_scale,
                     p_offset=x.p_offset)
     k_mean, q_mean = smoothing_means(q, k, s)  # subtracted as the prep reads Q and K ...
+    if key_tiles:
+        return _nvfp4_key_tile_inputs(q, k, v, s, k_mean, q_mean, log2_scale)
     bias = None
     if q_mean is not None:  # ... but the bias is of the smoothed K itself
         k = k - k_mean if k_mean is not None else k
@@ -334,6 +353,28 @@ def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Attentio
     else:
         vc, vs = _nvfp4(v, True), None
     return dict(q=qc, qs=qs, k=kc, ks=ks, v=vc, vs=vs, bias=bias, log2_scale=log2_scale, p_offset=p_log2_offset(s))
+
+
+def _nvfp4_key_tile_inputs(q, k, v, s: AttentionScheme, k_mean, q_mean, log2_scale: float) -> dict:
+    """`kernel_inputs`' key_tiles operands: the prep writes K's and V's FP4 values in `key_order`, zeros at the padding
+    keys; the bias is the matmul of Q's group means with K smoothed and laid out so, -inf at the padding keys (a
+    zero bias where the scheme has none), in the dtype the kernel reads Q and K."""
+    b, h, lq, _ = q.shape
+    tile = s.block_kv
+    qk_dtype, v_dtype = _operand_dtypes(s)
+    if q_mean is not None:  # the bias is of the smoothed K itself: smooth it as it is laid out, once
+        k_tiles = key_order(k, tile, -2, minus=k_mean)
+        kc = _nvfp4(k_tiles, False)
+        bias = (q_mean @ k_tiles.transpose(-1, -2)).to(qk_dtype)
+    else:
+        kc = _nvfp4(k, False, k_mean, key_tile=tile)
+        bias = torch.zeros(b, h, -(-lq // SAGE3_Q_GROUP), kc.shape[2], dtype=qk_dtype, device=q.device)
+    keys = key_order(torch.arange(k.shape[2], device=q.device), tile, 0, pad=-1)
+    bias.index_fill_(-1, (keys < 0).nonzero().flatten(), float("-inf"))
+    qc = _nvfp4(q, False, q_mean, SAGE3_Q_GROUP).to(qk_dtype)
+    vc = _nvfp4(v, True, key_tile=tile).to(v_dtype)
+    return dict(q=qc, qs=None, k=kc.to(qk_dtype), ks=None, v=vc, vs=None, bias=bias, log2_scale=log2_scale,
+                p_offset=p_log2_offset(s), key_tiles=True)
 
 
 # ---- the attention ------------------------------------------------------------------------------------------
@@ -489,7 +530,7 @@ def qattn_nvfp4_fwd(Q, K, V, BIAS, Out, H, lq, lk_pad, log2_scale, p_offset, D: 
                     BLOCK_N: tl.constexpr, Q_GROUP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """nvfp4 Q.K and P.V with every operand read by TMA: q [B*H*Lq, D]; k and v [B*H*lk_pad, D], each head's keys
     padded to whole tiles and every 64 in `_tile_keys`' order (`key_order`); bias [B*H*groups of Q_GROUP queries,
-    lk_pad] in that order, -inf at the padding (`bias_layout`), so that no tile needs a mask. WARP_SPECIALIZE: a
+    lk_pad] in that order and Q's dtype (bf16 values), -inf at the padding, so that no tile needs a mask. WARP_SPECIALIZE: a
     producer warpgroup issues the loads and each consumer warpgroup runs 64 query rows on its own, so one's softmax
     overlaps the other's GEMMs (Triton's warp specialization: Hopper and later)."""
     start_m = tl.program_id(0)
@@ -511,7 +552,7 @@ def qattn_nvfp4_fwd(Q, K, V, BIAS, Out, H, lq, lk_pad, log2_scale, p_offset, D: 
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for start_n in tl.range(0, lk_pad, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([bh * lk_pad + start_n, 0])
-        s = tl.dot(q, tl.trans(k)) + tl.reshape(b_desc.load([bias_row, start_n]), (1, BLOCK_N))
+        s = tl.dot(q, tl.trans(k)) + tl.reshape(b_desc.load([bias_row, start_n]), (1, BLOCK_N)).to(tl.float32)
         pq, row_sum, m_new = _nvfp4_p(s, m_i, row_scale, p_offset, V.dtype.element_ty, BLOCK_M, BLOCK_N, True)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + row_sum
@@ -561,6 +602,11 @@ def kernel_configs(s: AttentionScheme) -> tuple[tuple[int, int, int, str], ...]:
     return usable or tuple((*c[:3], "pointers") for c in configs[:1])
 
 
+def uses_key_tiles(config: tuple, s: AttentionScheme) -> bool:
+    """Whether the prep writes `config`'s operands in the TMA kernel's key tiles (`kernel_inputs`' key_tiles)."""
+    return len(config) > 3 and config[3] != "pointers" and not s.q_prescale
+
+
 def kernel_config(s: AttentionScheme) -> tuple[int, int, int, str]:
     """`kernel_configs`' first: what `launch` runs when given no config."""
     return kernel_configs(s)[0]
@@ -585,9 +631,10 @@ def _operand_dtypes(s: AttentionScheme, fp8_qk_acc: int = 0) -> tuple[torch.dtyp
 
 
 def key_order(x: torch.Tensor, block_n: int, dim: int, pad: float = 0.0,
-              dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x along its key axis `dim` padded with `pad` to whole tiles of block_n (a multiple of 64), every 64 keys in
-    `_tile_keys`' order (column 8j + 2b + e holds key 16b + 2j + e), contiguous, in `dtype` (default x's): one copy."""
+              dtype: torch.dtype | None = None, minus: torch.Tensor | None = None) -> torch.Tensor:
+    """x (less `minus`, broadcast over the keys, in x's dtype) along its key axis `dim` padded with `pad` to whole
+    tiles of block_n (a multiple of 64), every 64 keys in `_tile_keys`' order (column 8j + 2b + e holds key
+    16b + 2j + e), contiguous, in `dtype` (default x's): one pass."""
     d = dim % x.ndim
     lk = x.shape[d]
     shape = list(x.shape)
@@ -595,15 +642,20 @@ def key_order(x: torch.Tensor, block_n: int, dim: int, pad: float = 0.0,
     dtype = dtype or x.dtype
     out = torch.empty(shape, dtype=dtype, device=x.device)
 
-    def put(dst, src):
-        dst.unflatten(d, (-1, 8, 4, 2)).copy_(src.unflatten(d, (-1, 4, 8, 2)).transpose(d + 1, d + 2))
+    def put(dst, src, minus=None):
+        dst, src = dst.unflatten(d, (-1, 8, 4, 2)), src.unflatten(d, (-1, 4, 8, 2)).transpose(d + 1, d + 2)
+        if minus is None:
+            dst.copy_(src)
+        else:  # the smoothing's subtraction written straight into place
+            torch.sub(src, minus.unflatten(d, (1, 1, 1, 1)), out=dst)
 
     full = lk // 64 * 64
-    put(out.narrow(d, 0, full), x.narrow(d, 0, full))
+    put(out.narrow(d, 0, full), x.narrow(d, 0, full), minus)
     if full < lk:  # the last 64 keys, padded
         shape[d] = 64
         tail = torch.full(shape, pad, dtype=dtype, device=x.device)
-        tail.narrow(d, 0, lk - full).copy_(x.narrow(d, full, lk - full))
+        rest = x.narrow(d, full, lk - full)
+        tail.narrow(d, 0, lk - full).copy_(rest if minus is None else rest - minus)
         put(out.narrow(d, full, 64), tail)
     rest = full + 64 if full < lk else full
     out.narrow(d, rest, out.shape[d] - rest).fill_(pad)
@@ -638,14 +690,16 @@ def _ensure_allocator() -> None:
 def tma_operands(ops: dict, s: AttentionScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, k, v, bias) as `qattn_nvfp4_fwd` reads them, from `kernel_inputs`' operands: K, V and the bias in
     `key_order`, the padding's bias -inf (a zero bias where the scheme has none), so that it masks the last tile."""
+    if ops.get("key_tiles"):  # the prep wrote them so
+        return ops["q"], ops["k"], ops["v"], ops["bias"]
     b, h, lq, _ = ops["q"].shape
     qk_dtype, v_dtype = _operand_dtypes(s)
     q = ops["q"].to(qk_dtype).contiguous()
     k, v = (key_order(ops[n].to(t), s.block_kv, -2) for n, t in (("k", qk_dtype), ("v", v_dtype)))
     bias = ops["bias"]
     if bias is None:
-        bias = torch.zeros(b, h, -(-lq // SAGE3_Q_GROUP), ops["k"].shape[2], dtype=torch.float32, device=q.device)
-    return q, k, v, bias_layout(bias, s.block_kv, True, float("-inf"))
+        bias = torch.zeros(b, h, -(-lq // SAGE3_Q_GROUP), ops["k"].shape[2], dtype=qk_dtype, device=q.device)
+    return q, k, v, key_order(bias, s.block_kv, -1, float("-inf"), qk_dtype)
 
 
 def _launch_nvfp4_tma(ops: dict, s: AttentionScheme, block_m: int, warps: int, stages: int,
@@ -675,6 +729,9 @@ def launch(ops: dict, s: AttentionScheme, config: tuple | None = None,
                          f"tiles: valid are {', '.join(VARIANTS)} (the last two: nvfp4 / nvfp4, tiles of 64n keys)")
     if variant != "pointers":
         return _launch_nvfp4_tma(ops, s, block_m, warps, stages, variant == "tma_ws")
+    if ops.get("key_tiles"):
+        raise ValueError("the pointer kernel reads K, V and the bias in key order, not in the TMA kernel's key tiles: "
+                         "kernel_inputs(..., key_tiles=False) for it")
     b, h, lq, d = ops["q"].shape
     lk = ops["k"].shape[2]
     fp8_qk_acc = FP8_QK_ACC if fp8_qk_acc is None else fp8_qk_acc
@@ -727,8 +784,10 @@ def check_inputs(d: int, dtype: torch.dtype, device, seed: int = 0) -> dict[str,
 
 def prep_mismatches(s: AttentionScheme, d: int, dtype: torch.dtype, device) -> list[str]:
     """The prep's codes and scales against the eager quantizer's on `check_inputs`, with q/k/v strided as diffusers
-    passes them ([B, L, H, D] memory): "case:operand" for each that is not bit for bit equal."""
+    passes them ([B, L, H, D] memory): "case:operand" for each that is not bit for bit equal; where the TMA kernel
+    applies, also the key-tile prep's q, k, v and bias against `tma_operands` of those ("case:operand@key_tiles")."""
     unequal = []
+    key_tiles = uses_key_tiles((0, 0, 0, "tma"), s) and tma_kernel_applies(s)
     for case, qkv in check_inputs(d, dtype, device).items():
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv)
         ops, x = kernel_inputs(q, k, v, s), quantize_inputs(q, k, v, s)
@@ -737,6 +796,11 @@ def prep_mismatches(s: AttentionScheme, d: int, dtype: torch.dtype, device) -> l
             got, want = ops[mine], getattr(x, eager)
             if (got is None) != (want is None) or (got is not None and not torch.equal(got.float(), want.float())):
                 unequal.append(f"{case}:{mine}")
+        if key_tiles:
+            tiles = tma_operands(kernel_inputs(q, k, v, s, key_tiles=True), s)
+            for name, got, want in zip("q k v bias".split(), tiles, tma_operands(ops, s)):
+                if got.dtype != want.dtype or not torch.equal(got, want):
+                    unequal.append(f"{case}:{name}@key_tiles")
     return unequal
 
 
@@ -747,7 +811,8 @@ def compare(s: AttentionScheme, d: int, dtype: torch.dtype, device, config=None,
     worst = {}
     for name, (q, k, v) in check_inputs(d, dtype, device).items():
         want = attention_eager(quantize_inputs(q, k, v, s), s, dtype).float()
-        got = launch(kernel_inputs(q, k, v, s), s, config, fp8_qk_acc).float()
+        got = launch(kernel_inputs(q, k, v, s, uses_key_tiles(config or kernel_config(s), s)), s, config,
+                     fp8_qk_acc).float()
         row = want.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         finite = bool(torch.isfinite(got).all()) or bool(torch.equal(torch.isfinite(got), torch.isfinite(want)))
         worst[name] = float(((got - want).abs() / row).nan_to_num(0.0).max()) if finite else "non-finite"
@@ -797,7 +862,7 @@ def attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Attent
     if fp.wants_triton(q) and q.dtype == torch.bfloat16 and d in (16, 32, 64, 128, 256):
         key = _key(s, d, q.dtype, q.device)
         out = fp.fast(key, lambda: _choose(key, s, d, q.dtype, q.device),
-                      lambda: launch(kernel_inputs(q, k, v, s), s, _CHOSEN[key]))
+                      lambda: launch(kernel_inputs(q, k, v, s, uses_key_tiles(_CHOSEN[key], s)), s, _CHOSEN[key]))
         if out is not None:
             return out
     return attention_eager(quantize_inputs(q, k, v, s), s, q.dtype)
