@@ -27,6 +27,7 @@ registry and report), and falls back to the eager path otherwise.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -355,6 +356,15 @@ def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Attentio
     return dict(q=qc, qs=qs, k=kc, ks=ks, v=vc, vs=vs, bias=bias, log2_scale=log2_scale, p_offset=p_log2_offset(s))
 
 
+@functools.lru_cache(maxsize=32)
+def _padding_columns(lk: int, tile: int, device: torch.device) -> tuple[int, torch.Tensor]:
+    """(first, mask): in `key_order` of lk keys, the columns from `first` on that hold padding keys (a bool mask on
+    `device`). Made on the host once per shape: no device sync per call."""
+    first = lk // 64 * 64
+    keys = key_order(torch.arange(lk), tile, 0, pad=-1)[first:]
+    return first, (keys < 0).to(device)
+
+
 def _nvfp4_key_tile_inputs(q, k, v, s: AttentionScheme, k_mean, q_mean, log2_scale: float) -> dict:
     """`kernel_inputs`' key_tiles operands: the prep writes K's and V's FP4 values in `key_order`, zeros at the padding
     keys; the bias is the matmul of Q's group means with K smoothed and laid out so, -inf at the padding keys (a
@@ -369,8 +379,8 @@ def _nvfp4_key_tile_inputs(q, k, v, s: AttentionScheme, k_mean, q_mean, log2_sca
     else:
         kc = _nvfp4(k, False, k_mean, key_tile=tile)
         bias = torch.zeros(b, h, -(-lq // SAGE3_Q_GROUP), kc.shape[2], dtype=qk_dtype, device=q.device)
-    keys = key_order(torch.arange(k.shape[2], device=q.device), tile, 0, pad=-1)
-    bias.index_fill_(-1, (keys < 0).nonzero().flatten(), float("-inf"))
+    first, padding = _padding_columns(k.shape[2], tile, q.device)
+    bias[..., first:].masked_fill_(padding, float("-inf"))
     qc = _nvfp4(q, False, q_mean, SAGE3_Q_GROUP).to(qk_dtype)
     vc = _nvfp4(v, True, key_tile=tile).to(v_dtype)
     return dict(q=qc, qs=None, k=kc.to(qk_dtype), ks=None, v=vc, vs=None, bias=bias, log2_scale=log2_scale,
