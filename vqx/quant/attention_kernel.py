@@ -586,8 +586,8 @@ VARIANTS = ("pointers", "tma", "tma_ws")
 # H200, 2026-12-06; an H100 the same day and the runs of 2026-12-04/05 chose the same, and the H200 on 2026-12-07
 # for sage2 and nvfp4: bench/results/attention_kernel_tma_variants.json). nvfp4's first, warp-specialized, needs
 # Triton >= 3.7 (3.6's data partitioning takes no tensor of rank above 2): 12.1 ms against 18.6 for the pointer
-# kernel's launch on an H100, bit-identical (bench/results/nvfp4_kernel_probe.json); with Triton 3.6 the pointer
-# kernel runs. Other pairs take their P.V format's (those whose kernel applies); the CPU interpreter takes them too.
+# kernel's launch on an H100, bit-identical (bench/results/nvfp4_kernel_probe.json), and whole calls 0.95x / 0.96x
+# the bf16 call with it (bench/results/eval_speed_attention_triton37.json); with Triton 3.6 the pointer kernel runs. Other pairs take their P.V format's (those whose kernel applies); the CPU interpreter takes them too.
 CONFIGS = {("int8", "fp16"): ((128, 4, 3, "pointers"),), ("int8", "fp8"): ((64, 4, 3, "pointers"),),
            ("fp8", "fp8"): ((128, 8, 3, "pointers"),),
            ("nvfp4", "nvfp4"): ((128, 4, 2, "tma_ws"), (128, 8, 3, "pointers"))}
