@@ -361,6 +361,13 @@ def test_nvfp4_runs_the_warp_specialized_kernel_where_triton_compiles_it_else_th
     monkeypatch.setattr(ak, "compare", lambda *a, **k: (False, {"max_rel_diff": {"random": 1.0}, "tolerance": 0.0}))
     ok, detail = ak._choose(key, nvfp4, 16, torch.bfloat16, "cpu")
     assert not ok and set(detail["skipped"]) == {"128,4,2,tma_ws", "128,8,3,pointers"} and key not in ak._CHOSEN
+    # an older Triton: the report says which faster kernel a newer one would run
+    monkeypatch.setattr(ak, "TRITON_VERSION", (3, 6))
+    monkeypatch.setattr(ak.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(ak, "compare", fake_compare)
+    ok, detail = ak._choose(key, nvfp4, 16, torch.bfloat16, "cpu")
+    assert ok and ak._CHOSEN.pop(key) == (128, 8, 3, "pointers")
+    assert detail["skipped"] == {"128,4,2,tma_ws": "needs Triton >= 3.7, this is 3.6.0"}
 
 
 def test_eval_gemm_kernel_runs_sageattentions_kernel_where_installed_and_reports_the_difference(tmp_path, monkeypatch):

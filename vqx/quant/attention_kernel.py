@@ -836,8 +836,11 @@ _CHOSEN: dict[tuple, tuple] = {}  # the fused path's check key -> the launch con
 
 def _choose(key: tuple, s: AttentionScheme, d: int, dtype: torch.dtype, device) -> tuple[bool, dict]:
     """The fused path's check: `kernel_configs` in order, the first that compiles and matches the eager path
-    (`compare`) is kept for `key`; why the ones before it were not, in the report."""
-    skipped = {}
+    (`compare`) is kept for `key`; why the ones before it were not, in the report (also the ones this Triton is too
+    old for: a faster kernel a newer Triton would run)."""
+    skipped = {",".join(map(str, c)): f"needs Triton >= {'.'.join(map(str, VARIANT_MIN_TRITON[c[3]]))}, this is "
+               f"{triton.__version__}" for c in CONFIGS.get((s.qk, s.pv), ())
+               if (c[3] == "pointers" or tma_kernel_applies(s)) and TRITON_VERSION < VARIANT_MIN_TRITON.get(c[3], (0, 0))}
     for config in kernel_configs(s):
         name = ",".join(map(str, config))
         try:
