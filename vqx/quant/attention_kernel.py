@@ -14,8 +14,8 @@ thread's registers; K, V and the bias read in the same order, so P.V is unchange
 scale comes straight from the scores, ``exp2(s - block max + log2 6)``, as sageattn3 computes it (the eager path
 divides p by absmax / 6). For nvfp4 Q.K and P.V a second kernel (`qattn_nvfp4_fwd`, the same tile math) reads every
 operand by TMA, K, V and the bias written in that key order by the prep itself (`kernel_inputs`' key_tiles: no
-copy; the bias in bf16), and can run warp-specialized: a producer
-warpgroup loads while two consumer warpgroups each run 64 query rows, one's softmax overlapping the other's GEMMs;
+copy; the bias in bf16), and can run warp-specialized: a producer warpgroup loads while two consumer warpgroups each
+run 64 query rows, one's softmax overlapping the other's GEMMs;
 `CONFIGS` names the kernel each pair runs. What differs from the eager path
 is the order of fp32 accumulation, ``exp2`` (the GPU's approximate ex2; the compiler fuses the scaling with the
 max's subtraction into one fma) and the tile products' accumulation inside the tensor cores (fp16 for fp16 P.V; Hopper's
@@ -540,9 +540,9 @@ def qattn_nvfp4_fwd(Q, K, V, BIAS, Out, H, lq, lk_pad, log2_scale, p_offset, D: 
                     BLOCK_N: tl.constexpr, Q_GROUP: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """nvfp4 Q.K and P.V with every operand read by TMA: q [B*H*Lq, D]; k and v [B*H*lk_pad, D], each head's keys
     padded to whole tiles and every 64 in `_tile_keys`' order (`key_order`); bias [B*H*groups of Q_GROUP queries,
-    lk_pad] in that order and Q's dtype (bf16 values), -inf at the padding, so that no tile needs a mask. WARP_SPECIALIZE: a
-    producer warpgroup issues the loads and each consumer warpgroup runs 64 query rows on its own, so one's softmax
-    overlaps the other's GEMMs (Triton's warp specialization: Hopper and later)."""
+    lk_pad] in that order and Q's dtype (bf16 values), -inf at the padding, so that no tile needs a mask.
+    WARP_SPECIALIZE: a producer warpgroup issues the loads and each consumer warpgroup runs 64 query rows on its own,
+    so one's softmax overlaps the other's GEMMs (Triton's warp specialization: Hopper and later)."""
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     n_bh = tl.num_programs(1)
@@ -587,7 +587,8 @@ VARIANTS = ("pointers", "tma", "tma_ws")
 # for sage2 and nvfp4: bench/results/attention_kernel_tma_variants.json). nvfp4's first, warp-specialized, needs
 # Triton >= 3.7 (3.6's data partitioning takes no tensor of rank above 2): 12.1 ms against 18.6 for the pointer
 # kernel's launch on an H100, bit-identical (bench/results/nvfp4_kernel_probe.json), and whole calls 0.95x / 0.96x
-# the bf16 call with it (bench/results/eval_speed_attention_triton37.json); with Triton 3.6 the pointer kernel runs. Other pairs take their P.V format's (those whose kernel applies); the CPU interpreter takes them too.
+# the bf16 call with it (bench/results/eval_speed_attention_triton37.json); with Triton 3.6 the pointer kernel runs.
+# Other pairs take their P.V format's (those whose kernel applies); the CPU interpreter takes them too.
 CONFIGS = {("int8", "fp16"): ((128, 4, 3, "pointers"),), ("int8", "fp8"): ((64, 4, 3, "pointers"),),
            ("fp8", "fp8"): ((128, 8, 3, "pointers"),),
            ("nvfp4", "nvfp4"): ((128, 4, 2, "tma_ws"), (128, 8, 3, "pointers"))}
@@ -797,7 +798,7 @@ def prep_mismatches(s: AttentionScheme, d: int, dtype: torch.dtype, device) -> l
     passes them ([B, L, H, D] memory): "case:operand" for each that is not bit for bit equal; where the TMA kernel
     applies, also the key-tile prep's q, k, v and bias against `tma_operands` of those ("case:operand@key_tiles")."""
     unequal = []
-    key_tiles = uses_key_tiles((0, 0, 0, "tma"), s) and tma_kernel_applies(s)
+    key_tiles = tma_kernel_applies(s) and not s.q_prescale
     for case, qkv in check_inputs(d, dtype, device).items():
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv)
         ops, x = kernel_inputs(q, k, v, s), quantize_inputs(q, k, v, s)
@@ -838,9 +839,11 @@ def _choose(key: tuple, s: AttentionScheme, d: int, dtype: torch.dtype, device) 
     """The fused path's check: `kernel_configs` in order, the first that compiles and matches the eager path
     (`compare`) is kept for `key`; why the ones before it were not, in the report (also the ones this Triton is too
     old for: a faster kernel a newer Triton would run)."""
-    skipped = {",".join(map(str, c)): f"needs Triton >= {'.'.join(map(str, VARIANT_MIN_TRITON[c[3]]))}, this is "
-               f"{triton.__version__}" for c in CONFIGS.get((s.qk, s.pv), ())
-               if (c[3] == "pointers" or tma_kernel_applies(s)) and TRITON_VERSION < VARIANT_MIN_TRITON.get(c[3], (0, 0))}
+    skipped = {}
+    for c in CONFIGS.get((s.qk, s.pv), ()):  # only TMA variants have a minimum Triton
+        need = VARIANT_MIN_TRITON.get(c[3], (0, 0))
+        if TRITON_VERSION < need and tma_kernel_applies(s):
+            skipped[",".join(map(str, c))] = f"needs Triton >= {'.'.join(map(str, need))}, this is {triton.__version__}"
     for config in kernel_configs(s):
         name = ",".join(map(str, config))
         try:
