@@ -159,22 +159,23 @@ def tune_configs(presets, args, rows, shape, device, timed, failures, t0) -> Non
     import torch
 
     from vqx.config.presets import attention_preset
-    from vqx.quant.attention_kernel import (TRITON_VERSION, VARIANT_MIN_TRITON, compare, kernel_inputs, launch,
-                                            tma_kernel_applies, uses_key_tiles)
+    from vqx.quant.attention_kernel import (TRITON_VERSION, VARIANT_MIN_TRITON, compare, kernel_inputs,
+                                            key_tiles_apply, launch, tma_kernel_applies, uses_key_tiles)
 
     b, h, lq, d, lk = shape
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(b, h, n, d, generator=g).to(device, torch.bfloat16) for n in (lq, lk, lk))
     base = next(r["ms"] for r in rows if r["site"] == "self" and r["method"] == "sdpa_bf16")
     grid = TUNE_GRID[:1] if args.smoke else TUNE_GRID
+    tma = [c for c in TMA_GRID if TRITON_VERSION >= VARIANT_MIN_TRITON.get(c[3], (0, 0))]  # those this Triton compiles
     for name in presets:
         scheme = attention_preset(name)
         ops = {tiles: kernel_inputs(q, k, v, scheme, tiles)  # each config on the operands the fused path writes for it
-               for tiles in ((False, True) if tma_kernel_applies(scheme) and not scheme.q_prescale else (False,))}
+               for tiles in ((False, True) if key_tiles_apply(scheme) else (False,))}
         best = None
+        configs = grid + (tma if tma_kernel_applies(scheme) and not args.smoke else [])
         for acc in FP8_QK_ACCS if scheme.qk == "fp8" and device.type == "cuda" else (0,):
-            tma = [c for c in TMA_GRID if TRITON_VERSION >= VARIANT_MIN_TRITON.get(c[3], (0, 0))]
-            for config in grid + (tma if tma_kernel_applies(scheme) and not args.smoke else []):
+            for config in configs:
                 try:
                     ok, detail = compare(scheme, d, torch.bfloat16, device, config, acc)
                     ms = timed(lambda: launch(ops[uses_key_tiles(config, scheme)], scheme, config, acc)) if ok else None

@@ -139,6 +139,13 @@ def _tile_keys(offs_n, PERMUTE: tl.constexpr):
     return offs_n
 
 
+@triton.jit
+def _key_columns(keys):
+    """`_tile_keys`' inverse: the column of each key (key 16b + 2j + e of every 64 in column 8j + 2b + e)."""
+    c = keys % 64
+    return keys - c + 8 * ((c % 16) // 2) + 2 * (c // 16) + c % 2
+
+
 # ---- the prep: Q, K, V [B, H, L, D] (bf16, any strides with D contiguous) -> codes [B, H, L, D] contiguous ----
 
 @triton.jit
@@ -245,8 +252,7 @@ def nvfp4_values(X, MEAN, Out, H, L, L_OUT, sx_b, sx_h, sx_l, D: tl.constexpr, B
         val = tl.reshape(_nvfp4_blocks(tl.reshape(x, (BLOCK_L, D // 16, 16)), 2), (BLOCK_L, D))
     dst = rows
     if KEY_ORDER:
-        c = rows % 64
-        dst = rows - c + 8 * ((c % 16) // 2) + 2 * (c // 16) + c % 2
+        dst = _key_columns(rows)
     _store_bf16(Out + bh * L_OUT * D + dst[:, None] * D + offs_d[None, :], val, (rows < L_OUT)[:, None])
 
 
@@ -324,7 +330,7 @@ def kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Attentio
     P.V, `tma_kernel_applies`): K, V and the bias written as the TMA kernel reads them (`tma_operands`, ``key_tiles``
     True in the result), so that its launch copies nothing."""
     d = q.shape[-1]
-    if key_tiles and not (tma_kernel_applies(s) and not s.q_prescale):
+    if key_tiles and not key_tiles_apply(s):
         raise ValueError(f"key_tiles: the TMA kernel's layout is for nvfp4 Q.K and P.V with tiles of 64n keys and no "
                          f"Q prescale, not {s.qk} / {s.pv} with {s.block_kv}-key tiles")
     log2_scale = 1.0 if s.q_prescale else (d ** -0.5) * LOG2E
@@ -613,9 +619,15 @@ def kernel_configs(s: AttentionScheme) -> tuple[tuple[int, int, int, str], ...]:
     return usable or tuple((*c[:3], "pointers") for c in configs[:1])
 
 
+def key_tiles_apply(s: AttentionScheme) -> bool:
+    """Whether the prep can write `s`'s operands in the TMA kernel's key tiles (`kernel_inputs`' key_tiles): the
+    kernel applies and Q is not prescaled (that path takes the eager quantizer's operands)."""
+    return tma_kernel_applies(s) and not s.q_prescale
+
+
 def uses_key_tiles(config: tuple, s: AttentionScheme) -> bool:
-    """Whether the prep writes `config`'s operands in the TMA kernel's key tiles (`kernel_inputs`' key_tiles)."""
-    return len(config) > 3 and config[3] != "pointers" and not s.q_prescale
+    """Whether the prep writes `config`'s operands in the TMA kernel's key tiles."""
+    return len(config) > 3 and config[3] != "pointers" and key_tiles_apply(s)
 
 
 def kernel_config(s: AttentionScheme) -> tuple[int, int, int, str]:
@@ -673,16 +685,16 @@ def key_order(x: torch.Tensor, block_n: int, dim: int, pad: float = 0.0,
     return out
 
 
-def bias_layout(bias: torch.Tensor, block_n: int, nvfp4_p: bool, pad: float = 0.0) -> torch.Tensor:
-    """The scores' bias [B, H, groups, Lk] as the kernel reads it: fp32 (the bf16 values, exact), each row padded
-    with `pad` to whole key tiles, its columns in `_tile_keys`' order where the kernel permutes the keys (nvfp4 P
+def bias_layout(bias: torch.Tensor, block_n: int, nvfp4_p: bool) -> torch.Tensor:
+    """The scores' bias [B, H, groups, Lk] as the pointer kernel reads it: fp32 (the bf16 values, exact), each row
+    padded with zeros to whole key tiles, its columns in `_tile_keys`' order where the kernel permutes the keys (nvfp4 P
     with tiles of a multiple of 64), so that a tile's bias is one contiguous load."""
     if nvfp4_p and block_n % 64 == 0:
-        return key_order(bias, block_n, -1, pad, torch.float32)
+        return key_order(bias, block_n, -1, 0.0, torch.float32)
     *lead, lk = bias.shape
     out = torch.empty(*lead, -(-lk // block_n) * block_n, dtype=torch.float32, device=bias.device)
     out[..., :lk] = bias
-    out[..., lk:] = pad
+    out[..., lk:] = 0.0
     return out
 
 
@@ -798,7 +810,7 @@ def prep_mismatches(s: AttentionScheme, d: int, dtype: torch.dtype, device) -> l
     passes them ([B, L, H, D] memory): "case:operand" for each that is not bit for bit equal; where the TMA kernel
     applies, also the key-tile prep's q, k, v and bias against `tma_operands` of those ("case:operand@key_tiles")."""
     unequal = []
-    key_tiles = tma_kernel_applies(s) and not s.q_prescale
+    key_tiles = key_tiles_apply(s)
     for case, qkv in check_inputs(d, dtype, device).items():
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv)
         ops, x = kernel_inputs(q, k, v, s), quantize_inputs(q, k, v, s)
